@@ -1,0 +1,298 @@
+"""MiniMindLM: a decoder-only transformer in one file.
+
+config → RMSNorm / RoPE (+YaRN) → grouped-query attention → SwiGLU or MoE → block → model.
+
+Parameter names follow MiniMind/Qwen3 (``model.layers.N.self_attn.q_proj.weight`` …) so upstream
+MiniMind state dicts load with ``strict=True`` and dense/MoE checkpoints map onto transformers'
+Qwen3 / Qwen3-MoE. Transforms (LoRA, expert offload, compile, DDP) are applied from outside.
+
+Shape legend: B batch, S new positions, P cached (past) positions, H query heads, G key/value
+heads, D head_dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MiniMindConfig
+from .moe import FeedForward, MoEFeedForward
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (bf16 sums of squares lose too much), scale in the input dtype as
+        # transformers' Qwen3RMSNorm does, so exported models give the same logits.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: MiniMindConfig, device: torch.device | None = None) -> torch.Tensor:
+    """RoPE inverse frequencies θ^(-2i/D), with YaRN's per-frequency interpolation if enabled.
+
+    YaRN (Peng et al. 2023, §3.2): frequencies whose wavelength fits many times into the original
+    context keep their value, those that fit less than once are divided by the factor, and a
+    linear ramp between dimensions ``low`` and ``high`` blends the two.
+    """
+    dim, base = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)
+    if config.yarn_factor > 1.0:
+        orig = config.yarn_original_max_position_embeddings
+
+        def correction_dim(n_rotations: float) -> float:
+            return dim * math.log(orig / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(correction_dim(config.yarn_beta_fast)), 0)
+        high = min(math.ceil(correction_dim(config.yarn_beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2, device=device, dtype=torch.float64) - low)
+                / max(high - low, 1e-3)).clamp(0, 1)
+        inv_freq = inv_freq * (1 - ramp) + inv_freq / config.yarn_factor * ramp
+    return inv_freq.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position, computed once and kept in fp32."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.config = config
+        self._build(torch.device("cpu"))
+
+    def _build(self, device: torch.device) -> None:
+        inv_freq = rope_inv_freq(self.config, device)
+        t = torch.arange(self.config.max_position_embeddings, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)  # half-rotation convention (MiniMind, Qwen3)
+        scale = self.config.yarn_attention_factor
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) would round the tables; rebuild them in fp32 on the new device.
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self._build(self.cos.device)
+        return self
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        return self.cos[position_ids].to(dtype), self.sin[position_ids].to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, heads, D]; cos/sin: [S, D] or [B, S, D]."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated key/value cache for all layers: [layers, B, G, max_len, D] each.
+
+    ``pos`` counts the cached positions. The model writes each layer's new keys/values in place
+    and advances ``pos`` once per forward, so decoding never reallocates (MiniMind grows its cache
+    with ``torch.cat`` every token).
+    """
+
+    def __init__(self, config: MiniMindConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len,
+                 config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
+
+    def forward(self, x, cos, sin, attn_mask, is_causal, kv_cache=None, layer_idx=0):
+        B, S, _ = x.shape
+        q_BSHD = self.q_norm(self.q_proj(x).view(B, S, self.n_heads, self.head_dim))
+        k_BSGD = self.k_norm(self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim))
+        v_BSGD = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        q = apply_rope(q_BSHD, cos, sin).transpose(1, 2)
+        k = apply_rope(k_BSGD, cos, sin).transpose(1, 2)
+        v = v_BSGD.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        # enable_gqa lets SDPA broadcast the G key/value heads over H query heads without
+        # materialising repeated copies (MiniMind's repeat_kv).
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_heads != self.n_kv_heads)
+        out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
+        return F.dropout(self.o_proj(out), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = (MoEFeedForward(config) if config.use_moe
+                    else FeedForward(config.hidden_size, config.intermediate_size))
+
+    def forward(self, x, cos, sin, attn_mask, is_causal, kv_cache, layer_idx, token_mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal,
+                               kv_cache, layer_idx)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoEFeedForward):
+            y, aux = self.mlp(h, token_mask)
+        else:
+            y, aux = self.mlp(h), None
+        return x + y, aux
+
+
+class Backbone(nn.Module):
+    """The ``model.`` prefix of the parameter names: embeddings, blocks, final norm."""
+
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # ce_loss + aux_loss
+    ce_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # MoE load balancing, summed over layers (0 when dense)
+
+
+def attention_mask_for(attention_mask: torch.Tensor | None, S: int, P: int, device: torch.device):
+    """Returns (mask, is_causal) for SDPA given the padding mask over all P+S positions.
+
+    Without padding the fast paths apply: ``is_causal`` for a prefill, no mask for one new token,
+    a plain causal mask for a chunk appended to a cache.
+    With padding a boolean [B, 1, S, P+S] mask combines causality and padding; each query may always
+    see itself, so a padded query row is never fully masked (that would give NaN, and the NaN of a
+    pad position would leak into real rows through 0·NaN in the value product).
+    """
+    if attention_mask is None and (P == 0 or S == 1):
+        return None, (P == 0 and S > 1)
+    q_pos = torch.arange(P, P + S, device=device).unsqueeze(-1)
+    k_pos = torch.arange(P + S, device=device)
+    mask = k_pos <= q_pos  # SDPA's is_causal aligns top-left, wrong once P > 0: build it here
+    if attention_mask is None:
+        return mask, False
+    mask = mask & attention_mask[:, None, None, : P + S].bool()
+    return mask | (k_pos == q_pos), False
+
+
+class MiniMindLM(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        init_weights(self)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0
+                ) -> CausalLMOutput:
+        """``attention_mask`` [B, P+S] (1 real, 0 pad) is only needed for left padding or a padded
+        cache: with right padding, causality already hides the pads from every real token.
+        ``labels`` are aligned with ``input_ids``; the shift happens here."""
+        B, S = input_ids.shape
+        P = kv_cache.pos if kv_cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: each row counts from its first token
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:P + S]
+            else:
+                position_ids = torch.arange(P, P + S, device=input_ids.device)
+        x = F.dropout(self.model.embed_tokens(input_ids), self.config.dropout, self.training)
+        cos, sin = self.model.rotary(position_ids, x.dtype)
+        mask, is_causal = attention_mask_for(attention_mask, S, P, x.device)
+        token_mask = attention_mask[:, P:P + S] if attention_mask is not None else None
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        for i, layer in enumerate(self.model.layers):
+            x, aux = layer(x, cos, sin, mask, is_causal, kv_cache, i, token_mask)
+            if aux is not None:
+                aux_loss = aux_loss + aux
+        if kv_cache is not None:
+            kv_cache.pos += S
+        x = self.model.norm(x)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        if labels is None:
+            return CausalLMOutput(logits=logits, aux_loss=aux_loss)
+        ce_loss = causal_lm_loss(logits, labels)
+        return CausalLMOutput(logits, ce_loss + aux_loss, ce_loss, aux_loss)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over supervised positions (labels != -100).
+
+    Divides by max(count, 1) so a batch with no supervised token gives 0, not NaN.
+    """
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    return total / (shift_labels != -100).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def init_weights(model: MiniMindLM) -> None:
+    """The one place weights are initialised.
+
+    - embeddings (and the tied lm_head), q/k/v, gate/up projections, router: N(0, σ), σ =
+      ``initializer_range`` (0.02, as MiniMind/transformers);
+    - o_proj and down_proj, which write into the residual stream: N(0, σ/√(2·layers)) (GPT-2 §2.3),
+      so the residual variance does not grow with depth;
+    - an untied lm_head: N(0, σ); RMSNorm weights: 1.
+    """
+    std = model.config.initializer_range
+    residual_std = std / math.sqrt(2 * model.config.num_hidden_layers)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            is_residual = name.endswith("o_proj") or name.endswith("down_proj")
+            nn.init.normal_(module.weight, 0.0, residual_std if is_residual else std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+    if model.config.tie_word_embeddings:  # the Linear loop above re-drew the shared tensor
+        nn.init.normal_(model.model.embed_tokens.weight, 0.0, std)
