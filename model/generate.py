@@ -1,0 +1,260 @@
+"""Text generation over a preallocated KV cache: greedy and sampling, stops, streaming, batching.
+
+Layers, lowest first:
+- ``generate_tokens`` is the decoding loop. It takes a batch of prompts (token ids) with one
+  ``SamplingParams`` each, left-pads them, prefills once and yields, per step, the new token of
+  every row still running. Rows count positions from their own first token, so a prompt in a
+  batch gets exactly the tokens it gets alone (greedy; or sampling with the same seed).
+- ``TextStream`` turns one row's tokens into text deltas: it never emits half of a multi-byte
+  character and holds back text that could be the start of a stop string.
+- ``generate`` / ``stream`` are the convenience front ends the CLI, server and evaluation use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .model import KVCache, MiniMindLM
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already present (CTRL §4.1)
+    seed: int | None = None
+    stop_token_ids: Sequence[int] = (2,)  # <|im_end|>
+    stop_strings: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+@dataclass
+class Generation:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"  # "stop" (stop token or string) | "length"
+
+
+def _apply_repetition_penalty(logits_BV, seen_BV, penalty_B1):
+    penalised = torch.where(logits_BV > 0, logits_BV / penalty_B1, logits_BV * penalty_B1)
+    return torch.where(seen_BV, penalised, logits_BV)
+
+
+def _filter_top_k_top_p(logits_BV, top_k: list[int], top_p_B1: torch.Tensor):
+    """Masks (to -inf) tokens outside each row's top-k and nucleus (smallest set with mass ≥ p)."""
+    sorted_logits, sorted_idx = logits_BV.sort(dim=-1, descending=True)
+    V = logits_BV.shape[-1]
+    rank = torch.arange(V, device=logits_BV.device).unsqueeze(0)
+    k_B1 = torch.tensor([k if k > 0 else V for k in top_k], device=logits_BV.device).unsqueeze(-1)
+    drop = rank >= k_B1
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # keep a token while the mass before it is < p
+    drop |= mass_before >= top_p_B1
+    drop[:, 0] = False  # the most likely token always survives
+    keep_mask = torch.zeros_like(drop).scatter(-1, sorted_idx, ~drop)
+    return logits_BV.masked_fill(~keep_mask, float("-inf"))
+
+
+def _choose_tokens(logits_BV, params: list[SamplingParams], seen_BV, generators):
+    logits_BV = logits_BV.float()
+    penalty = torch.tensor([p.repetition_penalty for p in params], device=logits_BV.device)
+    if (penalty != 1).any():
+        logits_BV = _apply_repetition_penalty(logits_BV, seen_BV, penalty.unsqueeze(-1))
+    greedy = logits_BV.argmax(-1)
+    if all(p.temperature == 0 for p in params):
+        return greedy
+    temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits_BV.device)
+    top_p = torch.tensor([p.top_p for p in params], device=logits_BV.device).unsqueeze(-1)
+    filtered = _filter_top_k_top_p(logits_BV / temps.unsqueeze(-1), [p.top_k for p in params],
+                                   top_p)
+    probs = filtered.softmax(-1)
+    # One generator per row: a row's random stream does not depend on its batch neighbours.
+    sampled = torch.stack([torch.multinomial(probs[b], 1, generator=generators[b])[0]
+                           for b in range(len(params))])
+    is_greedy = torch.tensor([p.temperature == 0 for p in params], device=logits_BV.device)
+    return torch.where(is_greedy, greedy, sampled)
+
+
+@torch.inference_mode()
+def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
+                    params: SamplingParams | Sequence[SamplingParams],
+                    should_stop: Callable[[int], bool] | None = None,
+                    ) -> Iterator[list[int | None]]:
+    """Yields, after each decoding step, each row's new token id (None once a row has finished).
+
+    A row finishes on a stop token (which is yielded, then the row goes quiet), on
+    ``max_new_tokens``, or when ``should_stop(row)`` returns True (a stop string seen by the
+    caller, a client gone). Stop strings are the caller's business (see ``TextStream``).
+    """
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+    if not prompts:
+        return
+    device = next(model.parameters()).device
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("every prompt needs at least one token")
+    context = model.config.max_position_embeddings
+    if longest > context:
+        raise ValueError(f"prompt of {longest} tokens exceeds the context of {context}")
+    budget = [min(p.max_new_tokens, context - len(ids)) for p, ids in zip(params, prompts)]
+    steps = max(budget)
+    if steps == 0:
+        return
+    pad = model.config.pad_token_id
+    ids_BS = torch.full((B, longest), pad, dtype=torch.long)
+    mask_BS = torch.zeros(B, longest + steps, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids_BS[b, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask_BS[b, longest - len(p):] = 1
+    ids_BS, mask_BS = ids_BS.to(device), mask_BS.to(device)
+    padded = bool((mask_BS[:, :longest] == 0).any())
+    V = model.config.vocab_size
+    seen_BV = torch.zeros(B, V, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):  # not the pads: a row must see what it would see alone
+        seen_BV[b, torch.tensor(p, dtype=torch.long, device=device)] = True
+    generators = []
+    for p in params:
+        g = torch.Generator(device=device)
+        g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        generators.append(g)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, B, longest + steps, dtype=dtype, device=device)
+    running = [True] * B
+    produced = [0] * B
+    stop_ids = [set(p.stop_token_ids) for p in params]
+
+    logits = model(ids_BS, attention_mask=mask_BS[:, :longest] if padded else None,
+                   kv_cache=cache, logits_to_keep=1).logits[:, -1]
+    for step in range(steps):
+        next_B = _choose_tokens(logits, params, seen_BV, generators)
+        tokens = next_B.tolist()
+        out: list[int | None] = []
+        for b in range(B):
+            if not running[b]:
+                out.append(None)
+                continue
+            out.append(tokens[b])
+            produced[b] += 1
+            if tokens[b] in stop_ids[b] or produced[b] >= budget[b]:
+                running[b] = False
+        yield out
+        for b in range(B):
+            if running[b] and should_stop is not None and should_stop(b):
+                running[b] = False
+        if not any(running) or step == steps - 1:
+            return
+        seen_BV.scatter_(1, next_B.unsqueeze(-1), True)
+        mask_BS[:, longest + step] = 1
+        logits = model(next_B.unsqueeze(-1), attention_mask=mask_BS[:, :longest + step + 1]
+                       if padded else None, kv_cache=cache).logits[:, -1]
+
+
+class TextStream:
+    """Incremental detokenisation of one row: ``push(token_id) -> text delta``.
+
+    Byte-level BPE splits multi-byte characters across tokens; a decode that ends in U+FFFD is an
+    unfinished character, so it is held back until the next token completes it. Text that might
+    begin a stop string is held back too, so a stop string is never half-emitted.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = (), skip_token_ids=()):
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in stop_strings if s]
+        self.skip = set(skip_token_ids)
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (complete characters only)
+        self.emitted = 0  # characters of self.text already returned
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        if token_id not in self.skip:
+            self.ids.append(token_id)
+        decoded = self.tokenizer.decode(self.ids)
+        if decoded.endswith("\ufffd"):
+            return ""
+        self.text = decoded
+        for s in self.stop_strings:
+            cut = self.text.find(s)
+            if cut != -1:
+                self.stopped = True
+                self.text = self.text[:cut]
+        return self._release(final=self.stopped)
+
+    def flush(self) -> str:
+        """The held-back rest, when the row has ended."""
+        self.text = self.tokenizer.decode(self.ids).rstrip("\ufffd") if not self.stopped else self.text
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text)
+        if not final:
+            for s in self.stop_strings:  # hold back a suffix that is a prefix of a stop string
+                for n in range(min(len(s) - 1, end), 0, -1):
+                    if self.text.endswith(s[:n]):
+                        end = min(end, len(self.text) - n)
+                        break
+        end = max(end, self.emitted)
+        delta, self.emitted = self.text[self.emitted:end], end
+        return delta
+
+
+def generate(model: MiniMindLM, tokenizer, prompts: Sequence[Sequence[int]],
+             params: SamplingParams | Sequence[SamplingParams]) -> list[Generation]:
+    """Batched generation; returns token ids, text (stop strings cut) and the finish reason."""
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    results = [Generation() for _ in prompts]
+    streams = [TextStream(tokenizer, p.stop_strings, p.stop_token_ids) if tokenizer else None
+               for p in params]
+    for step in generate_tokens(model, prompts, params,
+                                should_stop=lambda b: bool(streams[b] and streams[b].stopped)):
+        for b, tok in enumerate(step):
+            if tok is None:
+                continue
+            results[b].token_ids.append(tok)
+            if tok in params[b].stop_token_ids:
+                results[b].finish_reason = "stop"
+            elif streams[b] is not None:
+                streams[b].push(tok)
+                if streams[b].stopped:
+                    results[b].finish_reason = "stop"
+    for r, s in zip(results, streams):
+        if s is not None:
+            s.flush()
+            r.text = s.text
+    return results
+
+
+def stream(model: MiniMindLM, tokenizer, prompt: Sequence[int], params: SamplingParams
+           ) -> Iterator[str]:
+    """Text deltas for one prompt, as they are generated."""
+    text = TextStream(tokenizer, params.stop_strings, params.stop_token_ids)
+    for step in generate_tokens(model, [prompt], [params], should_stop=lambda b: text.stopped):
+        if step[0] is not None and step[0] not in params.stop_token_ids:
+            delta = text.push(step[0])
+            if delta:
+                yield delta
+    rest = text.flush()
+    if rest:
+        yield rest

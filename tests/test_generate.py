@@ -1,0 +1,136 @@
+"""Generation: greedy vs a no-cache reference, batching, sampling, stops, streaming."""
+
+import pytest
+import torch
+
+from model.config import MiniMindConfig
+from model.generate import (SamplingParams, TextStream, _apply_repetition_penalty,
+                            _filter_top_k_top_p, generate, generate_tokens, stream)
+from model.model import MiniMindLM
+
+
+class ByteTokenizer:
+    """Independent stand-in: token i < 256 is byte i; decoding is UTF-8 with replacement."""
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = MiniMindConfig.from_preset("tiny", vocab_size=300)
+    return MiniMindLM(cfg).eval()
+
+
+def greedy_reference(model, prompt, n):
+    """No cache, no padding: re-run the whole sequence and take the argmax each step."""
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_equals_no_cache_reference(model):
+    prompt = [5, 17, 42, 99, 3]
+    got = generate(model, None, [prompt], SamplingParams(max_new_tokens=12, stop_token_ids=()))
+    assert got[0].token_ids == greedy_reference(model, prompt, 12)
+    assert got[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_batched_left_padded_equals_one_at_a_time(preset):
+    torch.manual_seed(1)
+    model = MiniMindLM(MiniMindConfig.from_preset(preset, vocab_size=300, aux_loss_coef=0)).eval()
+    prompts = [[7, 8, 9, 10, 11, 12, 13], [200], [31, 32, 33]]
+    params = SamplingParams(max_new_tokens=10, stop_token_ids=())
+    batched = generate(model, None, prompts, params)
+    for prompt, out in zip(prompts, batched):
+        assert out.token_ids == generate(model, None, [prompt], params)[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(model):
+    p = SamplingParams(max_new_tokens=15, temperature=1.0, top_k=50, top_p=0.9, seed=123,
+                       stop_token_ids=())
+    a = generate(model, None, [[1, 2, 3]], p)[0].token_ids
+    b = generate(model, None, [[1, 2, 3]], p)[0].token_ids
+    assert a == b
+    other = SamplingParams(max_new_tokens=15, temperature=1.0, seed=7, stop_token_ids=())
+    batched = generate(model, None, [[9, 9, 9, 9, 9], [1, 2, 3]], [other, p])
+    assert batched[1].token_ids == a
+    c = generate(model, None, [[1, 2, 3]], SamplingParams(
+        max_new_tokens=15, temperature=1.0, top_k=50, top_p=0.9, seed=124, stop_token_ids=()))
+    assert c[0].token_ids != a
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy(model):
+    greedy = generate(model, None, [[4, 5]], SamplingParams(max_new_tokens=8, stop_token_ids=()))
+    for kw in (dict(top_k=1), dict(top_p=1e-6)):
+        sampled = generate(model, None, [[4, 5]], SamplingParams(
+            max_new_tokens=8, temperature=2.0, seed=0, stop_token_ids=(), **kw))
+        assert sampled[0].token_ids == greedy[0].token_ids
+
+
+def test_filters_against_hand_computation():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    k2 = _filter_top_k_top_p(logits, [2], torch.tensor([[1.0]]))
+    assert torch.isinf(k2[0, 2:]).all() and torch.isfinite(k2[0, :2]).all()
+    probs = logits.softmax(-1)[0]  # 0.486, 0.179, 0.108, 0.066, 0.024
+    p = float(probs[0] + probs[1]) - 1e-4  # nucleus needs the two best tokens
+    nucleus = _filter_top_k_top_p(logits, [0], torch.tensor([[p]]))
+    assert torch.isfinite(nucleus[0, :2]).all() and torch.isinf(nucleus[0, 2:]).all()
+    pen = _apply_repetition_penalty(torch.tensor([[2.0, -2.0, 3.0]]),
+                                    torch.tensor([[True, True, False]]), torch.tensor([[2.0]]))
+    assert pen.tolist() == [[1.0, -4.0, 3.0]]
+
+
+def test_max_new_tokens_always_honoured_and_stop_token(model):
+    free = generate(model, None, [[1, 2]], SamplingParams(max_new_tokens=6, stop_token_ids=()))
+    assert len(free[0].token_ids) == 6
+    stop_on = free[0].token_ids[2]
+    stopped = generate(model, None, [[1, 2]], SamplingParams(max_new_tokens=6,
+                                                            stop_token_ids=(stop_on,)))
+    first = free[0].token_ids.index(stop_on)
+    assert stopped[0].token_ids == free[0].token_ids[:first + 1]
+    assert stopped[0].finish_reason == "stop"
+    assert generate(model, None, [[1]], SamplingParams(max_new_tokens=0))[0].token_ids == []
+
+
+def test_context_limit_is_honoured(model):
+    ctx = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match="exceeds the context"):
+        list(generate_tokens(model, [[1] * (ctx + 1)], SamplingParams()))
+    out = generate(model, None, [[1] * (ctx - 3)], SamplingParams(max_new_tokens=50,
+                                                                   stop_token_ids=()))
+    assert len(out[0].token_ids) == 3
+
+
+def test_text_stream_never_splits_characters_and_hides_stop_strings():
+    tok = ByteTokenizer()
+    text = "ab 中文 🙂 done STOP tail"
+    s = TextStream(tok, stop_strings=["STOP"])
+    deltas = [s.push(i) for i in tok.encode(text)]
+    deltas.append(s.flush())
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == "ab 中文 🙂 done "
+    assert s.stopped
+    assert not any("S" in d for d in deltas)  # the stop string never leaks, not even its start
+
+
+def test_stream_and_generate_agree_with_stop_strings(model):
+    tok = ByteTokenizer()
+    params = SamplingParams(max_new_tokens=20, stop_token_ids=())
+    full = generate(model, tok, [[65, 66]], params)[0]
+    assert full.text == tok.decode(full.token_ids).rstrip("\ufffd")
+    streamed = "".join(stream(model, tok, [65, 66], params))
+    assert streamed == full.text
+    assert len(full.text) >= 3  # the seeded model writes some text; cut it at a piece of itself
+    stop = full.text[1:3]
+    cut = generate(model, tok, [[65, 66]], SamplingParams(max_new_tokens=20, stop_token_ids=(),
+                                                           stop_strings=[stop]))[0]
+    assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
