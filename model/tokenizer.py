@@ -1,0 +1,191 @@
+"""The project's tokenizer: a thin, typed wrapper over a HF `tokenizers` byte-level BPE.
+
+Scope: load a tokenizer folder (`tokenizer.json` + `tokenizer_config.json`, HF layout) - ours in
+`model/tokenizer/` (trained by scripts/train_tokenizer.py) or MiniMind's upstream one - encode and
+decode text, and render the chat template stored in `tokenizer_config.json` with a sandboxed
+Jinja2 environment configured like transformers' (trim/lstrip blocks, loop controls, a `tojson`
+that keeps non-ASCII and key order, `raise_exception`), so a rendering here equals
+`PreTrainedTokenizerFast.apply_chat_template` on the same folder.
+
+`encode` never adds special tokens; the chat template is the only place they come from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+DEFAULT_DIR = Path(__file__).resolve().parent / "tokenizer"
+
+Message = dict[str, Any]
+
+
+class TokenizerError(ValueError):
+    """A tokenizer folder is missing a file, or a file is malformed."""
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Jinja's built-in tojson HTML-escapes '<', '>' and '&' and sorts keys; chat templates need
+    # plain JSON (transformers overrides it the same way).
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def compile_chat_template(source: str):
+    """Compile a chat template string once (templates are re-rendered for every sample)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+def render_chat_template(source: str, messages: Sequence[Message], tools: list | None = None,
+                         add_generation_prompt: bool = False, enable_thinking: bool = False,
+                         **extra: Any) -> str:
+    """Render `source` with the variables transformers passes (no input normalisation here).
+
+    `open_thinking` is passed too: it is upstream MiniMind's name for `enable_thinking`, so its
+    template honours the flag when its folder is loaded.
+    """
+    return compile_chat_template(source).render(
+        messages=list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
+        enable_thinking=enable_thinking, open_thinking=enable_thinking, **extra)
+
+
+def _normalize(messages: Sequence[Message], tools: Any) -> tuple[list[Message], list | None]:
+    """Accept MiniMind's JSON-string fields: `tools` (also on the first message) and
+    `tool_calls` are stored as JSON text in its datasets; templates want lists of dicts."""
+    out = [dict(m) for m in messages]
+    if tools is None and out and out[0].get("tools"):
+        tools = out[0]["tools"]
+    if isinstance(tools, str):
+        tools = json.loads(tools)
+    for m in out:
+        m.pop("tools", None)
+        if isinstance(m.get("tool_calls"), str):
+            m["tool_calls"] = json.loads(m["tool_calls"])
+    return out, (tools or None)
+
+
+def _token_content(value: Any) -> str | None:
+    # HF configs store special tokens either as a string or as {"content": ...}.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer + chat template. Build it with `Tokenizer.from_dir`."""
+
+    def __init__(self, backend: _HFTokenizer, config: dict, source: str = "<memory>") -> None:
+        self._tok = backend
+        self.config = config
+        self.source = source
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.chat_template: str = config.get("chat_template") or ""
+        self.pad_id = self._special_id("pad_token", "<|endoftext|>")
+        self.bos_id = self._special_id("bos_token", "<|im_start|>")
+        self.eos_id = self._special_id("eos_token", "<|im_end|>")
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_dir(cls, path: str | Path | None = None) -> "Tokenizer":
+        """Load `path/tokenizer.json` and `path/tokenizer_config.json` (None = the default)."""
+        folder = Path(path) if path is not None else DEFAULT_DIR
+        tok_file, cfg_file = folder / "tokenizer.json", folder / "tokenizer_config.json"
+        for f in (tok_file, cfg_file):
+            if not f.is_file():
+                raise TokenizerError(f"{f}: missing (a tokenizer folder needs tokenizer.json "
+                                     f"and tokenizer_config.json; see scripts/train_tokenizer.py)")
+        try:
+            backend = _HFTokenizer.from_file(str(tok_file))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise TokenizerError(f"{tok_file}: not a valid tokenizers file ({e})") from None
+        try:
+            config = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"{cfg_file}: invalid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{cfg_file}: expected a JSON object")
+        if config.get("chat_template") is not None and not isinstance(config["chat_template"], str):
+            # HF also allows a list of named templates; we only ship and read the single form.
+            raise TokenizerError(f"{cfg_file}: chat_template must be a string")
+        return cls(backend, config, str(folder))
+
+    def _special_id(self, key: str, default: str) -> int:
+        content = _token_content(self.config.get(key)) or default
+        tid = self._tok.token_to_id(content)
+        if tid is None:
+            raise TokenizerError(f"{self.source}: {key} {content!r} is not in the vocabulary")
+        return tid
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of everything that changes tokenization or rendering (cache keys use it)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(self._tok.to_str().encode("utf-8"))
+            h.update(self.chat_template.encode("utf-8"))
+            h.update(f"{self.pad_id},{self.bos_id},{self.eos_id}".encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token strings in it map to their ids, none are added."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        """`encode` over many texts (parallel in the Rust backend)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`; byte-level pieces are joined before UTF-8 decoding, so multi-byte
+        characters split across tokens (Chinese, emoji) come back whole."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, tid: int) -> str | None:
+        return self._tok.id_to_token(tid)
+
+    def apply_chat_template(self, messages: Sequence[Message], tools: list | str | None = None,
+                            add_generation_prompt: bool = False,
+                            enable_thinking: bool = False) -> str:
+        """Render `messages` with the stored template (see scripts/train_tokenizer.py for ours).
+
+        `tools` and `tool_calls` may be JSON strings, and tools may sit on the first message
+        (MiniMind's dataset layout); they are parsed before rendering.
+        """
+        if not self.chat_template:
+            raise TokenizerError(f"{self.source}: tokenizer_config.json has no chat_template")
+        msgs, tools = _normalize(messages, tools)
+        return render_chat_template(self.chat_template, msgs, tools=tools,
+                                    add_generation_prompt=add_generation_prompt,
+                                    enable_thinking=enable_thinking)

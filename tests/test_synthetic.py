@@ -1,0 +1,165 @@
+"""Synthetic data tests: determinism, arithmetic recomputed from the text, held-out split,
+DPO pairs that really disagree, record formats, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from dataset import synthetic as syn
+from dataset.synthetic import (Problem, dpo_pairs, is_test_question, make_problem,
+                               pretrain_texts, sft_conversations, test_set, write_jsonl)
+
+STEP_RE = re.compile(r"(\d+) ([-+*]) (\d+) = (-?\d+)")
+
+
+def check_solution(text: str) -> int:
+    """Recompute every `a op b = r` line of a solution; return the `#### n` answer.
+
+    Independent of the generator: it only reads the text. Raises AssertionError on any error.
+    """
+    *lines, final = text.split("\n")
+    m = re.fullmatch(r"#### (-?\d+)", final)
+    assert m, f"no final answer line in {text!r}"
+    prev = None
+    for line in lines:
+        (a, op, b, r), = STEP_RE.findall(line)
+        a, b, r = int(a), int(b), int(r)
+        assert r == {"+": a + b, "-": a - b, "*": a * b}[op], line
+        assert prev is None or prev in (a, b), f"step does not use the previous result: {line}"
+        prev = r
+    assert prev == int(m.group(1)), text
+    return prev
+
+
+def _questions_in(records: list[dict], key: str = "conversations") -> set[str]:
+    return {m["content"] for r in records for m in r[key] if m["role"] == "user"}
+
+
+def test_deterministic_by_seed() -> None:
+    assert pretrain_texts(40, 3) == pretrain_texts(40, 3)
+    assert sft_conversations(40, 3) == sft_conversations(40, 3)
+    assert dpo_pairs(20, 3) == dpo_pairs(20, 3)
+    assert test_set(20, 3) == test_set(20, 3)
+    assert pretrain_texts(40, 3) != pretrain_texts(40, 4)
+    assert sft_conversations(40, 3) != sft_conversations(40, 4)
+    # Different purposes use different streams even with one seed.
+    assert pretrain_texts(5, 0)[0] not in {m["content"] for r in sft_conversations(5, 0)
+                                           for m in r["conversations"]}
+
+
+def test_answers_are_correct_and_numbers_modest() -> None:
+    rng = random.Random(0)
+    for _ in range(500):
+        p = make_problem(rng)
+        assert check_solution(p.solution) == p.answer
+        assert p.solution.endswith(f"\n#### {p.answer}")
+        for a, op, b, _ in STEP_RE.findall(p.solution):
+            if op == "*":
+                assert int(a) <= 99 and int(b) <= 9
+            else:
+                assert int(a) <= 1000 and int(b) <= 1000
+        assert p.answer >= 0
+        # The given numbers of the first step come from the question.
+        a, _, b, _ = STEP_RE.findall(p.solution)[0]
+        assert a in p.question or b in p.question
+
+
+def test_check_solution_catches_errors() -> None:
+    with pytest.raises(AssertionError):
+        check_solution("So 12 + 30 = 43 apples.\n#### 43")
+    with pytest.raises(AssertionError):
+        check_solution("So 12 + 30 = 42 apples.\n#### 41")
+
+
+def test_test_set_is_held_out() -> None:
+    tests = test_set(300, 0)
+    questions = {p.question for p in tests}
+    assert len(questions) == 300  # distinct
+    assert all(is_test_question(q) for q in questions)
+    for p in tests:
+        check_solution(p.solution)
+    sft = sft_conversations(2000, 0)
+    user_texts = _questions_in(sft)
+    assert not any(q in u for q in questions for u in user_texts)
+    assert not questions & _questions_in(dpo_pairs(500, 0), "chosen")
+    pre = "\n".join(pretrain_texts(2000, 0))
+    assert not any(q in pre for q in questions)
+    # Sanity of the rule itself: about 10% of random questions are held out.
+    rng = random.Random(1)
+    share = sum(is_test_question(make_problem(rng).question) for _ in range(3000)) / 3000
+    assert 0.07 < share < 0.13
+
+
+def test_sft_format() -> None:
+    records = sft_conversations(300, 0)
+    assert any(r["conversations"][0]["role"] == "system" for r in records)
+    assert any(sum(m["role"] == "user" for m in r["conversations"]) == 2 for r in records)
+    assert any("MiniMind" in r["conversations"][-1]["content"] for r in records)
+    assert any(re.search(r"[\u4e00-\u9fff]", r["conversations"][-1]["content"]) for r in records)
+    for r in records:
+        msgs = r["conversations"]
+        body = msgs[1:] if msgs[0]["role"] == "system" else msgs
+        assert [m["role"] for m in body] == ["user", "assistant"] * (len(body) // 2)
+        for m in body:
+            assert isinstance(m["content"], str) and m["content"]
+            if m["role"] == "assistant" and "####" in m["content"]:
+                check_solution(m["content"])
+    math_questions = [q for q in _questions_in(sft_conversations(50, 0, split="test"))
+                      if "How many" in q]
+    assert len(math_questions) > 20
+    for q in math_questions:
+        for prefix in syn._MATH_PREFIXES:
+            q = q.removeprefix(prefix)
+        assert is_test_question(q), q
+    with pytest.raises(ValueError):
+        sft_conversations(1, 0, split="valid")  # type: ignore[arg-type]
+
+
+def test_dpo_rejected_is_wrong() -> None:
+    for rec in dpo_pairs(300, 0):
+        chosen, rejected = rec["chosen"], rec["rejected"]
+        assert chosen[:-1] == rejected[:-1] and chosen[-1]["role"] == rejected[-1]["role"] == "assistant"
+        good = check_solution(chosen[-1]["content"])
+        bad_text = rejected[-1]["content"]
+        with pytest.raises(AssertionError):
+            check_solution(bad_text)  # some step's arithmetic is wrong
+        bad = int(bad_text.rsplit("#### ", 1)[1])
+        assert bad != good and bad >= 0
+        # The slip is a typo-sized error, not a random number: same number of lines.
+        assert bad_text.count("\n") == chosen[-1]["content"].count("\n")
+
+
+def test_pretrain_mix() -> None:
+    texts = pretrain_texts(400, 0)
+    assert sum(t.startswith("Question: ") for t in texts) > 150
+    assert any("MiniMind" in t for t in texts)
+    assert any(re.search(r"[\u4e00-\u9fff]", t) for t in texts)
+    assert any(t.startswith("def ") for t in texts)
+    for t in texts:
+        if t.startswith("Question: "):
+            check_solution(t.split("\nAnswer: ", 1)[1])
+
+
+def test_problem_without_chain_cannot_be_corrupted() -> None:
+    with pytest.raises(ValueError):
+        syn.wrong_solution(Problem("q", ("1 + 1 = 2",), 2), random.Random(0))
+
+
+def test_write_jsonl_and_cli(tmp_path: Path) -> None:
+    path = write_jsonl(["a", {"b": "中文"}], tmp_path / "sub" / "x.jsonl")
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] == [
+        {"text": "a"}, {"b": "中文"}]
+    assert "中文" in path.read_text(encoding="utf-8")  # not \\u-escaped
+    syn.main(["--out", str(tmp_path / "d"), "--seed", "1", "--n_pretrain", "20", "--n_sft", "10",
+              "--n_dpo", "5", "--n_test", "7"])
+    lines = {n: (tmp_path / "d" / f"{n}.jsonl").read_text(encoding="utf-8").splitlines()
+             for n in ("pretrain", "sft", "dpo", "test")}
+    assert [len(v) for v in lines.values()] == [20, 10, 5, 7]
+    test_rec = json.loads(lines["test"][0])
+    assert set(test_rec) == {"question", "answer"} and is_test_question(test_rec["question"])
+    check_solution(test_rec["answer"])
