@@ -1,0 +1,214 @@
+"""Speed benchmark: measures this machine's peaks, then the model against them, in one run.
+
+The machine is shared and noisy, so every figure is reported next to a peak measured in the same
+run, as a ratio:
+- matmul peak (fp32, bf16) and copy bandwidth;
+- a training step (forward + backward + AdamW) at ``minimind2-small``, batch 4 × 512, fp32 and bf16
+  autocast: tokens/s and MFU = model FLOPs / measured bf16 (or fp32) matmul peak;
+- greedy decoding at batch 1 and 8: tokens/s and the fraction of the bandwidth bound (bytes of
+  weights + KV cache read per step / measured bandwidth);
+- an MoE layer forward + backward (8 experts, top-2): grouped dispatch vs MiniMind's naive loop;
+- an MoE model step (4 experts, top-1) vs the dense step with the same active parameters.
+
+Model FLOPs per token (PaLM appendix B): 6·N for the weights (N includes the tied head, which is
+a real matmul) + 12·L·H·D·S for attention scores and values (S = context). Usage:
+``python scripts/bench.py [--quick] [--only train,decode,moe] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+
+from model.config import MiniMindConfig
+from model.generate import SamplingParams, generate_tokens
+from model.model import MiniMindLM
+from model.moe import MoEFeedForward, naive_experts_forward
+
+
+def best_time(fn, repeat: int, warmup: int = 1) -> float:
+    """Minimum wall time of ``repeat`` calls: the least disturbed run on a shared machine."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeat: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / best_time(lambda: a @ b, repeat)
+
+
+def copy_bandwidth(mbytes: int = 512, repeat: int = 5) -> float:
+    src = torch.empty(mbytes * 2**20 // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / best_time(lambda: dst.copy_(src), repeat)  # read + write
+
+
+def flops_per_token(cfg: MiniMindConfig, seq_len: int, active: bool = True) -> float:
+    n = cfg.num_parameters(active=active)
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
+def train_step_fn(model: MiniMindLM, ids: torch.Tensor, dtype: torch.dtype):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=False, foreach=True)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16
+                else contextlib.nullcontext())
+
+    def step():
+        with autocast:
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_train(peaks: dict, quick: bool) -> list[dict]:
+    rows = []
+    cfg = MiniMindConfig.from_preset("minimind2-small")
+    B, S = (2, 256) if quick else (4, 512)
+    ids = torch.randint(0, cfg.vocab_size, (B, S))
+    for name, dtype, peak in (("fp32", torch.float32, peaks["fp32"]),
+                              ("bf16 autocast", torch.bfloat16, peaks["bf16"])):
+        torch.manual_seed(0)
+        model = MiniMindLM(cfg).train()
+        t = best_time(train_step_fn(model, ids, dtype), repeat=2 if quick else 3)
+        tok_s = B * S / t
+        mfu = tok_s * flops_per_token(cfg, S) / peak
+        rows.append(dict(bench="train step minimind2-small", variant=name, batch=f"{B}x{S}",
+                         seconds=t, tokens_per_s=tok_s, mfu=mfu))
+    return rows
+
+
+def bench_decode(bandwidth: float, quick: bool) -> list[dict]:
+    rows = []
+    cfg = MiniMindConfig.from_preset("minimind2-small")
+    prompt_len, new = 64, 32 if quick else 64
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = MiniMindLM(cfg).eval().to(dtype)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for batch in (1, 8):
+            prompts = [list(range(10 + b, 10 + b + prompt_len)) for b in range(batch)]
+            params = SamplingParams(max_new_tokens=new, stop_token_ids=())
+            steps = []
+
+            def run():
+                t0 = time.perf_counter()
+                marks = []
+                for _ in generate_tokens(model, prompts, params):
+                    marks.append(time.perf_counter())
+                steps.append((marks[-1] - marks[0]) / (len(marks) - 1))  # decode steps only
+
+            best_time(run, repeat=2)
+            per_step = min(steps)
+            # Per step every weight is read once; the cache read grows with the context, so take
+            # the mean context over the decode.
+            ctx = prompt_len + new / 2
+            kv_bytes = (2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * cfg.head_dim
+                        * ctx * torch.tensor([], dtype=dtype).element_size())
+            bound = (weight_bytes + kv_bytes) / bandwidth
+            rows.append(dict(bench="greedy decode minimind2-small", variant=str(dtype)[6:],
+                             batch=batch, ms_per_step=per_step * 1e3,
+                             tokens_per_s=batch / per_step, bandwidth_bound_fraction=bound / per_step))
+    return rows
+
+
+def bench_moe_layer(quick: bool) -> list[dict]:
+    cfg = MiniMindConfig.from_preset("minimind2-small", use_moe=True, num_experts=8,
+                                     num_experts_per_tok=2, moe_intermediate_size=1408)
+    torch.manual_seed(0)
+    layer = MoEFeedForward(cfg)
+    T = 1024 if quick else 2048
+    x = torch.randn(T, cfg.hidden_size, requires_grad=True)
+    rows = []
+    for name, dtype in (("fp32", torch.float32), ("bf16 autocast", torch.bfloat16)):
+        def run(naive: bool):
+            ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16
+                   else contextlib.nullcontext())
+            with ctx:
+                _, ids, w = layer.route(x)
+                y = (naive_experts_forward(layer.experts, x, ids, w) if naive
+                     else layer.experts(x, ids, w))
+            y.float().sum().backward()
+
+        grouped = best_time(lambda: run(False), repeat=3)
+        naive = best_time(lambda: run(True), repeat=3)
+        rows.append(dict(bench="MoE layer fwd+bwd E=8 top-2 D=512 I=1408", variant=name, tokens=T,
+                         grouped_tokens_per_s=T / grouped, naive_tokens_per_s=T / naive,
+                         speedup=naive / grouped))
+    return rows
+
+
+def bench_moe_model(peaks: dict, quick: bool) -> list[dict]:
+    dense = MiniMindConfig.from_preset("minimind2-small")
+    moe = MiniMindConfig.from_preset("minimind2-small", use_moe=True, num_experts=4,
+                                     num_experts_per_tok=1, n_shared_experts=0,
+                                     moe_intermediate_size=dense.intermediate_size,
+                                     aux_loss_coef=0.01, aux_loss_kind="token")
+    B, S = (2, 256) if quick else (4, 512)
+    ids = torch.randint(0, dense.vocab_size, (B, S))
+    rows, times = [], {}
+    for name, cfg in (("dense", dense), ("moe 4 experts top-1", moe)):
+        torch.manual_seed(0)
+        model = MiniMindLM(cfg).train()
+        times[name] = best_time(train_step_fn(model, ids, torch.bfloat16), repeat=2 if quick else 3)
+        rows.append(dict(bench="model step bf16 (equal active params)", variant=name,
+                         active_params_m=cfg.num_parameters(active=True) / 1e6,
+                         total_params_m=cfg.num_parameters() / 1e6, seconds=times[name],
+                         tokens_per_s=B * S / times[name]))
+    rows[-1]["moe_vs_dense_throughput"] = times["dense"] / times["moe 4 experts top-1"]
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        cells = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()]
+        print("  " + "  ".join(cells))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
+    ap.add_argument("--only", default="train,decode,moe,moe_model",
+                    help="comma list of: train, decode, moe, moe_model")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--json", default="", help="also write all figures to this JSON file")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = set(args.only.split(","))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    bandwidth = copy_bandwidth()
+    print(f"peaks: matmul fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f}"
+          f" GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    results = {"peaks_gflops": {k: v / 1e9 for k, v in peaks.items()},
+               "bandwidth_gbs": bandwidth / 1e9}
+    sections = [("train", lambda: bench_train(peaks, args.quick)),
+                ("decode", lambda: bench_decode(bandwidth, args.quick)),
+                ("moe", lambda: bench_moe_layer(args.quick)),
+                ("moe_model", lambda: bench_moe_model(peaks, args.quick))]
+    for name, fn in sections:
+        if name in only:
+            print(f"[{name}]")
+            rows = fn()
+            print_rows(rows)
+            results[name] = rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
