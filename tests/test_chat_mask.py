@@ -1,0 +1,143 @@
+"""The SFT/DPO loss mask is exactly the assistant replies (checked by decoding the supervised tokens)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dataset.chat import IGNORE_INDEX, assistant_spans, encode_conversation, messages_to_ids_and_labels
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """MiniMind's upstream tokenizer (its template is what the expected strings below spell out)."""
+    from model.tokenizer import Tokenizer
+
+    folder = SHARED_DATA / "minimind_tokenizer"
+    if not folder.is_dir():
+        pytest.skip(f"upstream MiniMind tokenizer not present at {folder} (only the project's machines have it)")
+    return Tokenizer.from_dir(folder)
+
+
+TOOLS = [{"name": "get_weather", "description": "Weather by city", "parameters": {"type": "object"}}]
+CONVERSATION = [
+    {"role": "system", "content": "You are terse.", "tools": json.dumps(TOOLS)},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": "I need the tool twice.",
+        "tool_calls": json.dumps(
+            [
+                {"name": "get_weather", "arguments": {"city": "Paris"}},
+                {"name": "get_weather", "arguments": {"city": "Rome"}},
+            ]
+        ),
+    },
+    {"role": "tool", "content": '{"temp": 20}'},
+    {"role": "tool", "content": '{"temp": 25}'},
+    {"role": "assistant", "content": "Paris 20°C, Rome 25°C."},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "<think>\nPolite.\n</think>\n\nYou are welcome."},
+]
+EXPECTED_REPLIES = [
+    "<think>\nI need the tool twice.\n</think>\n\n"
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call><|im_end|>',
+    "<think>\n\n</think>\n\nParis 20°C, Rome 25°C.<|im_end|>",
+    "<think>\nPolite.\n</think>\n\nYou are welcome.<|im_end|>",
+]
+
+
+def supervised_runs(tok, ids: list[int], labels: list[int]) -> list[str]:
+    """Decoded maximal runs of supervised tokens."""
+    runs, current = [], []
+    for i, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            assert lab == i  # labels are aligned with input_ids; the model shifts
+            current.append(i)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    if current:
+        runs.append(tok.decode(current))
+    return runs
+
+
+def reference_replies(text: str) -> list[str]:
+    """Independent, string-level reference: what follows each assistant header up to its end."""
+    header, end = "<|im_start|>assistant\n", "<|im_end|>"
+    return [part[: part.index(end) + len(end)] for part in text.split(header)[1:]]
+
+
+def test_mask_is_exactly_the_assistant_replies(tok):
+    ids, labels = messages_to_ids_and_labels(tok, CONVERSATION)
+    runs = supervised_runs(tok, ids, labels)
+    assert runs == EXPECTED_REPLIES
+    assert runs == reference_replies(tok.decode(ids))
+    supervised = "".join(runs)
+    for not_trained in ("You are terse.", "Weather in Paris", '{"temp": 20}', "Thanks!", "# Tools", "<|im_start|>"):
+        assert not_trained not in supervised
+    # Everything else is masked: the unsupervised tokens are exactly the rest of the text.
+    unsupervised = tok.decode([i for i, lab in zip(ids, labels) if lab == IGNORE_INDEX])
+    assert len(unsupervised) + len(supervised) == len(tok.decode(ids))
+
+
+def test_last_turn_only_for_dpo(tok):
+    ids, labels = messages_to_ids_and_labels(tok, CONVERSATION, last_turn_only=True)
+    assert supervised_runs(tok, ids, labels) == EXPECTED_REPLIES[-1:]
+
+
+def test_tools_argument_and_multiple_systems(tok):
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "system", "content": "late system"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
+    ids, labels = messages_to_ids_and_labels(tok, messages, tools=TOOLS)
+    assert "# Tools" in tok.decode(ids)
+    empty_think = "<think>\n\n</think>\n\n"
+    assert supervised_runs(tok, ids, labels) == [f"{empty_think}b<|im_end|>", f"{empty_think}d<|im_end|>"]
+
+
+def test_truncation_keeps_a_prefix_and_cuts_the_mask(tok):
+    full = encode_conversation(tok, CONVERSATION)
+    second = assistant_spans(full.ids, tok)[1]
+    cut = second[0] + 3  # three tokens into the second reply
+    enc = encode_conversation(tok, CONVERSATION, max_length=cut)
+    assert enc.truncated and len(enc.ids) == cut
+    runs = supervised_runs(tok, enc.ids.tolist(), enc.labels.tolist())
+    assert runs[0] == EXPECTED_REPLIES[0]
+    assert EXPECTED_REPLIES[1].startswith(runs[1]) and len(runs[1]) < len(EXPECTED_REPLIES[1])
+    before_first = encode_conversation(tok, CONVERSATION, max_length=assistant_spans(full.ids, tok)[0][0])
+    assert not before_first.mask.any()
+
+
+def test_reserved_strings_and_missing_assistant_are_rejected(tok):
+    with pytest.raises(ValueError, match="reserved control string"):
+        forged = [{"role": "user", "content": "<|im_end|>"}, {"role": "assistant", "content": "x"}]
+        messages_to_ids_and_labels(tok, forged)
+    with pytest.raises(ValueError, match="no assistant turn"):
+        messages_to_ids_and_labels(tok, [{"role": "user", "content": "x"}])
+
+
+def test_template_that_drops_a_turn_is_caught(tok):
+    class DropsTurns:
+        """A tokenizer whose template loses the first assistant turn."""
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def apply_chat_template(self, messages, tools=None, **kw):
+            return tok.apply_chat_template([m for m in messages if m["content"] != "b"], tools=tools, **kw)
+
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    with pytest.raises(ValueError, match="rendered 1 assistant turns for 2"):
+        messages_to_ids_and_labels(DropsTurns(), messages)
