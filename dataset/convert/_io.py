@@ -1,0 +1,133 @@
+"""Record I/O shared by the benchmark converters (commonsense, GSM8K, MATH): read records with
+their location, check fields, write JSONL atomically, maintain a LLaMA-Factory registry.
+
+Scope: only what ``dataset/convert/{commonsense,gsm8k,math}.py`` need on top of ``dataset.jsonl``.
+Every error names the file and the line of the offending record (``DataError("path:line: what is
+wrong")``, the contract in docs/DESIGN.md), so a bad record in a 10k-item file is found at once.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+from dataset.jsonl import DataError, Record
+from dataset.jsonl import iter_records as _iter_records
+
+__all__ = [
+    "DataError", "open_text", "iter_records", "require", "write_jsonl", "write_json",
+    "dataset_info_entry", "update_dataset_info", "register_file",
+]
+
+
+def open_text(path: str | Path) -> IO[str]:
+    """Open a text file for reading, transparently gunzipping ``*.gz`` (used for PIQA's .lst)."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_records(path: str | Path) -> Iterator[Record]:
+    """``(where, record)`` for each JSON object of a ``.json`` array or ``.jsonl`` file (``.gz`` ok).
+
+    Thin wrapper over ``dataset.jsonl.iter_records`` (the project's one reader: streaming JSONL,
+    element-wise JSON arrays with line numbers, ``DataError("path:line: ...")`` on bad JSON, a
+    missing or an empty file). ``where`` prefixes every error a converter raises about a record.
+    """
+    return _iter_records(path)
+
+
+def require(record: dict, key: str, where: str, kind: type | tuple[type, ...] = str) -> Any:
+    """``record[key]``, checked for presence and type; raises DataError naming file and line."""
+    if key not in record:
+        raise DataError(f"{where}: missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise DataError(f"{where}: field {key!r} should be {want}, got {type(value).__name__}")
+    return value
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temp file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
+    """Write records as UTF-8 JSONL (non-ASCII kept readable); returns the number written."""
+    count = 0
+
+    def write(f: IO[str]) -> None:
+        nonlocal count
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            count += 1
+
+    _atomic_write(Path(path), write)
+    return count
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write one JSON document (indented, UTF-8), atomically."""
+    _atomic_write(Path(path), lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n"))
+
+
+# LLaMA-Factory registry (data/dataset_info.json) entries for the files the converters write.
+# "alpaca" files hold {"instruction","input","output"}; "sharegpt" here means our MiniMind
+# conversations ({"role","content"} messages), which LLaMA-Factory reads with role/content tags.
+def dataset_info_entry(file_name: str, formatting: str) -> dict:
+    """One ``dataset_info.json`` entry for a converted file (``formatting``: alpaca | sharegpt)."""
+    if formatting == "alpaca":
+        return {"file_name": file_name,
+                "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+    if formatting == "sharegpt":
+        return {"file_name": file_name, "formatting": "sharegpt",
+                "columns": {"messages": "conversations"},
+                "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                         "assistant_tag": "assistant", "system_tag": "system"}}
+    raise ValueError(f"unknown LLaMA-Factory formatting {formatting!r} (alpaca | sharegpt)")
+
+
+def update_dataset_info(path: str | Path, entries: dict[str, dict]) -> dict:
+    """Merge ``entries`` into the registry at ``path`` (created if missing); returns the result.
+
+    Existing entries with other names are kept, so several converter runs can share one registry.
+    """
+    path = Path(path)
+    registry: dict = {}
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            try:
+                registry = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if not isinstance(registry, dict):
+            raise DataError(f"{path}:1: dataset_info.json must be a JSON object")
+    registry.update(entries)
+    write_json(path, registry)
+    return registry
+
+
+def register_file(dataset_info: str | Path, out: str | Path, name: str, formatting: str) -> dict:
+    """Add ``out`` to the registry ``dataset_info`` under ``name``.
+
+    LLaMA-Factory resolves ``file_name`` against the registry's folder, so the path is stored
+    relative to it when ``out`` lies inside that folder, absolute otherwise.
+    """
+    info = Path(dataset_info).resolve()
+    out_abs = Path(out).resolve()
+    rel = out_abs.relative_to(info.parent) if out_abs.is_relative_to(info.parent) else out_abs
+    return update_dataset_info(info, {name: dataset_info_entry(rel.as_posix(), formatting)})
