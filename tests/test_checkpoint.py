@@ -1,0 +1,93 @@
+"""Checkpoint folders: tied weights, compatibility with model.io, checksums, fallback, pruning."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.config import MiniMindConfig
+from model.io import load_pretrained
+from model.model import MiniMindLM
+from trainer import checkpoint as ck
+
+
+def tiny() -> MiniMindLM:
+    return MiniMindLM(MiniMindConfig.from_preset("tiny"))
+
+
+def save(tmp_path, step, model, val_loss=None, keep_last=10):
+    return ck.save_checkpoint(tmp_path, step, model, {"step": step}, keep_last, val_loss)
+
+
+def test_roundtrip_tied_and_loadable_by_model_io(tmp_path):
+    model = tiny()
+    path = save(tmp_path, 5, model)
+    from safetensors import safe_open
+    with safe_open(str(path / "model.safetensors"), "pt") as fh:
+        assert "lm_head.weight" not in fh.keys()          # stored once
+    other = tiny()
+    state = ck.load_checkpoint(path, other)
+    assert state == {"step": 5}
+    assert other.lm_head.weight is other.model.embed_tokens.weight
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+    evaluated = load_pretrained(path)                    # a checkpoint is also a model folder
+    assert torch.equal(evaluated.lm_head.weight, model.lm_head.weight)
+
+
+def test_corrupt_file_refused_and_resume_falls_back(tmp_path):
+    model = tiny()
+    good = save(tmp_path, 1, model)
+    bad = save(tmp_path, 2, model)
+    blob = bytearray((bad / "model.safetensors").read_bytes())
+    blob[-5] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ck.CheckpointError, match="checksum mismatch"):
+        ck.verify_checkpoint(bad)
+    with pytest.raises(ck.CheckpointError, match="checksum"):
+        ck.resolve_resume(str(bad), tmp_path)            # an explicit path never falls back
+    said = []
+    assert ck.resolve_resume("auto", tmp_path, log=said.append) == good
+    assert any("skipping step_000002" in s for s in said) and any("step_000001" in s for s in said)
+
+
+def test_incomplete_checkpoint_skipped(tmp_path):
+    model = tiny()
+    good = save(tmp_path, 1, model)
+    partial = save(tmp_path, 2, model)
+    (partial / ck.MARKER).unlink()
+    assert ck.find_latest_checkpoint(tmp_path, log=lambda s: None) == good
+    assert ck.resolve_resume("auto", tmp_path / "empty", log=lambda s: None) is None
+
+
+def test_pruning_keeps_last_and_best_and_pointers(tmp_path):
+    model = tiny()
+    for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5), (5, 2.2)]:
+        save(tmp_path, step, model, val_loss=val, keep_last=2)
+    names = [p.name for p in ck.list_checkpoints(tmp_path)]
+    assert names == ["step_000002", "step_000004", "step_000005"]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000005"
+    best, loss = ck.read_best(tmp_path)
+    assert best.name == "step_000002" and loss == 1.0
+
+
+def test_crash_mid_write_leaves_previous_checkpoint(tmp_path):
+    """The writer dies half-way through trainer_state.pt of step 2 (test hook)."""
+    code = (
+        "import sys; from model.config import MiniMindConfig; from model.model import MiniMindLM\n"
+        "from trainer.checkpoint import save_checkpoint\n"
+        "m = MiniMindLM(MiniMindConfig.from_preset('tiny'))\n"
+        f"save_checkpoint({str(tmp_path)!r}, 1, m, {{'step': 1}}, 3)\n"
+        "import os; os.environ['MINIMIND_CKPT_FAULT'] = 'exit:trainer_state.pt'\n"
+        f"save_checkpoint({str(tmp_path)!r}, 2, m, {{'step': 2}}, 3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 17, proc.stderr
+    step2 = tmp_path / "checkpoints" / "step_000002"
+    assert not (step2 / ck.MARKER).exists() and not (step2 / "trainer_state.pt").exists()
+    said = []
+    found = ck.resolve_resume("auto", tmp_path, log=said.append)
+    assert found.name == "step_000001" and "incomplete" in said[0]
+    assert ck.load_checkpoint(found, tiny()) == {"step": 1}
+    assert json.loads((found / ck.MARKER).read_text())["step"] == 1

@@ -1,0 +1,172 @@
+"""fit(): overfitting, accumulation equivalence, NaN policies, evaluation/logging, optimizer parts."""
+import json
+import math
+
+import pytest
+import torch
+
+from model.config import MiniMindConfig
+from model.model import MiniMindLM
+from tests.trainer_driver import RandomRows
+from trainer import checkpoint as ck
+from trainer.config import TrainConfig
+from trainer.loop import TrainingDiverged, fit, seed_everything
+from trainer.losses import batch_weight, causal_lm_loss, lm_loss
+from trainer.optim import CosineSchedule, param_groups
+from trainer.sampler import StreamSampler, epoch_permutation
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; two threads spin against other jobs on a small box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(dropout=0.0) -> MiniMindLM:
+    seed_everything(0)
+    return MiniMindLM(MiniMindConfig.from_preset("tiny", dropout=dropout))
+
+
+def cfg_for(tmp_path, **kw) -> TrainConfig:
+    base = dict(out_dir=str(tmp_path), dtype="fp32", device="cpu", seq_len=16, batch_size=4,
+                max_steps=4, log_every=2, progress=False, peak_tflops=1.0, lr=1e-3, warmup_steps=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_overfits_one_batch(tmp_path):
+    model = tiny()
+    data = RandomRows(4, 16, model.config.vocab_size)
+    res = fit(model, data, lm_loss, cfg_for(tmp_path, max_steps=50, lr=1e-2, log_every=10,
+                                            weight_decay=0.0, min_lr_ratio=1.0))
+    assert res.train_loss < 0.05, res.train_loss          # starts at ln(6400) ≈ 8.8
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_accumulation_equals_large_batch(tmp_path, dtype):
+    """k micro-batches of b == one batch of k*b, even with different supervised-token counts."""
+    data = RandomRows(48, 16, 6400)
+    finals = []
+    for bs, accum in [(8, 1), (4, 2), (2, 4)]:
+        model = tiny()
+        fit(model, data, lm_loss, cfg_for(tmp_path / f"{bs}", batch_size=bs, grad_accum=accum,
+                                          max_steps=3, dtype=dtype, weight_decay=0.0))
+        finals.append(model.state_dict())
+    init = tiny().state_dict()
+    # relative to the size of the update; 1/k averaging instead of token weighting gives ~0.35
+    tol = 1e-4 if dtype == "fp32" else 0.1
+    for other in finals[1:]:
+        for k, v in finals[0].items():
+            delta, other_delta = v - init[k], other[k] - init[k]
+            err = (other_delta - delta).norm() / delta.norm().clamp(min=1e-12)
+            assert err < tol, (k, err.item())
+
+
+def test_token_weighting_matches_global_mean():
+    """The loop's weighting: sum_i mean_i * n_i / N equals the mean over all supervised tokens."""
+    logits = torch.randn(4, 8, 11)
+    labels = torch.randint(0, 11, (4, 8))
+    labels[0, :6] = -100
+    labels[3, :2] = -100
+    full = causal_lm_loss(logits, labels)
+    parts = [(causal_lm_loss(logits[i:i + 2], labels[i:i + 2]), batch_weight({"labels": labels[i:i + 2]}))
+             for i in (0, 2)]
+    combined = sum(l * w for l, w in parts) / sum(w for _, w in parts)
+    torch.testing.assert_close(combined, full)
+    naive = sum(l for l, _ in parts) / 2
+    assert not torch.allclose(naive, full)                # MiniMind-style 1/k averaging is biased
+
+
+def nan_at(call: int):
+    """lm_loss, but the `call`-th micro-batch (1-based) returns NaN."""
+    count = {"n": 0}
+
+    def loss_fn(model, batch):
+        count["n"] += 1
+        loss, metrics = lm_loss(model, batch)
+        return (loss * float("nan") if count["n"] == call else loss), metrics
+    return loss_fn
+
+
+def test_nan_stops_and_keeps_last_checkpoint(tmp_path):
+    model = tiny()
+    data = RandomRows(32, 16, model.config.vocab_size)
+    cfg = cfg_for(tmp_path, max_steps=8, save_every=2, log_every=4)
+    with pytest.raises(TrainingDiverged, match=r"step 3 .*step_000002"):
+        fit(model, data, nan_at(3), cfg)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step_000002"]
+    restored = tiny()
+    ck.load_checkpoint(tmp_path / "checkpoints" / "step_000002", restored)
+    assert all(torch.isfinite(p).all() for p in restored.parameters())
+
+
+def test_nan_skip_policy(tmp_path):
+    model = tiny()
+    data = RandomRows(32, 16, model.config.vocab_size)
+    res = fit(model, data, nan_at(3), cfg_for(tmp_path, nan_policy="skip"))
+    assert res.skipped_steps == 1 and res.step == 4 and math.isfinite(res.train_loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_eval_per_dataset_logs_and_plot(tmp_path):
+    model = tiny()
+    train = RandomRows(32, 16, model.config.vocab_size, seed=0)
+    evals = {"a": RandomRows(8, 16, 6400, seed=1), "b": RandomRows(8, 16, 6400, seed=2)}
+    res = fit(model, train, lm_loss, cfg_for(tmp_path, eval_every=2, eval_batches=2, save_every=2),
+              eval_data=evals)
+    assert set(res.val) >= {"val/a/loss", "val/a/ppl", "val/b/loss", "val/b/ppl", "val_loss"}
+    assert res.val["val/a/ppl"] == pytest.approx(math.exp(res.val["val/a/loss"]))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]
+    assert all({"loss", "lr", "tokens_per_s", "mfu", "grad_norm"} <= set(r) for r in rows if "loss" in r)
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
+    assert ck.read_best(tmp_path)[1] == pytest.approx(res.best_val_loss)
+
+
+def test_trainable_subset_only_changes_those(tmp_path):
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    chosen = [model.model.layers[0].self_attn.q_proj.weight]
+    fit(model, RandomRows(16, 16, 6400), lm_loss, cfg_for(tmp_path, max_steps=2), trainable=chosen)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"model.layers.0.self_attn.q_proj.weight"}
+
+
+def test_param_groups_no_decay_for_norms_and_embeddings():
+    model = tiny()
+    decay, no_decay = param_groups(model, None, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}   # tied lm_head listed once
+    assert all(p.ndim == 2 and "embed" not in names[id(p)] for p in decay["params"])
+    assert any("embed_tokens" in names[id(p)] for p in no_decay["params"])
+    assert any("norm" in names[id(p)] for p in no_decay["params"]) and no_decay["weight_decay"] == 0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_cosine_schedule_warmup_and_floor():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = CosineSchedule(opt, max_steps=100, warmup_steps=10, min_ratio=0.1)
+    lrs = [sched.apply(s) for s in range(100)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11) and lrs[10] == 1.0
+    assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_sampler_same_samples_for_any_world_size():
+    """A global batch holds the same samples whether split over 1 process x 4 micro or 2 x 2."""
+    one = list(StreamSampler(50, 3, 4, 0, 1, seed=7, start=24, num_steps=5))
+    two = [list(StreamSampler(50, 3, 2, r, 2, seed=7, start=24, num_steps=5)) for r in (0, 1)]
+    for step in range(5):
+        a = sorted(i for mb in one[step * 4:(step + 1) * 4] for i in mb)
+        b = sorted(i for r in (0, 1) for mb in two[r][step * 2:(step + 1) * 2] for i in mb)
+        assert a == b
+    epoch0 = [i for mb in StreamSampler(50, 5, 1, 0, 1, seed=7, start=0, num_steps=10) for i in mb]
+    assert epoch0 == epoch_permutation(50, 7, 0).tolist() and sorted(epoch0) == list(range(50))
+
+
+def test_wandb_offline_run_id_kept_in_checkpoint(tmp_path):
+    pytest.importorskip("wandb")
+    model = tiny()
+    res = fit(model, RandomRows(16, 16, 6400), lm_loss, cfg_for(tmp_path, max_steps=2, wandb="offline"))
+    state = ck.load_checkpoint(res.checkpoint, tiny())
+    assert state["wandb_id"] and any((tmp_path / "wandb").glob(f"offline-run-*-{state['wandb_id']}"))

@@ -1,0 +1,84 @@
+"""A tiny training script for the subprocess tests (resume after kill -9, torchrun).
+
+Trains the real `tiny` model (dropout on, so RNG restore matters) on random token rows whose
+labels are partly masked (so micro-batches carry different numbers of supervised tokens), through
+`parse_config` + `fit` exactly like a stage script. Test-only extras:
+  --step_sleep S        sleep S seconds per micro-batch (gives the killer time to strike)
+  --crash_save_at N     at the checkpoint of step N, exit half-way through writing --crash_file
+Writes out_dir/final_rank{R}.safetensors with each rank's final weights.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import safetensors.torch
+import torch
+from torch.utils.data import Dataset
+
+from model.config import MiniMindConfig
+from model.model import MiniMindLM
+from trainer import distributed as dist
+from trainer.checkpoint import FAULT_ENV
+from trainer.config import TrainConfig, option, parse_config
+from trainer.loop import fit, seed_everything
+from trainer.losses import lm_loss
+
+
+@dataclass
+class DriverConfig(TrainConfig):
+    seq_len: int = 16
+    batch_size: int = 4
+    max_steps: int = 8
+    log_every: int = 2
+    dropout: float = option(0.1, "model dropout")
+    num_samples: int = option(64, "random training rows")
+    step_sleep: float = option(0.0, "seconds of sleep per micro-batch")
+    crash_save_at: int = option(0, "fault-inject the checkpoint of this step (0 = never)")
+    crash_file: str = option("trainer_state.pt", "file to crash in")
+
+
+class RandomRows(Dataset):
+    """Deterministic random rows; the first k labels of row i are masked, k = i % (seq_len // 2)."""
+
+    def __init__(self, n: int, seq_len: int, vocab: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, vocab, (n, seq_len), generator=gen)
+        self.cut = [i % (seq_len // 2) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[i]
+        labels = ids.clone()
+        labels[: self.cut[i]] = -100
+        return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def main() -> None:
+    cfg = parse_config(DriverConfig)
+    env = dist.init_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    model = MiniMindLM(MiniMindConfig.from_preset(cfg.model_preset, dropout=cfg.dropout))
+    data = RandomRows(cfg.num_samples, cfg.seq_len, model.config.vocab_size)
+
+    def loss_fn(m, batch):
+        if cfg.step_sleep:
+            time.sleep(cfg.step_sleep)
+        return lm_loss(m, batch)
+
+    def on_save(m, step):
+        if cfg.crash_save_at and step == cfg.crash_save_at:
+            os.environ[FAULT_ENV] = f"exit:{cfg.crash_file}"
+        return None
+
+    fit(model, data, loss_fn, cfg, on_save=on_save)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    safetensors.torch.save_file(state, os.path.join(cfg.out_dir, f"final_rank{env.rank}.safetensors"))
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    main()

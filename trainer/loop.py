@@ -1,0 +1,332 @@
+"""The training loop, written once for every stage.
+
+Scope: `fit()` runs optimisation for any stage; a stage supplies its dataset, its
+`loss_fn(model, batch) -> (loss, metrics)` and which parameters train. `fit` owns mixed precision,
+gradient accumulation (DDP sync on the last micro-step only), clipping, the schedule, data order,
+evaluation, logging, NaN handling and checkpoint/resume.
+
+Host syncs: none per step by default. Losses and the non-finite flag accumulate on the device and
+are read every `log_every` steps and before each evaluation/checkpoint, so a diverged step is
+caught before anything is saved. (`nan_policy=skip` and fp16's GradScaler read a flag every step.)
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from trainer import checkpoint as ckpt_io
+from trainer import distributed as dist
+from trainer.config import TrainConfig
+from trainer.logging import RunLogger, flops_per_token, peak_tflops
+from trainer.losses import batch_weight
+from trainer.optim import CosineSchedule, build_optimizer, param_groups
+from trainer.sampler import StreamSampler, eval_indices
+
+AMP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf under nan_policy='stop'; the last checkpoint on disk is intact."""
+
+
+@dataclass
+class FitResult:
+    """What a run ended with (identical on every rank)."""
+
+    step: int
+    samples_seen: int
+    train_loss: float | None = None
+    val: dict[str, float] = field(default_factory=dict)
+    best_val_loss: float | None = None
+    checkpoint: Path | None = None
+    skipped_steps: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices); call before building the model."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Copy a dict of tensors to `device`; non_blocking overlaps the copy with compute (pinned)."""
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
+def _num_tokens(batch: Any) -> int:
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def make_autocast(device_type: str, dtype: str) -> Callable[[], Any]:
+    """A factory of autocast contexts (bf16/fp16) or null contexts (fp32). Weights stay fp32."""
+    if dtype == "fp32":
+        return nullcontext
+    return lambda: torch.autocast(device_type, dtype=AMP_DTYPES[dtype])
+
+
+def restore(state: dict[str, Any], optimizer: torch.optim.Optimizer, schedule: CosineSchedule,
+            scaler: torch.amp.GradScaler, env: dist.DistEnv, global_batch: int, log: Callable) -> None:
+    """Put optimizer, schedule, scaler and this rank's RNG back as they were at the checkpoint."""
+    if state["global_batch"] != global_batch:
+        raise ValueError(f"resume: global batch was {state['global_batch']}, now {global_batch}; "
+                         "keep batch_size * grad_accum * world_size unchanged for an exact resume")
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    if len(rngs) != env.world_size:
+        log(f"[train] checkpoint has {len(rngs)} ranks' RNG states, now {env.world_size}: "
+            "every rank takes rank 0's (data order is unaffected)")
+    set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
+    if state["schedule"]["max_steps"] != schedule.max_steps:
+        log(f"[train] warning: max_steps was {state['schedule']['max_steps']}, now "
+            f"{schedule.max_steps}: the lr schedule changes from here on")
+
+
+def evaluate(model: nn.Module, eval_sets: Mapping[str, Dataset], loss_fn: Callable, cfg: TrainConfig,
+             env: dist.DistEnv, collate_fn: Callable, autocast: Callable) -> dict[str, float]:
+    """Validation loss and perplexity per set (token-weighted, sharded over ranks, all-reduced).
+
+    Runs the plain module, not the DDP wrapper: no gradient sync is wanted, and ranks may see a
+    different number of batches.
+    """
+    was_training, out, losses = model.training, {}, []
+    model.eval()
+    with torch.no_grad():
+        for name, ds in eval_sets.items():
+            total = torch.zeros(2, device=env.device)
+            for idx in eval_indices(len(ds), cfg.batch_size, cfg.eval_batches, env.rank, env.world_size):
+                batch = collate_fn([ds[i] for i in idx])
+                w = batch_weight(batch)
+                with autocast():
+                    loss, _ = loss_fn(model, _to_device(batch, env.device))
+                total += torch.stack([loss.detach().float() * w, torch.tensor(w, device=env.device)])
+            loss_sum, weight = dist.all_reduce_sum(total).tolist()
+            value = loss_sum / max(weight, 1e-12)
+            out[f"val/{name}/loss"], out[f"val/{name}/ppl"] = value, math.exp(min(value, 50.0))
+            losses.append(value)
+    model.train(was_training)
+    out["val_loss"] = sum(losses) / len(losses)
+    return out
+
+
+def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConfig,
+        eval_data: Dataset | Mapping[str, Dataset] | None = None,
+        trainable: list[nn.Parameter] | None = None, collate_fn: Callable | None = None,
+        on_save: Callable[[nn.Module, int], dict[str, bytes] | None] | None = None) -> FitResult:
+    """Train `model` on `train_data` with `loss_fn`; see the module docstring.
+
+    trainable: the parameters to optimise (others are frozen); None = all with requires_grad.
+    eval_data: one dataset or {name: dataset}; evaluated every `eval_every` steps and at the end.
+    on_save(model, step) -> {file name: bytes}: extra files (e.g. adapters) stored, checksummed,
+    inside each checkpoint. Runs under torchrun unchanged (DDP, sharded data).
+    """
+    eval_sets = {"val": eval_data} if isinstance(eval_data, Dataset) else dict(eval_data or {})
+    cfg.validate(has_eval_data=bool(eval_sets))
+    env = dist.init_distributed(cfg.device)
+    collate_fn = collate_fn or default_collate
+
+    model.to(env.device)
+    if trainable is not None:
+        chosen = {id(p) for p in trainable}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+    groups = param_groups(model, trainable, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, env.device.type)
+    global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
+    max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_data) / global_batch)
+    schedule = CosineSchedule(optimizer, max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.dtype == "fp16")
+
+    step, samples, best_val, wandb_id = 0, 0, None, None
+    seed_everything(cfg.seed + env.rank)   # different dropout masks per rank, same data order
+    log = print if env.is_main else (lambda *_: None)
+    resume_from = dist.broadcast_object(ckpt_io.resolve_resume(cfg.resume, cfg.out_dir, log)
+                                        if env.is_main else None)
+    if resume_from is not None:
+        state = ckpt_io.load_checkpoint(resume_from, model, verify=False)  # main rank verified it
+        restore(state, optimizer, schedule, scaler, env, global_batch, log)
+        step, samples = state["step"], state["samples"]
+        best_val, wandb_id = state["best_val_loss"], state["wandb_id"]
+    elif cfg.init_from:
+        ckpt_io.load_weights(cfg.init_from, model)
+
+    train_model = dist.wrap_model(model, env)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    autocast = make_autocast(env.device.type, cfg.dtype)
+    sampler = StreamSampler(len(train_data), cfg.batch_size, cfg.grad_accum, env.rank, env.world_size,
+                            cfg.seed, start=samples, num_steps=max_steps - step)
+    # own generator: creating the iterator must not draw from the global RNG (exact resume)
+    loader = DataLoader(train_data, batch_sampler=sampler, collate_fn=collate_fn,
+                        num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed + step))
+    batches = iter(loader)
+    logger = RunLogger(cfg.out_dir, env.is_main, max_steps, step, cfg.to_dict(), cfg.wandb,
+                       cfg.wandb_project, cfg.run_name or Path(cfg.out_dir).name, wandb_id, cfg.progress)
+    flops_tok = flops_per_token(model, cfg.seq_len)
+    peak, peak_src = (peak_tflops(env.device, AMP_DTYPES[cfg.dtype], cfg.peak_tflops) if env.is_main
+                      else (0.0, ""))
+    logger.message(f"[train] {max_steps} steps x {global_batch} samples, world {env.world_size}, "
+                   f"{sum(p.numel() for p in params):,} trainable params, "
+                   f"peak {peak:.1f} TFLOP/s ({peak_src})")
+
+    dev = env.device
+    loss_sum = torch.zeros((), device=dev)                          # sum of loss * weight since log
+    weight_sum, tokens = 0.0, 0                                     # host-side: known from CPU batches
+    first_bad = torch.full((), -1, device=dev, dtype=torch.long)     # first non-finite step, -1 = none
+    metric_sums: dict[str, torch.Tensor] = {}
+    gnorm = torch.zeros((), device=dev)
+    result = FitResult(step=step, samples_seen=samples, best_val_loss=best_val)
+    last_saved = resume_from
+    t_last, steps_since = time.perf_counter(), 0
+    start_step = step
+
+    def check_finite() -> None:
+        """One sync: stop cleanly (all ranks together) if any loss since the last check was NaN/Inf."""
+        bad_step = int(dist.all_reduce_max(first_bad.clone()).item())
+        if cfg.nan_policy == "stop" and bad_step >= 0:
+            raise TrainingDiverged(
+                f"non-finite loss/gradient at step {bad_step} (checked every {cfg.log_every} steps "
+                "and before saving). Nothing was saved after it; last good "
+                f"checkpoint: {last_saved or 'none'}. Try a lower lr, --dtype fp32, --grad_clip, "
+                "or --nan_policy skip, then --resume.")
+
+    def save(val_loss: float | None) -> Path | None:
+        check_finite()
+        rngs = dist.all_gather_object(rng_state())
+        path = None
+        if env.is_main:
+            state = {"step": step, "samples": samples, "global_batch": global_batch,
+                     "world_size": env.world_size, "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                     "best_val_loss": result.best_val_loss, "wandb_id": logger.wandb_id,
+                     "config": cfg.to_dict()}
+            extra = on_save(model, step) if on_save is not None else None
+            path = ckpt_io.save_checkpoint(cfg.out_dir, step, model, state, cfg.keep_last, val_loss, extra)
+            logger.message(f"[checkpoint] saved {path}")
+        dist.barrier()
+        return dist.broadcast_object(path)
+
+    def forward_backward(micro: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+        """Accumulate one optimizer step's gradients; returns (sum of loss*weight, metrics, weight)."""
+        weights = [batch_weight(b) for b in micro]
+        total: Any = max(sum(weights), 1e-12)
+        if env.distributed:   # supervised tokens of the whole global batch, kept on device: no sync
+            total = dist.all_reduce_sum(torch.tensor(sum(weights), device=dev)).clamp(min=1e-12)
+        step_loss = torch.zeros((), device=dev)
+        step_metrics: dict[str, torch.Tensor] = {}
+        for i, (batch, w) in enumerate(zip(micro, weights)):
+            batch = _to_device(batch, dev)
+            with dist.grad_sync(train_model, sync=i == len(micro) - 1):
+                with autocast():
+                    loss, metrics = loss_fn(train_model, batch)
+                # loss_fn gives a per-micro-batch mean; weighting by its token share makes the
+                # step the mean over all supervised tokens of the global batch (see batch_weight)
+                scaler.scale(loss * (w * env.world_size / total)).backward()
+            step_loss += loss.detach().float() * w
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + torch.as_tensor(v, device=dev).float() * w
+        return step_loss, step_metrics, sum(weights)
+
+    try:
+        model.train()
+        while step < max_steps:
+            lr = schedule.apply(step)
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            tokens += sum(_num_tokens(b) for b in micro)
+            step_loss, step_metrics, step_weight = forward_backward(micro)
+            scaler.unscale_(optimizer)
+            if cfg.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            step_bad = ~torch.isfinite(step_loss)
+            if not scaler.is_enabled() and cfg.grad_clip > 0:
+                step_bad |= ~torch.isfinite(gnorm)   # fp16: inf grads are the scaler's business
+            # skip: one sync per step, agreed by all ranks so none steps alone
+            if cfg.nan_policy == "skip" and dist.all_reduce_max(step_bad.float()).item() > 0:
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                result.skipped_steps += 1
+                logger.message(f"[train] step {step + 1}: non-finite loss, update skipped")
+            else:
+                # recorded on device, read at the next check: no per-step host sync
+                first_bad = torch.where(step_bad & (first_bad < 0), step + 1, first_bad)
+                loss_sum += step_loss
+                weight_sum += step_weight
+                for k, v in step_metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + v
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            step, samples, steps_since = step + 1, samples + global_batch, steps_since + 1
+            result.step, result.samples_seen = step, samples
+            logger.advance()
+
+            last = step == max_steps
+            if step % cfg.log_every == 0 or last:
+                check_finite()
+                keys = sorted(metric_sums)
+                host = torch.tensor([weight_sum, tokens], device=dev, dtype=torch.float32)
+                stats = torch.cat([loss_sum.view(1), host] + [metric_sums[k].view(1) for k in keys])
+                stats = dist.all_reduce_sum(stats).tolist()
+                dt = time.perf_counter() - t_last
+                tok_s = stats[2] / max(dt, 1e-9)
+                result.train_loss = stats[0] / max(stats[1], 1e-12)
+                row = {"loss": result.train_loss, "lr": lr, "grad_norm": float(gnorm),
+                       "tokens_per_s": tok_s, "mfu": tok_s * flops_tok / (peak * 1e12) if peak else 0.0,
+                       "epoch": samples / len(train_data), "step_time_s": dt / steps_since,
+                       **{k: v / max(stats[1], 1e-12) for k, v in zip(keys, stats[3:])}}
+                logger.log(step, row)
+                loss_sum.zero_()
+                weight_sum, tokens = 0.0, 0
+                metric_sums.clear()
+                t_last, steps_since = time.perf_counter(), 0
+            val_loss = None
+            if eval_sets and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+                check_finite()
+                t_eval = time.perf_counter()
+                result.val = evaluate(model, eval_sets, loss_fn, cfg, env, collate_fn, autocast)
+                val_loss = result.val["val_loss"]
+                if result.best_val_loss is None or val_loss < result.best_val_loss:
+                    result.best_val_loss = val_loss
+                logger.log(step, result.val)
+                t_last += time.perf_counter() - t_eval    # keep tokens/s about training only
+            if (cfg.save_every and step % cfg.save_every == 0) or last:
+                t_save = time.perf_counter()
+                last_saved = result.checkpoint = save(val_loss)
+                t_last += time.perf_counter() - t_save
+        if step == start_step and last_saved is not None:
+            result.checkpoint = last_saved     # resumed a finished run: nothing to do
+    finally:
+        logger.close(plot=env.is_main and cfg.plot)
+    return result

@@ -1,0 +1,80 @@
+"""Loss functions as pure functions (no state, no I/O).
+
+Scope: causal-LM cross-entropy helpers and the `loss_fn(model, batch) -> (loss, metrics)` used by
+pretraining and SFT, plus `batch_weight`, which the loop uses to combine micro-batches. DPO and
+distillation losses are added here by their stages.
+
+Convention: `labels` are aligned with `input_ids` and shifted here (position t predicts token t+1);
+-100 marks positions without loss (padding, prompts).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], "tuple[torch.Tensor, dict[str, Any]]"]
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """labels[:, 1:] padded with `ignore_index` at the end, so targets line up with logits[:, :]."""
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of logits[B,S,V] against aligned labels[B,S] (shifted inside).
+
+    Computed in fp32 whatever the logits dtype: bf16 log-softmax over a large vocabulary loses
+    digits. `reduction='mean'` averages over supervised tokens; a batch with none gives 0, not NaN.
+    """
+    targets = shift_labels(labels, ignore_index)
+    loss = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
+                           ignore_index=ignore_index, reduction="sum" if reduction == "mean" else reduction)
+    if reduction != "mean":
+        return loss
+    return loss / count_targets(labels, ignore_index).clamp(min=1)
+
+
+def count_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Number of supervised next-token positions in aligned labels (what causal_lm_loss averages)."""
+    return (labels[..., 1:] != ignore_index).sum()
+
+
+def batch_weight(batch: Mapping[str, Any], ignore_index: int = IGNORE_INDEX) -> float:
+    """Weight of a micro-batch when the loop combines micro-batches (and ranks) into one step.
+
+    The number of supervised tokens when the batch has `labels`, else its number of samples. With
+    per-micro-batch mean losses weighted by this, a step's gradient equals the gradient of the mean
+    over all supervised tokens of the global batch however it is split — MiniMind's plain 1/k
+    average over-weights micro-batches with few supervised tokens (short SFT answers, padding).
+    Computed on the host copy of the batch, so it costs no device sync.
+    """
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    if isinstance(labels, torch.Tensor):
+        return float(count_targets(labels, ignore_index))
+    first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    return float(first.shape[0]) if first is not None else 1.0
+
+
+def lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Pretraining / SFT loss: the model's own loss (ce + MoE aux) on `input_ids`/`labels`.
+
+    The attention mask is deliberately not passed: training batches are right-padded
+    (dataset.collate), so causality already hides every pad from every real token, pads carry
+    label -100, and without a mask the model can use SDPA's causal fast path (flash attention on
+    GPU) instead of a materialised [B, 1, S, S] mask. Metrics stay tensors on the device; the loop
+    reads them only at log time.
+    """
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    metrics: dict[str, Any] = {}
+    if getattr(out, "ce_loss", None) is not None:
+        metrics["ce_loss"] = out.ce_loss.detach()
+    aux = getattr(out, "aux_loss", None)
+    if isinstance(aux, torch.Tensor):
+        metrics["aux_loss"] = aux.detach()
+    return out.loss, metrics

@@ -1,0 +1,96 @@
+"""Set-up shared by the stage scripts (train_pretrain.py, train_full_sft.py, ...).
+
+Scope: tokenizer, model (fresh from a preset or shaped like `init_from`), datasets (files or
+registry names, per-dataset validation sets, an optional hold-out split) built once on rank 0
+while the other ranks wait and then read the token cache, and the final model export. What
+differs between stages (data kind, loss, trainable parameters, defaults) stays in the scripts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from dataset.lm_dataset import load_files, split_train_eval
+from dataset.registry import load_named_datasets
+from model.config import MiniMindConfig
+from model.io import save_pretrained
+from model.model import MiniMindLM
+from model.tokenizer import Tokenizer
+from trainer import distributed as dist
+from trainer.config import ConfigError, TrainConfig
+from trainer.loop import FitResult, seed_everything
+
+
+def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The tokenizer of `--tokenizer_dir`, or the shipped default."""
+    return Tokenizer.from_dir(cfg.tokenizer_dir or None)
+
+
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MiniMindLM:
+    """A freshly initialised model: shaped by init_from's config.json if given, else the preset.
+
+    fit() then loads init_from's weights (or the resume checkpoint's, which take precedence).
+    """
+    if cfg.init_from:
+        config = MiniMindConfig.from_json(Path(cfg.init_from) / "config.json")
+    else:
+        config = MiniMindConfig.from_preset(cfg.model_preset)
+    if cfg.seq_len > config.max_position_embeddings:
+        raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                          f"{config.max_position_embeddings}")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, model only {config.vocab_size}")
+    seed_everything(cfg.seed)          # same initial weights on every rank and every rerun
+    return MiniMindLM(config)
+
+
+def _load(cfg: TrainConfig, kind: str, names: list[str], tokenizer: Tokenizer,
+          options: dict[str, Any]) -> Dataset:
+    if cfg.dataset_dir:
+        ds = load_named_datasets(names, tokenizer, cfg.seq_len, dataset_dir=cfg.dataset_dir,
+                                 seed=cfg.seed, skip_bad_records=cfg.skip_bad_records, **options)
+        if ds.kind != kind:
+            raise ConfigError(f"{','.join(names)}: {ds.kind} data, but this stage trains on {kind} data")
+        return ds
+    return load_files(kind, names, tokenizer, cfg.seq_len, skip_bad_records=cfg.skip_bad_records, **options)
+
+
+def load_data(cfg: TrainConfig, kind: str, tokenizer: Tokenizer, env: dist.DistEnv,
+              **options: Any) -> tuple[Dataset, dict[str, Dataset]]:
+    """(train set, {name: validation set}); `options` go to the dataset builder (mode, ...)."""
+    if not cfg.data_path:
+        raise ConfigError("no training data: pass --data_path FILE... "
+                          "(e.g. make some with `python -m dataset.synthetic --out data/synthetic`)")
+    with dist.main_process_first(env):   # rank 0 tokenizes and fills the cache; the others read it
+        train = _load(cfg, kind, cfg.data_path, tokenizer, options)
+        evals = {Path(p).name.split(".")[0]: _load(cfg, kind, [p], tokenizer, options)
+                 for p in cfg.eval_data_path}
+    if env.is_main and hasattr(train, "stats"):
+        print(f"[data] train: {train.stats}", flush=True)
+    if cfg.eval_fraction:
+        train, evals["holdout"] = split_train_eval(train, cfg.eval_fraction, seed=cfg.seed)
+    return train, evals
+
+
+def export_final(model: MiniMindLM, cfg: TrainConfig, env: dist.DistEnv) -> Path:
+    """Write the trained model to out_dir/final (model.safetensors + config.json) on rank 0."""
+    out = Path(cfg.out_dir) / "final"
+    if env.is_main:
+        save_pretrained(dist.unwrap(model), out)
+        print(f"[done] model saved to {out}", flush=True)
+    dist.barrier()
+    return out
+
+
+def summary(result: FitResult) -> str:
+    """One line on how a run ended."""
+    parts = [f"{result.step} steps, {result.samples_seen} samples"]
+    if result.train_loss is not None:
+        parts.append(f"train loss {result.train_loss:.4f}")
+    if result.best_val_loss is not None:
+        parts.append(f"best val loss {result.best_val_loss:.4f}")
+    if result.skipped_steps:
+        parts.append(f"{result.skipped_steps} non-finite steps skipped")
+    return "[done] " + ", ".join(parts) + (f"; last checkpoint {result.checkpoint}" if result.checkpoint else "")
