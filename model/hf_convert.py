@@ -1,0 +1,710 @@
+"""Conversion between our model folders and the Hugging Face / upstream MiniMind layouts.
+
+Scope: pure functions that map configs (``MiniMindConfig`` ⇄ HF ``config.json`` dicts) and state
+dicts both ways, plus thin file-level wrappers (``export_hf``, ``import_hf``,
+``load_minimind_pth``, ``export_gguf``) used by ``scripts/convert_model.py``, so one module owns
+every mapping. Nothing here imports ``transformers``: the exported folder is plain JSON +
+safetensors, and the tests check that transformers loads it and computes the same logits.
+
+Which HF architecture a config becomes (only targets whose maths equals ours exactly):
+
+==========================  ====================  =================================================
+our config                  HF class              why
+==========================  ====================  =================================================
+dense, QK-norm              Qwen3ForCausalLM      per-head RMSNorm on q/k before RoPE, as ours
+dense, no QK-norm           LlamaForCausalLM      Qwen3 always has q_norm/k_norm, and an RMSNorm
+                                                  with weight 1 still normalises: not an identity
+MoE, QK-norm, no shared     Qwen3MoeForCausalLM   softmax → top-k → optional renormalisation
+MoE, no QK-norm, no shared  MixtralForCausalLM    Mixtral always renormalises the top-k weights, so
+                                                  only ``norm_topk_prob=True`` maps
+MoE, no QK-norm, shared     GraniteMoeShared-     softmax over the top-k *logits* equals the
+                            ForCausalLM           renormalised top-k probabilities; its shared MLP
+                                                  is ungated and added to the routed output; k
+                                                  shared experts of size I = one of size k·I
+==========================  ====================  =================================================
+
+Refused, with the reason in the error: MoE with shared experts *and* QK-norm (no HF class has
+both: Qwen2-MoE / Qwen3-Next scale the shared expert by a learned sigmoid gate that can never be
+exactly 1, DeepSeek-V2/V3 use latent attention), and MoE without QK-norm and without top-k
+renormalisation (Mixtral and Granite both renormalise).
+
+On disk the expert weights use the per-expert Hub layout that released checkpoints use
+(``mlp.experts.E.gate_proj.weight``; Mixtral ``block_sparse_moe.experts.E.w1/w2/w3``), which
+transformers 5 fuses into 3-D ``gate_up_proj`` / ``down_proj`` at load time and which older
+transformers, vLLM and llama.cpp's converter read directly. Import accepts both layouts.
+
+YaRN maps to ``rope_parameters = {"rope_type": "yarn", ...}`` with ``attention_factor`` written
+explicitly (transformers would otherwise default it to 0.1·ln(factor)+1, MiniMind uses 1.0) and
+``truncate`` true (our correction range is floored/ceiled, as transformers' default).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import MiniMindConfig
+from .io import atomic_path, atomic_write_bytes, save_pretrained
+from .model import MiniMindLM
+
+
+class ConversionError(ValueError):
+    """A config or checkpoint that cannot be converted faithfully; the message says why."""
+
+
+# model_type → HF class name, for the architectures we export and import.
+HF_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "granitemoeshared": "GraniteMoeSharedForCausalLM",
+}
+_DEFAULT_THETA = {"mixtral": 1e6}  # transformers' per-class default when a config omits it
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Non-parameter entries that some checkpoints carry and that our model recomputes.
+_IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)rotary\.(cos|sin)$")
+
+
+# --- choosing the target ---------------------------------------------------------------------------
+
+def choose_hf_model_type(config: MiniMindConfig) -> str:
+    """The HF ``model_type`` whose maths equals ``config``'s; raises ``ConversionError`` if none."""
+    if not config.use_moe:
+        return "qwen3" if config.qk_norm else "llama"
+    if config.n_shared_experts == 0:
+        if config.qk_norm:
+            return "qwen3_moe"
+        if config.norm_topk_prob:
+            return "mixtral"
+        raise ConversionError(
+            "MoE without QK-norm and with norm_topk_prob=False has no exact transformers target: "
+            "Mixtral always renormalises the top-k weights and Qwen3-MoE always applies QK-norm")
+    if config.qk_norm:
+        raise ConversionError(
+            f"MoE with {config.n_shared_experts} shared expert(s) and QK-norm has no exact "
+            "transformers target: Qwen3-MoE and Mixtral have no shared expert, Qwen2-MoE/Qwen3-Next "
+            "scale theirs by a learned sigmoid gate (never exactly 1), DeepSeek-V2/V3 use latent "
+            "attention, and GraniteMoeShared (ungated shared MLP) has no QK-norm")
+    if not config.norm_topk_prob:
+        raise ConversionError(
+            "MoE with shared experts needs norm_topk_prob=True to map onto GraniteMoeShared, whose "
+            "router takes a softmax over the top-k logits (= renormalised top-k probabilities)")
+    return "granitemoeshared"
+
+
+# --- configs ---------------------------------------------------------------------------------------
+
+def _rope_parameters(config: MiniMindConfig) -> dict[str, Any]:
+    if config.yarn_factor > 1.0:
+        return {"rope_type": "yarn", "rope_theta": config.rope_theta,
+                "factor": config.yarn_factor,
+                "original_max_position_embeddings": config.yarn_original_max_position_embeddings,
+                "beta_fast": config.yarn_beta_fast, "beta_slow": config.yarn_beta_slow,
+                # explicit: transformers' default would be 0.1·ln(factor) + 1
+                "attention_factor": config.yarn_attention_factor, "truncate": True}
+    return {"rope_type": "default", "rope_theta": config.rope_theta}
+
+
+def hf_config_from_ours(config: MiniMindConfig, dtype: str = "float32") -> dict[str, Any]:
+    """The ``config.json`` dict of the HF model that computes what ``config`` computes."""
+    model_type = choose_hf_model_type(config)
+    if model_type == "llama" and config.hidden_size % config.num_attention_heads:
+        raise ConversionError(
+            f"LlamaConfig requires hidden_size ({config.hidden_size}) to be a multiple of "
+            f"num_attention_heads ({config.num_attention_heads}), even with an explicit head_dim")
+    hf: dict[str, Any] = {
+        "architectures": [HF_ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_parameters": _rope_parameters(config),
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": config.initializer_range,
+        "pad_token_id": config.pad_token_id,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "use_cache": True,
+        "dtype": dtype,
+    }
+    if model_type == "llama":
+        hf.update(mlp_bias=False, pretraining_tp=1)
+    elif model_type == "qwen3":
+        hf.update(use_sliding_window=False, sliding_window=None,
+                  max_window_layers=config.num_hidden_layers,
+                  layer_types=["full_attention"] * config.num_hidden_layers)
+    else:  # MoE
+        hf.update(num_experts_per_tok=config.num_experts_per_tok,
+                  router_aux_loss_coef=config.aux_loss_coef, output_router_logits=False)
+        if model_type == "qwen3_moe":
+            hf.update(num_experts=config.num_experts,
+                      moe_intermediate_size=config.moe_intermediate_size,
+                      norm_topk_prob=config.norm_topk_prob, decoder_sparse_step=1,
+                      mlp_only_layers=[], use_sliding_window=False, sliding_window=None)
+        elif model_type == "mixtral":
+            hf.update(num_local_experts=config.num_experts,
+                      intermediate_size=config.moe_intermediate_size, sliding_window=None,
+                      router_jitter_noise=0.0)
+        else:  # granitemoeshared: every multiplier neutral, attention scale = 1/√D explicitly
+            hf.update(num_local_experts=config.num_experts,
+                      intermediate_size=config.moe_intermediate_size,
+                      shared_intermediate_size=config.n_shared_experts * config.moe_intermediate_size,
+                      embedding_multiplier=1.0, residual_multiplier=1.0, logits_scaling=1.0,
+                      attention_multiplier=1.0 / math.sqrt(config.head_dim))
+    return hf
+
+
+def generation_config_from_ours(config: MiniMindConfig) -> dict[str, Any]:
+    """``generation_config.json``: only the special ids; sampling defaults stay transformers'."""
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id}
+
+
+def _need(ok: bool, source: str, msg: str) -> None:
+    if not ok:
+        raise ConversionError(f"{source}: {msg}")
+
+
+def _hf_rope(hf: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """Our rope/yarn fields from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
+    ``rope_scaling`` (transformers 4)."""
+    rp = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if "layer_types" in hf and isinstance(rp.get("full_attention"), dict):  # per-layer-type form
+        rp = dict(rp["full_attention"])
+    theta = float(rp.get("rope_theta", hf.get("rope_theta", _DEFAULT_THETA.get(model_type, 1e4))))
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    _need(float(rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) == 1.0,
+          source, "partial rotary embeddings are not supported (we rotate the whole head)")
+    out: dict[str, Any] = {"rope_theta": theta}
+    if kind == "default":
+        return out
+    _need(kind == "yarn", source, f"rope_type {kind!r} is not supported (only default and yarn)")
+    _need(not (rp.get("mscale") or rp.get("mscale_all_dim")), source,
+          "YaRN mscale/mscale_all_dim (DeepSeek style) are not supported")
+    _need(rp.get("truncate", True) is not False, source,
+          "YaRN with truncate=false is not supported (our correction range is floored/ceiled)")
+    factor = float(rp["factor"])
+    original = int(rp.get("original_max_position_embeddings") or hf["max_position_embeddings"])
+    attention = rp.get("attention_factor")
+    if attention is None:  # transformers' default, made explicit in our config
+        attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    out.update(yarn_factor=factor, yarn_original_max_position_embeddings=original,
+               yarn_beta_fast=float(rp.get("beta_fast") or 32.0),
+               yarn_beta_slow=float(rp.get("beta_slow") or 1.0),
+               yarn_attention_factor=float(attention))
+    return out
+
+
+def _first_id(value: Any, default: int) -> int:
+    if isinstance(value, list):
+        return int(value[0]) if value else default
+    return default if value is None else int(value)
+
+
+def our_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> MiniMindConfig:
+    """The ``MiniMindConfig`` equal to an HF config dict; refuses features we do not implement."""
+    model_type = hf.get("model_type")
+    _need(model_type in HF_ARCHITECTURES, source,
+          f"unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "
+          f"supported: {sorted(HF_ARCHITECTURES)}")
+    _need(hf.get("hidden_act", "silu") == "silu", source,
+          f"hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
+    _need(not hf.get("attention_bias", False), source, "attention biases are not supported")
+    _need(not hf.get("mlp_bias", False), source, "MLP biases are not supported")
+    _need(hf.get("pretraining_tp", 1) in (1, None), source, "pretraining_tp > 1 is not supported")
+    _need(not hf.get("use_sliding_window", False) and
+          (model_type in ("qwen3", "qwen3_moe") or hf.get("sliding_window") is None), source,
+          "sliding-window attention is not supported")
+    heads = int(hf["num_attention_heads"])
+    fields: dict[str, Any] = dict(
+        hidden_size=int(hf["hidden_size"]), num_hidden_layers=int(hf["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        intermediate_size=int(hf["intermediate_size"]), vocab_size=int(hf["vocab_size"]),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        initializer_range=float(hf.get("initializer_range", 0.02)),
+        pad_token_id=_first_id(hf.get("pad_token_id"), 0),
+        bos_token_id=_first_id(hf.get("bos_token_id"), 1),
+        eos_token_id=_first_id(hf.get("eos_token_id"), 2),
+        **_hf_rope(hf, model_type, source))
+    if model_type in ("qwen3_moe", "mixtral", "granitemoeshared"):
+        experts = hf.get("num_experts", hf.get("num_local_experts"))
+        fields.update(use_moe=True, num_experts=int(experts),
+                      num_experts_per_tok=int(hf["num_experts_per_tok"]),
+                      aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+                      aux_loss_kind="token")  # transformers' balance loss pools the whole batch
+    if model_type == "qwen3_moe":
+        _need(int(hf.get("decoder_sparse_step", 1)) == 1 and not hf.get("mlp_only_layers"), source,
+              "dense layers mixed into a Qwen3-MoE (decoder_sparse_step/mlp_only_layers) are "
+              "not supported: every layer of our MoE model is sparse")
+        fields.update(moe_intermediate_size=int(hf["moe_intermediate_size"]),
+                      norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+    elif model_type == "mixtral":
+        fields.update(moe_intermediate_size=fields["intermediate_size"], norm_topk_prob=True)
+    elif model_type == "granitemoeshared":
+        d = fields["head_dim"]
+        for key, want in (("embedding_multiplier", 1.0), ("residual_multiplier", 1.0),
+                          ("logits_scaling", 1.0), ("attention_multiplier", 1 / math.sqrt(d))):
+            _need(math.isclose(float(hf.get(key, 1.0)), want, rel_tol=1e-6), source,
+                  f"{key}={hf.get(key)} is not supported (we need {want:g})")
+        size, shared = fields["intermediate_size"], int(hf.get("shared_intermediate_size", 0))
+        _need(shared % size == 0, source,
+              f"shared_intermediate_size {shared} is not a multiple of the expert size {size}")
+        fields.update(moe_intermediate_size=size, n_shared_experts=shared // size,
+                      norm_topk_prob=True)
+    try:
+        return MiniMindConfig(**fields)
+    except ValueError as e:
+        raise ConversionError(f"{source}: {e}") from None
+
+
+# --- state dicts -----------------------------------------------------------------------------------
+
+_LAYER_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.+)$")
+_MIXTRAL_NAMES = {"gate": "w1", "down": "w2", "up": "w3"}  # Mixtral's Hub expert names
+
+
+def _float32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+
+
+def _check_our_keys(config: MiniMindConfig, sd: dict[str, torch.Tensor]) -> None:
+    """Exactly our model's keys: a LoRA-wrapped model (``lora_A``/``lora_B``) or a foreign state
+    dict would otherwise leak unknown tensors into the export."""
+    with torch.device("meta"):  # key names only; no memory, no initialisation cost
+        expected = set(MiniMindLM(config).state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    got = set(sd) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    if got != expected:
+        hint = (" (merge LoRA adapters first: model.lora.merged_model or --lora)"
+                if any(".lora_" in k for k in got) else "")
+        raise ConversionError(f"state dict does not match the config: missing "
+                              f"{_few(sorted(expected - got))}; unexpected "
+                              f"{_few(sorted(got - expected))}{hint}")
+
+
+def hf_state_dict_from_ours(config: MiniMindConfig, sd: dict[str, torch.Tensor]
+                            ) -> dict[str, torch.Tensor]:
+    """Our parameter names → the on-disk Hub names of ``choose_hf_model_type(config)``.
+
+    Dense models and Qwen3-MoE already share our names; Mixtral renames the MoE block, Granite
+    stacks the experts into 3-D tensors. A tied ``lm_head`` is left out, as Hub checkpoints do.
+    """
+    model_type = choose_hf_model_type(config)
+    _check_our_keys(config, sd)
+    out: dict[str, torch.Tensor] = {}
+    shared: dict[int, dict[str, list[torch.Tensor]]] = {}
+    routed: dict[int, dict[str, list[torch.Tensor]]] = {}
+    for key, value in sd.items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        m = _LAYER_MLP.match(key)
+        if not m or model_type in ("llama", "qwen3", "qwen3_moe"):
+            out[key] = value
+            continue
+        layer, rest = int(m.group(1)), m.group(2)
+        if model_type == "mixtral":
+            rest = re.sub(r"^experts\.(\d+)\.(gate|up|down)_proj\.",
+                          lambda e: f"experts.{e.group(1)}.{_MIXTRAL_NAMES[e.group(2)]}.", rest)
+            out[f"model.layers.{layer}.block_sparse_moe.{rest}"] = value
+        elif rest == "gate.weight":  # granite
+            out[f"model.layers.{layer}.block_sparse_moe.router.layer.weight"] = value
+        else:
+            e = re.match(r"^(experts|shared_experts)\.(\d+)\.(gate|up|down)_proj\.weight$", rest)
+            if e is None:
+                raise ConversionError(f"unexpected parameter {key}")
+            bucket = routed if e.group(1) == "experts" else shared
+            bucket.setdefault(layer, {}).setdefault(e.group(3), [None] * (
+                config.num_experts if e.group(1) == "experts" else config.n_shared_experts)
+            )[int(e.group(2))] = value
+    for layer, w in routed.items():  # [E, 2I, D] (gate rows, then up rows) and [E, D, I]
+        prefix = f"model.layers.{layer}.block_sparse_moe."
+        out[prefix + "input_linear.weight"] = torch.stack(
+            [torch.cat([g, u]) for g, u in zip(w["gate"], w["up"])])
+        out[prefix + "output_linear.weight"] = torch.stack(w["down"])
+    for layer, w in shared.items():
+        # Σ_k down_k(silu(gate_k x)·up_k x) = one SwiGLU whose hidden units are all k experts'.
+        prefix = f"model.layers.{layer}.shared_mlp."
+        out[prefix + "input_linear.weight"] = torch.cat([*w["gate"], *w["up"]])
+        out[prefix + "output_linear.weight"] = torch.cat(w["down"], dim=1)
+    return out
+
+
+def _unstack(out: dict, prefix: str, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """[E, 2I, D] gate|up and [E, D, I] → per-expert ``{prefix}{e}.{gate,up,down}_proj.weight``."""
+    for e in range(gate_up.shape[0]):
+        gate, up = gate_up[e].chunk(2, dim=0)
+        out[f"{prefix}{e}.gate_proj.weight"] = gate
+        out[f"{prefix}{e}.up_proj.weight"] = up
+        out[f"{prefix}{e}.down_proj.weight"] = down[e]
+
+
+def our_state_dict_from_hf(config: MiniMindConfig, model_type: str, sd: dict[str, torch.Tensor]
+                           ) -> dict[str, torch.Tensor]:
+    """HF names (per-expert Hub layout or transformers 5's fused 3-D experts) → ours, in fp32.
+
+    Keys that map to nothing are reported by the strict load that follows, never dropped
+    silently; only recomputed RoPE buffers (``rotary_emb.inv_freq``) are skipped.
+    """
+    out: dict[str, torch.Tensor] = {}
+    sd = _float32({k: v for k, v in sd.items() if not _IGNORED_KEY.search(k)})
+    for key, value in sd.items():
+        m = re.match(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp|shared_mlp)\.(.+)$", key)
+        if not m or (model_type in ("llama", "qwen3") and m.group(2) == "mlp"):
+            out[key] = value
+            continue
+        p = f"model.layers.{m.group(1)}.mlp."
+        block, rest = m.group(2), m.group(3)
+        if rest in ("experts.gate_up_proj", "input_linear.weight") and block != "shared_mlp":
+            down = sd.get(key.replace(rest, "experts.down_proj" if rest.startswith("experts")
+                                      else "output_linear.weight"))
+            if down is None:
+                raise ConversionError(f"{key} has no matching down projection")
+            _unstack(out, p + "experts.", value, down)
+        elif rest in ("experts.down_proj", "output_linear.weight") and block != "shared_mlp":
+            continue  # consumed with its gate_up partner
+        elif rest in ("gate.weight", "router.weight", "router.layer.weight"):
+            out[p + "gate.weight"] = value
+        elif block == "shared_mlp":
+            if rest == "input_linear.weight":
+                gate, up = value.chunk(2, dim=0)
+                for k, (g, u) in enumerate(zip(gate.split(config.moe_intermediate_size),
+                                               up.split(config.moe_intermediate_size))):
+                    out[f"{p}shared_experts.{k}.gate_proj.weight"] = g
+                    out[f"{p}shared_experts.{k}.up_proj.weight"] = u
+            elif rest == "output_linear.weight":
+                for k, d in enumerate(value.split(config.moe_intermediate_size, dim=1)):
+                    out[f"{p}shared_experts.{k}.down_proj.weight"] = d
+            else:
+                out[key] = value  # unknown: left for the strict load to report
+        else:
+            e = re.match(r"^experts\.(\d+)\.(w1|w2|w3)\.weight$", rest)
+            if e:  # Mixtral's Hub names
+                name = {w: ours for ours, w in _MIXTRAL_NAMES.items()}[e.group(2)]
+                out[f"{p}experts.{e.group(1)}.{name}_proj.weight"] = value
+            else:
+                out[p + rest] = value
+    if config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)  # restored from embed_tokens by the loader below
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def load_into_model(config: MiniMindConfig, sd: dict[str, torch.Tensor], source: str
+                    ) -> MiniMindLM:
+    """A ``MiniMindLM`` holding ``sd`` (our names), loaded strictly with a readable error."""
+    sd = dict(sd)
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in sd:
+        head = sd.get("lm_head.weight")
+        if head is not None and not torch.equal(head.float(), sd["model.embed_tokens.weight"].float()):
+            raise ConversionError(f"{source}: tie_word_embeddings is set but lm_head.weight differs "
+                                  "from model.embed_tokens.weight")
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model = MiniMindLM(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(f"{source}: weights do not match the config: "
+                              f"missing {_few(missing)}; unexpected {_few(unexpected)}")
+    bad = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+           if tuple(sd[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ConversionError(f"{source}: shape mismatch: {_few(bad)}")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return model.eval()
+
+
+def _few(items: list[str], n: int = 8) -> str:
+    if not items:
+        return "none"
+    more = f" … (+{len(items) - n} more)" if len(items) > n else ""
+    return "[" + ", ".join(items[:n]) + "]" + more
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def find_tokenizer_dir(model_dir: str | Path | None) -> Path:
+    """The model folder if it carries a tokenizer, else the shipped default ``model/tokenizer``."""
+    if model_dir is not None and all((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES):
+        return Path(model_dir)
+    return Path(__file__).resolve().parent / "tokenizer"
+
+
+def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+              dtype: str = "float32") -> Path:
+    """Writes ``model.safetensors`` + ``config.json`` + ``generation_config.json`` + the tokenizer
+    files, loadable offline by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``."""
+    if dtype not in _DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    config = model.config
+    hf_config = hf_config_from_ours(config, dtype)  # refuses before anything is written
+    tok_dir = find_tokenizer_dir(None) if tokenizer_dir is None else Path(tokenizer_dir)
+    for f in _TOKENIZER_FILES:
+        if not (tok_dir / f).is_file():
+            raise ConversionError(f"{tok_dir / f}: tokenizer file not found")
+    sd = hf_state_dict_from_ours(config, _float32(model.state_dict()))
+    sd = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in sd.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "model.safetensors") as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    atomic_write_bytes(out_dir / "config.json", _json_bytes(hf_config))
+    atomic_write_bytes(out_dir / "generation_config.json",
+                       _json_bytes(generation_config_from_ours(config)))
+    for f in _TOKENIZER_FILES:
+        with atomic_path(out_dir / f) as tmp:
+            shutil.copyfile(tok_dir / f, tmp)
+    return out_dir
+
+
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF folder: one safetensors file, sharded safetensors, or a .bin file."""
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            sd.update(load_file(str(hf_dir / shard)))
+        return sd
+    binary = hf_dir / "pytorch_model.bin"
+    if binary.is_file():
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or "
+                            "pytorch_model.bin")
+
+
+def import_hf(hf_dir: str | Path) -> MiniMindLM:
+    """Builds our model (fp32) from an HF folder of a supported architecture."""
+    hf_dir = Path(hf_dir)
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: not found (is {hf_dir} a Hugging Face model folder?)")
+    hf = json.loads(cfg_path.read_text())
+    config = our_config_from_hf(hf, str(cfg_path))
+    sd = our_state_dict_from_hf(config, hf["model_type"], read_hf_state_dict(hf_dir))
+    return load_into_model(config, sd, str(hf_dir))
+
+
+def import_hf_to_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """``import_hf`` + ``save_pretrained``; copies the tokenizer files when the folder has them."""
+    model = import_hf(hf_dir)
+    save_pretrained(model, out_dir)
+    for f in _TOKENIZER_FILES:
+        if (Path(hf_dir) / f).is_file():
+            with atomic_path(Path(out_dir) / f) as tmp:
+                shutil.copyfile(Path(hf_dir) / f, tmp)
+    return Path(out_dir)
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
+
+
+def load_minimind_pth(path: str | Path, config: MiniMindConfig) -> MiniMindLM:
+    """An upstream MiniMind ``.pth`` state dict (already our names; often fp16) as an fp32 model.
+
+    ``torch.load(weights_only=True)`` never unpickles code. DDP's ``module.`` and
+    torch.compile's ``_orig_mod.`` prefixes are stripped; everything else must match strictly.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConversionError(f"{path}: expected a flat state dict of tensors")
+    clean: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if not _IGNORED_KEY.search(key):
+            clean[key] = value.float()
+    return load_into_model(config, clean, str(path))
+
+
+def resolve_config(preset: str | None = None, config_json: str | Path | None = None,
+                   **overrides: Any) -> MiniMindConfig:
+    """A config from a preset name or a config.json (exactly one)."""
+    if (preset is None) == (config_json is None):
+        raise ConversionError("give exactly one of a preset name or a config.json")
+    if preset is not None:
+        return MiniMindConfig.from_preset(preset, **overrides)
+    data = json.loads(Path(config_json).read_text())
+    return MiniMindConfig.from_dict({**data, **overrides}, source=str(config_json))
+
+
+
+# --- GGUF (llama.cpp / Ollama) ---------------------------------------------------------------------
+
+# Our parameter name (after ``model.layers.N.``) → llama.cpp tensor name (after ``blk.N.``).
+_GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def rope_halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorders the output rows of a q/k projection from half-rotation RoPE to interleaved RoPE.
+
+    We (and HF, Qwen3) rotate the pairs (i, i + D/2); llama.cpp's ``llama`` architecture rotates
+    adjacent pairs (2i, 2i+1). Putting row i of each head at 2i and row i + D/2 at 2i+1 makes the
+    two conventions compute the same scores (q·k is invariant to a shared permutation of D).
+    """
+    out_features, d_in = w.shape
+    d = out_features // n_heads
+    return w.view(n_heads, 2, d // 2, d_in).transpose(1, 2).reshape(out_features, d_in)
+
+
+def _gguf_pre_tokenizer(tokenizer_json: dict, source: str) -> str:
+    """The llama.cpp pre-tokenizer name equal to the tokenizer's, or a ``ConversionError``."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex", True),
+              s.get("add_prefix_space", False)) for s in steps]
+    byte_level = ("ByteLevel", None, True, False)
+    if kinds == [byte_level]:
+        return "gpt-2"
+    if kinds == [("Digits", True, True, False), byte_level]:
+        return "starcoder"  # llama.cpp: split every digit, then the GPT-2 regex
+    raise ConversionError(f"{source}: pre-tokenizer {kinds} has no exact llama.cpp equivalent; a "
+                          "GGUF with a guessed one would tokenize some inputs differently")
+
+
+def export_gguf(model: MiniMindLM, out_path: str | Path, tokenizer_dir: str | Path | None = None,
+                dtype: str = "float32") -> Path:
+    """One ``.gguf`` file (weights + hyperparameters + BPE tokenizer + chat template).
+
+    Dense models only: ``qwen3`` architecture with QK-norm (NEOX-style half rotation, weights as
+    they are), ``llama`` without (interleaved RoPE, so q/k rows are permuted, as llama.cpp's own
+    converter does). MoE and YaRN are refused: their llama.cpp semantics (top-k renormalisation,
+    YaRN attention factor) are not verified here. Norms stay float32 (llama.cpp expects it).
+    """
+    import gguf  # optional dependency, only for this export
+    import numpy as np
+
+    config = model.config
+    if config.use_moe:
+        raise ConversionError("GGUF export supports dense models only; export MoE models with "
+                              "`export` (transformers) and use llama.cpp's convert_hf_to_gguf.py")
+    if config.yarn_factor > 1.0:
+        raise ConversionError("GGUF export of a YaRN config is not supported; export the base model "
+                              "and enable YaRN at run time (llama.cpp --rope-scaling yarn)")
+    if dtype not in ("float32", "float16"):
+        raise ConversionError(f"GGUF dtype must be float32 or float16, got {dtype!r}")
+    tok_dir = find_tokenizer_dir(None) if tokenizer_dir is None else Path(tokenizer_dir)
+    tok_json = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    tok_cfg = json.loads((tok_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if tok_json.get("model", {}).get("type") != "BPE":
+        raise ConversionError(f"{tok_dir}: only byte-level BPE tokenizers export to GGUF")
+    pre = _gguf_pre_tokenizer(tok_json, str(tok_dir / "tokenizer.json"))
+
+    arch = "qwen3" if config.qk_norm else "llama"
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sd = _float32(model.state_dict())
+    tensors: dict[str, torch.Tensor] = {"token_embd.weight": sd["model.embed_tokens.weight"],
+                                        "output_norm.weight": sd["model.norm.weight"]}
+    if not config.tie_word_embeddings:
+        tensors["output.weight"] = sd["lm_head.weight"]
+    for i in range(config.num_hidden_layers):
+        for ours, theirs in _GGUF_LAYER_NAMES.items():
+            key = f"model.layers.{i}.{ours}"
+            if key not in sd:
+                continue  # q_norm/k_norm only with QK-norm
+            w = sd[key]
+            if arch == "llama" and ours == "self_attn.q_proj.weight":
+                w = rope_halves_to_interleaved(w, config.num_attention_heads)
+            elif arch == "llama" and ours == "self_attn.k_proj.weight":
+                w = rope_halves_to_interleaved(w, config.num_key_value_heads)
+            tensors[f"blk.{i}.{theirs}"] = w
+
+    vocab = {**tok_json["model"]["vocab"], **{t["content"]: t["id"] for t in tok_json["added_tokens"]}}
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ConversionError(f"{tok_dir}: token ids are not contiguous from 0")
+    if len(vocab) > config.vocab_size:
+        raise ConversionError(f"tokenizer has {len(vocab)} tokens, the model only {config.vocab_size}")
+    tokens = [""] * config.vocab_size
+    types = [int(gguf.TokenType.UNUSED)] * config.vocab_size
+    for text, tid in vocab.items():
+        tokens[tid], types[tid] = text, int(gguf.TokenType.NORMAL)
+    for t in tok_json["added_tokens"]:
+        types[t["id"]] = int(gguf.TokenType.CONTROL if t["special"] else gguf.TokenType.USER_DEFINED)
+    for tid in range(len(vocab), config.vocab_size):  # embedding rows past the tokenizer
+        tokens[tid] = f"[PAD{tid}]"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
+
+    with atomic_path(out_path) as tmp:  # a crash never leaves a half-written .gguf
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_name(out_path.stem)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32"
+                             else gguf.LlamaFileType.MOSTLY_F16)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(config.bos_token_id)
+        writer.add_eos_token_id(config.eos_token_id)
+        writer.add_pad_token_id(config.pad_token_id)
+        writer.add_add_bos_token(False)  # our prompts carry <|im_start|> from the chat template
+        if tok_cfg.get("chat_template"):
+            writer.add_chat_template(tok_cfg["chat_template"])
+        for name, w in tensors.items():
+            as_f16 = dtype == "float16" and w.ndim == 2
+            writer.add_tensor(name, w.numpy().astype(np.float16 if as_f16 else np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return out_path

@@ -1,0 +1,570 @@
+"""An OpenAI-compatible chat server (FastAPI + uvicorn) over the batching ``serving.Engine``.
+
+    python scripts/serve_openai_api.py --model out/sft [--lora out/lora] [--port 8998]
+
+Endpoints: ``POST /v1/chat/completions`` (streaming as SSE and not), ``GET /v1/models``,
+``GET /health`` (engine counters included). What MiniMind's server lacks and this one does:
+``stream`` defaults to false as in the spec; streams end with ``data: [DONE]``; ``usage`` (and
+``stream_options.include_usage``); strict request validation with OpenAI-style error bodies
+``{"error": {"message", "type", "param", "code"}}`` (malformed JSON included); optional Bearer
+auth; a bounded queue and body size; a loopback bind unless ``--host`` says otherwise;
+concurrent requests decoded together; a disconnecting client's generation cancelled;
+``<think>`` → ``reasoning_content`` and ``<tool_call>`` → ``tool_calls``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from model.generate import SamplingParams
+from serving.chat import AssistantParser, ParsedOutput, collect
+from serving.engine import (Engine, EngineClosed, EngineOverloaded, Event, Failed, Finished,
+                            TextDelta, load_engine_model, load_tokenizer_for)
+
+log = logging.getLogger("serve_openai_api")
+
+MAX_STOP_SEQUENCES = 4  # the OpenAI limit
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+class APIError(Exception):
+    """An error answered as ``{"error": {...}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type_, param, code)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after",
+              "function-before", "function-wrap", "literal"}
+
+
+def _param_path(loc: tuple) -> str | None:
+    """``("messages", 0, "role")`` → ``"messages[0].role"`` (pydantic's union tags dropped)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.split("[")[0].lower() in _TYPE_TAGS or not part.isidentifier():
+            break  # past the field path: a union member or validator tag
+        else:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def _from_validation_error(err: ValidationError) -> APIError:
+    first = err.errors(include_url=False)[0]
+    param = _param_path(tuple(first["loc"]))
+    msg = first["msg"].removeprefix("Value error, ")
+    return APIError(400, f"{param}: {msg}" if param else msg, param=param)
+
+
+# -- the request schema ---------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    # strict: "0.5" is not a number and 1.0 is not an int, as in OpenAI's API. Unknown fields
+    # are ignored (clients send many optional ones), but known unsupported ones are refused below.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> "ContentPart":
+        if self.type != "text":
+            raise ValueError(f"content part type {self.type!r} is not supported (text only)")
+        if self.text is None:
+            raise ValueError("a text content part needs 'text'")
+        return self
+
+
+class ToolCallFunction(_Strict):
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON string, as OpenAI sends it
+
+
+class ToolCallIn(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_content(self) -> "Message":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
+
+    def for_template(self) -> dict[str, Any]:
+        """The dict our chat template expects (developer = system; text parts joined)."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(p.text or "" for p in content)
+        msg: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": content or ""}
+        if self.tool_calls:
+            msg["tool_calls"] = [{"type": "function", "function": c.function.model_dump()}
+                                 for c in self.tool_calls]
+        if self.reasoning_content is not None:
+            msg["reasoning_content"] = self.reasoning_content
+        return msg
+
+
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatTemplateKwargs(_Strict):
+    enable_thinking: bool | None = None
+
+
+class ChatCompletionRequest(_Strict):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)  # None: the spec's default, 1
+    top_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    n: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logprobs: bool | None = None
+    user: str | None = None
+    # Extensions (vLLM / SGLang spell them the same; the openai client sends them via extra_body).
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    enable_thinking: bool | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, n: int | None) -> int | None:
+        if n is not None and n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stop
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "ChatCompletionRequest":
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        if isinstance(self.tool_choice, dict) or self.tool_choice == "required":
+            raise ValueError("tool_choice: only 'auto' and 'none' are supported "
+                             "(decoding is not constrained)")
+        if self.logprobs:
+            raise ValueError("logprobs are not supported")
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty / frequency_penalty are not supported; "
+                             "use repetition_penalty")
+        return self
+
+    @property
+    def thinking(self) -> bool:
+        if self.enable_thinking is not None:
+            return self.enable_thinking
+        kwargs = self.chat_template_kwargs
+        return bool(kwargs and kwargs.enable_thinking)
+
+    @property
+    def use_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """``<|im_end|>`` ends a turn; ``<|endoftext|>`` ends a document (a base model's way)."""
+    return tuple(dict.fromkeys((tokenizer.eos_id, tokenizer.pad_id)))
+
+
+def build_prompt(req: ChatCompletionRequest, tokenizer, context: int
+                 ) -> tuple[list[int], SamplingParams]:
+    """Renders the chat template and maps the request onto ``SamplingParams``."""
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.use_tools else None
+    try:
+        text = tokenizer.apply_chat_template([m.for_template() for m in req.messages],
+                                             tools=tools, add_generation_prompt=True,
+                                             enable_thinking=req.thinking)
+    except Exception as e:  # a template's raise_exception: the messages are at fault
+        raise APIError(400, f"messages: {e}", param="messages") from None
+    ids = tokenizer.encode(text)
+    if len(ids) >= context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens; the "
+                       f"prompt has {len(ids)} (and at least one token must be generated)",
+                       param="messages", code="context_length_exceeded")
+    room = context - len(ids)
+    wanted = req.max_completion_tokens or req.max_tokens or room
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    top_p = 1.0 if req.top_p is None else req.top_p
+    # top_p -> 0 keeps only the most likely token: the greedy limit, not an error.
+    temperature = 0.0 if top_p == 0 else (1.0 if req.temperature is None else req.temperature)
+    params = SamplingParams(max_new_tokens=min(wanted, room), temperature=temperature,
+                            top_k=req.top_k or 0, top_p=top_p or 1.0,
+                            repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
+                            stop_token_ids=stop_token_ids(tokenizer), stop_strings=stops)
+    return ids, params
+
+
+def _queue_sink(loop: asyncio.AbstractEventLoop,
+                events: asyncio.Queue) -> Callable[[Event], None]:
+    """For streaming: every event crosses into the event loop as it happens."""
+    def sink(event: Event) -> None:  # runs on the engine thread
+        loop.call_soon_threadsafe(events.put_nowait, event)
+    return sink
+
+
+def _collecting_sink(loop: asyncio.AbstractEventLoop, pieces: list[str],
+                     outcome: asyncio.Future) -> Callable[[Event], None]:
+    """For whole responses: nobody reads the text before the end, so deltas are only collected
+    (a list append is atomic) and just the final event wakes the event loop."""
+    def resolve(event: Event) -> None:
+        if not outcome.done():
+            outcome.set_result(event)
+
+    def sink(event: Event) -> None:  # runs on the engine thread
+        if isinstance(event, TextDelta):
+            pieces.append(event.text)
+        else:
+            loop.call_soon_threadsafe(resolve, event)
+    return sink
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects. The body has been read, so the next ASGI message
+    can only be ``http.disconnect`` (the server sends it when the socket closes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+def create_app(engine: Engine, served_model_name: str, api_key: str | None = None,
+               max_request_bytes: int = 1 << 20) -> FastAPI:
+    """The ASGI app; the caller owns the engine (start it before serving, shut it down after)."""
+    app = FastAPI(title="minimind-forge OpenAI-compatible API", docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    created = int(time.time())
+    tokenizer = engine.tokenizer
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths and wrong methods get the same error shape as everything else.
+        return APIError(exc.status_code, str(exc.detail),
+                        code="not_found" if exc.status_code == 404 else None).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not reveal how much of the key matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                                 api_key.encode()):
+            raise APIError(401, "Invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = engine.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped",
+                             "model": served_model_name, "engine": engine.stats_snapshot()},
+                            status_code=200 if alive else 503)
+
+    def model_card() -> dict:
+        return {"id": served_model_name, "object": "model", "created": created,
+                "owned_by": "minimind-forge", "max_model_len": engine.context_length}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict:
+        authorize(request)
+        if model_id != served_model_name:
+            raise APIError(404, f"The model '{model_id}' does not exist", param="model",
+                           code="model_not_found")
+        return model_card()
+
+    async def read_request(request: Request) -> ChatCompletionRequest:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_request_bytes:
+            raise APIError(413, f"request body larger than {max_request_bytes} bytes")
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # nobody to answer; 499 is what nginx logs for it
+            raise APIError(499, "client closed the connection") from None
+        if len(raw) > max_request_bytes:
+            raise APIError(413, f"request body larger than {max_request_bytes} bytes")
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise APIError(400, "the body must be a JSON object")
+        try:
+            req = ChatCompletionRequest.model_validate(obj)
+        except ValidationError as e:
+            raise _from_validation_error(e) from None
+        if req.model != served_model_name:
+            raise APIError(404, f"The model '{req.model}' does not exist (this server serves "
+                           f"'{served_model_name}')", param="model", code="model_not_found")
+        return req
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        req = await read_request(request)
+        prompt_ids, params = build_prompt(req, tokenizer, engine.context_length)
+        loop = asyncio.get_running_loop()
+        if req.stream:
+            events: asyncio.Queue[Event] = asyncio.Queue()
+            sink = _queue_sink(loop, events)
+        else:
+            pieces: list[str] = []
+            outcome: asyncio.Future = loop.create_future()
+            sink = _collecting_sink(loop, pieces, outcome)
+
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            handle = engine.submit(completion_id, prompt_ids, params, sink)
+        except EngineOverloaded as e:
+            raise APIError(503, f"server overloaded: {e}; retry later", "server_error",
+                           code="overloaded") from None
+        except EngineClosed as e:
+            raise APIError(503, str(e), "server_error") from None
+        parser = AssistantParser(thinking=req.thinking, parse_tools=req.use_tools)
+        reply = Reply(completion_id, served_model_name, req)
+        if req.stream:
+            return StreamingResponse(reply.sse(events, handle, parser),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+        return await reply.whole(outcome, pieces, handle, parser, request)
+
+    return app
+
+
+class Reply:
+    """Turns one request's engine events into an OpenAI response (whole or SSE)."""
+
+    def __init__(self, completion_id: str, model: str, req: ChatCompletionRequest) -> None:
+        self.id, self.model, self.req = completion_id, model, req
+        self.created = int(time.time())
+
+    @staticmethod
+    def finish_reason(finished: Finished, out: ParsedOutput) -> str:
+        return "tool_calls" if finished.finish_reason == "stop" and out.tool_calls else (
+            finished.finish_reason)
+
+    @staticmethod
+    def usage(finished: Finished) -> dict:
+        return {"prompt_tokens": finished.prompt_tokens,
+                "completion_tokens": finished.completion_tokens,
+                "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+
+    async def whole(self, outcome: asyncio.Future, pieces: list[str], handle,
+                    parser: AssistantParser, request: Request) -> JSONResponse:
+        """Waits for the end of generation, or for the client to hang up (then cancels it)."""
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({outcome, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not outcome.done():  # the client left; nobody will read a response
+                return JSONResponse({}, status_code=499)
+            event = outcome.result()
+            if isinstance(event, Failed):
+                raise APIError(500, event.message, "server_error")
+            out = ParsedOutput()
+            collect(parser.push("".join(pieces)), out)
+            collect(parser.finish(), out)
+            return JSONResponse(self.completion(out, event))
+        finally:
+            gone.cancel()
+            handle.cancel()  # a no-op once finished; stops decoding if we leave early
+
+    def completion(self, out: ParsedOutput, finished: Finished) -> dict:
+        message: dict[str, Any] = {"role": "assistant",
+                                   "content": out.content or (None if out.tool_calls else "")}
+        if out.reasoning_content is not None:
+            message["reasoning_content"] = out.reasoning_content
+        if out.tool_calls:
+            message["tool_calls"] = out.tool_calls
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.model, "system_fingerprint": None,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": self.finish_reason(finished, out)}],
+                "usage": self.usage(finished)}
+
+    def chunk(self, delta: dict, finish_reason: str | None = None) -> str:
+        body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk",
+                                "created": self.created, "model": self.model,
+                                "system_fingerprint": None,
+                                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                             "finish_reason": finish_reason}]}
+        if self.include_usage:
+            body["usage"] = None  # the spec: null on every chunk but the last
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.req.stream_options and self.req.stream_options.include_usage)
+
+    def delta_chunks(self, parsed: list, out: ParsedOutput) -> list[str]:
+        chunks = []
+        for kind, value in parsed:
+            if kind == "reasoning":
+                chunks.append(self.chunk({"reasoning_content": value}))
+            elif kind == "content":
+                chunks.append(self.chunk({"content": value}))
+            else:
+                call = dict(value, index=len(out.tool_calls))
+                chunks.append(self.chunk({"tool_calls": [call]}))
+            collect([(kind, value)], out)
+        return chunks
+
+    async def sse(self, events: asyncio.Queue, handle, parser: AssistantParser
+                  ) -> AsyncIterator[str]:
+        # On a client disconnect Starlette cancels this generator at its current await (uvicorn
+        # reports ASGI spec 2.3, so StreamingResponse listens for http.disconnect); `finally`
+        # then cancels the engine request, which stops its row within one decoding step.
+        out = ParsedOutput()
+        try:
+            yield self.chunk({"role": "assistant", "content": ""})
+            while True:
+                event = await events.get()
+                if isinstance(event, TextDelta):
+                    for c in self.delta_chunks(parser.push(event.text), out):
+                        yield c
+                elif isinstance(event, Failed):
+                    err = APIError(500, event.message, "server_error").body()
+                    yield f"data: {json.dumps(err)}\n\n"
+                    break
+                else:
+                    for c in self.delta_chunks(parser.finish(), out):
+                        yield c
+                    yield self.chunk({}, self.finish_reason(event, out))
+                    if self.include_usage:
+                        usage = {"id": self.id, "object": "chat.completion.chunk",
+                                 "created": self.created, "model": self.model,
+                                 "system_fingerprint": None, "choices": [],
+                                 "usage": self.usage(event)}
+                        yield f"data: {json.dumps(usage)}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            handle.cancel()
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json + "
+                   "model.safetensors; its own tokenizer files if present)")
+    p.add_argument("--lora", default=None, help="LoRA adapter folder, merged at load")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if any)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8998)
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-pending", type=int, default=256, help="queued requests before 503")
+    p.add_argument("--served-model-name", default=None, help="default: the model folder's name")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies: 413")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+    import uvicorn
+
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper())
+    device = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    model = load_engine_model(args.model, args.lora, device=device, dtype=args.dtype)
+    engine = Engine(model, load_tokenizer_for(args.model), max_batch_size=args.max_batch_size,
+                    max_pending=args.max_pending).start()
+    name = args.served_model_name or Path(args.model).resolve().name
+    app = create_app(engine, name, api_key=args.api_key,
+                     max_request_bytes=args.max_request_bytes)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
