@@ -1,0 +1,152 @@
+"""Chat with a checkpoint, or run benchmarks on it.
+
+    python eval_model.py --model out/sft                       # interactive, streaming, history
+    python eval_model.py --model out/sft --prompt "2+3=?"      # one answer, then exit
+    python eval_model.py --model out/sft --bench gsm8k,ppl --limit 100 --out out/eval
+
+Sizes come from the checkpoint's config.json; the tokenizer from the folder if it has one, else
+the shipped default. Interactive commands: /reset (forget the conversation), /exit. Speed
+(tokens/s, prefill included) goes to stderr after each answer, so stdout holds only the text.
+Chat samples (temperature 0.85, top-p 0.85) unless told otherwise; benchmarks decode greedily.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from evaluation.runner import (BENCHMARKS, answer_text, load_for_eval, parse_data_flags,
+                               run_benchmarks)
+from model.generate import SamplingParams, TextStream, generate_tokens
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("--lora", help="LoRA adapter folder, merged into the weights after loading")
+    p.add_argument("--moe_backend", choices=["torch", "cpu", "kt"], default="torch",
+                   help="where routed experts run (cpu/kt need model/offload.py)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--think", action="store_true", help="let the model reason in <think> first")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--prompt", help="answer this one prompt and exit")
+    g = p.add_argument_group("sampling (chat default: 0.85 / 0.85; benchmarks: greedy)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top_p", type=float)
+    g.add_argument("--top_k", type=int, default=0)
+    g.add_argument("--repetition_penalty", type=float, default=1.0)
+    g.add_argument("--max_new_tokens", type=int, help="default: 1024 chat, 512 benchmarks")
+    g.add_argument("--seed", type=int, default=0)
+    b = p.add_argument_group("benchmarks")
+    b.add_argument("--bench", help=f"comma-separated: {','.join(BENCHMARKS)}")
+    b.add_argument("--data", action="append", default=[],
+                   help="BENCH=PATH (repeatable); a bare PATH applies to every benchmark")
+    b.add_argument("--limit", type=int, help="score at most N items (per set for commonsense)")
+    b.add_argument("--out", help="report folder (default: <model>/eval)")
+    b.add_argument("--batch_size", type=int, default=8)
+    b.add_argument("--fewshot", type=int, default=0, help="GSM8K/MATH exemplars (held out)")
+    b.add_argument("--ppl_max_length", type=int, help="perplexity window (default: context)")
+    b.add_argument("--ppl_stride", type=int, help="perplexity stride (default: window / 2)")
+    return p.parse_args(argv)
+
+
+def sampling(args: argparse.Namespace, bench: bool, seed: int) -> SamplingParams:
+    chat = not bench
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens or (1024 if chat else 512),
+        temperature=args.temperature if args.temperature is not None else (0.85 if chat else 0.0),
+        top_p=args.top_p if args.top_p is not None else (0.85 if chat else 1.0),
+        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=seed)
+
+
+def prompt_ids(tokenizer, messages: list[dict], think: bool, budget: int) -> list[int]:
+    """The rendered conversation; the oldest turns are dropped (system kept) until it fits."""
+    msgs = list(messages)
+    while True:
+        ids = tokenizer.encode(tokenizer.apply_chat_template(
+            msgs, add_generation_prompt=True, enable_thinking=think))
+        first = 1 if msgs[0]["role"] == "system" else 0
+        if len(ids) <= budget or len(msgs) - first <= 1:
+            return ids[-budget:]
+        del msgs[first:first + 2]  # one user/assistant exchange
+
+
+def reply(model, tokenizer, messages: list[dict], params: SamplingParams, think: bool) -> str:
+    """Stream one answer to stdout; report tokens/s on stderr; return the full text."""
+    budget = model.config.max_position_embeddings - min(params.max_new_tokens,
+                                                        model.config.max_position_embeddings // 2)
+    ids = prompt_ids(tokenizer, messages, think, budget)
+    text = TextStream(tokenizer, params.stop_strings, params.stop_token_ids)
+    n, t0 = 0, time.perf_counter()
+    for step in generate_tokens(model, [ids], [params], should_stop=lambda b: text.stopped):
+        if step[0] is None:
+            continue
+        n += 1
+        if step[0] not in params.stop_token_ids:
+            print(text.push(step[0]), end="", flush=True)
+    print(text.flush(), flush=True)
+    dt = time.perf_counter() - t0
+    print(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s, prompt {len(ids)} tokens]",
+          file=sys.stderr, flush=True)
+    return text.text
+
+
+def chat(model, tokenizer, args: argparse.Namespace) -> None:
+    """Multi-turn loop on stdin; the history keeps answers without their reasoning."""
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    turn = 0
+    while True:
+        try:
+            line = input("user> ")
+        except EOFError:
+            break
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            break
+        if cmd == "/reset":
+            history, turn = [], 0
+            print("(conversation reset)", flush=True)
+            continue
+        if not cmd:
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        text = reply(model, tokenizer, system + history, sampling(args, False, args.seed + turn),
+                     args.think)
+        history.append({"role": "assistant", "content": answer_text(text).strip()})
+        turn += 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_for_eval(args.model, args.device, args.dtype, args.lora,
+                                     args.moe_backend)
+    if args.bench:
+        benches = [b.strip() for b in args.bench.split(",") if b.strip()]
+        out = Path(args.out) if args.out else Path(args.model) / "eval"
+        run_benchmarks(model, tokenizer, benches, out, parse_data_flags(args.data, benches),
+                       limit=args.limit, batch_size=args.batch_size,
+                       params=sampling(args, True, args.seed), enable_thinking=args.think,
+                       system=args.system, fewshot=args.fewshot, seed=args.seed,
+                       ppl_max_length=args.ppl_max_length, ppl_stride=args.ppl_stride,
+                       meta={"model": str(args.model), "lora": args.lora,
+                             "moe_backend": args.moe_backend},
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(f"reports written to {out}")
+    elif args.prompt is not None:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        reply(model, tokenizer, system + [{"role": "user", "content": args.prompt}],
+              sampling(args, False, args.seed), args.think)
+    else:
+        chat(model, tokenizer, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,528 @@
+"""Model-driven benchmark runners: GSM8K, MATH, commonsense (generation and log-likelihood),
+perplexity; plus ``generation_accuracy`` for the trainer's periodic evaluation.
+
+Scope: everything between a checkpoint and a report. The pure-Python halves live elsewhere and are
+only called from here: answer extraction and scoring (``evaluation.gsm8k``, ``.math_answer``,
+``.commonsense``), the four report files (``evaluation.report``), likelihoods
+(``evaluation.perplexity``), record parsing for the source layouts (``dataset.convert``).
+
+Design:
+- The model is reached through one injected function, ``GenerateFn(prompts) -> completions``
+  (``model_generate_fn`` builds the real one over ``model.generate.generate``), so scoring is
+  testable with a fake that returns known answers, and an expert-offloaded model (``--moe_backend
+  cpu|kt``) is evaluated by generation and accuracy exactly like a plain one: nothing here looks
+  inside the model. (LLaMA-Factory's KT mode only reports eval loss.)
+- Prompts are the chat template with the bare question as the user turn: that is what our SFT
+  converters train on (``dataset/convert/gsm8k.py``: user = question, assistant = reasoning +
+  "The answer is N."). Few-shot exemplars (off by default) are earlier user/assistant turns.
+- Greedy decoding by default; items are generated longest prompt first in batches (less left
+  padding) and put back in input order. With thinking on, answers are extracted from the text
+  after ``</think>`` (a worked solution inside the think block may contain intermediate
+  ``####``/``\\boxed`` the extractor would otherwise take for the answer).
+- A wrong item whose generation hit ``max_new_tokens`` is reported as ``truncated``: the fix there
+  is a larger budget, not a better model, and the report should say so.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from dataset.convert._io import open_text
+from dataset.convert.commonsense import infer_dataset, infer_split, read_commonsense
+from dataset.convert.gsm8k import ANSWER_TEMPLATE as GSM8K_ANSWER, split_solution
+from dataset.convert.math import ANSWER_TEMPLATE as MATH_ANSWER, parse_level
+from dataset.jsonl import DataError, iter_records
+from evaluation.commonsense import loglik_requests, score_generation, score_loglik
+from evaluation.gsm8k import score_gsm8k
+from evaluation.math_answer import extract_boxed, score_math
+from evaluation.perplexity import continuation_logprobs, eval_mode, perplexity
+from evaluation.report import write_report
+from model.generate import SamplingParams, generate
+
+__all__ = [
+    "Completion", "GenerateFn", "BENCHMARKS", "DEFAULT_DATA",
+    "load_gsm8k", "load_math", "load_commonsense", "load_texts",
+    "chat_prompt", "answer_text", "gsm8k_exemplars", "math_exemplars",
+    "model_generate_fn", "run_generation", "run_gsm8k", "run_math", "run_commonsense_generation",
+    "run_commonsense_loglik", "run_perplexity", "generation_accuracy", "load_for_eval",
+    "parse_data_flags", "run_benchmarks",
+]
+
+Message = dict[str, Any]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BENCHMARKS = ("gsm8k", "math", "commonsense", "commonsense_ll", "ppl")
+# Where ``--bench`` looks when no ``--data`` is given (the project's shared data folder).
+DEFAULT_DATA: dict[str, Path] = {
+    "gsm8k": SHARED_DATA / "gsm8k" / "test.jsonl",
+    "math": SHARED_DATA / "math" / "math500_test.jsonl",
+    "commonsense": SHARED_DATA / "commonsense_llm_adapters",
+    "commonsense_ll": SHARED_DATA / "commonsense_llm_adapters",
+    "ppl": SHARED_DATA / "llamafactory_demo" / "wiki_demo.txt",
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+
+def _take(records: Iterable[dict], limit: int | None) -> list[dict]:
+    return list(itertools.islice(records, limit if limit is not None and limit >= 0 else None))
+
+
+def _field(obj: dict, where: str, *names: str) -> Any:
+    for n in names:
+        if obj.get(n) is not None:
+            return obj[n]
+    raise DataError(f"{where}: missing field {' / '.join(repr(n) for n in names)}")
+
+
+def load_gsm8k(path: str | Path, limit: int | None = None) -> list[dict]:
+    """``{"id", "question", "answer"}`` records; ``answer`` is a full GSM8K solution (ending in
+    ``#### n``) or a bare number, as in the raw release and in our converter's eval records."""
+    def records() -> Iterable[dict]:
+        for i, (where, obj) in enumerate(iter_records(path)):
+            yield {"id": obj.get("id", f"gsm8k/{i}"), "question": _field(obj, where, "question"),
+                   "answer": str(_field(obj, where, "answer"))}
+    return _take(records(), limit)
+
+
+def load_math(path: str | Path, limit: int | None = None) -> list[dict]:
+    """``{"id", "problem", "answer", "subject", "level", "solution"}`` from MATH / MATH-500 records
+    (``answer`` or, failing that, the last ``\\boxed{}`` of ``solution``; ``type`` or
+    ``subject``)."""
+    def records() -> Iterable[dict]:
+        for i, (where, obj) in enumerate(iter_records(path)):
+            answer = obj.get("answer")
+            if answer is None:
+                answer = extract_boxed(_field(obj, where, "solution", "answer"))
+                if answer is None:
+                    raise DataError(f"{where}: no 'answer' and no \\boxed{{}} in 'solution'")
+            level = obj.get("level")
+            yield {"id": obj.get("unique_id") or obj.get("id") or f"math/{i}",
+                   "problem": _field(obj, where, "problem"), "answer": str(answer),
+                   "subject": obj.get("subject") or obj.get("type"),
+                   "level": None if level is None else parse_level(level, where),
+                   "solution": obj.get("solution", "")}
+    return _take(records(), limit)
+
+
+def _commonsense_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    # An LLM-Adapters tree (<set>/test.json, hellaswag/test_reconstructed.json.gz) or a folder of
+    # mosaic / converted .jsonl files; training splits are never evaluated.
+    files = [p for p in sorted(path.glob("*/*.json*")) + sorted(path.glob("*.jsonl*"))
+             if infer_split(p) == "test"]
+    if not files:
+        raise FileNotFoundError(f"{path}: no commonsense test files (<set>/test.json or *.jsonl)")
+    return files
+
+
+def load_commonsense(path: str | Path, limit: int | None = None, dataset: str | None = None
+                     ) -> list[dict]:
+    """Uniform multiple-choice records (see ``evaluation.commonsense``) from a file or a folder.
+
+    A file of already converted eval records is read as is; any other layout goes through
+    ``dataset.convert.commonsense.read_commonsense`` with the set inferred from the path.
+    ``limit`` applies per set, so a folder run with ``limit=50`` scores 50 items of each.
+    """
+    out: list[dict] = []
+    for f in _commonsense_files(Path(path)):
+        first = next(iter(iter_records(f)), None)
+        if first is not None and {"choices", "label", "dataset"} <= first.data.keys():
+            recs: Iterable[dict] = (r.data for r in iter_records(f))
+        else:
+            name = dataset or infer_dataset(f)
+            recs = read_commonsense(f, name, infer_split(f))
+        out += _take(recs, limit)
+    return out
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """Documents for perplexity: a plain-text file is one document (WikiText is one stream);
+    ``.jsonl`` / ``.json`` give one document per record's ``"text"``."""
+    path = Path(path)
+    if path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        return [r.data["text"] for r in iter_records(path, "text")]
+    with open_text(path) as f:
+        return [f.read()]
+
+
+# ------------------------------------------------------------------------------------------
+# Prompts and generation
+# ------------------------------------------------------------------------------------------
+
+def chat_prompt(tokenizer, question: str, system: str | None = None,
+                exemplars: Sequence[Message] = (), enable_thinking: bool = False) -> str:
+    """The chat template with ``question`` as the last user turn and the generation prompt."""
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    messages += list(exemplars) + [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
+
+
+def gsm8k_exemplars(items: Sequence[dict]) -> list[Message]:
+    """Few-shot turns in the format our GSM8K SFT data teaches (reasoning, then "The answer is N.").
+    Items whose ``answer`` is a bare number (no worked solution) give the answer line only."""
+    turns: list[Message] = []
+    for it in items:
+        if "####" in it["answer"]:
+            reasoning, gold = split_solution(it["answer"])
+            reply = f"{reasoning}\n{GSM8K_ANSWER.format(answer=gold)}"
+        else:
+            reply = GSM8K_ANSWER.format(answer=it["answer"])
+        turns += [{"role": "user", "content": it["question"]},
+                  {"role": "assistant", "content": reply}]
+    return turns
+
+
+def math_exemplars(items: Sequence[dict]) -> list[Message]:
+    """Few-shot turns for MATH: the reference solution, then the boxed answer line."""
+    turns: list[Message] = []
+    for it in items:
+        reply = f"{it.get('solution', '')}\n{MATH_ANSWER.format(answer=it['answer'])}".strip()
+        turns += [{"role": "user", "content": it["problem"]},
+                  {"role": "assistant", "content": reply}]
+    return turns
+
+
+def answer_text(text: str) -> str:
+    """The part of a completion that holds the answer: after the last ``</think>`` if any."""
+    return text.rsplit("</think>", 1)[-1] if "</think>" in text else text
+
+
+@dataclass
+class Completion:
+    """One generated answer: text (stop token excluded), token count, "stop" | "length"."""
+
+    text: str
+    n_tokens: int = 0
+    finish_reason: str = "stop"
+
+
+GenerateFn = Callable[[Sequence[str]], Sequence["Completion | str"]]
+
+
+def model_generate_fn(model: torch.nn.Module, tokenizer, params: SamplingParams) -> GenerateFn:
+    """A ``GenerateFn`` over ``model.generate.generate``: one batched call per list of prompts.
+
+    With sampling, each prompt's seed is ``params.seed`` mixed with a hash of the prompt, so an
+    item's sample does not depend on which batch it landed in. A prompt longer than the context
+    minus the answer budget keeps its end (the question sits at the end of a chat prompt).
+    """
+    context = model.config.max_position_embeddings
+    keep = max(1, context - min(params.max_new_tokens, context // 2))
+
+    def fn(prompts: Sequence[str]) -> list[Completion]:
+        ids = [tokenizer.encode(p)[-keep:] for p in prompts]
+        per_row = [params if params.seed is None else
+                   replace(params, seed=(params.seed + zlib.crc32(p.encode("utf-8"))) % 2**62)
+                   for p in prompts]
+        with eval_mode(model):
+            gens = generate(model, tokenizer, ids, per_row)
+        stops = set(params.stop_token_ids)
+        return [Completion(g.text, sum(t not in stops for t in g.token_ids), g.finish_reason)
+                for g in gens]
+    return fn
+
+
+def _as_completion(out: Completion | str) -> Completion:
+    return out if isinstance(out, Completion) else Completion(str(out))
+
+
+Scorer = Callable[[dict, str], dict]
+
+
+def run_generation(items: Sequence[dict], prompts: Sequence[str], score: Scorer,
+                   generate_fn: GenerateFn, batch_size: int = 8,
+                   log: Callable[[str], None] | None = None) -> list[dict]:
+    """Generate for every prompt (in batches, longest first) and score each completion.
+
+    ``score(item, answer_text) -> {"id", "category", "extracted", "gold", "correct",
+    "error_kind", ...}``; this adds ``prompt``, ``prediction`` (the full completion),
+    ``n_generated_tokens``, ``finish_reason`` and ``truncated``. Results are in input order.
+    """
+    if len(items) != len(prompts):
+        raise ValueError(f"{len(items)} items but {len(prompts)} prompts")
+    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
+    results: list[dict] = [{}] * len(items)
+    start, done, correct = time.perf_counter(), 0, 0
+    for b in range(0, len(order), max(1, batch_size)):
+        chunk = order[b:b + max(1, batch_size)]
+        outs = list(generate_fn([prompts[i] for i in chunk]))
+        if len(outs) != len(chunk):
+            raise ValueError(f"generate_fn returned {len(outs)} completions for {len(chunk)}")
+        for i, out in zip(chunk, outs):
+            c = _as_completion(out)
+            row = dict(score(items[i], answer_text(c.text)))
+            truncated = c.finish_reason == "length"
+            if not row["correct"] and truncated:
+                row["error_kind"] = "truncated"
+            results[i] = {**row, "prompt": prompts[i], "prediction": c.text,
+                          "n_generated_tokens": c.n_tokens, "finish_reason": c.finish_reason,
+                          "truncated": truncated}
+            correct += bool(row["correct"])
+        done += len(chunk)
+        if log:
+            log(f"{done}/{len(items)} items, accuracy so far {correct / done:.3f}, "
+                f"{done / (time.perf_counter() - start):.2f} items/s")
+    return results
+
+
+def _prompts(tokenizer, questions: Iterable[str], system: str | None,
+             exemplars: Sequence[Message], enable_thinking: bool) -> list[str]:
+    return [chat_prompt(tokenizer, q, system, exemplars, enable_thinking) for q in questions]
+
+
+def run_gsm8k(items: Sequence[dict], tokenizer, generate_fn: GenerateFn, *, batch_size: int = 8,
+              system: str | None = None, exemplars: Sequence[Message] = (),
+              enable_thinking: bool = False, log: Callable[[str], None] | None = None
+              ) -> list[dict]:
+    """Score GSM8K items (``{"question", "answer"}``) by generation; one result dict per item."""
+    def score(it: dict, text: str) -> dict:
+        return {"id": it.get("id"), "category": it.get("category"),
+                **score_gsm8k(text, it["answer"])}
+    prompts = _prompts(tokenizer, (it["question"] for it in items), system, exemplars,
+                       enable_thinking)
+    return run_generation(items, prompts, score, generate_fn, batch_size, log)
+
+
+def run_math(items: Sequence[dict], tokenizer, generate_fn: GenerateFn, *, batch_size: int = 8,
+             system: str | None = None, exemplars: Sequence[Message] = (),
+             enable_thinking: bool = False, log: Callable[[str], None] | None = None
+             ) -> list[dict]:
+    """Score MATH items by generation; category = subject, ``level`` kept on each result."""
+    def score(it: dict, text: str) -> dict:
+        return {"id": it.get("id"), "category": it.get("subject"), "level": it.get("level"),
+                **score_math(text, it["answer"])}
+    prompts = _prompts(tokenizer, (it["problem"] for it in items), system, exemplars,
+                       enable_thinking)
+    return run_generation(items, prompts, score, generate_fn, batch_size, log)
+
+
+def run_commonsense_generation(records: Sequence[dict], tokenizer, generate_fn: GenerateFn, *,
+                               batch_size: int = 8, system: str | None = None,
+                               enable_thinking: bool = False,
+                               log: Callable[[str], None] | None = None) -> list[dict]:
+    """LLM-Adapters protocol: the instruction as the user turn, "the correct answer is X" parsed
+    from the reply; category = set name."""
+    prompts = _prompts(tokenizer, (r["instruction"] for r in records), system, (),
+                       enable_thinking)
+    return run_generation(records, prompts, lambda r, t: score_generation(t, r), generate_fn,
+                          batch_size, log)
+
+
+def run_commonsense_loglik(records: Sequence[dict], model: torch.nn.Module, tokenizer, *,
+                           batch_size: int = 8, method: str = "sum") -> list[dict]:
+    """Multiple choice by log-likelihood of each choice (raw text, no chat template, as in
+    lm-evaluation-harness). All continuations are scored up front in batches (one forward pass
+    each), then ``score_loglik`` reads them from a table; ``method`` picks sum / token / char."""
+    requests = list(dict.fromkeys(q for r in records for q in loglik_requests(r)))
+    table = dict(zip(requests, continuation_logprobs(model, tokenizer, requests, batch_size)))
+    return score_loglik(records, lambda ctx, cont: table[(ctx, cont)], method)
+
+
+def run_perplexity(model: torch.nn.Module, tokenizer, path: str | Path, out_dir: str | Path,
+                   max_length: int | None = None, stride: int | None = None,
+                   batch_size: int = 4, name: str = "ppl", meta: dict | None = None) -> dict:
+    """Perplexity of a text file; writes ``<name>.summary.json`` and ``<name>.md``."""
+    texts = load_texts(path)
+    t0 = time.perf_counter()
+    res = perplexity(model, tokenizer, texts, max_length, stride, batch_size).to_dict()
+    summary = {"name": name, "data": str(path), **res, "seconds": time.perf_counter() - t0,
+               "meta": meta or {}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from model.io import atomic_write_bytes
+    atomic_write_bytes(out / f"{name}.summary.json",
+                       (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    md = [f"# Perplexity: {name}", "", f"- **data**: {path}", "", "| metric | value |",
+          "|---|---:|", f"| perplexity | {res['ppl']:.4f} |",
+          f"| mean NLL (nats/token) | {res['mean_nll']:.4f} |",
+          f"| bits per byte | {res['bits_per_byte']:.4f} |", f"| tokens scored | {res['tokens']} |",
+          f"| bytes | {res['bytes']} |", f"| windows | {res['windows']} "
+          f"(length {res['max_length']}, stride {res['stride']}) |"]
+    atomic_write_bytes(out / f"{name}.md", ("\n".join(md) + "\n").encode("utf-8"))
+    return {**summary, "files": {"summary": f"{name}.summary.json", "markdown": f"{name}.md"}}
+
+
+# ------------------------------------------------------------------------------------------
+# During training
+# ------------------------------------------------------------------------------------------
+
+def generation_accuracy(model: torch.nn.Module, tokenizer, items: Sequence[dict],
+                        max_new_tokens: int = 256, batch_size: int = 8,
+                        enable_thinking: bool = False,
+                        generate_fn: GenerateFn | None = None) -> dict:
+    """GSM8K-style accuracy by greedy generation, for ``eval_steps`` inside a training run.
+
+    Returns plain numbers to log: ``{"accuracy", "correct", "n", "no_answer", "truncated",
+    "mean_answer_tokens"}``. The model's train/eval mode is restored afterwards.
+    """
+    fn = generate_fn or model_generate_fn(model, tokenizer,
+                                          SamplingParams(max_new_tokens=max_new_tokens))
+    res = run_gsm8k(items, tokenizer, fn, batch_size=batch_size, enable_thinking=enable_thinking)
+    n = len(res)
+    correct = sum(r["correct"] for r in res)
+    return {"accuracy": correct / n if n else 0.0, "correct": correct, "n": n,
+            "no_answer": sum(r["error_kind"] == "no_answer" for r in res),
+            "truncated": sum(r["error_kind"] == "truncated" for r in res),
+            "mean_answer_tokens": sum(r["n_generated_tokens"] for r in res) / n if n else 0.0}
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints and the benchmark driver behind ``eval_model.py --bench``
+# ------------------------------------------------------------------------------------------
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto"
+                         ) -> tuple[torch.device, torch.dtype]:
+    """``auto``: CUDA if present, else CPU; bf16 on a GPU that supports it, else fp32."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if dtype == "auto":
+        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        return dev, torch.bfloat16 if bf16 else torch.float32
+    return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+def load_for_eval(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
+                  lora: str | Path | None = None, moe_backend: str = "torch"):
+    """``(model, tokenizer)`` from a checkpoint folder, ready for inference.
+
+    The config comes from the folder; the tokenizer too when it has ``tokenizer.json`` (else the
+    shipped default). A LoRA adapter is merged in fp32 before the cast, so bf16 rounding happens
+    once, on the merged weight. ``moe_backend`` other than ``torch`` hands the routed experts to
+    ``model.offload.offload_experts`` last, after the merge, so offloaded experts carry the
+    adapter too.
+    """
+    from model.io import load_pretrained
+    from model.tokenizer import Tokenizer
+    model_dir = Path(model_dir)
+    dev, dt = resolve_device_dtype(device, dtype)
+    model = load_pretrained(model_dir, device="cpu")
+    if lora:
+        from model.lora import load_adapter, merge_lora
+        load_adapter(model, lora)
+        merge_lora(model)
+    model = model.to(device=dev, dtype=dt).eval()
+    if moe_backend != "torch" and not model.config.use_moe:
+        warnings.warn(f"--moe_backend {moe_backend}: the model has no experts; ignored")
+    elif moe_backend != "torch":
+        try:
+            from model.offload import offload_experts
+        except ImportError as e:
+            raise RuntimeError(f"--moe_backend {moe_backend} needs model/offload.py ({e})"
+                               ) from None
+        model = offload_experts(model, backend=moe_backend) or model
+    has_tok = (model_dir / "tokenizer.json").is_file()
+    return model, Tokenizer.from_dir(model_dir if has_tok else None)
+
+
+def parse_data_flags(entries: Sequence[str], benches: Sequence[str]) -> dict[str, str]:
+    """``--data`` values: ``BENCH=PATH`` for one benchmark, a bare ``PATH`` for all of ``benches``."""
+    data: dict[str, str] = {}
+    for e in entries:
+        name, sep, path = e.partition("=")
+        if sep and name in BENCHMARKS:
+            data[name] = path
+        else:
+            data.update({b: e for b in benches})
+    return data
+
+
+def _resolve_data(bench: str, data: dict[str, str | Path]) -> Path:
+    path = Path(data.get(bench) or data.get("commonsense" if bench == "commonsense_ll" else "")
+                or DEFAULT_DATA[bench])
+    if not path.exists():
+        raise FileNotFoundError(f"{bench}: data not found at {path} (pass --data {bench}=PATH)")
+    return path
+
+
+def _split_fewshot(items: list[dict], fewshot: int, limit: int | None
+                   ) -> tuple[list[dict], list[dict]]:
+    # Exemplars are held out of the scored items (they would be answered from the prompt).
+    rest = items[fewshot:]
+    return items[:fewshot], rest[:limit] if limit is not None else rest
+
+
+def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
+                   out_dir: str | Path, data: dict[str, str | Path] | None = None,
+                   limit: int | None = None, batch_size: int = 8,
+                   params: SamplingParams | None = None, enable_thinking: bool = False,
+                   system: str | None = None, fewshot: int = 0, seed: int = 0,
+                   ppl_max_length: int | None = None, ppl_stride: int | None = None,
+                   meta: dict | None = None, log: Callable[[str], None] | None = print
+                   ) -> dict[str, dict]:
+    """Run each named benchmark (``BENCHMARKS``) and write its report into ``out_dir``.
+
+    Returns ``{bench: summary}``. ``data`` maps a bench to a file or folder (default
+    ``DEFAULT_DATA``); ``limit`` caps scored items (per set for commonsense).
+    """
+    data = data or {}
+    params = params or SamplingParams(max_new_tokens=512, seed=seed)
+    torch.manual_seed(seed)
+    meta = {**(meta or {}), "seed": seed}
+    # Decoding settings only where they matter (log-likelihood and perplexity do not decode).
+    decoding = {"temperature": params.temperature, "top_p": params.top_p,
+                "max_new_tokens": params.max_new_tokens, "thinking": enable_thinking}
+    gen_fn = model_generate_fn(model, tokenizer, params)
+    summaries: dict[str, dict] = {}
+    for bench in benches:
+        if bench not in BENCHMARKS:
+            raise ValueError(f"unknown benchmark {bench!r}; choose from {', '.join(BENCHMARKS)}")
+        path = _resolve_data(bench, data)
+        if log:
+            log(f"[{bench}] {path}")
+        common = dict(batch_size=batch_size, system=system, enable_thinking=enable_thinking,
+                      log=log)
+        extra: dict = {} if bench == "commonsense_ll" else dict(decoding)
+        if bench in ("gsm8k", "math"):
+            extra["fewshot"] = fewshot
+        wanted = None if limit is None else limit + fewshot  # read no more than is scored
+        if bench == "ppl":
+            summaries[bench] = run_perplexity(model, tokenizer, path, out_dir, ppl_max_length,
+                                              ppl_stride, batch_size, meta=meta)
+            if log:
+                log(f"[ppl] perplexity {summaries[bench]['ppl']:.3f}, "
+                    f"bits/byte {summaries[bench]['bits_per_byte']:.4f}")
+            continue
+        if bench == "gsm8k":
+            shots, items = _split_fewshot(load_gsm8k(path, wanted), fewshot, limit)
+            results = run_gsm8k(items, tokenizer, gen_fn, exemplars=gsm8k_exemplars(shots),
+                                **common)
+        elif bench == "math":
+            shots, items = _split_fewshot(load_math(path, wanted), fewshot, limit)
+            results = run_math(items, tokenizer, gen_fn, exemplars=math_exemplars(shots),
+                               **common)
+            extra["accuracy_by_level"] = _accuracy_by(results, "level")
+        elif bench == "commonsense":
+            results = run_commonsense_generation(load_commonsense(path, limit), tokenizer,
+                                                 gen_fn, **common)
+        else:
+            results = run_commonsense_loglik(load_commonsense(path, limit), model, tokenizer,
+                                             batch_size=batch_size)
+            n = max(len(results), 1)
+            extra.update({f"accuracy_{k}_norm": sum(r[f"correct_{k}"] for r in results) / n
+                          for k in ("token", "char")})
+        summaries[bench] = write_report(results, out_dir, bench,
+                                        {**meta, "data": str(path), **extra})
+        if log:
+            s = summaries[bench]
+            log(f"[{bench}] accuracy {s['accuracy']:.4f} ({s['correct']}/{s['n']})")
+    return summaries
+
+
+def _accuracy_by(results: Sequence[dict], key: str) -> dict[str, float]:
+    groups: dict[str, list[bool]] = {}
+    for r in results:
+        groups.setdefault(str(r.get(key)), []).append(bool(r["correct"]))
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+

@@ -1,0 +1,106 @@
+"""eval_model.py as a user runs it: one-shot prompt, interactive chat on stdin, --bench; and its
+history trimming and --data parsing as functions."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval_model
+from evaluation.runner import parse_data_flags
+from model.config import MiniMindConfig
+from model.io import save_pretrained
+from model.model import MiniMindLM
+from model.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_pretrained(MiniMindLM(MiniMindConfig.from_preset("tiny")), d)
+    return d
+
+
+def run_cli(args: list[str], stdin: str = "", cwd: Path | None = None
+            ) -> subprocess.CompletedProcess:
+    # Run from another folder: the script must not depend on the working directory.
+    return subprocess.run([sys.executable, str(REPO / "eval_model.py"), *args], input=stdin,
+                          capture_output=True, text=True, timeout=180, cwd=cwd or Path("/"))
+
+
+def test_one_shot_prompt_prints_text_and_speed(ckpt):
+    proc = run_cli(["--model", str(ckpt), "--prompt", "Hello, who are you?",
+                    "--max_new_tokens", "12", "--device", "cpu"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()  # the (random) answer text
+    assert "tokens/s" in proc.stderr and "12 tokens" in proc.stderr
+    # Greedy with the same seed: the one-shot answer is reproducible.
+    again = run_cli(["--model", str(ckpt), "--prompt", "Hello, who are you?",
+                     "--max_new_tokens", "12", "--device", "cpu"])
+    assert again.stdout == proc.stdout
+
+
+def test_interactive_chat_driven_by_stdin(ckpt):
+    proc = run_cli(["--model", str(ckpt), "--max_new_tokens", "6", "--temperature", "0",
+                    "--system", "You are helpful."],
+                   stdin="hi there\nand again\n/reset\nfresh start\n/exit\nnever read\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("tokens/s") == 3  # three answers; nothing after /exit
+    assert "(conversation reset)" in proc.stdout
+    prompts = [int(line.split("prompt ")[1].split()[0]) for line in proc.stderr.splitlines()
+               if "tokens/s" in line]
+    assert prompts[1] > prompts[0]  # the second turn carries the first exchange
+    assert prompts[2] < prompts[1]  # after /reset the history is gone
+
+
+def test_interactive_chat_ends_on_eof(ckpt):
+    proc = run_cli(["--model", str(ckpt), "--max_new_tokens", "3"], stdin="one question\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("tokens/s") == 1
+
+
+def test_bench_from_the_command_line(ckpt, tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"})
+                            + "\n" for i in range(3)))
+    out = tmp_path / "out"
+    proc = run_cli(["--model", str(ckpt), "--bench", "gsm8k", "--data", f"gsm8k={data}",
+                    "--limit", "2", "--max_new_tokens", "4", "--out", str(out), "--batch_size",
+                    "2", "--device", "cpu"])
+    assert proc.returncode == 0, proc.stderr
+    for f in ("gsm8k.items.jsonl", "gsm8k.summary.json", "gsm8k.md", "gsm8k.csv"):
+        assert (out / f).is_file()
+    summary = json.loads((out / "gsm8k.summary.json").read_text())
+    assert summary["n"] == 2 and summary["meta"]["temperature"] == 0.0  # greedy by default
+    assert summary["meta"]["max_new_tokens"] == 4
+
+
+def test_history_is_trimmed_oldest_first_keeping_the_system_prompt():
+    tok = Tokenizer.from_dir()
+    msgs = [{"role": "system", "content": "SYS"}]
+    for i in range(6):
+        msgs += [{"role": "user", "content": f"question {i} " + "word " * 20},
+                 {"role": "assistant", "content": f"answer {i} " + "word " * 20}]
+    msgs.append({"role": "user", "content": "LAST"})
+    full = eval_model.prompt_ids(tok, msgs, False, 10_000)
+    budget = len(full) // 2
+    ids = eval_model.prompt_ids(tok, msgs, False, budget)
+    text = tok.decode(ids)
+    assert len(ids) <= budget
+    assert text.startswith("<|im_start|>system\nSYS") and "LAST" in text
+    assert "question 0" not in text and "answer 5" in text
+
+
+def test_data_flags():
+    assert parse_data_flags(["gsm8k=a.jsonl", "ppl=b.txt"], ["gsm8k", "ppl"]) == {
+        "gsm8k": "a.jsonl", "ppl": "b.txt"}
+    assert parse_data_flags(["x.jsonl"], ["math"]) == {"math": "x.jsonl"}
+    args = eval_model.parse_args(["--model", "m"])
+    chat, bench = eval_model.sampling(args, False, 0), eval_model.sampling(args, True, 0)
+    assert chat.temperature > 0 and bench.temperature == 0.0 and bench.top_p == 1.0
