@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.dpo import inference
-from trainer.losses import IGNORE_INDEX, shift_labels
+from trainer.losses import IGNORE_INDEX, LossFn, shift_labels
 
 
 class VocabMismatchError(ValueError):
@@ -76,8 +76,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * ce + (1.0 - alpha) * temperature ** 2 * kl, ce, kl
 
 
-def make_distill_loss(teacher: nn.Module, alpha: float = 0.5, temperature: float = 1.5
-                      ) -> Callable[[nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]:
+def make_distill_loss(teacher: nn.Module, alpha: float = 0.5, temperature: float = 1.5) -> LossFn:
     """`loss_fn(student, batch) -> (loss, metrics)` for trainer.loop.fit on SFT batches.
 
     The teacher runs in eval mode without autograd, under whatever autocast the loop set up. Its

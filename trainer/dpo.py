@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from trainer import distributed as dist
-from trainer.losses import IGNORE_INDEX, shift_labels
+from trainer.losses import IGNORE_INDEX, LossFn, shift_labels
 
 LossType = Literal["sigmoid", "ipo", "simpo"]
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "simpo")
@@ -181,7 +181,8 @@ def frozen_reference(ref_model: nn.Module) -> ReferenceFn:
     return reference
 
 
-def adapter_reference(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch: Mapping) -> torch.Tensor:
+def adapter_reference(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch: Mapping
+                      ) -> torch.Tensor:
     """Reference = the policy itself with its LoRA adapters switched off: no second copy.
 
     Runs the plain module, not the DDP wrapper: a gradient-free forward must not take part in
@@ -193,7 +194,8 @@ def adapter_reference(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
         return sequence_logps(plain(input_ids=ids).logits, labels)[0]
 
 
-def precomputed_reference(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch: Mapping) -> torch.Tensor:
+def precomputed_reference(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch: Mapping
+                          ) -> torch.Tensor:
     """Reference log-probs carried by the batch (see `precompute_reference_logps`)."""
     missing = [k for k in REF_KEYS if k not in batch]
     if missing:
@@ -211,7 +213,8 @@ def precompute_reference_logps(model: nn.Module, dataset: Dataset, collate_fn: C
     Call before training, with the model holding the reference weights (for LoRA: fresh adapters,
     which are zero, so the model equals its base). Each rank does every world_size-th batch and
     the results are summed across ranks, so all ranks end with the whole table. Use the same
-    `autocast` as training so that at step 0 policy and reference agree to the last bit.
+    `autocast` as training so that at step 0 policy and reference agree up to rounding (not to
+    the bit: training batches pad to other lengths, which changes the kernels' blocking).
     """
     plain = dist.unwrap(model)
     device = next(plain.parameters()).device
@@ -256,8 +259,7 @@ def collate_with_reference(collate_fn: Callable) -> Callable:
 
 
 # ---------------------------------------------------------------------- the stage's loss_fn
-def make_dpo_loss(settings: PreferenceSettings, reference: ReferenceFn | None
-                  ) -> Callable[[nn.Module, Mapping[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]:
+def make_dpo_loss(settings: PreferenceSettings, reference: ReferenceFn | None) -> LossFn:
     """`loss_fn(model, batch) -> (loss, metrics)` for trainer.loop.fit.
 
     loss = mean preference loss + sft_weight · NLL(chosen tokens) + the policy's MoE aux loss.
@@ -277,16 +279,17 @@ def make_dpo_loss(settings: PreferenceSettings, reference: ReferenceFn | None
             logps = logps / counts
             ref = ref / counts if ref is not None else None
         chosen, rejected = logps.chunk(2)
+        n_chosen = counts.chunk(2)[0]
         ref_c, ref_r = ref.chunk(2) if ref is not None else (None, None)
         losses, chosen_rewards, rejected_rewards = preference_loss(chosen, rejected, ref_c, ref_r, settings)
         loss = losses.mean()
-        metrics: dict[str, Any] = {"pref_loss": loss.detach(), **reward_metrics(chosen_rewards, rejected_rewards)}
-        mean_c = chosen if settings.length_normalised else chosen / counts.chunk(2)[0]
-        metrics["logps/chosen"] = mean_c.detach().mean()          # per token, comparable across losses
+        metrics: dict[str, Any] = {"pref_loss": loss.detach(),
+                                   **reward_metrics(chosen_rewards, rejected_rewards)}
+        sum_c = chosen * n_chosen if settings.length_normalised else chosen
+        metrics["logps/chosen"] = (sum_c / n_chosen).detach().mean()   # per token, comparable across losses
         if settings.sft_weight > 0:
-            # token-level NLL of the chosen responses (sum over all chosen tokens / their count)
-            sum_c = chosen * counts.chunk(2)[0] if settings.length_normalised else chosen
-            nll = -sum_c.sum() / counts.chunk(2)[0].sum()
+            # token-level NLL of the chosen responses: all their tokens weigh the same
+            nll = -sum_c.sum() / n_chosen.sum()
             loss = loss + settings.sft_weight * nll
             metrics["sft_nll"] = nll.detach()
         aux = getattr(out, "aux_loss", None)
