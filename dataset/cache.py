@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from model.atomic import atomic_write_text
+
 CACHE_VERSION = 1  # bump when the meaning of cached arrays changes
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "tokenized"
 _PROBE = "Hello, world! 你好，世界。 123 + 4.5 = ?\n\t<think>\n</think> café ÷ 😀"
@@ -69,7 +71,7 @@ def file_fingerprint(path: str | Path, cache_dir: Path | None = None) -> str:
         return digest
     memo[stamp] = digest
     try:
-        _atomic_write_text(memo_path, json.dumps(memo, indent=0))
+        atomic_write_text(memo_path, json.dumps(memo, indent=0))
     except OSError:
         pass  # a read-only cache dir only costs a re-hash next time
     return digest
@@ -117,18 +119,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def cache_key(**parts: Any) -> str:
     """A short stable key from named parts (values must be JSON-serialisable)."""
     return hashlib.sha256(_stable_json({"v": CACHE_VERSION, **parts}).encode()).hexdigest()[:32]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
+from model.atomic import atomic_path
+
 Split = Literal["train", "test"]
 Message = dict[str, str]
 
@@ -585,12 +587,10 @@ def write_jsonl(records: Iterable[dict | str], path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec in records:
             obj = {"text": rec} if isinstance(rec, str) else rec
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from model.atomic import atomic_write_text
 
 __all__ = ["ERROR_KINDS", "normalize_item", "summarize", "render_markdown", "write_report", "read_items"]
 
@@ -153,19 +153,6 @@ def _csv_text(items: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    # tmp + rename: a crashed or concurrent run never leaves a half-written report behind.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _json_default(obj: object) -> Any:
     # Runners may hand over numpy / torch scalars; store their Python value, never crash the report.
     if hasattr(obj, "item"):
@@ -189,11 +176,11 @@ def write_report(results: Iterable[dict], out_dir: str | Path, name: str = "eval
     files = {"items": f"{name}.items.jsonl", "summary": f"{name}.summary.json",
              "markdown": f"{name}.md", "csv": f"{name}.csv"}
     dumps: Callable[[Any], str] = lambda o: json.dumps(o, ensure_ascii=False, default=_json_default)  # noqa: E731
-    _atomic_write_text(out / files["items"], "".join(dumps(it) + "\n" for it in items))
-    _atomic_write_text(out / files["csv"], _csv_text(items))
-    _atomic_write_text(out / files["markdown"], render_markdown(summary, items))
+    atomic_write_text(out / files["items"], "".join(dumps(it) + "\n" for it in items))
+    atomic_write_text(out / files["csv"], _csv_text(items))
+    atomic_write_text(out / files["markdown"], render_markdown(summary, items))
     summary = {**summary, "files": files}
-    _atomic_write_text(out / files["summary"],
+    atomic_write_text(out / files["summary"],
                        json.dumps(summary, ensure_ascii=False, indent=2, default=_json_default) + "\n")
     return summary
 

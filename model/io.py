@@ -1,59 +1,24 @@
-"""Saving and loading model folders, and the atomic-write helpers every writer uses.
+"""Saving and loading model folders.
 
 A model folder is ``model.safetensors`` (fp32 master weights, whatever dtype the model trained
-in) + ``config.json``. Every file is written to a temporary name in the same folder, fsynced and
-renamed over the target, so a crash mid-save leaves either the old file or the new one, never half.
+in) + ``config.json``, each written atomically (model/atomic.py): a crash mid-save leaves either
+the old file or the new one, never half.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path, atomic_write_bytes
 from .config import MiniMindConfig
 from .model import MiniMindLM
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-def fsync_dir(path: Path) -> None:
-    """Persist a rename: the directory entry must reach the disk too."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temp path beside ``path``; on success fsyncs it and renames it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from model.atomic import atomic_write_text
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
@@ -224,9 +225,7 @@ def save(tok: Tokenizer, out_dir: Path) -> None:
              "tokenizer_config.json": json.dumps(tokenizer_config(tok), ensure_ascii=False,
                                                  indent=2)}
     for name, text in files.items():
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+        atomic_write_text(out_dir / name, text + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
 from dataset.jsonl import DataError, Record
 from dataset.jsonl import iter_records as _iter_records
+from model.atomic import atomic_path, atomic_write_text
 
 __all__ = [
     "DataError", "open_text", "iter_records", "require", "write_jsonl", "write_json",
@@ -52,20 +51,6 @@ def require(record: dict, key: str, where: str, kind: type | tuple[type, ...] = 
     return value
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temp file in the same folder and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
     """Write records as UTF-8 JSONL (non-ASCII kept readable); returns the number written."""
     count = 0
@@ -76,13 +61,14 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             count += 1
 
-    _atomic_write(Path(path), write)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        write(f)
     return count
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write one JSON document (indented, UTF-8), atomically."""
-    _atomic_write(Path(path), lambda f: f.write(json.dumps(obj, ensure_ascii=False, indent=2) + "\n"))
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
 # LLaMA-Factory registry (data/dataset_info.json) entries for the files the converters write.
