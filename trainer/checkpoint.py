@@ -37,6 +37,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from model.atomic import atomic_path, fsync_dir
+
 CKPT_RE = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
 FAULT_ENV = "MINIMIND_CKPT_FAULT"
@@ -47,17 +49,6 @@ class CheckpointError(RuntimeError):
 
 
 # ---------------------------------------------------------------------- atomic file writing
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:          # e.g. Windows cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fault_point(name: str) -> str | None:
     """The fault injected for file `name` by the test hook, if any ('exit' or 'sleep:<s>')."""
     spec = os.environ.get(FAULT_ENV, "")
@@ -69,20 +60,16 @@ def _fault_point(name: str) -> str | None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via temp file + fsync + os.replace (readers never see half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """model.atomic's temp file + fsync + rename, plus the crash-injection hook the tests use."""
     fault = _fault_point(path.name)
     if fault and fault.startswith("sleep"):
         time.sleep(float(fault.split(":")[1]))
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         if fault == "exit":
             fh.write(data[: len(data) // 2])
             fh.flush()
-            os._exit(17)  # simulate a crash mid-write (test hook)
+            os._exit(17)  # simulate a crash mid-write: the temp file stays behind, as after a kill
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- weights
@@ -179,13 +166,13 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, tra
         manifest[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     marker = {"step": step, "val_loss": val_loss, "created": time.time(), "files": manifest}
     atomic_write(ckpt / MARKER, json.dumps(marker, indent=2).encode())
-    _fsync_dir(ckpt)
+    fsync_dir(ckpt)
     atomic_write(root / "latest", ckpt.name.encode())
     if val_loss is not None and val_loss == val_loss:        # not NaN
         best = read_best(out_dir)
         if best is None or val_loss < best[1] or best[0].name == ckpt.name:
             atomic_write(root / "best", json.dumps({"name": ckpt.name, "val_loss": val_loss}).encode())
-    _fsync_dir(root)
+    fsync_dir(root)
     prune_checkpoints(out_dir, keep_last)
     return ckpt
 
