@@ -1,12 +1,20 @@
-"""Stage 2, full supervised fine-tuning on chat data ({"conversations": [...]} JSONL).
+"""Stage 2, supervised fine-tuning on chat data ({"conversations": [...]} JSONL): full or LoRA.
 
     python train_full_sft.py --init_from out/pretrain/final --data_path data/synthetic/sft.jsonl \
         --max_steps 1000 --eval_fraction 0.02 --eval_every 100
+    python train_full_sft.py --config examples/gsm8k_sft.yaml     # LLaMA-Factory-style YAML
     torchrun --nproc_per_node=2 train_full_sft.py ...      # same flags, data sharded over ranks
 
 Conversations are rendered with the tokenizer's ChatML template; the loss covers the assistant
 replies only (labels -100 elsewhere) and is averaged over all supervised tokens of a step, so short
 and long answers weigh by their tokens. The model's shape comes from init_from's config.json.
+
+`finetuning_type: lora` (LLaMA-Factory's key) trains adapters instead, exactly as train_lora.py
+does (lora_rank, lora_alpha, lora_target, ...; out_dir/final is then an adapter). MoE experts on
+kt-kernel (`use_kt: true`): the kernel holds the routed experts' base weights frozen, so full SFT
+trains everything else (attention, router, shared experts, embeddings) and the routed experts not
+at all, while `finetuning_type: lora` with lora_target covering the experts adapts them too (what
+LLaMA-Factory-KT requires). `eval_gen_data` adds generation accuracy to each evaluation.
 All options: `--help`, or a YAML file via `--config`.
 """
 from __future__ import annotations
@@ -14,16 +22,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dataset.lm_dataset import make_collate
+from train_lora import LoRAOptions, attach_lora, export_adapter
 from trainer import distributed as dist
-from trainer.config import TrainConfig, parse_config
+from trainer.config import option, parse_config
 from trainer.loop import fit
 from trainer.losses import lm_loss
-from trainer.stage import build_model, export_final, load_data, load_tokenizer, summary
+from trainer.stage import build_model, export_final, generation_hooks, load_data, load_tokenizer, summary
 
 
 @dataclass
-class SFTConfig(TrainConfig):
-    """Full-SFT options (defaults after MiniMind: lr 1e-5 for a pretrained 26M+ model, bf16)."""
+class SFTConfig(LoRAOptions):
+    """SFT options (defaults after MiniMind: lr 1e-5 for a pretrained 26M+ model, bf16; with
+    finetuning_type lora set lr ~1e-4, as train_lora.py does)."""
 
     out_dir: str = "out/sft"
     lr: float = 1e-5
@@ -31,6 +41,16 @@ class SFTConfig(TrainConfig):
     batch_size: int = 16
     grad_accum: int = 1
     epochs: float = 2.0
+    finetuning_type: str = option("full", "full: every weight trains; lora: adapters only "
+                                "(lora_* options, out_dir/final = the adapter)", choices=("full", "lora"))
+
+    def _problems(self) -> list[str]:
+        err = super()._problems()
+        if self.finetuning_type not in ("full", "lora"):
+            err.append(f"finetuning_type must be full or lora, got {self.finetuning_type!r}")
+        if self.finetuning_type == "lora" and self.lora_rank < 1:
+            err.append("finetuning_type lora needs lora_rank >= 1")
+        return err
 
 
 def main() -> None:
@@ -41,8 +61,15 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg)
     train, evals = load_data(cfg, "sft", tokenizer, env)
     model = build_model(cfg, tokenizer)
-    result = fit(model, train, lm_loss, cfg, eval_data=evals, collate_fn=make_collate(tokenizer.pad_id))
-    export_final(model, cfg, env)
+    lora = cfg.finetuning_type == "lora"
+    trainable, fit_cfg, on_save = attach_lora(model, cfg) if lora else (None, cfg, None)
+    result = fit(model, train, lm_loss, fit_cfg, eval_data=evals, trainable=trainable,
+                 collate_fn=make_collate(tokenizer.pad_id), on_save=on_save,
+                 eval_hooks=generation_hooks(cfg, tokenizer))
+    if lora:
+        export_adapter(model, cfg, env)
+    else:
+        export_final(model, cfg, env)
     if env.is_main:
         print(summary(result), flush=True)
     dist.cleanup()

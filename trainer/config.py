@@ -97,6 +97,26 @@ class TrainConfig:
                                   "stopping at the first one")
     progress: bool = option(True, "show a tqdm progress bar on the main process")
     plot: bool = option(True, "write loss_curve.png at the end (needs matplotlib)")
+    eval_gen_data: str = option("", "GSM8K-style JSONL ({question, answer}): at each evaluation the "
+                              "main process also scores greedy generation on it (val_gen_accuracy)")
+    eval_gen_samples: int = option(32, "questions of eval_gen_data scored per evaluation (its first N)")
+    eval_gen_max_new_tokens: int = option(256, "answer budget per question in generation evaluation")
+    eval_gen_thinking: bool = option(False, "generation evaluation opens <think> first (as eval_model.py "
+                                   "--think): for models trained on reasoning_content")
+
+    # --- where the routed experts of an MoE model run (model/offload.py); LLaMA-Factory-KT's keys
+    moe_backend: str = option("torch", "routed experts: torch (with the model), cpu (CPU memory), "
+                            "kt (kt-kernel's CPU kernels; same as use_kt)", choices=("torch", "cpu", "kt"))
+    use_kt: bool = option(False, "run the routed experts in kt-kernel (KTransformers' CPU MoE "
+                        "kernels): base expert weights freeze, expert LoRA trains in the kernel")
+    kt_backend: str = option("AMXBF16", "kt expert weights: AMXBF16 | AMXINT4 (quantised on load) "
+                           "| AMXINT8 (needs kt_weight_path)")
+    kt_num_threads: int = option(0, "kt CPU worker threads (0 = every core of this process)")
+    kt_tp_enabled: bool = option(False, "kt: one thread pool per NUMA node, experts split across them")
+    kt_num_gpu_experts: int = option(0, "kt: the first N experts of each layer stay in torch")
+    kt_weight_path: str = option("", "kt: folder of pre-quantised expert weights (.kt files)")
+    kt_chunk_tokens: int = option(0, "kt: tokens per kernel call (0 = batch_size * seq_len, one call "
+                                "per micro-batch: a chunked forward is recomputed in backward)")
 
     # ------------------------------------------------------------------ derived values
     def device_type(self) -> str:
@@ -113,30 +133,55 @@ class TrainConfig:
         """Plain dict (tuples become lists) for JSON, YAML and wandb."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    def expert_backend(self) -> str:
+        """Where routed experts run: 'kt' when use_kt (LLaMA-Factory-KT's switch), else moe_backend."""
+        return "kt" if self.use_kt else self.moe_backend
+
+    def kt_options(self) -> Any:
+        """The kt settings as `model.offload.KTOptions` (imported here only: it is model code)."""
+        from model.offload import KTOptions
+        return KTOptions(use_kt=self.expert_backend() == "kt", kt_backend=self.kt_backend,
+                         kt_num_threads=self.kt_num_threads, kt_tp_enabled=self.kt_tp_enabled,
+                         kt_num_gpu_experts=self.kt_num_gpu_experts,
+                         kt_weight_path=self.kt_weight_path or None,
+                         kt_chunk_tokens=self.kt_chunk_tokens or self.batch_size * self.seq_len)
+
+    def model_config(self) -> Any:
+        """The `MiniMindConfig` a stage builds: init_from's config.json, else the preset."""
+        from model.config import MiniMindConfig
+        if self.init_from:
+            return MiniMindConfig.from_json(Path(self.init_from) / "config.json")
+        return MiniMindConfig.from_preset(self.model_preset)
+
     # ------------------------------------------------------------------ the one validation place
-    def validate(self, has_eval_data: bool | None = None) -> None:
+    def validate(self, has_eval_data: bool | None = None, model_config: Any = None) -> None:
         """Raise ConfigError listing every problem; called by parse_config and by fit().
 
         has_eval_data: whether validation data exists (fit() knows; None = infer from the paths).
+        model_config: the model actually trained (fit() knows; None = `self.model_config()`): the
+        expert-backend checks need its shape, and a LoRA stage hands fit a copy without init_from.
         """
         if has_eval_data is None:
-            has_eval_data = bool(self.eval_data_path or self.eval_fraction)
-        errors = self._problems()
+            has_eval_data = bool(self.eval_data_path or self.eval_fraction or self.eval_gen_data)
+        errors = self._problems() + self._expert_problems(model_config)
         if self.eval_every > 0 and not has_eval_data:
-            errors.append("eval_every > 0 needs validation data: set eval_data_path or eval_fraction")
+            errors.append("eval_every > 0 needs validation data: set eval_data_path, eval_fraction "
+                          "or eval_gen_data")
         if errors:
             raise ConfigError("invalid training configuration:\n  - " + "\n  - ".join(errors))
 
     def _problems(self) -> list[str]:
         """The checks; a subclass extends them with `return super()._problems() + [...]`."""
         err: list[str] = []
-        positive = ("batch_size", "seq_len", "log_every", "eval_batches", "keep_last")
+        positive = ("batch_size", "seq_len", "log_every", "eval_batches", "keep_last",
+                    "eval_gen_samples", "eval_gen_max_new_tokens")
         err += [f"{name} must be >= 1, got {getattr(self, name)}" for name in positive
                 if getattr(self, name) < 1]
         if self.grad_accum < 1:
             err.append(f"grad_accum must be >= 1, got {self.grad_accum}")
         nonneg = ("warmup_steps", "max_steps", "eval_every", "save_every", "num_workers",
-                  "grad_clip", "weight_decay", "peak_tflops")
+                  "grad_clip", "weight_decay", "peak_tflops", "kt_num_threads", "kt_num_gpu_experts",
+                  "kt_chunk_tokens")
         err += [f"{name} must be >= 0, got {getattr(self, name)}" for name in nonneg
                 if getattr(self, name) < 0]
         if not self.lr > 0:
@@ -151,7 +196,7 @@ class TrainConfig:
             err.append("set max_steps > 0 or epochs > 0")
         if self.max_steps and self.warmup_steps > self.max_steps:
             err.append(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
-        for name in ("dtype", "wandb", "nan_policy"):
+        for name in ("dtype", "wandb", "nan_policy", "moe_backend"):
             choices = _field_meta(type(self), name).get("choices", ())
             if getattr(self, name) not in choices:
                 err.append(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -165,6 +210,38 @@ class TrainConfig:
             err.append(f"init_from: no such folder {self.init_from!r}")
         if self.resume not in ("", "auto") and not Path(self.resume).is_dir():
             err.append(f"resume: no such checkpoint folder {self.resume!r} (use 'auto' for the newest)")
+        if self.eval_gen_data and not Path(self.eval_gen_data).is_file():
+            err.append(f"eval_gen_data: no such file {self.eval_gen_data!r}")
+        return err
+
+    def _expert_problems(self, model_config: Any = None) -> list[str]:
+        """Expert-backend checks, all before any kernel exists: kt-kernel crashes the process
+        (no Python error) on shapes it does not support, so model/offload.py's checks run here."""
+        if self.use_kt and self.moe_backend not in ("torch", "kt"):
+            return [f"use_kt is true but moe_backend is {self.moe_backend!r}: pick one"]
+        backend = self.expert_backend()
+        if backend == "torch":
+            return []
+        switch = "use_kt" if self.use_kt else f"moe_backend={backend}"
+        if model_config is None:
+            try:
+                model_config = self.model_config()
+            except (OSError, ValueError):
+                return []      # a missing init_from or unknown preset is reported on its own
+        if not model_config.use_moe:
+            return [(f"{switch} offloads MoE experts, but the model is dense (use_moe false): pick "
+                     "an MoE preset (e.g. --model_preset tiny-moe) or an MoE init_from")]
+        if backend != "kt":
+            return []
+        from model.offload import check_kt_config, kt_status
+        ok, reason = kt_status()
+        err = [] if ok else [f"{switch}: {reason}"]
+        try:
+            check_kt_config(model_config.hidden_size, model_config.moe_intermediate_size,
+                            model_config.num_experts, model_config.num_experts_per_tok,
+                            self.kt_options())
+        except ValueError as exc:
+            err.append(f"{switch}: {exc}")
         return err
 
     def _device_problems(self) -> list[str]:

@@ -17,22 +17,25 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from model.offload import kt_experts, offload_experts, register_kt_refresh
 from trainer import checkpoint as ckpt_io
 from trainer import distributed as dist
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.logging import RunLogger, flops_per_token, peak_tflops
 from trainer.losses import batch_weight
 from trainer.optim import CosineSchedule, build_optimizer, param_groups
 from trainer.sampler import StreamSampler, eval_indices
 
 AMP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Run on the main process at each evaluation (e.g. generation accuracy): model -> {name: number}.
+EvalHook = Callable[[nn.Module], Mapping[str, float]]
 
 
 class TrainingDiverged(RuntimeError):
@@ -112,9 +115,26 @@ def restore(state: dict[str, Any], optimizer: torch.optim.Optimizer, schedule: C
             f"{schedule.max_steps}: the lr schedule changes from here on")
 
 
+def apply_expert_backend(model: nn.Module, cfg: TrainConfig, log: Callable) -> None:
+    """Hand the routed experts to cfg's backend (cpu / kt): a transform from outside the model,
+    done here because every stage passes through after its own transforms (LoRA) and before the
+    optimizer reads requires_grad. Under kt the base expert weights freeze (the kernel holds a
+    bf16 copy it never updates): only expert LoRA trains there. LoRA the kernel cannot run
+    (dropout, mixed ranks) is refused on the first forward, before any native call."""
+    if cfg.expert_backend() == "torch":
+        return
+    offload_experts(model, cfg.expert_backend(), options=cfg.kt_options())
+    if kt_experts(model):
+        lora = any(layer.lora_settings() for layer in kt_experts(model))
+        log(f"[train] routed experts run in kt-kernel ({cfg.kt_backend}); their base weights are "
+            f"frozen{', expert LoRA trains' if lora else ' (no expert LoRA: they do not train)'}")
+
+
 def evaluate(model: nn.Module, eval_sets: Mapping[str, Dataset], loss_fn: Callable, cfg: TrainConfig,
-             env: dist.DistEnv, collate_fn: Callable, autocast: Callable) -> dict[str, float]:
-    """Validation loss and perplexity per set (token-weighted, sharded over ranks, all-reduced).
+             env: dist.DistEnv, collate_fn: Callable, autocast: Callable,
+             hooks: Sequence[EvalHook] = ()) -> dict[str, float]:
+    """Validation loss and perplexity per set (token-weighted, sharded over ranks, all-reduced),
+    plus the hooks' metrics (run on the main rank alone, then broadcast: no collectives inside).
 
     Runs the plain module, not the DDP wrapper: no gradient sync is wanted, and ranks may see a
     different number of batches.
@@ -134,35 +154,49 @@ def evaluate(model: nn.Module, eval_sets: Mapping[str, Dataset], loss_fn: Callab
             value = loss_sum / max(weight, 1e-12)
             out[f"val/{name}/loss"], out[f"val/{name}/ppl"] = value, math.exp(min(value, 50.0))
             losses.append(value)
+        extra: dict[str, float] = {}
+        for hook in hooks if env.is_main else ():
+            with autocast():
+                extra.update(hook(model))
     model.train(was_training)
-    out["val_loss"] = sum(losses) / len(losses)
-    return out
+    if losses:
+        out["val_loss"] = sum(losses) / len(losses)
+    return {**out, **(dist.broadcast_object(extra) if hooks else {})}
 
 
 def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConfig,
         eval_data: Dataset | Mapping[str, Dataset] | None = None,
         trainable: list[nn.Parameter] | None = None, collate_fn: Callable | None = None,
-        on_save: Callable[[nn.Module, int], dict[str, bytes] | None] | None = None) -> FitResult:
+        on_save: Callable[[nn.Module, int], dict[str, bytes] | None] | None = None,
+        eval_hooks: Sequence[EvalHook] = ()) -> FitResult:
     """Train `model` on `train_data` with `loss_fn`; see the module docstring.
 
     trainable: the parameters to optimise (others are frozen); None = all with requires_grad.
     eval_data: one dataset or {name: dataset}; evaluated every `eval_every` steps and at the end.
     on_save(model, step) -> {file name: bytes}: extra files (e.g. adapters) stored, checksummed,
-    inside each checkpoint. Runs under torchrun unchanged (DDP, sharded data).
+    inside each checkpoint. eval_hooks: run on the main process at each evaluation (stage.py's
+    generation accuracy for eval_gen_data). cfg's expert backend (moe_backend / use_kt) is applied
+    to the model here, after the stage's LoRA. Runs under torchrun unchanged (DDP, sharded data).
     """
     eval_sets = {"val": eval_data} if isinstance(eval_data, Dataset) else dict(eval_data or {})
-    cfg.validate(has_eval_data=bool(eval_sets))
+    cfg.validate(bool(eval_sets or eval_hooks), model_config=getattr(model, "config", None))
+    if cfg.eval_gen_data and not eval_hooks:
+        raise ConfigError("eval_gen_data is set but this stage passes no eval_hooks to fit "
+                          "(build them with trainer.stage.generation_hooks)")
     env = dist.init_distributed(cfg.device)
     collate_fn = collate_fn or default_collate
+    log = print if env.is_main else (lambda *_: None)
 
     model.to(env.device)
     if trainable is not None:
         chosen = {id(p) for p in trainable}
         for p in model.parameters():
             p.requires_grad_(id(p) in chosen)
+    apply_expert_backend(model, cfg, log)
     groups = param_groups(model, trainable, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, env.device.type)
+    register_kt_refresh(optimizer, model)   # kt keeps its own packed LoRA copy (no-op without kt)
     global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_data) / global_batch)
     schedule = CosineSchedule(optimizer, max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -170,7 +204,6 @@ def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConf
 
     step, samples, best_val, wandb_id = 0, 0, None, None
     seed_everything(cfg.seed + env.rank)   # different dropout masks per rank, same data order
-    log = print if env.is_main else (lambda *_: None)
     resume_from = dist.broadcast_object(ckpt_io.resolve_resume(cfg.resume, cfg.out_dir, log)
                                         if env.is_main else None)
     if resume_from is not None:
@@ -312,12 +345,12 @@ def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConf
                 metric_sums.clear()
                 t_last, steps_since = time.perf_counter(), 0
             val_loss = None
-            if eval_sets and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+            if (eval_sets or eval_hooks) and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
                 check_finite()
                 t_eval = time.perf_counter()
-                result.val = evaluate(model, eval_sets, loss_fn, cfg, env, collate_fn, autocast)
-                val_loss = result.val["val_loss"]
-                if result.best_val_loss is None or val_loss < result.best_val_loss:
+                result.val = evaluate(model, eval_sets, loss_fn, cfg, env, collate_fn, autocast, eval_hooks)
+                val_loss = result.val.get("val_loss")
+                if val_loss is not None and (result.best_val_loss is None or val_loss < result.best_val_loss):
                     result.best_val_loss = val_loss
                 logger.log(step, result.val)
                 t_last += time.perf_counter() - t_eval    # keep tokens/s about training only

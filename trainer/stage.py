@@ -2,14 +2,17 @@
 
 Scope: tokenizer, model (fresh from a preset or shaped like `init_from`), datasets (files or
 registry names, per-dataset validation sets, an optional hold-out split) built once on rank 0
-while the other ranks wait and then read the token cache, and the final model export. What
-differs between stages (data kind, loss, trainable parameters, defaults) stays in the scripts.
+while the other ranks wait and then read the token cache, the evaluation hooks handed to fit
+(generation accuracy on `eval_gen_data`) and the final model export. What differs between stages
+(data kind, loss, trainable parameters, defaults) stays in the scripts.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from torch import nn
 from torch.utils.data import Dataset
 
 from dataset.lm_dataset import load_files, split_train_eval
@@ -20,7 +23,7 @@ from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 from trainer import distributed as dist
 from trainer.config import ConfigError, TrainConfig
-from trainer.loop import FitResult, seed_everything
+from trainer.loop import EvalHook, FitResult, seed_everything
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
@@ -72,6 +75,30 @@ def load_data(cfg: TrainConfig, kind: str, tokenizer: Tokenizer, env: dist.DistE
     if cfg.eval_fraction:
         train, evals["holdout"] = split_train_eval(train, cfg.eval_fraction, seed=cfg.seed)
     return train, evals
+
+
+def generation_hooks(cfg: TrainConfig, tokenizer: Tokenizer) -> list[EvalHook]:
+    """fit's eval_hooks for `eval_gen_data`: greedy GSM8K-style accuracy on its first
+    `eval_gen_samples` questions, logged as `val_gen_accuracy` (+ no-answer / truncated counts).
+
+    Lives here, not in the loop, so trainer/loop.py never imports the evaluation package. Each
+    evaluation decodes eval_gen_samples x eval_gen_max_new_tokens tokens: keep both small.
+    """
+    if not cfg.eval_gen_data:
+        return []
+    from evaluation.runner import generation_accuracy, load_gsm8k
+    items = load_gsm8k(cfg.eval_gen_data, limit=cfg.eval_gen_samples)
+    if not items:
+        raise ConfigError(f"eval_gen_data {cfg.eval_gen_data!r} holds no questions")
+
+    def hook(model: nn.Module) -> Mapping[str, float]:
+        res = generation_accuracy(dist.unwrap(model), tokenizer, items,
+                                  max_new_tokens=cfg.eval_gen_max_new_tokens,
+                                  enable_thinking=cfg.eval_gen_thinking,
+                                  batch_size=min(cfg.batch_size, len(items)) or 1)
+        return {"val_gen_accuracy": res["accuracy"], "val_gen_no_answer": res["no_answer"] / res["n"],
+                "val_gen_truncated": res["truncated"] / res["n"]}
+    return [hook]
 
 
 def export_final(model: MiniMindLM, cfg: TrainConfig, env: dist.DistEnv) -> Path:
