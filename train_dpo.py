@@ -21,13 +21,13 @@ import functools
 from dataclasses import dataclass
 
 from dataset.lm_dataset import make_collate
-from train_lora import LoRAOptions, attach_lora, export_adapter
 from trainer import distributed as dist
 from trainer import dpo
+from trainer.adapters import LoRAOptions, attach_lora, export_adapter
 from trainer.checkpoint import load_weights
 from trainer.config import option, parse_config
 from trainer.loop import fit, make_autocast
-from trainer.stage import build_model, export_final, load_data, load_tokenizer, summary
+from trainer.stage import build_model, export_final, generation_hooks, load_data, load_tokenizer, summary
 
 
 @dataclass
@@ -97,7 +97,8 @@ def main() -> None:
         reference = dpo.frozen_reference(dpo.frozen_copy(model).to(env.device))
 
     result = fit(model, train, dpo.make_dpo_loss(settings, reference), fit_cfg, eval_data=evals,
-                 trainable=trainable, collate_fn=collate, on_save=on_save)
+                 trainable=trainable, collate_fn=collate, on_save=on_save,
+                 eval_hooks=generation_hooks(cfg, tokenizer))
     if cfg.lora_rank > 0:
         export_adapter(model, cfg, env)
     else:

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dataset.lm_dataset import make_collate
-from train_lora import LoRAOptions, attach_lora, export_adapter
 from trainer import distributed as dist
+from trainer.adapters import LoRAOptions, attach_lora, export_adapter
 from trainer.config import option, parse_config
 from trainer.loop import fit
 from trainer.losses import lm_loss

@@ -9,45 +9,19 @@
 Same data and loss as full SFT (assistant tokens only); only the adapters train. out_dir/final gets
 adapter_model.safetensors + adapter_config.json (naming its base; model.lora.load_adapter reads
 them), as does every checkpoint; --merge_on_save adds out_dir/final_merged/, a plain model folder.
-`LoRAOptions` / `attach_lora` are reused by train_dpo.py.
+The adapter plumbing (options, attach, export) lives in trainer/adapters.py.
 """
 from __future__ import annotations
 
-import dataclasses
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
-
-from torch import nn
 
 from dataset.lm_dataset import make_collate
-from model.lora import apply_lora, export_merged, lora_parameters, save_adapter
 from trainer import distributed as dist
-from trainer.checkpoint import load_weights
-from trainer.config import ConfigError, TrainConfig, option, parse_config
+from trainer.adapters import LoRAOptions, attach_lora, export_adapter
+from trainer.config import ConfigError, parse_config
 from trainer.loop import fit
 from trainer.losses import lm_loss
-from trainer.stage import build_model, load_data, load_tokenizer, summary
-
-
-@dataclass
-class LoRAOptions(TrainConfig):
-    """Adapter options, named as in LLaMA-Factory so its YAML keys work unchanged."""
-
-    lora_rank: int = option(16, "adapter rank r (MiniMind: 16)")
-    lora_alpha: float = option(0.0, "scale numerator: s = alpha/r (0 = 2*rank, LLaMA-Factory's default)")
-    lora_dropout: float = option(0.0, "dropout on the adapter input")
-    lora_target: str = option("all", "'all' (every Linear but lm_head/router), 'all_attention', "
-                            "or comma-separated module names such as q_proj,v_proj")
-    use_rslora: bool = option(False, "rank-stabilised scaling s = alpha/sqrt(r)")
-    merge_on_save: bool = option(False, "also write out_dir/final_merged: base + adapters folded in")
-
-    def _problems(self) -> list[str]:
-        bad = self.lora_rank < 0 or (self.lora_alpha or 0.0) < 0 or not 0.0 <= self.lora_dropout < 1.0
-        got = f"{self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}"
-        return super()._problems() + ([f"need lora_rank, lora_alpha >= 0, lora_dropout in [0, 1); got {got}"]
-                                      if bad else [])
+from trainer.stage import build_model, generation_hooks, load_data, load_tokenizer, summary
 
 
 @dataclass
@@ -64,46 +38,6 @@ class LoRATrainConfig(LoRAOptions):
     epochs: float = 2.0
 
 
-def base_name(cfg: TrainConfig) -> str | None:
-    """What adapter_config.json records as the base model: init_from's absolute path."""
-    return str(Path(cfg.init_from).resolve()) if cfg.init_from else None
-
-
-def adapter_files(model: nn.Module, base: str | None) -> dict[str, bytes]:
-    """The adapter's two files as bytes (for checkpoints, which write them atomically)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        save_adapter(dist.unwrap(model), tmp, base_model=base)
-        return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
-
-
-def attach_lora(model: nn.Module, cfg: LoRAOptions
-                ) -> tuple[list[nn.Parameter], TrainConfig, Callable[[nn.Module, int], dict[str, bytes]]]:
-    """Load the base weights, add adapters; returns (trainable, the cfg for fit, on_save).
-
-    fit gets `init_from=''`: it would load init_from strictly into the *adapted* model and miss
-    the lora_A/lora_B keys. Resume is unaffected: checkpoints hold the adapted model's state."""
-    if cfg.init_from:
-        load_weights(cfg.init_from, model)
-    alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
-    apply_lora(model, cfg.lora_target, cfg.lora_rank, alpha, cfg.lora_dropout, cfg.use_rslora)
-    base = base_name(cfg)
-    on_save = lambda m, step: adapter_files(m, base)  # noqa: E731
-    return lora_parameters(model), dataclasses.replace(cfg, init_from=""), on_save
-
-
-def export_adapter(model: nn.Module, cfg: LoRAOptions, env: dist.DistEnv) -> Path:
-    """out_dir/final = the adapter (+ out_dir/final_merged with --merge_on_save), on rank 0."""
-    out = Path(cfg.out_dir) / "final"
-    if env.is_main:
-        save_adapter(dist.unwrap(model), out, base_model=base_name(cfg))
-        print(f"[done] adapter saved to {out}", flush=True)
-        if cfg.merge_on_save:
-            merged = export_merged(dist.unwrap(model), out.with_name("final_merged"))
-            print(f"[done] merged model saved to {merged}", flush=True)
-    dist.barrier()
-    return out
-
-
 def main() -> None:
     cfg = parse_config(LoRATrainConfig, description=__doc__)
     if not cfg.init_from or cfg.lora_rank < 1:   # not in _problems: fit validates a copy with init_from=''
@@ -114,7 +48,8 @@ def main() -> None:
     model = build_model(cfg, tokenizer)
     trainable, fit_cfg, on_save = attach_lora(model, cfg)
     result = fit(model, train, lm_loss, fit_cfg, eval_data=evals, trainable=trainable,
-                 collate_fn=make_collate(tokenizer.pad_id), on_save=on_save)
+                 collate_fn=make_collate(tokenizer.pad_id), on_save=on_save,
+                 eval_hooks=generation_hooks(cfg, tokenizer))
     export_adapter(model, cfg, env)
     if env.is_main:
         print(summary(result), flush=True)

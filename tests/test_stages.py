@@ -24,6 +24,7 @@ from model.lora import disable_lora, load_adapter
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 from scripts import generate_sft_data
+from trainer import adapters
 from trainer.config import ConfigError, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def test_lora_reads_llamafactory_yaml_keys(files, tmp_path):
     cfg = parse_config(train_lora.LoRATrainConfig, ["--config", str(yaml_file), "--lora_rank", "2"])
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora) == (2, 8.0, 0.05, True)
     model = MiniMindLM(MiniMindConfig.from_json(files["base"] / "config.json"))
-    trainable, fit_cfg, _ = train_lora.attach_lora(model, cfg)
+    trainable, fit_cfg, _ = adapters.attach_lora(model, cfg)
     assert fit_cfg.init_from == "" and model.lora_config.scale == pytest.approx(8 / math.sqrt(2))
     assert {m.rsplit(".", 1)[1] for m in model.lora_config.modules} == {"q_proj", "v_proj"}
     assert sum(p.numel() for p in trainable) == sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -85,8 +85,11 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _num_tokens(batch: Any) -> int:
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+    """Tokens fed to the model: every `*input_ids` tensor (DPO has chosen_ and rejected_)."""
+    if not isinstance(batch, Mapping):
+        return 0
+    return sum(int(v.numel()) for k, v in batch.items()
+               if k.endswith("input_ids") and isinstance(v, torch.Tensor))
 
 
 def make_autocast(device_type: str, dtype: str) -> Callable[[], Any]:
