@@ -53,6 +53,7 @@ from safetensors.torch import load_file, save_file
 from .config import MiniMindConfig
 from .io import atomic_path, atomic_write_bytes, save_pretrained
 from .model import MiniMindLM
+from .tokenizer import PRETOKENIZE_REGEX
 
 
 class ConversionError(ValueError):
@@ -605,6 +606,9 @@ def _gguf_pre_tokenizer(tokenizer_json: dict, source: str) -> str:
         return "gpt-2"
     if kinds == [("Digits", True, True, False), byte_level]:
         return "starcoder"  # llama.cpp: split every digit, then the GPT-2 regex
+    split = steps[0].get("pattern", {}).get("Regex") if steps[0].get("type") == "Split" else None
+    if split == PRETOKENIZE_REGEX and kinds[1:] == [("ByteLevel", None, False, False)]:
+        return "qwen2"  # llama.cpp's qwen2 pre-tokenizer is this very pattern
     raise ConversionError(f"{source}: pre-tokenizer {kinds} has no exact llama.cpp equivalent; a "
                           "GGUF with a guessed one would tokenize some inputs differently")
 

@@ -24,6 +24,15 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+# Pre-token split (the Qwen2 pattern family): single digits, words with one leading space or
+# punctuation mark, and every run of newlines as ONE pre-token whatever follows it. The GPT-2
+# pattern splits "\n\nAfter" into "\n" + "\n" + "After" but a prompt that ends in "\n\n" into
+# "\n\n": the generation prompt (ending "</think>\n\n") then starts the answer with a token the
+# model never saw there in training, and the first words come out garbled.
+PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 DEFAULT_DIR = Path(__file__).resolve().parent / "tokenizer"
 
 Message = dict[str, Any]

@@ -47,9 +47,9 @@ class Scale:
 
 
 SCALES = {
-    "default": Scale(n_pretrain=30000, n_sft=12000, n_dpo=3000, n_test=200, teacher="demo",
-                     student="demo-small", pretrain_steps=400, sft_steps=600, lora_steps=100,
-                     dpo_steps=60, distill_steps=400, batch_size=16, seq_len=256),
+    "default": Scale(n_pretrain=30000, n_sft=20000, n_dpo=3000, n_test=200, teacher="demo",
+                     student="demo-small", pretrain_steps=300, sft_steps=600, lora_steps=80,
+                     dpo_steps=60, distill_steps=300, batch_size=32, seq_len=160),
     "smoke": Scale(n_pretrain=400, n_sft=300, n_dpo=100, n_test=20, teacher="tiny",
                    student="tiny", pretrain_steps=4, sft_steps=4, lora_steps=2, dpo_steps=2,
                    distill_steps=2, batch_size=4, seq_len=128),

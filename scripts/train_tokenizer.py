@@ -6,8 +6,8 @@ Scope: builds `tokenizer.json` + `tokenizer_config.json` (HF layout, so transfor
 - Ids: `<|endoftext|>`=0 (pad/unk), `<|im_start|>`=1 (bos), `<|im_end|>`=2 (eos), then the
   ordinary (non-special) added tokens `<tool_call>` `</tool_call>` `<tool_response>`
   `</tool_response>` `<think>` `</think>` = 3..8, as in MiniMind's REFERENCE.md.
-- Digits: every digit is its own pre-token (`Digits(individual_digits=True)` before the GPT-2
-  byte-level split), so "1234" is always 1,2,3,4. A number's tokens then line up with its place
+- Digits: every digit is its own pre-token (`\\p{N}` in PRETOKENIZE_REGEX), so "1234" is always
+  1,2,3,4. A number's tokens then line up with its place
   values, which is what makes multi-digit arithmetic learnable for a small model; merged digit
   chunks ("12" + "34" vs "1" + "234") would hide the carries.
 - Corpus: by default the project's own synthetic generator (dataset/synthetic.py), so
@@ -43,9 +43,10 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.atomic import atomic_write_text
+from model.tokenizer import PRETOKENIZE_REGEX
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
@@ -152,8 +153,8 @@ def build_tokenizer() -> Tokenizer:
     """An untrained byte-level BPE with per-digit splitting (see the module docstring)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     return tok

@@ -355,7 +355,7 @@ def test_gguf_export_reads_back(tmp_path, qk_norm):
     assert field("general.architecture") == arch
     assert field(f"{arch}.block_count") == 2 and field(f"{arch}.attention.head_count_kv") == 2
     assert field(f"{arch}.rope.freq_base") == 1e6
-    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "starcoder"
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "qwen2"
     tok = Tokenizer.from_dir()
     tokens = field("tokenizer.ggml.tokens")
     assert len(tokens) == 6400 and tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -265,3 +265,15 @@ def test_fingerprint_tracks_content(tok: Tokenizer) -> None:
     assert tok.fingerprint == Tokenizer.from_dir().fingerprint
     if UPSTREAM_DIR.is_dir():
         assert tok.fingerprint != Tokenizer.from_dir(UPSTREAM_DIR).fingerprint
+
+
+def test_generation_prompt_tokens_are_a_prefix_of_the_training_tokens():
+    """The answer must start at the same token boundary at inference as in training: the prompt
+    ends in "</think>\\n\\n", and a pre-tokenizer that splits "\\n\\nAfter" differently from a
+    trailing "\\n\\n" would start every answer with a token never seen there in training."""
+    tok = Tokenizer.from_dir()
+    for answer in ["After 251 people get off.", "\n\nLeading newlines", " spaced", "42", "中文"]:
+        messages = [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": answer}]
+        full = tok.encode(tok.apply_chat_template(messages))
+        prompt = tok.encode(tok.apply_chat_template(messages[:1], add_generation_prompt=True))
+        assert full[: len(prompt)] == prompt, answer
