@@ -125,32 +125,36 @@ def bench_decode(bandwidth: float, quick: bool) -> list[dict]:
 
 
 def bench_moe_layer(quick: bool) -> list[dict]:
+    """Grouped dispatch vs the per-expert masking loop at a training-sized batch (compute-bound:
+    both run the same matmuls) and at a decode-sized one (dispatch overhead dominates)."""
     cfg = MiniMindConfig.from_preset("minimind2-small", use_moe=True, num_experts=8,
                                      num_experts_per_tok=2, moe_intermediate_size=1408)
     torch.manual_seed(0)
     layer = MoEFeedForward(cfg)
-    T = 1024 if quick else 2048
-    x = torch.randn(T, cfg.hidden_size, requires_grad=True)
     rows = []
-    for name, dtype in (("fp32", torch.float32), ("bf16 autocast", torch.bfloat16)):
-        def run(naive: bool):
-            ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16
-                   else contextlib.nullcontext())
-            with ctx:
-                _, ids, w = layer.route(x)
-                y = (naive_experts_forward(layer.experts, x, ids, w) if naive
-                     else layer.experts(x, ids, w))
-            y.float().sum().backward()
+    for T in ((1024, 16) if quick else (2048, 16)):
+        x = torch.randn(T, cfg.hidden_size, requires_grad=True)
+        for name, dtype in (("fp32", torch.float32), ("bf16 autocast", torch.bfloat16)):
+            def run(naive: bool):
+                ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16
+                       else contextlib.nullcontext())
+                with ctx:
+                    _, ids, w = layer.route(x)
+                    y = (naive_experts_forward(layer.experts, x, ids, w) if naive
+                         else layer.experts(x, ids, w))
+                y.float().sum().backward()
 
-        grouped = best_time(lambda: run(False), repeat=3)
-        naive = best_time(lambda: run(True), repeat=3)
-        rows.append(dict(bench="MoE layer fwd+bwd E=8 top-2 D=512 I=1408", variant=name, tokens=T,
-                         grouped_tokens_per_s=T / grouped, naive_tokens_per_s=T / naive,
-                         speedup=naive / grouped))
+            grouped = best_time(lambda: run(False), repeat=5 if T < 100 else 3)
+            naive = best_time(lambda: run(True), repeat=5 if T < 100 else 3)
+            rows.append(dict(bench="MoE layer fwd+bwd E=8 top-2 D=512 I=1408", variant=name,
+                             tokens=T, grouped_tokens_per_s=T / grouped,
+                             naive_tokens_per_s=T / naive, speedup=naive / grouped))
     return rows
 
 
 def bench_moe_model(peaks: dict, quick: bool) -> list[dict]:
+    """Top-1 MoE vs the dense model with the same active parameters. The full step includes
+    AdamW over all parameters (3× more for 4 experts), so fwd+bwd alone is reported too."""
     dense = MiniMindConfig.from_preset("minimind2-small")
     moe = MiniMindConfig.from_preset("minimind2-small", use_moe=True, num_experts=4,
                                      num_experts_per_tok=1, n_shared_experts=0,
@@ -158,16 +162,26 @@ def bench_moe_model(peaks: dict, quick: bool) -> list[dict]:
                                      aux_loss_coef=0.01, aux_loss_kind="token")
     B, S = (2, 256) if quick else (4, 512)
     ids = torch.randint(0, dense.vocab_size, (B, S))
-    rows, times = [], {}
+    rows, step_t, fb_t = [], {}, {}
     for name, cfg in (("dense", dense), ("moe 4 experts top-1", moe)):
         torch.manual_seed(0)
         model = MiniMindLM(cfg).train()
-        times[name] = best_time(train_step_fn(model, ids, torch.bfloat16), repeat=2 if quick else 3)
+
+        def fwd_bwd():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(ids, labels=ids).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        fb_t[name] = best_time(fwd_bwd, repeat=2 if quick else 3)
+        step_t[name] = best_time(train_step_fn(model, ids, torch.bfloat16), repeat=2 if quick else 3)
         rows.append(dict(bench="model step bf16 (equal active params)", variant=name,
                          active_params_m=cfg.num_parameters(active=True) / 1e6,
-                         total_params_m=cfg.num_parameters() / 1e6, seconds=times[name],
-                         tokens_per_s=B * S / times[name]))
-    rows[-1]["moe_vs_dense_throughput"] = times["dense"] / times["moe 4 experts top-1"]
+                         total_params_m=cfg.num_parameters() / 1e6, step_s=step_t[name],
+                         fwd_bwd_s=fb_t[name], tokens_per_s=B * S / step_t[name]))
+    key = "moe 4 experts top-1"
+    rows[-1]["moe_vs_dense_step"] = step_t["dense"] / step_t[key]
+    rows[-1]["moe_vs_dense_fwd_bwd"] = fb_t["dense"] / fb_t[key]
     return rows
 
 

@@ -10,9 +10,10 @@ from model.model import MiniMindLM
 from tests.trainer_driver import RandomRows
 from trainer import checkpoint as ck
 from trainer.config import TrainConfig
-from trainer.loop import TrainingDiverged, fit, seed_everything
+from trainer.loop import TrainingDiverged, fit
 from trainer.losses import batch_weight, causal_lm_loss, lm_loss
 from trainer.optim import CosineSchedule, param_groups
+from trainer.rng import seed_everything
 from trainer.sampler import StreamSampler, epoch_permutation
 
 

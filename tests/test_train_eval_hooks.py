@@ -12,8 +12,9 @@ from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 from tests.trainer_driver import RandomRows
 from trainer.config import ConfigError, TrainConfig
-from trainer.loop import fit, seed_everything
+from trainer.loop import fit
 from trainer.losses import lm_loss
+from trainer.rng import seed_everything
 from trainer.stage import generation_hooks
 
 

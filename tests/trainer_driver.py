@@ -22,8 +22,9 @@ from model.model import MiniMindLM
 from trainer import distributed as dist
 from trainer.checkpoint import FAULT_ENV
 from trainer.config import TrainConfig, option, parse_config
-from trainer.loop import fit, seed_everything
+from trainer.loop import fit
 from trainer.losses import lm_loss
+from trainer.rng import seed_everything
 
 
 @dataclass

@@ -12,14 +12,12 @@ caught before anything is saved. (`nan_policy=skip` and fp16's GradScaler read a
 from __future__ import annotations
 
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -31,6 +29,7 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.logging import RunLogger, flops_per_token, peak_tflops
 from trainer.losses import batch_weight
 from trainer.optim import CosineSchedule, build_optimizer, param_groups
+from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.sampler import StreamSampler, eval_indices
 
 AMP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,28 +52,6 @@ class FitResult:
     best_val_loss: float | None = None
     checkpoint: Path | None = None
     skipped_steps: int = 0
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices); call before building the model."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -23,7 +23,8 @@ from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 from trainer import distributed as dist
 from trainer.config import ConfigError, TrainConfig
-from trainer.loop import EvalHook, FitResult, seed_everything
+from trainer.loop import EvalHook, FitResult
+from trainer.rng import seed_everything
 
 
 def load_tokenizer(cfg: TrainConfig) -> Tokenizer:

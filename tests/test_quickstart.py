@@ -1,0 +1,32 @@
+"""The quickstart pipeline end to end at the smoke scale: every stage runs through its real CLI,
+is evaluated on the held-out split, and lands in the report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_pipeline_writes_report_with_every_stage(tmp_path):
+    out = tmp_path / "qs"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "scripts/quickstart.py", "--scale", "smoke", "--out",
+                           str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["stage"] for r in rows] == ["pretrain", "full SFT", "LoRA (on SFT)", "DPO (on SFT)",
+                                          "distilled student (tiny)"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    report = (out / "REPORT.md").read_text()
+    assert report.count("| ") >= 5 and "loss_curve.png" in report
+    for stage in ("pretrain", "sft", "dpo", "distill"):  # self-contained model folders
+        final = out / stage / "final"
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in final.iterdir()}
+    assert (out / "lora" / "final" / "adapter_model.safetensors").exists()
+    test_questions = {json.loads(line)["question"] for line in open(out / "data" / "test.jsonl")}
+    train_text = (out / "data" / "sft.jsonl").read_text()
+    assert test_questions and not any(q in train_text for q in test_questions)
+    assert "eval_model.py --model" in proc.stdout and "serve_openai_api.py" in proc.stdout
