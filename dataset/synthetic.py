@@ -105,13 +105,63 @@ def _run_chain(
     return values
 
 
+def column_work(a: int, op: str, b: int) -> str | None:
+    """Schoolbook column arithmetic, ones column first, e.g.
+    ``48 + 37: 8 + 7 = 15 carry 1, 4 + 3 + 1 = 8, so 48 + 37 = 85.``
+
+    Why: a small model writes the answer's digits most significant first, but the carries flow
+    the other way; written out column by column, every digit it must produce is a one-digit fact
+    plus a carry it has just written, and the final number is copied from the columns.
+    None for one-digit facts (times tables, single-digit sums), which need no work.
+    """
+    if op == "*":
+        if a < 10 or b >= 10:
+            return None
+        parts, carry = [], 0
+        for i, d in enumerate(reversed(str(a))):
+            v = int(d) * b + carry
+            last = i == len(str(a)) - 1
+            parts.append(f"{d} * {b}" + (f" + {carry}" if carry else "") + f" = {v}"
+                         + (f" carry {v // 10}" if v >= 10 and not last else ""))
+            carry = v // 10
+        return f"{a} * {b}: " + ", ".join(parts) + f", so {a} * {b} = {a * b}."
+    if max(a, b) < 10 or (op == "-" and a < b):
+        return None
+    width = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    parts, carry = [], 0
+    for i, (x, y) in enumerate(zip(da, db)):
+        x, y, last = int(x), int(y), i == width - 1
+        if op == "+":
+            v = x + y + carry
+            text = f"{x} + {y}" + (" + 1" if carry else "") + f" = {v}"
+            carry = int(v >= 10 and not last)
+            parts.append(text + (" carry 1" if carry else ""))
+        else:
+            borrow = int(x - carry < y)
+            top = x + 10 * borrow
+            v = top - carry - y
+            parts.append(f"{top}" + (" - 1" if carry else "") + f" - {y} = {v}"
+                         + (" borrow 1" if borrow else ""))
+            carry = borrow
+    result = a + b if op == "+" else a - b
+    return f"{a} {op} {b}: " + ", ".join(parts) + f", so {a} {op} {b} = {result}."
+
+
 def render_chain(
     chain: tuple[Step, ...], slip_at: int = -1, slip: Callable[[int], int] | None = None
 ) -> tuple[tuple[str, ...], int]:
-    """Render a chain of steps to text lines; returns (lines, final answer)."""
+    """Render a chain of steps to text lines (each step's column work first, when it needs
+    any); returns (lines, final answer). A slipped step keeps its columns but states the slipped
+    result, as a student who misread their own working would."""
     values = _run_chain(chain, slip_at, slip)
-    lines = tuple(f"{st.lead}{a} {st.op} {b} = {r}{st.tail}" for st, (a, b, r) in zip(chain, values))
-    return lines, values[-1][2]
+    lines: list[str] = []
+    for st, (a, b, r) in zip(chain, values):
+        work = column_work(a, st.op, b)
+        if work is not None:
+            lines.append(work.rsplit(" = ", 1)[0] + f" = {r}.")
+        lines.append(f"{st.lead}{a} {st.op} {b} = {r}{st.tail}")
+    return tuple(lines), values[-1][2]
 
 
 _NAMES = ["Tom", "Anna", "Liam", "Mia", "Noah", "Emma", "Lucas", "Sofia", "Ben", "Lily",

@@ -35,24 +35,27 @@ class Scale:
     n_sft: int
     n_dpo: int
     n_test: int
-    teacher: str
-    student: str
+    teacher: str  # model preset of pretrain → SFT → LoRA → DPO
+    student: str  # the smaller preset distillation trains from scratch
     pretrain_steps: int
+    pretrain_batch: int
     sft_steps: int
     lora_steps: int
     dpo_steps: int
     distill_steps: int
-    batch_size: int
+    batch_size: int  # SFT, LoRA, distillation (DPO takes half: each pair is two sequences)
     seq_len: int
+    max_new_tokens: int  # evaluation: a two-step solution with column work is ~150 tokens
 
 
 SCALES = {
-    "default": Scale(n_pretrain=30000, n_sft=20000, n_dpo=3000, n_test=200, teacher="demo",
-                     student="demo-small", pretrain_steps=300, sft_steps=600, lora_steps=80,
-                     dpo_steps=60, distill_steps=300, batch_size=32, seq_len=160),
+    "default": Scale(n_pretrain=30000, n_sft=20000, n_dpo=2000, n_test=200, teacher="demo",
+                     student="demo-small", pretrain_steps=200, pretrain_batch=16, sft_steps=500,
+                     lora_steps=60, dpo_steps=40, distill_steps=200, batch_size=16, seq_len=256,
+                     max_new_tokens=256),
     "smoke": Scale(n_pretrain=400, n_sft=300, n_dpo=100, n_test=20, teacher="tiny",
-                   student="tiny", pretrain_steps=4, sft_steps=4, lora_steps=2, dpo_steps=2,
-                   distill_steps=2, batch_size=4, seq_len=128),
+                   student="tiny", pretrain_steps=4, pretrain_batch=4, sft_steps=4, lora_steps=2,
+                   dpo_steps=2, distill_steps=2, batch_size=4, seq_len=128, max_new_tokens=32),
 }
 
 
@@ -70,10 +73,10 @@ class Pipeline:
         subprocess.run([sys.executable, *args], cwd=REPO, check=True)
         return time.perf_counter() - t0
 
-    def common(self, out_dir: Path, steps: int, lr: float) -> list[str]:
+    def common(self, out_dir: Path, steps: int, lr: float, batch: int = 0) -> list[str]:
         s = self.scale
         return ["--out_dir", str(out_dir), "--tokenizer_dir", str(self.tokenizer),
-                "--max_steps", str(steps), "--lr", str(lr), "--batch_size", str(s.batch_size),
+                "--max_steps", str(steps), "--lr", str(lr), "--batch_size", str(batch or s.batch_size),
                 "--seq_len", str(s.seq_len), "--seed", str(self.seed),
                 "--log_every", str(max(1, steps // 10))]
 
@@ -90,7 +93,7 @@ class Pipeline:
         eval_dir = (out_dir or model.parent) / "eval"
         args = ["eval_model.py", "--model", str(model), "--bench", "gsm8k",
                 "--data", f"gsm8k={self.data / 'test.jsonl'}", "--out", str(eval_dir),
-                "--max_new_tokens", "96", "--batch_size", "32"]
+                "--max_new_tokens", str(self.scale.max_new_tokens), "--batch_size", "50"]
         if lora is not None:
             args += ["--lora", str(lora)]
         self.run(f"evaluate after {stage}", *args)
@@ -117,7 +120,7 @@ class Pipeline:
         t += self.run("pretrain", "train_pretrain.py", "--data_path",
                       str(self.data / "pretrain.jsonl"), "--model_preset", s.teacher,
                       "--warmup_steps", str(max(1, s.pretrain_steps // 20)),
-                      *self.common(pre, s.pretrain_steps, 2e-3))
+                      *self.common(pre, s.pretrain_steps, 2e-3, s.pretrain_batch))
         self.evaluate("pretrain", self.finalize(pre), t)
 
         sft = self.out / "sft"
@@ -135,7 +138,7 @@ class Pipeline:
         dpo = self.out / "dpo"
         t = self.run("DPO", "train_dpo.py", "--init_from", str(sft / "final"),
                      "--data_path", str(self.data / "dpo.jsonl"), "--beta", "0.1",
-                     *self.common(dpo, s.dpo_steps, 5e-6))
+                     *self.common(dpo, s.dpo_steps, 5e-6, max(1, s.batch_size // 2)))
         self.evaluate("DPO (on SFT)", self.finalize(dpo), t)
 
         student = self.out / "distill"

@@ -11,10 +11,28 @@ from pathlib import Path
 import pytest
 
 from dataset import synthetic as syn
-from dataset.synthetic import (Problem, dpo_pairs, is_test_question, make_problem,
+from dataset.synthetic import (column_work, Problem, dpo_pairs, is_test_question, make_problem,
                                pretrain_texts, sft_conversations, test_set, write_jsonl)
 
 STEP_RE = re.compile(r"(\d+) ([-+*]) (\d+) = (-?\d+)")
+
+
+COLUMN_RE = re.compile(r"^(\d+) ([-+*]) (\d+): (.*), so \1 \2 \3 = (\d+)\.$")
+TERM_RE = re.compile(r"^(\d+(?: [-+*] \d+)+) = (\d+)(?: (?:carry|borrow) \d+)?$")
+
+
+def check_column_work(line: str) -> None:
+    """Every column fact `x op y [op c] = v` is true and the stated result is a op b."""
+    a, op, b, body, result = COLUMN_RE.match(line).groups()
+    assert int(result) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    for part in body.split(", "):
+        m = TERM_RE.match(part)
+        assert m, f"bad column fact {part!r} in {line!r}"
+        tokens = m.group(1).split()
+        value = int(tokens[0])
+        for sym, num in zip(tokens[1::2], tokens[2::2]):
+            value = value * int(num) if sym == "*" else value + int(num) if sym == "+" else value - int(num)
+        assert value == int(m.group(2)), part
 
 
 def check_solution(text: str) -> int:
@@ -27,6 +45,9 @@ def check_solution(text: str) -> int:
     assert m, f"no final answer line in {text!r}"
     prev = None
     for line in lines:
+        if COLUMN_RE.match(line):
+            check_column_work(line)
+            continue
         (a, op, b, r), = STEP_RE.findall(line)
         a, b, r = int(a), int(b), int(r)
         assert r == {"+": a + b, "-": a - b, "*": a * b}[op], line
@@ -58,14 +79,16 @@ def test_answers_are_correct_and_numbers_modest() -> None:
         p = make_problem(rng)
         assert check_solution(p.solution) == p.answer
         assert p.solution.endswith(f"\n#### {p.answer}")
-        for a, op, b, _ in STEP_RE.findall(p.solution):
+        for a, op, b, _ in STEP_RE.findall("\n".join(x for x in p.solution.split("\n")
+                                                      if not COLUMN_RE.match(x))):
             if op == "*":
                 assert int(a) <= 99 and int(b) <= 9
             else:
                 assert int(a) <= 1000 and int(b) <= 1000
         assert p.answer >= 0
         # The given numbers of the first step come from the question.
-        a, _, b, _ = STEP_RE.findall(p.solution)[0]
+        first = next(x for x in p.solution.split("\n") if not COLUMN_RE.match(x))
+        a, _, b, _ = STEP_RE.findall(first)[0]
         assert a in p.question or b in p.question
 
 
@@ -163,3 +186,17 @@ def test_write_jsonl_and_cli(tmp_path: Path) -> None:
     test_rec = json.loads(lines["test"][0])
     assert set(test_rec) == {"question", "answer"} and is_test_question(test_rec["question"])
     check_solution(test_rec["answer"])
+
+
+def test_column_work_against_hand_written_lines() -> None:
+    assert column_work(48, "+", 37) == "48 + 37: 8 + 7 = 15 carry 1, 4 + 3 + 1 = 8, so 48 + 37 = 85."
+    assert column_work(57, "+", 82) == "57 + 82: 7 + 2 = 9, 5 + 8 = 13, so 57 + 82 = 139."
+    assert column_work(92, "-", 44) == "92 - 44: 12 - 4 = 8 borrow 1, 9 - 1 - 4 = 4, so 92 - 44 = 48."
+    assert column_work(12, "*", 9) == "12 * 9: 2 * 9 = 18 carry 1, 1 * 9 + 1 = 10, so 12 * 9 = 108."
+    assert column_work(7, "*", 9) is None and column_work(3, "+", 4) is None
+    for a in range(0, 120, 7):
+        for b in range(0, 120, 11):
+            for op in "+-":
+                line = column_work(a, op, b)
+                if line is not None:
+                    check_column_work(line)
