@@ -8,7 +8,9 @@ run, as a ratio:
 - greedy decoding at batch 1 and 8: tokens/s and the fraction of the bandwidth bound (bytes of
   weights + KV cache read per step / measured bandwidth);
 - an MoE layer forward + backward (8 experts, top-2): grouped dispatch vs MiniMind's naive loop;
-- an MoE model step (4 experts, top-1) vs the dense step with the same active parameters.
+- an MoE model step (4 experts, top-1) vs the dense step with the same active parameters;
+- the real loop and data pipeline (fit on packed real text) vs the bare step, and packed vs
+  padded data in useful tokens/s.
 
 Model FLOPs per token (PaLM appendix B): 6·N for the weights (N includes the tied head, which is
 a real matmul) + 12·L·H·D·S for attention scores and values (S = context). Usage:
@@ -20,14 +22,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from dataset import synthetic
+from dataset.lm_dataset import load_files, make_collate
 from model.config import MiniMindConfig
 from model.generate import SamplingParams, generate_tokens
 from model.model import MiniMindLM
 from model.moe import MoEFeedForward, naive_experts_forward
+from model.tokenizer import Tokenizer
+from trainer.config import TrainConfig
+from trainer.loop import fit
+from trainer.losses import lm_loss
 
 
 def best_time(fn, repeat: int, warmup: int = 1) -> float:
@@ -185,17 +195,73 @@ def bench_moe_model(peaks: dict, quick: bool) -> list[dict]:
     return rows
 
 
+def _paragraph_corpus(out: Path, max_chars: int) -> Path:
+    """Real text as {"text"} JSONL, one paragraph a record: Gutenberg from ../shared when present
+    (a user's clone has none), else the project's generated text."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain_text" / "gutenberg_en"
+    texts: list[str] = []
+    if shared.is_dir():
+        for f in sorted(shared.glob("*.txt")):
+            texts += [" ".join(p.split()) for p in f.read_text(errors="replace").split("\n\n")]
+            if sum(map(len, texts)) > max_chars:
+                break
+        source = "gutenberg_en"
+    else:
+        texts, source = synthetic.pretrain_texts(max_chars // 200, seed=0), "synthetic"
+    synthetic.write_jsonl([t for t in texts if t.strip()], out)
+    print(f"  loop bench corpus: {source}, {out.stat().st_size / 1e6:.1f} MB")
+    return out
+
+
+def bench_loop(quick: bool) -> list[dict]:
+    """The real loop and data pipeline (fit + packed dataset + collate + logging) against the bare
+    step on the same shapes, and packed vs one-paragraph-per-row padded data: useful (non-pad)
+    tokens per second."""
+    preset, B, S, steps = ("demo", 8, 256, 6) if quick else ("minimind2-small", 4, 512, 8)
+    tokenizer = Tokenizer.from_dir()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus = _paragraph_corpus(tmp / "text.jsonl", 2_000_000 if quick else 6_000_000)
+        cfg_model = MiniMindConfig.from_preset(preset)
+        torch.manual_seed(0)
+        bare_model = MiniMindLM(cfg_model).train()
+        ids = torch.randint(0, cfg_model.vocab_size, (B, S))
+        bare = best_time(train_step_fn(bare_model, ids, torch.bfloat16), repeat=3)
+        rows.append(dict(bench=f"pretrain {preset} {B}x{S} bf16", variant="bare step",
+                         useful_tokens_per_s=B * S / bare))
+        for mode in ("packed", "padded"):
+            data = load_files("pretrain", [corpus], tokenizer, S, mode=mode,
+                              cache_dir=tmp / "cache")
+            real = sum(int(data[i]["input_ids"].numel()) for i in range(min(len(data), 2000)))
+            real_per_row = real / min(len(data), 2000)
+            cfg = TrainConfig(out_dir=str(tmp / mode), max_steps=steps + 2, batch_size=B,
+                              seq_len=S, lr=1e-4, dtype="bf16", log_every=steps, progress=False,
+                              plot=False, seed=0)
+            torch.manual_seed(0)
+            model = MiniMindLM(cfg_model)
+            fit(model, data, lm_loss, cfg, collate_fn=make_collate(tokenizer.pad_id))
+            last = [json.loads(x) for x in open(tmp / mode / "metrics.jsonl") if '"step_time_s"' in x][-1]
+            step_s = last["step_time_s"]  # mean over the last log_every steps, set-up excluded
+            rows.append(dict(bench=f"pretrain {preset} {B}x{S} bf16", variant=f"fit, {mode} data",
+                             useful_tokens_per_s=B * real_per_row / step_s,
+                             loop_overhead_vs_bare=step_s / bare - 1 if mode == "packed" else None,
+                             mean_row_tokens=real_per_row))
+    return rows
+
+
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
-        cells = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()]
+        cells = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                 if v is not None]
         print("  " + "  ".join(cells))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
-    ap.add_argument("--only", default="train,decode,moe,moe_model",
-                    help="comma list of: train, decode, moe, moe_model")
+    ap.add_argument("--only", default="train,decode,moe,moe_model,loop",
+                    help="comma list of: train, decode, moe, moe_model, loop")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--json", default="", help="also write all figures to this JSON file")
     args = ap.parse_args()
@@ -212,7 +278,8 @@ def main() -> None:
     sections = [("train", lambda: bench_train(peaks, args.quick)),
                 ("decode", lambda: bench_decode(bandwidth, args.quick)),
                 ("moe", lambda: bench_moe_layer(args.quick)),
-                ("moe_model", lambda: bench_moe_model(peaks, args.quick))]
+                ("moe_model", lambda: bench_moe_model(peaks, args.quick)),
+                ("loop", lambda: bench_loop(args.quick))]
     for name, fn in sections:
         if name in only:
             print(f"[{name}]")
