@@ -29,7 +29,7 @@ import numpy as np
 
 from model.atomic import atomic_write_text
 
-CACHE_VERSION = 1  # bump when the meaning of cached arrays changes
+CACHE_VERSION = 2  # bump when the meaning of cached arrays changes
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "tokenized"
 _PROBE = "Hello, world! 你好，世界。 123 + 4.5 = ?\n\t<think>\n</think> café ÷ 😀"
 

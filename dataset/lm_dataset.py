@@ -48,6 +48,7 @@ class DataStats:
     samples: int = 0  # rows in the dataset
     truncated: int = 0  # samples cut to max_length
     dropped_no_supervision: int = 0  # samples with no supervised token left (never trained on)
+    dropped_identical: int = 0  # DPO pairs whose sides match after truncation (no preference signal)
     tokens: int = 0
     supervised_tokens: int = 0
     messages: list[str] = field(default_factory=list)  # first few problems, with file:line
@@ -57,10 +58,11 @@ class DataStats:
             self.messages.append(message)
 
     def __str__(self) -> str:
+        identical = f", {self.dropped_identical} identical pairs" if self.dropped_identical else ""
         text = (
             f"{self.samples} samples from {self.records} records ({self.skipped_bad} bad records skipped, "
-            f"{self.truncated} truncated, {self.dropped_no_supervision} dropped with no supervised token); "
-            f"{self.tokens} tokens, {self.supervised_tokens} supervised"
+            f"{self.truncated} truncated, {self.dropped_no_supervision} dropped with no supervised token"
+            f"{identical}); {self.tokens} tokens, {self.supervised_tokens} supervised"
         )
         return text + ("; " + " | ".join(self.messages) if self.messages else "")
 
@@ -186,6 +188,13 @@ def _build_dpo(
         if not all(e.mask.any() for e in encs.values()):
             stats.dropped_no_supervision += 1
             stats.note(f"{rec.where}: a response was truncated away at max_length {max_length}; dropped")
+            continue
+        if np.array_equal(encs["chosen"].ids, encs["rejected"].ids):
+            # the two replies differ only past max_length: a zero-gradient pair that would also
+            # count as a miss in the reward accuracy
+            stats.dropped_identical += 1
+            stats.note(f"{rec.where}: chosen and rejected are identical once truncated to max_length "
+                       f"{max_length}; dropped (raise max_length to keep it)")
             continue
         for s, enc in encs.items():
             sides[s][0].add(enc.ids)

@@ -91,7 +91,9 @@ def pairs(tmp_path_factory):
     path = tmp_path_factory.mktemp("dpo") / "dpo.jsonl"
     synthetic.write_jsonl(synthetic.dpo_pairs(16, seed=0), path)
     tok = Tokenizer.from_dir()
-    return load_files("dpo", path, tok, 96, use_cache=False), make_collate(tok.pad_id)
+    ds = load_files("dpo", path, tok, 256, use_cache=False)
+    assert len(ds) == 16   # no pair truncated to identical sides
+    return ds, make_collate(tok.pad_id)
 
 
 def tiny(seed: int = 0) -> MiniMindLM:

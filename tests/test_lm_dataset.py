@@ -115,6 +115,24 @@ def test_dpo_dataset_and_batch(tok, tmp_path):
             assert tok.decode(ids[labels != -100].tolist()) == f"<think>\n\n</think>\n\n{reply}<|im_end|>"
 
 
+def test_dpo_pair_identical_after_truncation_is_dropped_and_named(tok, tmp_path):
+    prompt = [{"role": "user", "content": "Count to ten."}]
+    same_start = "one two three four five six seven eight nine "
+    row = {"chosen": prompt + [{"role": "assistant", "content": same_start + "ten"}],
+           "rejected": prompt + [{"role": "assistant", "content": same_start + "eleven"}]}
+    short = {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+             "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]}
+    path = jsonl(tmp_path / "dpo.jsonl", [row, short, row])
+    full = load_files("dpo", path, tok, 128, use_cache=False)
+    assert len(full) == 3 and full.stats.dropped_identical == 0
+    n_common = len(tok.encode(tok.apply_chat_template(row["chosen"]))) - 4   # cut well before the difference
+    cut = load_files("dpo", path, tok, n_common, use_cache=False)
+    assert len(cut) == 1 and cut.stats.dropped_identical == 2
+    assert cut.stats.messages[0].startswith(f"{path}:1: chosen and rejected are identical")
+    assert cut.stats.messages[1].startswith(f"{path}:3: chosen and rejected are identical")
+    assert "2 identical pairs" in str(cut.stats)
+
+
 def test_cache_hit_does_not_call_the_tokenizer(tok, tmp_path, monkeypatch):
     path = jsonl(tmp_path / "sft.jsonl", [chat("hi", "hello"), chat("2+2?", "4")])
     cache = tmp_path / "cache"
