@@ -1,4 +1,4 @@
-"""White-box knowledge distillation: a student learns a teacher's next-token distributions.
+r"""White-box knowledge distillation: a student learns a teacher's next-token distributions.
 
     python train_distillation.py --teacher_path out/sft_big/final --init_from out/sft_small/final \
         --data_path data/synthetic/sft.jsonl --alpha 0.5 --temperature 1.5 --max_steps 1000

@@ -1,4 +1,4 @@
-"""Stage 2, supervised fine-tuning on chat data ({"conversations": [...]} JSONL): full or LoRA.
+r"""Stage 2, supervised fine-tuning on chat data ({"conversations": [...]} JSONL): full or LoRA.
 
     python train_full_sft.py --init_from out/pretrain/final --data_path data/synthetic/sft.jsonl \
         --max_steps 1000 --eval_fraction 0.02 --eval_every 100

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning on chat data: a frozen base model plus trainable low-rank adapters.
+r"""LoRA fine-tuning on chat data: a frozen base model plus trainable low-rank adapters.
 
     python train_lora.py --init_from out/sft/final --data_path data/synthetic/sft.jsonl \
         --lora_rank 16 --lora_target all --max_steps 500

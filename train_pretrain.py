@@ -1,4 +1,4 @@
-"""Stage 1, pretraining: next-token prediction on plain text ({"text": ...} JSONL).
+r"""Stage 1, pretraining: next-token prediction on plain text ({"text": ...} JSONL).
 
     python train_pretrain.py --data_path data/synthetic/pretrain.jsonl --model_preset tiny \
         --max_steps 2000 --eval_fraction 0.01 --eval_every 200 --save_every 500

@@ -44,3 +44,18 @@ def test_pretrain_then_sft(tmp_path, monkeypatch):
     start, end = load_pretrained(pre / "final"), load_pretrained(sft / "final")
     assert not torch.equal(start.lm_head.weight, end.lm_head.weight)
     assert (sft / "loss_curve.png").exists()
+
+
+def test_fresh_model_takes_its_vocabulary_from_the_tokenizer(tmp_path, monkeypatch):
+    """A 512-token tokenizer gives a fresh preset model 512 embedding rows, not the preset's 6400."""
+    from scripts import train_tokenizer
+    texts = synthetic.pretrain_texts(200, seed=0)
+    tok_dir = tmp_path / "tok"
+    train_tokenizer.save(train_tokenizer.train(texts, vocab_size=512), tok_dir)
+    synthetic.write_jsonl(texts, tmp_path / "pretrain.jsonl")
+    run_script(train_pretrain, monkeypatch, "--data_path", str(tmp_path / "pretrain.jsonl"),
+               "--tokenizer_dir", str(tok_dir), "--out_dir", str(tmp_path / "pre"), "--max_steps", "1",
+               "--batch_size", "2", "--seq_len", "32", "--log_every", "1")
+    model = load_pretrained(tmp_path / "pre" / "final")
+    assert model.config.vocab_size == 512
+    assert model.model.embed_tokens.weight.shape == (512, model.config.hidden_size)

@@ -281,6 +281,10 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the stage's docstring keeps its own line breaks."""
+
+
 def _add_argument(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -> None:
     """One flag per field; its kind (bool / list / tuple / scalar) follows the type hint."""
     meta = dict(f.metadata)
@@ -308,7 +312,7 @@ def build_parser(cls: type[TrainConfig] = TrainConfig, description: str | None =
                  ) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field plus `--config file.yaml`."""
     parser = argparse.ArgumentParser(description=description or cls.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of options (CLI flags override it)")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

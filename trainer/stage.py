@@ -40,7 +40,9 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MiniMindLM:
     if cfg.init_from:
         config = MiniMindConfig.from_json(Path(cfg.init_from) / "config.json")
     else:
-        config = MiniMindConfig.from_preset(cfg.model_preset)
+        # A fresh model's vocabulary is its tokenizer's: a preset's 6400 rows would leave a
+        # smaller trained tokenizer's extra rows untrained (and cost lm_head time every step).
+        config = MiniMindConfig.from_preset(cfg.model_preset, vocab_size=tokenizer.vocab_size)
     if cfg.seq_len > config.max_position_embeddings:
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                           f"{config.max_position_embeddings}")
