@@ -161,6 +161,8 @@ PRESETS: dict[str, dict] = {
                  intermediate_size=704, max_position_embeddings=1024),
     "demo-small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=352, max_position_embeddings=1024),
+    "demo-mini": dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3,
+                      num_key_value_heads=1, intermediate_size=256, max_position_embeddings=1024),
     "demo-moe": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
                      num_key_value_heads=2, intermediate_size=704, max_position_embeddings=1024,
                      use_moe=True, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=704,
