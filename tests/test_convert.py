@@ -239,6 +239,7 @@ def test_gsm8k_cli_and_errors(tmp_path: Path) -> None:
     assert "gsm8k_g_alpaca" in json.loads((tmp_path / "dataset_info.json").read_text())
     with pytest.raises(ValueError, match="--inline"):
         g8.convert_file(src, tmp_path / "s.jsonl", "sft", dataset_info=tmp_path / "dataset_info.json")
+    assert not (tmp_path / "s.jsonl").exists()   # refused before anything is written
     src.write_text('{"question": "Q", "answer": "1"}\n{"question": "Q", "answer": "no marker"}\n')
     with pytest.raises(DataError, match=r"g\.jsonl:1: answer has no '#### <number>' line"):
         list(g8.read_gsm8k(src))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 from dataset.jsonl import DataError, Record
 from dataset.jsonl import iter_records as _iter_records
@@ -18,7 +18,7 @@ from model.atomic import atomic_path, atomic_write_text
 
 __all__ = [
     "DataError", "open_text", "iter_records", "require", "write_jsonl", "write_json",
-    "dataset_info_entry", "update_dataset_info", "register_file",
+    "dataset_info_entry", "update_dataset_info", "register_file", "write_converted",
 ]
 
 
@@ -117,3 +117,30 @@ def register_file(dataset_info: str | Path, out: str | Path, name: str, formatti
     out_abs = Path(out).resolve()
     rel = out_abs.relative_to(info.parent) if out_abs.is_relative_to(info.parent) else out_abs
     return update_dataset_info(info, {name: dataset_info_entry(rel.as_posix(), formatting)})
+
+
+def write_converted(items: Iterable[dict], out: str | Path, kind: str, inline: bool, *,
+                    to_sft: Callable[[dict, bool], dict], to_alpaca: Callable[[dict], dict],
+                    to_eval: Callable[[dict], dict], dataset_info: str | Path | None = None,
+                    registry_name: str = "") -> int:
+    """Write a benchmark's items as ``kind`` records (sft | alpaca | eval) to ``out``, and
+    register them in ``dataset_info`` when given; returns the number written.
+
+    The GSM8K and MATH converters differ only in how one item becomes a record.
+    """
+    formats = {"sft": ("sharegpt", lambda it: to_sft(it, inline)), "alpaca": ("alpaca", to_alpaca),
+               "eval": (None, to_eval)}
+    if kind not in formats:
+        raise ValueError(f"kind must be sft | alpaca | eval, got {kind!r}")
+    formatting, convert = formats[kind]
+    if dataset_info is not None:   # checked before writing, so a refused call leaves no file
+        if formatting is None:
+            raise ValueError("--dataset-info needs --kind sft or alpaca")
+        if kind == "sft" and not inline:
+            # LLaMA-Factory's sharegpt reader ignores reasoning_content; register the inline form.
+            raise ValueError("--dataset-info with --kind sft needs --inline (LLaMA-Factory does not "
+                             "read reasoning_content); or use --kind alpaca")
+    n = write_jsonl(out, map(convert, items))
+    if dataset_info is not None:
+        register_file(dataset_info, out, registry_name, formatting)
+    return n

@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from dataset.convert._io import DataError, iter_records, register_file, require, write_jsonl
+from dataset.convert._io import DataError, iter_records, require, write_converted
 from evaluation.gsm8k import extract_gsm8k_gold
 
 __all__ = ["strip_calculator", "split_solution", "read_gsm8k", "to_sft", "to_alpaca", "to_eval",
@@ -101,26 +101,10 @@ def convert_file(src: str | Path, out: str | Path, kind: str = "sft", inline: bo
                  dataset_info: str | Path | None = None, name: str | None = None) -> int:
     """Convert one GSM8K file; returns the number of records written."""
     items = read_gsm8k(src, split, keep_calculator)
-    if kind == "sft":
-        records = (to_sft(it, inline) for it in items)
-        formatting = "sharegpt"
-    elif kind == "alpaca":
-        records, formatting = map(to_alpaca, items), "alpaca"
-    elif kind == "eval":
-        records, formatting = map(to_eval, items), None
-    else:
-        raise ValueError(f"kind must be sft | alpaca | eval, got {kind!r}")
-    n = write_jsonl(out, records)
-    if dataset_info is not None:
-        if formatting is None:
-            raise ValueError("--dataset-info needs --kind sft or alpaca")
-        if kind == "sft" and not inline:
-            # LLaMA-Factory's sharegpt reader ignores reasoning_content; register the inline form.
-            raise ValueError("--dataset-info with --kind sft needs --inline (LLaMA-Factory does not "
-                             "read reasoning_content); or use --kind alpaca")
-        stem = Path(src).name.split(".")[0]
-        register_file(dataset_info, out, name or f"gsm8k_{stem}_{kind}", formatting)
-    return n
+    stem = Path(src).name.split(".")[0]
+    return write_converted(items, out, kind, inline, to_sft=to_sft, to_alpaca=to_alpaca,
+                           to_eval=to_eval, dataset_info=dataset_info,
+                           registry_name=name or f"gsm8k_{stem}_{kind}")
 
 
 def main(argv: list[str] | None = None) -> None:

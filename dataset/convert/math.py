@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from dataset.convert._io import DataError, iter_records, register_file, require, write_jsonl
+from dataset.convert._io import DataError, iter_records, require, write_converted
 from evaluation.math_answer import extract_boxed
 
 __all__ = ["parse_level", "read_math", "to_sft", "to_alpaca", "to_eval", "convert_file", "ANSWER_TEMPLATE"]
@@ -105,24 +105,10 @@ def convert_file(src: str | Path, out: str | Path, kind: str = "sft", inline: bo
     items = read_math(src, split)
     if kind != "eval" and skip_empty:
         items = (it for it in items if it["answer"])
-    if kind == "sft":
-        records, formatting = (to_sft(it, inline) for it in items), "sharegpt"
-    elif kind == "alpaca":
-        records, formatting = map(to_alpaca, items), "alpaca"
-    elif kind == "eval":
-        records, formatting = map(to_eval, items), None
-    else:
-        raise ValueError(f"kind must be sft | alpaca | eval, got {kind!r}")
-    n = write_jsonl(out, records)
-    if dataset_info is not None:
-        if formatting is None:
-            raise ValueError("--dataset-info needs --kind sft or alpaca")
-        if kind == "sft" and not inline:
-            raise ValueError("--dataset-info with --kind sft needs --inline (LLaMA-Factory does not "
-                             "read reasoning_content); or use --kind alpaca")
-        stem = Path(src).name.split(".")[0]
-        register_file(dataset_info, out, name or f"math_{stem}_{kind}", formatting)
-    return n
+    stem = Path(src).name.split(".")[0]
+    return write_converted(items, out, kind, inline, to_sft=to_sft, to_alpaca=to_alpaca,
+                           to_eval=to_eval, dataset_info=dataset_info,
+                           registry_name=name or f"math_{stem}_{kind}")
 
 
 def main(argv: list[str] | None = None) -> None:
