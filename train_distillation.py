@@ -22,7 +22,7 @@ from trainer import distributed as dist
 from trainer.config import ConfigError, TrainConfig, option, parse_config
 from trainer.distill import VocabMismatchError, check_vocab, make_distill_loss
 from trainer.loop import fit
-from trainer.stage import build_model, export_final, generation_hooks, load_data, load_tokenizer, summary
+from trainer.stage import build_model, finish, generation_hooks, load_data, load_tokenizer
 
 
 @dataclass
@@ -70,10 +70,7 @@ def main() -> None:
     result = fit(student, train, make_distill_loss(teacher, cfg.alpha, cfg.temperature), cfg,
                  eval_data=evals, collate_fn=make_collate(tokenizer.pad_id),
                  eval_hooks=generation_hooks(cfg, tokenizer))
-    export_final(student, cfg, env)
-    if env.is_main:
-        print(summary(result), flush=True)
-    dist.cleanup()
+    finish(student, cfg, env, result)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from dataset.lm_dataset import make_collate
 from trainer import distributed as dist
 from trainer import dpo
-from trainer.adapters import LoRAOptions, attach_lora, export_adapter
+from trainer.adapters import LoRAOptions, attach_lora
 from trainer.checkpoint import load_weights
 from trainer.config import option, parse_config
 from trainer.loop import fit, make_autocast
-from trainer.stage import build_model, export_final, generation_hooks, load_data, load_tokenizer, summary
+from trainer.stage import build_model, finish, generation_hooks, load_data, load_tokenizer
 
 
 @dataclass
@@ -99,13 +99,7 @@ def main() -> None:
     result = fit(model, train, dpo.make_dpo_loss(settings, reference), fit_cfg, eval_data=evals,
                  trainable=trainable, collate_fn=collate, on_save=on_save,
                  eval_hooks=generation_hooks(cfg, tokenizer))
-    if cfg.lora_rank > 0:
-        export_adapter(model, cfg, env)
-    else:
-        export_final(model, cfg, env)
-    if env.is_main:
-        print(summary(result), flush=True)
-    dist.cleanup()
+    finish(model, cfg, env, result, adapter=cfg.lora_rank > 0)
 
 
 if __name__ == "__main__":

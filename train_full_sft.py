@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 from dataset.lm_dataset import make_collate
 from trainer import distributed as dist
-from trainer.adapters import LoRAOptions, attach_lora, export_adapter
+from trainer.adapters import LoRAOptions, attach_lora
 from trainer.config import option, parse_config
 from trainer.loop import fit
 from trainer.losses import lm_loss
-from trainer.stage import build_model, export_final, generation_hooks, load_data, load_tokenizer, summary
+from trainer.stage import build_model, finish, generation_hooks, load_data, load_tokenizer
 
 
 @dataclass
@@ -66,13 +66,7 @@ def main() -> None:
     result = fit(model, train, lm_loss, fit_cfg, eval_data=evals, trainable=trainable,
                  collate_fn=make_collate(tokenizer.pad_id), on_save=on_save,
                  eval_hooks=generation_hooks(cfg, tokenizer))
-    if lora:
-        export_adapter(model, cfg, env)
-    else:
-        export_final(model, cfg, env)
-    if env.is_main:
-        print(summary(result), flush=True)
-    dist.cleanup()
+    finish(model, cfg, env, result, adapter=lora)
 
 
 if __name__ == "__main__":

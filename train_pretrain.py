@@ -17,7 +17,7 @@ from trainer import distributed as dist
 from trainer.config import TrainConfig, option, parse_config
 from trainer.loop import fit
 from trainer.losses import lm_loss
-from trainer.stage import build_model, export_final, generation_hooks, load_data, load_tokenizer, summary
+from trainer.stage import build_model, finish, generation_hooks, load_data, load_tokenizer
 
 
 @dataclass
@@ -41,10 +41,7 @@ def main() -> None:
     model = build_model(cfg, tokenizer)
     result = fit(model, train, lm_loss, cfg, eval_data=evals, collate_fn=make_collate(tokenizer.pad_id),
                  eval_hooks=generation_hooks(cfg, tokenizer))
-    export_final(model, cfg, env)
-    if env.is_main:
-        print(summary(result), flush=True)
-    dist.cleanup()
+    finish(model, cfg, env, result)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from model.io import save_pretrained
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 from trainer import distributed as dist
+from trainer.adapters import export_adapter
 from trainer.config import ConfigError, TrainConfig
 from trainer.loop import EvalHook, FitResult
 from trainer.rng import seed_everything
@@ -124,3 +125,16 @@ def summary(result: FitResult) -> str:
     if result.skipped_steps:
         parts.append(f"{result.skipped_steps} non-finite steps skipped")
     return "[done] " + ", ".join(parts) + (f"; last checkpoint {result.checkpoint}" if result.checkpoint else "")
+
+
+def finish(model: MiniMindLM, cfg: TrainConfig, env: dist.DistEnv, result: FitResult,
+           adapter: bool = False) -> None:
+    """A stage's last lines: export out_dir/final (the LoRA adapter folder when `adapter`, else
+    the whole model), print how the run ended, leave the process group."""
+    if adapter:
+        export_adapter(model, cfg, env)
+    else:
+        export_final(model, cfg, env)
+    if env.is_main:
+        print(summary(result), flush=True)
+    dist.cleanup()
