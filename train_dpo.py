@@ -1,7 +1,7 @@
 """Preference optimisation (DPO / IPO / SimPO) on {"chosen": [...], "rejected": [...]} JSONL.
 
     python train_dpo.py --init_from out/sft/final --data_path data/synthetic/dpo.jsonl --max_steps 300
-    python train_dpo.py ... --lora_rank 16             # adapters; reference = base (adapters off)
+    python train_dpo.py ... --finetuning_type lora      # adapters; reference = base (adapters off)
     python train_dpo.py ... --precompute_ref           # reference log-probs once, no second model
     python train_dpo.py ... --loss simpo               # reference-free
     torchrun --nproc_per_node=2 train_dpo.py ...
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from dataset.lm_dataset import make_collate
 from trainer import distributed as dist
 from trainer import dpo
-from trainer.adapters import LoRAOptions, attach_lora
+from trainer.adapters import FinetuningChoice, attach_lora
 from trainer.checkpoint import load_weights
 from trainer.config import option, parse_config
 from trainer.loop import fit, make_autocast
@@ -31,15 +31,14 @@ from trainer.stage import build_model, finish, generation_hooks, load_data, load
 
 
 @dataclass
-class DPOConfig(LoRAOptions):
+class DPOConfig(FinetuningChoice):
     """DPO options; `0` for lr or beta means "the default for this setup" (resolved on parse)."""
 
     out_dir: str = "out/dpo"
-    lr: float = option(0.0, "peak lr (0 = 5e-6 full, 5e-5 with LoRA)")
+    lr: float = option(0.0, "peak lr (0 = 5e-6 full, 5e-5 with finetuning_type lora)")
     seq_len: int = 512
     batch_size: int = option(8, "preference pairs per micro-batch per process")
     epochs: float = 1.0
-    lora_rank: int = option(0, "LoRA rank (0 = full fine-tuning with a frozen reference copy)")
     loss: str = option("sigmoid", "sigmoid (DPO), ipo or simpo (reference-free)", choices=dpo.LOSS_TYPES)
     beta: float = option(0.0, "β (0 = 0.1 for sigmoid/ipo, 2.0 for simpo)")
     label_smoothing: float = option(0.0, "conservative DPO: assumed label-noise rate ε in [0, 0.5)")
@@ -49,7 +48,7 @@ class DPOConfig(LoRAOptions):
 
     def __post_init__(self) -> None:
         if self.lr == 0:
-            self.lr = 5e-5 if self.lora_rank > 0 else 5e-6
+            self.lr = 5e-5 if self.use_lora else 5e-6
         if self.beta == 0:
             self.beta = dpo.DEFAULT_BETA.get(self.loss, 0.1)
 
@@ -77,7 +76,7 @@ def main() -> None:
     collate = make_collate(tokenizer.pad_id)
     settings = cfg.settings()
     fit_cfg, trainable, on_save = cfg, None, None
-    if cfg.lora_rank > 0:
+    if cfg.use_lora:
         trainable, fit_cfg, on_save = attach_lora(model, cfg)
     elif cfg.init_from:   # the reference must hold the initial weights before fit loads them
         load_weights(cfg.init_from, model)
@@ -91,7 +90,7 @@ def main() -> None:
         train = dpo.WithReferenceLogps(train, table(train))
         evals = {name: dpo.WithReferenceLogps(ds, table(ds)) for name, ds in evals.items()}
         collate, reference = dpo.collate_with_reference(collate), dpo.precomputed_reference
-    elif settings.needs_reference and cfg.lora_rank > 0:
+    elif settings.needs_reference and cfg.use_lora:
         reference = dpo.adapter_reference
     elif settings.needs_reference:
         reference = dpo.frozen_reference(dpo.frozen_copy(model).to(env.device))
@@ -99,7 +98,7 @@ def main() -> None:
     result = fit(model, train, dpo.make_dpo_loss(settings, reference), fit_cfg, eval_data=evals,
                  trainable=trainable, collate_fn=collate, on_save=on_save,
                  eval_hooks=generation_hooks(cfg, tokenizer))
-    finish(model, cfg, env, result, adapter=cfg.lora_rank > 0)
+    finish(model, cfg, env, result, adapter=cfg.use_lora)
 
 
 if __name__ == "__main__":

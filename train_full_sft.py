@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from dataset.lm_dataset import make_collate
 from trainer import distributed as dist
-from trainer.adapters import LoRAOptions, attach_lora
+from trainer.adapters import FinetuningChoice, attach_lora
 from trainer.config import option, parse_config
 from trainer.loop import fit
 from trainer.losses import lm_loss
@@ -31,7 +31,7 @@ from trainer.stage import build_model, finish, generation_hooks, load_data, load
 
 
 @dataclass
-class SFTConfig(LoRAOptions):
+class SFTConfig(FinetuningChoice):
     """SFT options (defaults after MiniMind: lr 1e-5 for a pretrained 26M+ model, bf16; with
     finetuning_type lora set lr ~1e-4, as train_lora.py does)."""
 
@@ -41,16 +41,6 @@ class SFTConfig(LoRAOptions):
     batch_size: int = 16
     grad_accum: int = 1
     epochs: float = 2.0
-    finetuning_type: str = option("full", "full: every weight trains; lora: adapters only "
-                                "(lora_* options, out_dir/final = the adapter)", choices=("full", "lora"))
-
-    def _problems(self) -> list[str]:
-        err = super()._problems()
-        if self.finetuning_type not in ("full", "lora"):
-            err.append(f"finetuning_type must be full or lora, got {self.finetuning_type!r}")
-        if self.finetuning_type == "lora" and self.lora_rank < 1:
-            err.append("finetuning_type lora needs lora_rank >= 1")
-        return err
 
 
 def main() -> None:
@@ -61,12 +51,11 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg)
     train, evals = load_data(cfg, "sft", tokenizer, env)
     model = build_model(cfg, tokenizer)
-    lora = cfg.finetuning_type == "lora"
-    trainable, fit_cfg, on_save = attach_lora(model, cfg) if lora else (None, cfg, None)
+    trainable, fit_cfg, on_save = attach_lora(model, cfg) if cfg.use_lora else (None, cfg, None)
     result = fit(model, train, lm_loss, fit_cfg, eval_data=evals, trainable=trainable,
                  collate_fn=make_collate(tokenizer.pad_id), on_save=on_save,
                  eval_hooks=generation_hooks(cfg, tokenizer))
-    finish(model, cfg, env, result, adapter=lora)
+    finish(model, cfg, env, result, adapter=cfg.use_lora)
 
 
 if __name__ == "__main__":

@@ -118,14 +118,15 @@ def test_lora_reads_llamafactory_yaml_keys(files, tmp_path):
 # ---------------------------------------------------------------------- DPO
 def test_dpo_defaults_resolve_per_setup():
     full = parse_config(train_dpo.DPOConfig, ["--no-progress"], validate=False)
-    lora = parse_config(train_dpo.DPOConfig, ["--lora_rank", "8"], validate=False)
+    lora = parse_config(train_dpo.DPOConfig, ["--finetuning_type", "lora"], validate=False)
     simpo = parse_config(train_dpo.DPOConfig, ["--loss", "simpo"], validate=False)
     assert (full.lr, full.beta, lora.lr, simpo.beta) == (5e-6, 0.1, 5e-5, 2.0)
     with pytest.raises(ConfigError, match="label_smoothing"):
         parse_config(train_dpo.DPOConfig, ["--loss", "ipo", "--label_smoothing", "0.1", "--device", "cpu"])
 
 
-@pytest.mark.parametrize("variant", [[], ["--lora_rank", "4"], ["--precompute_ref"], ["--loss", "simpo"]],
+@pytest.mark.parametrize("variant", [[], ["--finetuning_type", "lora", "--lora_rank", "4"], ["--precompute_ref"],
+                                     ["--loss", "simpo"]],
                          ids=["frozen_copy", "lora", "precomputed", "simpo"])
 def test_dpo_stage_runs_and_logs_rewards(files, tmp_path, monkeypatch, variant):
     out = tmp_path / "dpo"
@@ -135,8 +136,17 @@ def test_dpo_stage_runs_and_logs_rewards(files, tmp_path, monkeypatch, variant):
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(rows[0])
     if "simpo" not in variant:   # step 1 is computed before any update: policy == reference
         assert rows[0]["pref_loss"] == pytest.approx(math.log(2), abs=1e-5)
-    weights = "adapter_model.safetensors" if "--lora_rank" in variant else "model.safetensors"
+    weights = "adapter_model.safetensors" if "lora" in variant else "model.safetensors"
     assert (out / "final" / weights).exists()
+
+
+@pytest.mark.parametrize("module, config", [(train_full_sft, "SFTConfig"), (train_dpo, "DPOConfig")])
+def test_finetuning_type_is_one_switch_for_sft_and_dpo(module, config):
+    cls = getattr(module, config)
+    assert not parse_config(cls, ["--device", "cpu"]).use_lora
+    assert parse_config(cls, ["--device", "cpu", "--finetuning_type", "lora"]).use_lora
+    with pytest.raises(ConfigError, match="finetuning_type lora needs lora_rank >= 1"):
+        parse_config(cls, ["--device", "cpu", "--finetuning_type", "lora", "--lora_rank", "0"])
 
 
 # ---------------------------------------------------------------------- distillation
@@ -195,7 +205,8 @@ def test_generate_sft_data_then_train_student(files, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- torchrun (2 processes, gloo)
 TORCHRUN_CASES = {
     "lora": (train_lora, ["--data_path", "sft", "--init_from", "base", "--lora_rank", "4"]),
-    "dpo": (train_dpo, ["--data_path", "dpo", "--init_from", "base", "--lora_rank", "4", "--precompute_ref"]),
+    "dpo": (train_dpo, ["--data_path", "dpo", "--init_from", "base", "--finetuning_type", "lora",
+                      "--lora_rank", "4", "--precompute_ref"]),
     "distillation": (train_distillation, ["--data_path", "sft", "--teacher_path", "teacher"]),
 }
 

@@ -1,6 +1,6 @@
-"""What the stages that train LoRA adapters share (train_lora.py, train_full_sft.py with
-`finetuning_type: lora`, train_dpo.py with `--lora_rank`): the adapter options, attaching adapters
-to a loaded base, and saving adapters in checkpoints and at the end.
+"""What the stages that train LoRA adapters share (train_lora.py, and train_full_sft.py /
+train_dpo.py with `finetuning_type: lora`): the adapter options, attaching adapters to a loaded
+base, and saving adapters in checkpoints and at the end.
 """
 from __future__ import annotations
 
@@ -35,6 +35,26 @@ class LoRAOptions(TrainConfig):
         got = f"{self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}"
         return super()._problems() + ([f"need lora_rank, lora_alpha >= 0, lora_dropout in [0, 1); got {got}"]
                                       if bad else [])
+
+
+@dataclass
+class FinetuningChoice(LoRAOptions):
+    """Stages that train either every weight or adapters (SFT, DPO), switched as in LLaMA-Factory."""
+
+    finetuning_type: str = option("full", "full: every weight trains; lora: adapters only "
+                                "(lora_* options, out_dir/final = the adapter)", choices=("full", "lora"))
+
+    @property
+    def use_lora(self) -> bool:
+        return self.finetuning_type == "lora"
+
+    def _problems(self) -> list[str]:
+        err = super()._problems()
+        if self.finetuning_type not in ("full", "lora"):
+            err.append(f"finetuning_type must be full or lora, got {self.finetuning_type!r}")
+        if self.use_lora and self.lora_rank < 1:
+            err.append("finetuning_type lora needs lora_rank >= 1")
+        return err
 
 
 def base_name(cfg: TrainConfig) -> str | None:
