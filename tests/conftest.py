@@ -1,6 +1,8 @@
 """Shared test fixtures: paths to the optional ../shared data and small helpers."""
 
+import json
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -15,6 +17,22 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not present at {path} (only the project's own machines have it)")
     return path
+
+
+def shared_jsonl(*parts: str) -> Iterator[dict]:
+    """The records of a JSONL file under ../shared/data, or a skip."""
+    with open(shared_path(*parts), encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+@pytest.fixture(scope="session")
+def upstream_tokenizer():
+    """MiniMind's own tokenizer from ../shared/data (the expected strings of several tests spell
+    out its chat template), or a skip."""
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(shared_path("minimind_tokenizer"))
 
 
 @pytest.fixture(autouse=True)

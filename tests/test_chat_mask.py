@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from dataset.chat import IGNORE_INDEX, assistant_spans, encode_conversation, messages_to_ids_and_labels
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    """MiniMind's upstream tokenizer (its template is what the expected strings below spell out)."""
-    from model.tokenizer import Tokenizer
-
-    folder = SHARED_DATA / "minimind_tokenizer"
-    if not folder.is_dir():
-        pytest.skip(f"upstream MiniMind tokenizer not present at {folder} (only the project's machines have it)")
-    return Tokenizer.from_dir(folder)
+def tok(upstream_tokenizer):
+    return upstream_tokenizer
 
 
 TOOLS = [{"name": "get_weather", "description": "Weather by city", "parameters": {"type": "object"}}]

@@ -14,14 +14,8 @@ from dataset.convert._io import DataError, iter_records, update_dataset_info
 from evaluation.commonsense import TASKS, extract_choice, score_generation
 from evaluation.gsm8k import gsm8k_correct
 from evaluation.math_answer import extract_boxed, math_equiv
+from tests.conftest import shared_path
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared data not found at {path} (the ../shared/data checkout is absent)")
-    return path
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -43,7 +37,7 @@ LLM_ADAPTERS_COUNTS = {
 
 @pytest.mark.parametrize("rel,count", sorted(LLM_ADAPTERS_COUNTS.items()))
 def test_llm_adapters_files(rel: str, count: int) -> None:
-    path = need(DATA / "commonsense_llm_adapters" / rel)
+    path = shared_path("commonsense_llm_adapters", rel)
     dataset, split = cs.infer_dataset(path), cs.infer_split(path)
     assert split in ("train", "test")
     n = 0
@@ -81,12 +75,12 @@ def test_mosaic_files_agree_with_llm_adapters(fname: str) -> None:
     """Same eval splits, same order: labels agree wherever both list the same choices, except
     the known mosaic ARC label errors (mosaic's ARC also keeps some duplicated options that
     LLM-Adapters dropped, those items are not compared)."""
-    path = need(DATA / "commonsense_mosaic_icl" / fname)
+    path = shared_path("commonsense_mosaic_icl", fname)
     dataset, count = MOSAIC[fname]
     assert cs.infer_dataset(path) == dataset
     recs = list(cs.read_commonsense(path, dataset, "test"))
     assert len(recs) == count
-    ref_path = need(DATA / "commonsense_llm_adapters" / dataset / "test.json")
+    ref_path = shared_path("commonsense_llm_adapters", dataset, "test.json")
     ref = list(cs.read_llm_adapters(ref_path, dataset, "test"))
     same = [(a, b) for a, b in zip(recs, ref)
             if [c.strip() for c in a["choices"]] == [c.strip() for c in b["choices"]]]
@@ -97,20 +91,20 @@ def test_mosaic_files_agree_with_llm_adapters(fname: str) -> None:
 
 
 def test_piqa_original_with_labels_file() -> None:
-    src = need(DATA / "commonsense_original" / "piqa" / "valid.jsonl")
+    src = shared_path("commonsense_original", "piqa", "valid.jsonl")
     labels = src.with_name("valid-labels.lst")
     recs = list(cs.read_piqa_original(src, labels))
     assert len(recs) == 1838
-    ref = list(cs.read_llm_adapters(need(DATA / "commonsense_llm_adapters/piqa/test.json"), "piqa", "test"))
+    ref = list(cs.read_llm_adapters(shared_path("commonsense_llm_adapters/piqa/test.json"), "piqa", "test"))
     assert [r["label"] for r in recs] == [r["label"] for r in ref]
     assert [r["instruction"] for r in recs] == [r["instruction"] for r in ref]
 
 
 def test_hellaswag_original_matches_reconstruction() -> None:
-    src = need(DATA / "commonsense_original" / "hellaswag" / "hellaswag_val_klosax.jsonl.gz")
+    src = shared_path("commonsense_original", "hellaswag", "hellaswag_val_klosax.jsonl.gz")
     recs = list(cs.read_commonsense(src, cs.infer_dataset(src), "validation"))
     assert len(recs) == 10042
-    ref = cs.read_llm_adapters(need(DATA / "commonsense_llm_adapters/hellaswag/test_reconstructed.json.gz"),
+    ref = cs.read_llm_adapters(shared_path("commonsense_llm_adapters/hellaswag/test_reconstructed.json.gz"),
                                "hellaswag", "test")
     for a, b in zip(recs, ref):
         assert a["label"] == b["label"] and a["instruction"] == b["instruction"]
@@ -183,7 +177,7 @@ def test_bad_input_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_commonsense_cli_tree_and_registry(tmp_path: Path) -> None:
-    src = need(DATA / "commonsense_llm_adapters")
+    src = shared_path("commonsense_llm_adapters")
     out = tmp_path / "cs"
     cs.main(["--src", str(src), "--out", str(out)])
     info = json.loads((out / "dataset_info.json").read_text())
@@ -210,7 +204,7 @@ def test_commonsense_cli_tree_and_registry(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fname,count", [("train.jsonl", 7473), ("test.jsonl", 1319),
                                          ("test_socratic.jsonl", 1319)])
 def test_gsm8k_real(fname: str, count: int) -> None:
-    path = need(DATA / "gsm8k" / fname)
+    path = shared_path("gsm8k", fname)
     n = 0
     for item in g8.read_gsm8k(path):
         n += 1
@@ -254,7 +248,7 @@ def test_gsm8k_cli_and_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fname,count", [("train.jsonl", 7500), ("test.jsonl", 5000),
                                          ("math500_test.jsonl", 500)])
 def test_math_real(fname: str, count: int) -> None:
-    path = need(DATA / "math" / fname)
+    path = shared_path("math", fname)
     items = list(mth.read_math(path))
     assert len(items) == count
     for item in items:
@@ -302,7 +296,7 @@ def test_outputs_load_through_dataset_registry(tmp_path: Path) -> None:
     keeps ``reasoning_content``."""
     from dataset.registry import load_named_records
 
-    src = need(DATA / "commonsense_llm_adapters")
+    src = shared_path("commonsense_llm_adapters")
     for name in ("piqa", "winogrande"):
         cs.convert_file(src / name / "test.json", tmp_path / f"{name}.jsonl", "sft",
                         dataset_info=tmp_path / "dataset_info.json")
@@ -310,7 +304,7 @@ def test_outputs_load_through_dataset_registry(tmp_path: Path) -> None:
     assert kind == "sft" and len(recs) == 1838 + 1267
     assert recs[0].data["conversations"][1]["content"].startswith("the correct answer is solution")
 
-    g = need(DATA / "gsm8k" / "test.jsonl")
+    g = shared_path("gsm8k", "test.jsonl")
     g8.convert_file(g, tmp_path / "gsm8k_alpaca.jsonl", "alpaca",
                     dataset_info=tmp_path / "dataset_info.json", name="gsm8k_test")
     kind, recs = load_named_records("gsm8k_test", tmp_path, max_samples=3, shuffle=False)

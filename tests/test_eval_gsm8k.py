@@ -1,8 +1,6 @@
 """GSM8K answer extraction and scoring: a table of tricky completions plus the real test set."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 
@@ -14,9 +12,8 @@ from evaluation.gsm8k import (
     parse_number,
     score_gsm8k,
 )
+from tests.conftest import shared_jsonl
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-GSM8K = DATA / "gsm8k"
 
 # (completion, gold, expected correct)
 CASES = [
@@ -96,12 +93,7 @@ def test_score_kinds() -> None:
 
 
 def _records(name: str):
-    path = GSM8K / name
-    if not path.exists():
-        pytest.skip(f"shared GSM8K data not found at {path} (the ../shared/data checkout is absent)")
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
+    return shared_jsonl("gsm8k", name)
 
 
 def test_real_test_set_golds_self_consistent() -> None:

@@ -1,8 +1,6 @@
 """MATH answer extraction, normalisation and equivalence: tricky tables plus the real data."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 
@@ -14,9 +12,8 @@ from evaluation.math_answer import (
     normalize_math_answer,
     score_math,
 )
+from tests.conftest import shared_jsonl
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-MATH = DATA / "math"
 
 BOXED = [
     ("so the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
@@ -131,12 +128,7 @@ def test_prediction_and_score() -> None:
 
 
 def _records(name: str):
-    path = MATH / name
-    if not path.exists():
-        pytest.skip(f"shared MATH data not found at {path} (the ../shared/data checkout is absent)")
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
+    return shared_jsonl("math", name)
 
 
 @pytest.mark.parametrize("name,expected_n", [("test.jsonl", 5000), ("math500_test.jsonl", 500)])

@@ -24,16 +24,9 @@ from model.generate import SamplingParams, generate
 from model.io import save_pretrained
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
+from tests.conftest import shared_path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def shared(*parts: str) -> Path:
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data not present at {path} (only the project's machines have it)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -337,14 +330,14 @@ def test_loaders_accept_alternative_fields(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 def test_shared_gsm8k_and_math_load():
-    g = load_gsm8k(shared("gsm8k", "test.jsonl"), limit=3)
+    g = load_gsm8k(shared_path("gsm8k", "test.jsonl"), limit=3)
     assert len(g) == 3 and "####" in g[0]["answer"]
-    m = load_math(shared("math", "math500_test.jsonl"), limit=3)
+    m = load_math(shared_path("math", "math500_test.jsonl"), limit=3)
     assert len(m) == 3 and all(x["answer"] and x["subject"] for x in m)
 
 
 def test_shared_commonsense_folder_loads_every_set_with_per_set_limit():
-    recs = load_commonsense(shared("commonsense_llm_adapters"), limit=2)
+    recs = load_commonsense(shared_path("commonsense_llm_adapters"), limit=2)
     sets = {r["dataset"] for r in recs}
     assert len(sets) == 8 and len(recs) == 16
     assert all(r["instruction"] and r["choices"] for r in recs)

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 from dataset.jsonl import DataError
 from dataset.lm_dataset import collate, load_files, make_collate, split_train_eval
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DOCS = [
     "MiniMind is a small language model.",
     "预训练的目标是预测下一个 token。",
@@ -24,13 +23,8 @@ DOCS = [
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from model.tokenizer import Tokenizer
-
-    folder = SHARED_DATA / "minimind_tokenizer"
-    if not folder.is_dir():
-        pytest.skip(f"upstream MiniMind tokenizer not present at {folder} (only the project's machines have it)")
-    return Tokenizer.from_dir(folder)
+def tok(upstream_tokenizer):
+    return upstream_tokenizer
 
 
 def jsonl(path: Path, rows: list[dict]) -> Path:

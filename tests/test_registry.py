@@ -18,25 +18,17 @@ from dataset.registry import (
     substitute_placeholders,
     supported_datasets,
 )
+from tests.conftest import shared_path
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LF_DEMO = SHARED_DATA / "llamafactory_demo"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from model.tokenizer import Tokenizer
-
-    folder = SHARED_DATA / "minimind_tokenizer"
-    if not folder.is_dir():
-        pytest.skip(f"upstream MiniMind tokenizer not present at {folder} (only the project's machines have it)")
-    return Tokenizer.from_dir(folder)
+def tok(upstream_tokenizer):
+    return upstream_tokenizer
 
 
 def lf_demo() -> Path:
-    if not (LF_DEMO / "dataset_info.json").is_file():
-        pytest.skip(f"LLaMA-Factory demo data not present at {LF_DEMO} (only the project's machines have it)")
-    return LF_DEMO
+    return shared_path("llamafactory_demo", "dataset_info.json").parent
 
 
 # ------------------------------------------------------------------------------------------
