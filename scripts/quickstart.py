@@ -2,6 +2,7 @@
 
     python scripts/quickstart.py                    # ~15 min on 2 cores; `bash scripts/quickstart.sh`
     python scripts/quickstart.py --scale smoke      # a one-minute dry run of every stage
+    python scripts/quickstart.py --until sft        # stop after a stage (what the test runs)
 
 Stages, each a real run of the same command a user would type (so this file is also a tour):
   data → tokenizer → pretrain → full SFT → LoRA → DPO → distillation into a smaller student
@@ -60,14 +61,9 @@ SCALES = {
                      teacher="demo-small", student="demo-mini", pretrain_steps=600,
                      student_pretrain_steps=400, sft_steps=1200, lora_steps=100, dpo_steps=60, distill_steps=600,
                      batch_size=16, seq_len=256, max_new_tokens=256),
-    # What tests/test_quickstart.py runs with `--until sft`: the default's recipe, shortened.
-    "short": Scale(n_pretrain=20000, n_sft=20000, n_dpo=200, n_test=100, vocab_size=2048,
-                   teacher="demo-small", student="demo-mini", pretrain_steps=500,
-                   student_pretrain_steps=2, sft_steps=1000,
-                   lora_steps=2, dpo_steps=2, distill_steps=2, batch_size=16, seq_len=256,
-                   max_new_tokens=256),
     "smoke": Scale(n_pretrain=400, n_sft=300, n_dpo=100, n_test=20, vocab_size=1024,
-                   teacher="tiny", student="tiny", pretrain_steps=4, student_pretrain_steps=2, sft_steps=4, lora_steps=2,
+                   teacher="tiny", student="tiny", pretrain_steps=4, student_pretrain_steps=2,
+                   sft_steps=4, lora_steps=2,
                    dpo_steps=2, distill_steps=2, batch_size=4, seq_len=128, max_new_tokens=32),
 }
 

@@ -1,6 +1,6 @@
 """The quickstart pipeline end to end: at the smoke scale every stage runs through its real CLI,
-is evaluated on the held-out split and lands in the report; at the short scale (the default's
-recipe with fewer steps, up to SFT) the held-out accuracy really goes from ~0 to >= 90 %."""
+is evaluated on the held-out split and lands in the report; the default run up to SFT (`--until
+sft`) takes the held-out accuracy from ~0 to >= 90 %."""
 
 import json
 import os
@@ -34,10 +34,14 @@ def test_smoke_pipeline_writes_report_with_every_stage(tmp_path):
 
 
 def test_short_run_learns_the_held_out_task(tmp_path):
-    """The issue's bar, on a shortened run: ~0 before SFT, >= 90 % after it (scored by the GSM8K
-    scorer on 100 held-out problems). Several minutes: the one slow test of the suite."""
+    """The bar, on the default run shortened to its first two stages: ~0 before SFT, >= 90 % after
+    it (the GSM8K scorer on 200 held-out problems). About 7 minutes: the one slow test of the suite.
+
+    Why not fewer steps: at 500/1000 or 600/1100 pretrain/SFT steps the SFT accuracy was 96 % and
+    84 % (in the second run the model had not yet learned to copy one template's third number), so
+    a shorter run would test luck; the default's 600/1200 gets 100 %."""
     out = tmp_path / "qs"
-    proc = subprocess.run([sys.executable, "scripts/quickstart.py", "--scale", "short", "--until", "sft",
+    proc = subprocess.run([sys.executable, "scripts/quickstart.py", "--until", "sft",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["stage"]: r["accuracy"] for r in json.loads((out / "results.json").read_text())}
