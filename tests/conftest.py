@@ -35,6 +35,17 @@ def upstream_tokenizer():
     return Tokenizer.from_dir(shared_path("minimind_tokenizer"))
 
 
+@pytest.fixture
+def one_thread_private_cache(tmp_path, monkeypatch):
+    """Tiny models run fastest on one thread; the token cache stays inside the test's folder.
+    Opt in per file: ``pytestmark = pytest.mark.usefixtures("one_thread_private_cache")``."""
+    monkeypatch.setenv("MINIMIND_DATA_CACHE", str(tmp_path / "cache"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import train_full_sft
 import train_pretrain
@@ -30,13 +29,7 @@ NOT_YET_MADE = ("no such file", "no dataset_info.json", "init_from: no such fold
 KT_OK, KT_WHY = kt_status()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIMIND_DATA_CACHE", str(tmp_path / "cache"))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
 
 def header_command(path: Path, label: str) -> str | None:

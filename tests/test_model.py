@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import PRESETS, MiniMindConfig
+from model.config import MiniMindConfig
 from model.io import load_pretrained, save_pretrained
 from model.model import KVCache, MiniMindLM, rope_inv_freq
 

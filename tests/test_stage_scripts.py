@@ -11,13 +11,7 @@ from dataset import synthetic
 from model.io import load_pretrained
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIMIND_DATA_CACHE", str(tmp_path / "cache"))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
 
 def run_script(module, monkeypatch, *args: str) -> None:

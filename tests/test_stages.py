@@ -32,13 +32,7 @@ FAST = ["--device", "cpu", "--dtype", "fp32", "--no-progress", "--peak_tflops", 
         "--batch_size", "2", "--log_every", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIMIND_DATA_CACHE", str(tmp_path / "cache"))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
 
 @pytest.fixture(scope="module")

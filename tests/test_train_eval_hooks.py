@@ -18,14 +18,7 @@ from trainer.rng import seed_everything
 from trainer.stage import generation_hooks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_private_cache(tmp_path, monkeypatch):
-    """Tiny models run fastest on one thread; the token cache stays inside the test's folder."""
-    monkeypatch.setenv("MINIMIND_DATA_CACHE", str(tmp_path / "cache"))
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
 
 def rows(path) -> list[dict]:
