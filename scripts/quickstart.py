@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from model.atomic import atomic_write_text
 
@@ -77,6 +78,7 @@ class Pipeline:
         self.data = out / "data"
         self.tokenizer = out / "tokenizer"
         self.rows: list[dict] = []
+        self.chat_model = out  # the model the closing lines offer to chat with; set by stages()
 
     # --- helpers ------------------------------------------------------------------------------
     def run(self, title: str, *args: str) -> float:
@@ -118,8 +120,22 @@ class Pipeline:
         print(f"[quickstart] {stage}: held-out GSM8K-style accuracy {accuracy:.1%}", flush=True)
         return accuracy
 
+    def pretrain(self, out_dir: Path, preset: str, steps: int) -> float:
+        return self.run(f"pretrain {preset}", "train_pretrain.py", "--data_path",
+                        str(self.data / "pretrain.jsonl"), "--model_preset", preset,
+                        "--warmup_steps", str(max(1, steps // 20)),
+                        *self.common(out_dir, steps, 3e-3))
+
     # --- the stages ---------------------------------------------------------------------------
     def go(self) -> None:
+        """Run the stages up to and including `until`, then write the report."""
+        for stage in self.stages():
+            if stage == self.until:
+                break
+        self.report(self.chat_model)
+
+    def stages(self) -> Iterator[str]:
+        """Each stage in turn; yields its name once it is trained and evaluated."""
         s = self.scale
         t = self.run("generate data", "-m", "dataset.synthetic", "--out", str(self.data),
                      "--seed", str(self.seed), "--n_pretrain", str(s.n_pretrain),
@@ -130,13 +146,10 @@ class Pipeline:
                       "--seed", str(self.seed))
 
         pre = self.out / "pretrain"
-        t += self.run("pretrain", "train_pretrain.py", "--data_path",
-                      str(self.data / "pretrain.jsonl"), "--model_preset", s.teacher,
-                      "--warmup_steps", str(max(1, s.pretrain_steps // 20)),
-                      *self.common(pre, s.pretrain_steps, 3e-3))
+        t += self.pretrain(pre, s.teacher, s.pretrain_steps)
         self.evaluate("pretrain", self.finalize(pre), t)
-        if self.until == "pretrain":
-            return self.report(pre / "final")
+        self.chat_model = pre / "final"
+        yield "pretrain"
 
         sft = self.out / "sft"
         t = self.run("full SFT", "train_full_sft.py", "--init_from", str(pre / "final"),
@@ -144,32 +157,27 @@ class Pipeline:
                      "--warmup_steps", str(max(1, s.sft_steps // 50)),
                      *self.common(sft, s.sft_steps, 2e-3))
         self.evaluate("full SFT", self.finalize(sft), t)
-        if self.until == "sft":
-            return self.report(sft / "final")
+        self.chat_model = sft / "final"
+        yield "sft"
 
         lora = self.out / "lora"
         t = self.run("LoRA", "train_lora.py", "--init_from", str(sft / "final"),
                      "--data_path", str(self.data / "sft.jsonl"), "--lora_rank", "16",
                      *self.common(lora, s.lora_steps, 1e-3))
         self.evaluate("LoRA (on SFT)", sft / "final", t, lora=lora / "final", out_dir=lora)
-        if self.until == "lora":
-            return self.report(sft / "final")
+        yield "lora"
 
         dpo = self.out / "dpo"
         t = self.run("DPO", "train_dpo.py", "--init_from", str(sft / "final"),
                      "--data_path", str(self.data / "dpo.jsonl"), "--beta", "0.1",
                      *self.common(dpo, s.dpo_steps, 1e-5, max(1, s.batch_size // 2)))
         self.evaluate("DPO (on SFT)", self.finalize(dpo), t)
-        if self.until == "dpo":
-            return self.report(sft / "final")
+        yield "dpo"
 
         # MiniMind's recipe: the student starts from its own pretrained weights and learns the
         # task from the teacher's token distributions (plus the data's labels).
         student_pre = self.out / "student_pretrain"
-        t = self.run("pretrain the student", "train_pretrain.py", "--data_path",
-                     str(self.data / "pretrain.jsonl"), "--model_preset", s.student,
-                     "--warmup_steps", str(max(1, s.student_pretrain_steps // 20)),
-                     *self.common(student_pre, s.student_pretrain_steps, 3e-3))
+        t = self.pretrain(student_pre, s.student, s.student_pretrain_steps)
         student = self.out / "distill"
         t += self.run("distillation", "train_distillation.py", "--teacher_path", str(sft / "final"),
                       "--init_from", str(student_pre / "final"),
@@ -177,7 +185,7 @@ class Pipeline:
                       "--warmup_steps", str(max(1, s.distill_steps // 50)),
                       *self.common(student, s.distill_steps, 2e-3))
         self.evaluate(f"distilled student ({s.student})", self.finalize(student), t)
-        self.report(sft / "final")
+        yield "distill"
 
     def report(self, model: Path) -> None:
         """REPORT.md + results.json for the stages run; then how to chat with / serve `model`."""
