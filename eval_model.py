@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dataset.chat import generation_prompt_ids
 from evaluation.runner import (BENCHMARKS, answer_text, load_for_eval, parse_data_flags,
                                run_benchmarks)
 from model.generate import SamplingParams, TextStream, generate_tokens
@@ -64,23 +65,11 @@ def sampling(args: argparse.Namespace, bench: bool, seed: int) -> SamplingParams
         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=seed)
 
 
-def prompt_ids(tokenizer, messages: list[dict], think: bool, budget: int) -> list[int]:
-    """The rendered conversation; the oldest turns are dropped (system kept) until it fits."""
-    msgs = list(messages)
-    while True:
-        ids = tokenizer.encode(tokenizer.apply_chat_template(
-            msgs, add_generation_prompt=True, enable_thinking=think))
-        first = 1 if msgs[0]["role"] == "system" else 0
-        if len(ids) <= budget or len(msgs) - first <= 1:
-            return ids[-budget:]
-        del msgs[first:first + 2]  # one user/assistant exchange
-
-
 def reply(model, tokenizer, messages: list[dict], params: SamplingParams, think: bool) -> str:
     """Stream one answer to stdout; report tokens/s on stderr; return the full text."""
     budget = model.config.max_position_embeddings - min(params.max_new_tokens,
                                                         model.config.max_position_embeddings // 2)
-    ids = prompt_ids(tokenizer, messages, think, budget)
+    ids = generation_prompt_ids(tokenizer, messages, think, budget)
     text = TextStream(tokenizer, params.stop_strings, params.stop_token_ids)
     n, t0 = 0, time.perf_counter()
     for step in generate_tokens(model, [ids], [params], should_stop=lambda b: text.stopped):
@@ -96,9 +85,8 @@ def reply(model, tokenizer, messages: list[dict], params: SamplingParams, think:
     return text.text
 
 
-def chat(model, tokenizer, args: argparse.Namespace) -> None:
+def chat(model, tokenizer, args: argparse.Namespace, system: list[dict]) -> None:
     """Multi-turn loop on stdin; the history keeps answers without their reasoning."""
-    system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     turn = 0
     while True:
@@ -140,12 +128,13 @@ def main(argv: list[str] | None = None) -> None:
                              "moe_backend": args.moe_backend},
                        log=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"reports written to {out}")
-    elif args.prompt is not None:
-        system = [{"role": "system", "content": args.system}] if args.system else []
+        return
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
         reply(model, tokenizer, system + [{"role": "user", "content": args.prompt}],
               sampling(args, False, args.seed), args.think)
     else:
-        chat(model, tokenizer, args)
+        chat(model, tokenizer, args, system)
 
 
 if __name__ == "__main__":

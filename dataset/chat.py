@@ -290,3 +290,17 @@ def messages_to_ids_and_labels(
     aligned with input_ids (the model shifts). See ``encode_conversation`` for the rules."""
     enc = encode_conversation(tokenizer, messages, tools, max_length, last_turn_only=last_turn_only)
     return enc.ids.tolist(), enc.labels.tolist()
+
+
+def generation_prompt_ids(tokenizer: ChatTokenizer, messages: list[dict[str, Any]],
+                          enable_thinking: bool, budget: int) -> list[int]:
+    """The ids that prompt the next assistant reply, at most ``budget`` long: the oldest
+    user/assistant exchanges are dropped (a system prompt is kept) until the rest fits."""
+    msgs = list(messages)
+    while True:
+        ids = tokenizer.encode(tokenizer.apply_chat_template(
+            msgs, add_generation_prompt=True, enable_thinking=enable_thinking))
+        first = 1 if msgs[0]["role"] == "system" else 0
+        if len(ids) <= budget or len(msgs) - first <= 1:
+            return ids[-budget:]
+        del msgs[first:first + 2]  # one user/assistant exchange

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval_model
+from dataset.chat import generation_prompt_ids
 from evaluation.runner import parse_data_flags
 from model.config import MiniMindConfig
 from model.io import save_pretrained
@@ -88,9 +89,9 @@ def test_history_is_trimmed_oldest_first_keeping_the_system_prompt():
         msgs += [{"role": "user", "content": f"question {i} " + "word " * 20},
                  {"role": "assistant", "content": f"answer {i} " + "word " * 20}]
     msgs.append({"role": "user", "content": "LAST"})
-    full = eval_model.prompt_ids(tok, msgs, False, 10_000)
+    full = generation_prompt_ids(tok, msgs, False, 10_000)
     budget = len(full) // 2
-    ids = eval_model.prompt_ids(tok, msgs, False, budget)
+    ids = generation_prompt_ids(tok, msgs, False, budget)
     text = tok.decode(ids)
     assert len(ids) <= budget
     assert text.startswith("<|im_start|>system\nSYS") and "LAST" in text
