@@ -21,6 +21,7 @@ import torch
 from dataset.chat import generation_prompt_ids
 from evaluation.runner import (BENCHMARKS, answer_text, load_for_eval, parse_data_flags,
                                run_benchmarks)
+from model.errors import run_cli
 from model.generate import SamplingParams, TextStream, generate_tokens
 
 
@@ -138,4 +139,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -21,6 +21,7 @@ import functools
 from dataclasses import dataclass
 
 from dataset.lm_dataset import make_collate
+from model.errors import run_cli
 from trainer import distributed as dist
 from trainer import dpo
 from trainer.adapters import FinetuningChoice, attach_lora
@@ -102,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dataset.lm_dataset import make_collate
+from model.errors import run_cli
 from trainer import distributed as dist
 from trainer.adapters import FinetuningChoice, attach_lora
 from trainer.config import option, parse_config
@@ -59,4 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -26,16 +26,17 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Literal, NamedTuple
 
 from dataset.chat import normalize_conversation
+from model.errors import UserError
 
 Schema = Literal["text", "conversation", "preference"]
 MAX_REPORTED = 5  # how many skip messages a report keeps verbatim
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data problem, with its location: ``"path:line: what is wrong"``."""
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """Raised by validators with a location-free message; readers add ``file:line``.
 
     Converters may raise a plain ValueError for bad data too; readers treat both alike.

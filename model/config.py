@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .errors import ModelFolderError, ModelNotFoundError, UserError
+
 AuxLossKind = Literal["token", "sequence"]
+
+
+class UnknownPresetError(UserError, ValueError):
+    """A preset name that is not in PRESETS (the message lists the known ones)."""
 
 
 @dataclass
@@ -106,7 +112,7 @@ class MiniMindConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MiniMindConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise UnknownPresetError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict:
@@ -117,7 +123,7 @@ class MiniMindConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown model config field(s) {unknown}")
+            raise ModelFolderError(f"{source}: unknown model config field(s) {unknown}")
         return cls(**data)
 
     def to_json(self, path: str | Path) -> None:
@@ -129,9 +135,9 @@ class MiniMindConfig:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: model config not found") from None
+            raise ModelNotFoundError(f"{path}: model config not found") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON in model config: {e.msg}") from None
+            raise ModelFolderError(f"{path}:{e.lineno}: invalid JSON in model config: {e.msg}") from None
         return cls.from_dict(data, source=str(path))
 
 

@@ -51,12 +51,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import MiniMindConfig
+from .errors import ModelNotFoundError, UserError
 from .io import atomic_path, atomic_write_bytes, save_pretrained
 from .model import MiniMindLM
 from .tokenizer import PRETOKENIZE_REGEX
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A config or checkpoint that cannot be converted faithfully; the message says why."""
 
 
@@ -501,8 +502,8 @@ def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
     binary = hf_dir / "pytorch_model.bin"
     if binary.is_file():
         return torch.load(binary, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or "
-                            "pytorch_model.bin")
+    raise ModelNotFoundError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or "
+                             "pytorch_model.bin")
 
 
 def import_hf(hf_dir: str | Path) -> MiniMindLM:
@@ -510,7 +511,7 @@ def import_hf(hf_dir: str | Path) -> MiniMindLM:
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: not found (is {hf_dir} a Hugging Face model folder?)")
+        raise ModelNotFoundError(f"{cfg_path}: not found (is {hf_dir} a Hugging Face model folder?)")
     hf = json.loads(cfg_path.read_text())
     config = our_config_from_hf(hf, str(cfg_path))
     sd = our_state_dict_from_hf(config, hf["model_type"], read_hf_state_dict(hf_dir))
@@ -539,7 +540,7 @@ def load_minimind_pth(path: str | Path, config: MiniMindConfig) -> MiniMindLM:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise ModelNotFoundError(f"{path}: checkpoint not found")
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConversionError(f"{path}: expected a flat state dict of tensors")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, atomic_write_bytes
 from .config import MiniMindConfig
+from .errors import ModelFolderError, ModelNotFoundError
 from .model import MiniMindLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -46,11 +47,11 @@ def _config_bytes(config: MiniMindConfig) -> bytes:
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: weights file not found")
+        raise ModelNotFoundError(f"{path}: weights file not found")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable or corrupt safetensors file ({e})") from None
+        raise ModelFolderError(f"{path}: unreadable or corrupt safetensors file ({e})") from None
 
 
 def load_pretrained(model_dir: str | Path, device: str | torch.device | None = None,
@@ -58,7 +59,7 @@ def load_pretrained(model_dir: str | Path, device: str | torch.device | None = N
     """Builds the model from ``config.json`` and loads the weights with ``strict=True``."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: model folder not found")
+        raise ModelNotFoundError(f"{model_dir}: model folder not found")
     config = MiniMindConfig.from_json(model_dir / CONFIG_NAME)
     model = MiniMindLM(config)
     sd = load_state_dict_file(model_dir / WEIGHTS_NAME)
@@ -67,5 +68,5 @@ def load_pretrained(model_dir: str | Path, device: str | torch.device | None = N
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{model_dir / WEIGHTS_NAME}: weights do not match config.json: {e}") from None
+        raise ModelFolderError(f"{model_dir / WEIGHTS_NAME}: weights do not match config.json: {e}") from None
     return model.to(device=device, dtype=dtype)

@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import MiniMindConfig
+from .errors import ModelFolderError, ModelNotFoundError
 from .io import atomic_path, atomic_write_bytes, save_pretrained
 from .model import MiniMindLM
 
@@ -393,30 +394,30 @@ def _read_config(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: adapter config not found") from None
+        raise ModelNotFoundError(f"{path}: adapter config not found") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON in adapter config: {e.msg}") from None
+        raise ModelFolderError(f"{path}:{e.lineno}: invalid JSON in adapter config: {e.msg}") from None
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.exists():
-        raise FileNotFoundError(f"{path}: adapter weights not found")
+        raise ModelNotFoundError(f"{path}: adapter weights not found")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable or corrupt safetensors file ({e})") from None
+        raise ModelFolderError(f"{path}: unreadable or corrupt safetensors file ({e})") from None
 
 
 def _from_native(raw: dict, path: Path) -> tuple[LoRAConfig, dict | None]:
     if raw.get("format") != ADAPTER_FORMAT or raw.get("format_version") != ADAPTER_FORMAT_VERSION:
-        raise ValueError(f"{path}: not a {ADAPTER_FORMAT} v{ADAPTER_FORMAT_VERSION} adapter config "
-                         f"(format={raw.get('format')!r}, version={raw.get('format_version')!r})")
+        raise ModelFolderError(f"{path}: not a {ADAPTER_FORMAT} v{ADAPTER_FORMAT_VERSION} adapter config "
+                               f"(format={raw.get('format')!r}, version={raw.get('format_version')!r})")
     try:
         settings = LoRAConfig(int(raw["rank"]), float(raw["alpha"]), float(raw["dropout"]),
                               bool(raw["use_rslora"]), list(raw["targets"]), list(raw["modules"]))
     except KeyError as e:
-        raise ValueError(f"{path}: adapter config lacks {e.args[0]!r}") from None
+        raise ModelFolderError(f"{path}: adapter config lacks {e.args[0]!r}") from None
     return settings, raw.get("base_model")
 
 
@@ -425,17 +426,17 @@ def _from_peft(raw: dict, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     plain = {"bias": "none", "use_dora": False, "fan_in_fan_out": False, "lora_bias": False}
     for key, want in plain.items():
         if raw.get(key, want) != want:
-            raise ValueError(f"{path}: PEFT option {key}={raw[key]!r} is not supported "
-                             "(plain LoRA only)")
+            raise ModelFolderError(f"{path}: PEFT option {key}={raw[key]!r} is not supported "
+                                   "(plain LoRA only)")
     for key in ("rank_pattern", "alpha_pattern", "modules_to_save"):
         if raw.get(key):
-            raise ValueError(f"{path}: PEFT option {key}={raw[key]!r} is not supported")
+            raise ModelFolderError(f"{path}: PEFT option {key}={raw[key]!r} is not supported")
     renamed = {}
     for key, value in tensors.items():
         body, dot, kind = key.removesuffix(".weight").rpartition(".")
         if not (key.startswith(_PEFT_PREFIX) and key.endswith(".weight") and dot
                 and kind in ("lora_A", "lora_B")):
-            raise ValueError(f"{weights_path}: unsupported PEFT tensor {key!r}")
+            raise ModelFolderError(f"{weights_path}: unsupported PEFT tensor {key!r}")
         renamed[f"{body[len(_PEFT_PREFIX):]}.{kind}"] = value
     modules = list(dict.fromkeys(k.rpartition(".")[0] for k in renamed))
     settings = LoRAConfig(int(raw["r"]), float(raw["lora_alpha"]),
@@ -452,9 +453,9 @@ def _check_base(model: nn.Module, base: dict, path: Path) -> None:
     diffs = [f"{k}: adapter {want.get(k)!r} vs model {have.get(k)!r}"
              for k in sorted(set(want) | set(have))
              if k not in RUNTIME_CONFIG_FIELDS and want.get(k) != have.get(k)]
-    raise ValueError(f"{path}: adapter belongs to a different base model "
-                     f"({base.get('name_or_path') or 'unnamed'}): "
-                     f"{'; '.join(diffs) or 'config fingerprint differs'}")
+    raise ModelFolderError(f"{path}: adapter belongs to a different base model "
+                           f"({base.get('name_or_path') or 'unnamed'}): "
+                           f"{'; '.join(diffs) or 'config fingerprint differs'}")
 
 
 def _expected_shapes(model: nn.Module, settings: LoRAConfig, path: Path) -> dict[str, tuple]:
@@ -473,8 +474,8 @@ def _expected_shapes(model: nn.Module, settings: LoRAConfig, path: Path) -> dict
     layers = _adaptable_linears(model)
     unknown = [n for n in settings.modules if n not in layers]
     if unknown:
-        raise ValueError(f"{path}: adapter targets {unknown[0]!r} ({len(unknown)} module(s) in "
-                         "all), which this model lacks or never adapts")
+        raise ModelFolderError(f"{path}: adapter targets {unknown[0]!r} ({len(unknown)} module(s) in "
+                               "all), which this model lacks or never adapts")
     shapes = {}
     for name in settings.modules:
         shapes[f"{name}.lora_A"] = (settings.rank, layers[name].in_features)
@@ -489,12 +490,12 @@ def _check_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple], p
     missing = [k for k in shapes if k not in tensors]
     unexpected = [k for k in tensors if k not in shapes]
     if missing or unexpected:
-        raise ValueError(f"{path}: adapter tensors do not match its config: "
-                         f"missing {few(missing)}, unexpected {few(unexpected)}")
+        raise ModelFolderError(f"{path}: adapter tensors do not match its config: "
+                               f"missing {few(missing)}, unexpected {few(unexpected)}")
     for key, shape in shapes.items():
         if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, "
-                             f"the model expects {shape}")
+            raise ModelFolderError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, "
+                                   f"the model expects {shape}")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
@@ -509,7 +510,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
     tensors, metadata = _read_weights(weights_path)
     if "peft_type" in raw:
         if raw["peft_type"] != "LORA":
-            raise ValueError(f"{cfg_path}: peft_type {raw['peft_type']!r} is not LORA")
+            raise ModelFolderError(f"{cfg_path}: peft_type {raw['peft_type']!r} is not LORA")
         settings, base, tensors = _from_peft(raw, tensors, metadata, cfg_path, weights_path)
     else:
         settings, base = _from_native(raw, cfg_path)

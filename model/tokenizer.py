@@ -24,6 +24,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .errors import UserError
+
 # Pre-token split (the Qwen2 pattern family): single digits, words with one leading space or
 # punctuation mark, and every run of newlines as ONE pre-token whatever follows it. The GPT-2
 # pattern splits "\n\nAfter" into "\n" + "\n" + "After" but a prompt that ends in "\n\n" into
@@ -38,7 +40,7 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "tokenizer"
 Message = dict[str, Any]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer folder is missing a file, or a file is malformed."""
 
 

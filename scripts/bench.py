@@ -292,4 +292,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from model.errors import run_cli
+    run_cli(main)

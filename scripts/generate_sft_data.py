@@ -136,4 +136,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    main()
+    from model.errors import run_cli
+    run_cli(main)

@@ -227,4 +227,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from model.errors import run_cli
+    run_cli(main)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from model.errors import UserError, one_line
 from model.generate import SamplingParams, stream
 from serving.chat import AssistantParser
 from serving.engine import load_engine_model, load_tokenizer_for
@@ -178,8 +179,8 @@ def main() -> None:
         return
     try:
         model, tokenizer = load(settings.model_dir, settings.lora_dir)
-    except Exception as e:  # a wrong folder or adapter is a user error: say so, keep the page
-        st.error(f"Could not load the model: {e}")
+    except UserError as e:  # a wrong folder or adapter: one line, the page stays; a bug shows its traceback
+        st.error(f"Could not load the model: {one_line(e)}")
         return
     lora = f" + LoRA {Path(settings.lora_dir).name}" if settings.lora_dir else ""
     st.caption(f"{Path(settings.model_dir).name}{lora} · "

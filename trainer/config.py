@@ -29,8 +29,10 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from model.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """An invalid or inconsistent training configuration (raised before any work starts)."""
 
 
@@ -208,6 +210,10 @@ class TrainConfig:
                     if not self.dataset_dir and not Path(p).exists()]
         if self.init_from and not Path(self.init_from).exists():
             err.append(f"init_from: no such folder {self.init_from!r}")
+        from model.config import PRESETS      # model code: imported here only, as in model_config()
+        if not self.init_from and self.model_preset not in PRESETS:
+            err.append(f"model_preset: unknown preset {self.model_preset!r} "
+                       f"(one of: {', '.join(sorted(PRESETS))})")
         if self.resume not in ("", "auto") and not Path(self.resume).is_dir():
             err.append(f"resume: no such checkpoint folder {self.resume!r} (use 'auto' for the newest)")
         if self.eval_gen_data and not Path(self.eval_gen_data).is_file():
@@ -345,8 +351,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def load_yaml_options(path: str | os.PathLike, cls: type[TrainConfig] = TrainConfig) -> dict[str, Any]:
     """Read a YAML mapping of options; an unknown key is an error that names it."""
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value")
     hints = typing.get_type_hints(cls)

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.errors import UserError
 from trainer.dpo import inference
 from trainer.losses import IGNORE_INDEX, LossFn, shift_labels
 
 
-class VocabMismatchError(ValueError):
+class VocabMismatchError(UserError, ValueError):
     """Teacher and student predict over different vocabularies: their distributions cannot be compared."""
 
 
