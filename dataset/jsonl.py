@@ -14,10 +14,12 @@ Schemas (the MiniMind formats, see docs/REFERENCE in ../shared):
 
 Line numbers: JSONL records are numbered by physical line; elements of a JSON array by the line
 on which the element starts; ``.txt`` files yield one ``{"text": line}`` record per non-empty line.
+A UTF-8 byte-order mark at the start of a file (Windows editors write one) is ignored.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import zlib
@@ -156,6 +158,11 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path}: is a directory, expected a data file")
 
 
+def _strip_bom(data: bytes) -> bytes:
+    """Drop a UTF-8 byte-order mark (Windows editors write one) from the start of a file."""
+    return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+
+
 def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
@@ -166,6 +173,8 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     try:
         with _open_binary(path) as f:
             for line_no, line in enumerate(f, start=1):
+                if line_no == 1:
+                    line = _strip_bom(line)
                 if line.strip():
                     seen = True
                     yield line_no, line
@@ -216,7 +225,7 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
     """
     try:
         with _open_binary(path) as f:
-            raw = f.read()
+            raw = _strip_bom(f.read())
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}:1: cannot read ({e})") from None
     try:
@@ -264,7 +273,7 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
 def _starts_with_bracket(path: Path) -> bool:
     try:
         with _open_binary(path) as f:
-            head = f.read(4096)
+            head = _strip_bom(f.read(4096))
             while head and not head.strip():
                 head = f.read(4096)
     except (OSError, EOFError, zlib.error) as e:

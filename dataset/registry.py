@@ -94,7 +94,7 @@ def load_dataset_info(dataset_dir: str | Path) -> dict[str, DatasetSpec]:
     if not path.exists():
         return {}
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM is accepted
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}:{getattr(e, 'lineno', 1)}: invalid dataset_info.json ({e})") from None
     if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):

@@ -181,3 +181,36 @@ def test_json_array_gz_and_bad_bytes(tmp_path):
         read_records(path, "text")
     good = write(tmp_path, "ok.json.gz", json.dumps([{"text": "a"}, {"text": "b"}]).encode())
     assert [r.data["text"] for r in read_records(good, "text")[0]] == ["a", "b"]
+
+
+BOM = b"\xef\xbb\xbf"   # what Windows editors (Notepad, Excel's "UTF-8" CSV->JSON tools) put first
+
+
+@pytest.mark.parametrize("name, body", [
+    ("pt.jsonl", b'{"text": "a"}\n{"text": "b"}\n'),
+    ("pt.jsonl.gz", b'{"text": "a"}\n{"text": "b"}\n'),
+    ("pt.json", b'[\n {"text": "a"},\n {"text": "b"}\n]\n'),   # a JSON array
+    ("lines.json", b'{"text": "a"}\n{"text": "b"}\n'),          # JSON lines named .json
+    ("pt.txt", b"a\nb\n"),
+])
+def test_utf8_bom_is_accepted(tmp_path, name, body):
+    path = write(tmp_path, name, BOM + body)
+    records, report = read_records(path, "text")
+    assert [r.data["text"] for r in records] == ["a", "b"] and report.skipped == 0
+    assert records[0].where == f"{path}:{2 if name == 'pt.json' else 1}"
+
+
+def test_bom_inside_a_line_is_still_an_error(tmp_path):
+    path = write(tmp_path, "pt.jsonl", b'{"text": "a"}\n' + BOM + b'{"text": "b"}\n')
+    with pytest.raises(DataError, match=f"^{path}:2: invalid JSON"):
+        read_records(path, "text")
+
+
+def test_dataset_info_with_bom(tmp_path):
+    from dataset.convert._io import update_dataset_info
+    from dataset.registry import load_dataset_info
+
+    info = tmp_path / "dataset_info.json"
+    info.write_bytes(BOM + json.dumps({"mine": {"file_name": "mine.jsonl"}}).encode())
+    assert list(load_dataset_info(tmp_path)) == ["mine"]
+    assert set(update_dataset_info(info, {"other": {"file_name": "o.jsonl"}})) == {"mine", "other"}

@@ -26,8 +26,8 @@ def open_text(path: str | Path) -> IO[str]:
     """Open a text file for reading, transparently gunzipping ``*.gz`` (used for PIQA's .lst)."""
     path = Path(path)
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")   # -sig: a leading BOM is dropped
+    return open(path, encoding="utf-8-sig")
 
 
 def iter_records(path: str | Path) -> Iterator[Record]:
@@ -95,7 +95,7 @@ def update_dataset_info(path: str | Path, entries: dict[str, dict]) -> dict:
     path = Path(path)
     registry: dict = {}
     if path.exists():
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             try:
                 registry = json.load(f)
             except json.JSONDecodeError as e:
