@@ -371,6 +371,8 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
             obj = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON ({e})") from None
+        except RecursionError:  # e.g. [[[[...]]]] 100,000 deep: the decoder recurses per level
+            raise APIError(400, "the body is not valid JSON (nested too deeply)") from None
         if not isinstance(obj, dict):
             raise APIError(400, "the body must be a JSON object")
         try:

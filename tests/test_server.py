@@ -304,6 +304,19 @@ def test_malformed_requests_get_openai_errors_and_server_survives(server):
         assert http.post("/v1/chat/completions", json=_ok()).status_code == 200
 
 
+
+def test_deeply_nested_body_is_a_400_not_a_500(server):
+    depth = 100_000   # far past Python's recursion limit; 200 kB, well under --max-request-bytes
+    body = b'{"model": "tiny-test", "messages": ' + b"[" * depth + b"]" * depth + b"}"
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        r = http.post("/v1/chat/completions", content=body,
+                      headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text[:500]
+        err = r.json()["error"]
+        assert "nested too deeply" in err["message"] and err["type"] == "invalid_request_error"
+        assert {"param", "code"} <= err.keys()
+        assert http.post("/v1/chat/completions", json=_ok()).status_code == 200   # still serving
+
 def test_api_key_is_enforced(server):
     # A second app over the same engine, with a key (TestClient: no second port needed).
     with TestClient(create_app(server.engine, MODEL_NAME, api_key="s3cret")) as http:
