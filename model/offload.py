@@ -11,17 +11,28 @@ Backends:
 - ``torch``: the model's own grouped dispatch (``model.moe.Experts``); undoes an earlier offload.
 - ``cpu``: expert weights stay in CPU memory even when the rest of the model moves to a GPU;
   hidden states go to the CPU and back, autograd included. Same maths as ``torch``.
-- ``kt``: kt-kernel's SFT operator (KTransformers' CPU MoE kernels, ``KTMoEWrapper(mode="sft")``)
-  inside a ``torch.autograd.Function``. Base expert weights are frozen (the kernel holds its own
-  bf16 / int8 / int4 copy); LoRA on the experts' gate/up/down trains through the kernel's
-  backward. Expert LoRA must already be applied (``model.lora.apply_lora``) or the experts are
-  run frozen (``*_SkipLoRA``); apply LoRA before or after offloading, the kernel is built on first
-  use and rebuilt if the adapters or base weights change.
+- ``kt``: kt-kernel (KTransformers' CPU MoE kernels). Two kernels, chosen per CPU variant by
+  ``kt_mode`` (``auto``: training kernels where the variant ships them for ``kt_backend``, else
+  inference kernels):
+  * ``sft``: the SFT operator (``KTMoEWrapper(mode="sft")``) inside a ``torch.autograd.Function``.
+    Base expert weights are frozen (the kernel holds its own bf16 / int8 / int4 / MXFP4 copy); LoRA
+    on the experts' gate/up/down trains through the kernel's backward. Expert LoRA must already be
+    applied (``model.lora.apply_lora``) or the experts are run frozen (``*_SkipLoRA``); apply LoRA
+    before or after offloading, the kernel is built on first use and rebuilt if the adapters or
+    base weights change. Only the ``amx`` / ``avx512_bf16`` builds have the bf16/int8/int4
+    classes; ``MXFP4`` (4-bit MXFP4 base, quantised here on load, + LoRA) runs on ``avx2`` too.
+  * ``inference``: forward only, bf16 weights, the low-level ``kt_kernel_ext.moe`` classes
+    (``AMXBF16_MOE`` on amx / avx512_bf16, ``AVX2BF16_MOE`` on every other build). kt's own
+    inference wrapper pins memory and so fails without an NVIDIA driver; these classes do not.
+    Unmerged LoRA is folded into the kernel's weights (rebuilt when the adapters change).
 
 kt-kernel footguns guarded here (see ``/work/shared/docs/KT_KERNEL.md``):
 - hidden / intermediate sizes that are not multiples of 32 crash the process with no Python
   error: checked in Python before any kernel object exists (``check_kt_config``);
-- only the ``amx`` and ``avx512_bf16`` CPU variants ship the training classes;
+- only the ``amx`` and ``avx512_bf16`` CPU variants ship the bf16/int8/int4 training classes (the
+  ``avx2`` build: inference classes and ``MXFP4_SFT_MOE`` only): checked at config time;
+- kt keeps raw pointers into every tensor it is given (weights, the expert map, ...): each one is
+  held alive by the runner for as long as the kernel object exists;
 - a call may carry at most ``chunked_prefill_size`` tokens: larger batches are chunked;
 - the kernel keeps raw pointers to (and pre-packs) the LoRA tensors: after every optimizer step
   ``refresh_kt_lora(model)`` copies the fp32 adapters into the kernel's bf16 buffers and calls
@@ -59,14 +70,21 @@ from .moe import Experts, MoEFeedForward
 Backend = Literal["torch", "cpu", "kt"]
 BACKENDS = ("torch", "cpu", "kt")
 # LLaMA-Factory-KT's ``kt_backend`` values → kt-kernel SFT method names.
-KT_METHODS = {"AMXBF16": "AMXBF16_SFT", "AMXINT8": "AMXINT8_SFT", "AMXINT4": "AMXINT4_SFT"}
-# Only these CPU variants of kt-kernel contain the SFT (training) classes.
-KT_TRAINING_VARIANTS = frozenset({"amx", "avx512_bf16"})
+KT_METHODS = {"AMXBF16": "AMXBF16_SFT", "AMXINT8": "AMXINT8_SFT", "AMXINT4": "AMXINT4_SFT",
+              "MXFP4": "MXFP4_SFT"}
+_AVX512_SFT = frozenset({"amx", "avx512_bf16"})
+# The CPU variants of kt-kernel 0.7.2 whose build contains each method's SFT (training) class.
+KT_TRAINING_VARIANTS = {"AMXBF16_SFT": _AVX512_SFT, "AMXINT8_SFT": _AVX512_SFT,
+                        "AMXINT4_SFT": _AVX512_SFT, "MXFP4_SFT": _AVX512_SFT | {"avx2"}}
 # Size granularity per method: other sizes crash bf16 natively; INT4 rejects < 128 at construction.
-KT_SIZE_MULTIPLE = {"AMXBF16_SFT": 32, "AMXINT8_SFT": 32, "AMXINT4_SFT": 128}
+KT_SIZE_MULTIPLE = {"AMXBF16_SFT": 32, "AMXINT8_SFT": 32, "AMXINT4_SFT": 128, "MXFP4_SFT": 32}
+KT_MODES = ("auto", "sft", "inference")
 KT_MAX_RANK = 256
-KT_INSTALL_HINT = ("pip install --no-deps kt-kernel==0.7.2 numpy safetensors gguf packaging "
-                   "(the plain `pip install kt-kernel` pins torch 2.9.1 and pulls CUDA wheels)")
+KT_INSTALL_HINT = ("pip install --no-deps -r requirements-kt.txt (the plain `pip install "
+                   "kt-kernel` pins torch 2.9.1 and pulls CUDA wheels)")
+# MXFP4_SFT clamps the SwiGLU inputs at ±limit (GPT-OSS style) and refuses 0 / inf; this large
+# finite value leaves plain SiLU·up unchanged (checked against the fp32 reference).
+_MXFP4_NO_CLAMP = 1e30
 _PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -77,7 +95,8 @@ class KTOptions:
     """kt settings under the names LLaMA-Factory-KT users write in YAML / on the command line."""
 
     use_kt: bool = False  # the trainer's switch: offload_experts(model, "kt") when true
-    kt_backend: str = "AMXBF16"  # AMXBF16 | AMXINT8 (needs kt_weight_path) | AMXINT4
+    kt_backend: str = "AMXBF16"  # AMXBF16 | AMXINT8 (needs kt_weight_path) | AMXINT4 | MXFP4
+    kt_mode: str = "auto"  # auto | sft (training kernels) | inference (forward-only kernels)
     kt_num_threads: int = 0  # CPU worker threads; 0 = every core of this process
     kt_tp_enabled: bool = False  # one thread pool per NUMA node, experts split across them
     kt_num_gpu_experts: int = 0  # the first N experts of each layer stay with torch (accelerator)
@@ -99,6 +118,8 @@ class KTOptions:
         if self.kt_backend.upper() not in KT_METHODS:
             raise ValueError(f"kt_backend={self.kt_backend!r} is not supported; choose one of "
                              f"{sorted(KT_METHODS)}")
+        if self.kt_mode not in KT_MODES:
+            raise ValueError(f"kt_mode={self.kt_mode!r} is not supported; choose one of {KT_MODES}")
         if self.kt_num_threads < 0:
             raise ValueError(f"kt_num_threads={self.kt_num_threads} must be >= 0 (0 = all cores)")
         if self.kt_num_gpu_experts < 0:
@@ -124,45 +145,100 @@ def _numa_nodes() -> int:
 
 # --- availability and validation ---------------------------------------------------------------
 
-def kt_status() -> tuple[bool, str]:
-    """(usable for training, reason). Importing kt_kernel runs no kernel, so this is crash-safe."""
+def kt_variant() -> str | None:
+    """kt-kernel's loaded CPU variant (``amx``, ``avx512_bf16``, ..., ``avx2``), None when missing.
+
+    kt picks it from /proc/cpuinfo; ``KT_KERNEL_CPU_VARIANT=avx2`` (set before the import) loads
+    a lower build, which is how the AVX2-only path is exercised on a bigger CPU.
+    """
+    try:
+        import kt_kernel
+    except ImportError:
+        return None
+    return getattr(kt_kernel, "__cpu_variant__", None)
+
+
+def _no_training_reason(variant: str | None, method: str) -> str:
+    """The one line that says why ``method`` cannot train on ``variant`` and what to do instead."""
+    mxfp4 = ("; or --kt_backend MXFP4 (4-bit MXFP4 base experts + LoRA, the one training "
+             "kernel this build has)") if variant in KT_TRAINING_VARIANTS["MXFP4_SFT"] else ""
+    return (f"kt-kernel's CPU variant {variant!r} has no {method} training kernel (it ships in "
+            f"{'/'.join(sorted(KT_TRAINING_VARIANTS[method]))} only): train with --moe_backend cpu "
+            f"(the PyTorch experts in CPU memory) or on a CPU with AVX512-BF16 or AMX{mxfp4}")
+
+
+def kt_status(kt_backend: str = "AMXBF16") -> tuple[bool, str]:
+    """(usable for training with ``kt_backend``, reason). Importing kt_kernel runs no kernel, so
+    this is crash-safe. The reason for an unsupported CPU variant is one line naming the variant
+    and the ways forward."""
     try:
         import kt_kernel
     except ImportError as e:
         return False, f"kt_kernel is not importable ({e}); install with: {KT_INSTALL_HINT}"
-    variant = getattr(kt_kernel, "__cpu_variant__", None)
-    if variant not in KT_TRAINING_VARIANTS:
-        return False, (f"kt_kernel CPU variant {variant!r} has no training (SFT) kernels; they "
-                       f"ship only in {sorted(KT_TRAINING_VARIANTS)} (a CPU with AVX512-BF16 or AMX)")
-    return True, f"kt_kernel {getattr(kt_kernel, '__version__', '?')} variant {variant}"
+    variant = kt_variant()
+    method = KT_METHODS.get(kt_backend.upper())
+    if method is None:
+        return False, f"kt_backend={kt_backend!r} is not supported; choose one of {sorted(KT_METHODS)}"
+    if variant not in KT_TRAINING_VARIANTS[method]:
+        return False, _no_training_reason(variant, method)
+    return True, f"kt_kernel {getattr(kt_kernel, '__version__', '?')} variant {variant} ({method})"
+
+
+def kt_inference_status() -> tuple[bool, str]:
+    """(forward-only kt kernels usable, reason): every variant of kt-kernel 0.7.2 ships them."""
+    try:
+        import kt_kernel
+    except ImportError as e:
+        return False, f"kt_kernel is not importable ({e}); install with: {KT_INSTALL_HINT}"
+    cls = _inference_class_name(kt_variant())
+    if not hasattr(kt_kernel.kt_kernel_ext.moe, cls):
+        return False, f"kt-kernel's CPU variant {kt_variant()!r} has no {cls} inference class"
+    return True, f"kt_kernel {getattr(kt_kernel, '__version__', '?')} variant {kt_variant()} ({cls})"
+
+
+def _inference_class_name(variant: str | None) -> str:
+    # The avx512_base/vnni/vbmi builds also list AMXBF16_MOE, but their CPUs may lack the
+    # AVX512-BF16 instructions it is built for: AVX2BF16_MOE (in every build) is the safe one.
+    return "AMXBF16_MOE" if variant in _AVX512_SFT else "AVX2BF16_MOE"
 
 
 def require_kt() -> Any:
-    """Imports kt_kernel or raises ImportError (missing) / RuntimeError (no training kernels)."""
+    """Imports kt_kernel or raises ImportError with the install hint."""
     try:
         import kt_kernel
     except ImportError as e:
         raise ImportError(f"backend 'kt' needs kt_kernel, which is not importable ({e}). "
                           f"Install with: {KT_INSTALL_HINT}") from e
-    ok, reason = kt_status()
-    if not ok:
-        raise RuntimeError(f"backend 'kt': {reason}")
     return kt_kernel
+
+
+def kt_mode(options: "KTOptions") -> str:
+    """``sft`` or ``inference``: what ``options.kt_mode`` means on this machine's kt build."""
+    if options.kt_mode != "auto":
+        return options.kt_mode
+    return "sft" if kt_status(options.kt_backend)[0] else "inference"
 
 
 def check_kt_config(hidden_size: int, moe_intermediate_size: int, num_experts: int,
                     num_experts_per_tok: int, options: KTOptions, rank: int | None = None,
-                    dropout: float = 0.0) -> None:
+                    dropout: float = 0.0, mode: str = "sft") -> None:
     """Every check the kernel would fail natively (crash) or late, as a ValueError naming the field.
 
-    Pure Python: safe to call before kt_kernel is even imported.
+    Pure Python: safe to call before kt_kernel is even imported (whether the CPU variant has the
+    kernels is ``kt_status``'s job). ``mode="inference"`` checks the forward-only kernels.
     """
     options.validate()
-    multiple = KT_SIZE_MULTIPLE[options.method]
+    method = options.method
+    if mode == "inference":
+        if method != "AMXBF16_SFT":
+            raise ValueError(f"backend 'kt' (inference kernels): kt_backend={options.kt_backend!r} "
+                             "is not supported there; they run bf16 weights (kt_backend AMXBF16)")
+        rank = dropout = None
+    multiple = KT_SIZE_MULTIPLE[method]
     for name, value in (("hidden_size", hidden_size), ("moe_intermediate_size",
                                                        moe_intermediate_size)):
         if value % multiple:
-            raise ValueError(f"backend 'kt' ({options.method}): {name}={value} is not a multiple "
+            raise ValueError(f"backend 'kt' ({method}): {name}={value} is not a multiple "
                              f"of {multiple}; kt-kernel crashes the process on such shapes")
     tp = options.threadpool_count()
     if moe_intermediate_size % tp or (moe_intermediate_size // tp) % multiple:
@@ -174,11 +250,50 @@ def check_kt_config(hidden_size: int, moe_intermediate_size: int, num_experts: i
         raise ValueError(f"kt_num_gpu_experts={n_gpu} leaves {num_experts - n_gpu} of "
                          f"{num_experts} experts on the CPU, fewer than num_experts_per_tok="
                          f"{num_experts_per_tok} (the kernel needs at least top-k)")
+    if method == "MXFP4_SFT" and mode == "sft":
+        if n_gpu:
+            raise ValueError("kt_backend='MXFP4' keeps every routed expert on the CPU: "
+                             f"kt_num_gpu_experts={n_gpu} must be 0")
+        if tp > 2:
+            raise ValueError(f"kt_backend='MXFP4' runs 1 or 2 NUMA thread pools, not {tp}")
     if rank is not None and not 1 <= rank <= KT_MAX_RANK:
         raise ValueError(f"backend 'kt': LoRA rank={rank} is unsupported; use 1..{KT_MAX_RANK}")
     if dropout:
         raise ValueError(f"backend 'kt': LoRA dropout={dropout} is unsupported; use 0 (the "
                          "kernel's dropout mask cannot be reproduced by the torch backend)")
+
+
+# --- MXFP4 (OCP microscaling FP4: E2M1 elements, one power-of-two scale per 32) ----------------
+
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float → (codes [N, K/2] uint8, scales [N, K/32] bf16) in kt's MXFP4_SFT layout.
+
+    Per group of 32 along K: scale 2^e with e = floor(log2 max|w|) − 2 (the OCP MX rule; 6 =
+    1.5·2², so the largest element lands in [4, 8) and is clipped to 6), elements rounded to the
+    nearest E2M1 value (sign bit 3). Element 2j is the low nibble of byte j, 2j+1 the high one
+    (the other order gives a 140 % error against the kernel). Scales are UE8M0 codes shifted into
+    bf16's exponent, as kt's MXFP4SafeTensorLoader does.
+    """
+    N, K = w.shape
+    g = w.detach().float().reshape(N, K // 32, 32)
+    e = (torch.floor(torch.log2(g.abs().amax(-1).clamp_min(2.0 ** -120))) - 2).clamp(-126, 127)
+    v = g / torch.exp2(e)[..., None]
+    idx = (v.abs().clamp(max=6.0)[..., None] - _E2M1).abs().argmin(-1)
+    code = (idx | ((v < 0).to(torch.int64) << 3)).reshape(N, K)
+    packed = (code[:, 1::2] << 4 | code[:, 0::2]).to(torch.uint8).contiguous()
+    scales = ((e + 127).to(torch.int32) << 7).to(torch.int16).view(torch.bfloat16).contiguous()
+    return packed, scales
+
+
+def mxfp4_dequantize(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 weights the kernel computes with (the inverse of ``mxfp4_quantize``)."""
+    N = packed.shape[0]
+    code = torch.stack([packed & 0xF, packed >> 4], -1).reshape(N, -1).to(torch.int64)
+    val = _E2M1[code & 7] * torch.where(code >= 8, -1.0, 1.0)
+    return (val.reshape(N, -1, 32) * scales.float()[..., None]).reshape(N, -1)
 
 
 # --- shared dispatch helpers ---------------------------------------------------------------------
@@ -304,6 +419,45 @@ class _KTRunner:
         return torch.cat(gx), torch.cat(gw), lora_grads
 
 
+class _KTInferenceRunner:
+    """One layer's forward-only kt kernel (``AMXBF16_MOE`` / ``AVX2BF16_MOE``) built directly on
+    ``kt_kernel_ext.moe``: kt's ``KTMoEWrapper(mode="inference")`` allocates pinned (CUDA host)
+    buffers and fails without an NVIDIA driver. Every tensor whose pointer the kernel got is kept
+    in ``self.keep`` (a freed expert map crashed the load with SIGSEGV)."""
+
+    def __init__(self, kt_kernel: Any, weights: list[torch.Tensor], top_k: int, hidden: int,
+                 inter: int, chunk: int, threads: int, pools: int, layer_idx: int):
+        from kt_kernel.experts_base import _MoEBase  # the CPUInfer singleton kt's wrappers share
+        ext = kt_kernel.kt_kernel_ext
+        n = len(weights[0])  # weights: [gate, up, down], each a list over experts
+        self.cpu_infer = _MoEBase._get_cpu_infer(threads, pools)
+        self.top_k, self.hidden, self.chunk = top_k, hidden, chunk
+        mask = torch.zeros(n, dtype=torch.bool)  # kt's "expert is on the GPU" flags: none are
+        expert_map = torch.arange(n, dtype=torch.int64)
+        cfg = ext.moe.MOEConfig(n, top_k, hidden, inter, mask.data_ptr())
+        cfg.layer_idx, cfg.pool, cfg.max_len = layer_idx, self.cpu_infer.backend_, chunk
+        # [NUMA pool][expert] pointers; bf16 has no scales (0 = nullptr), as kt's own BF16 path.
+        cfg.gate_projs, cfg.up_projs, cfg.down_projs = ([[t.data_ptr() for t in w]] for w in weights)
+        cfg.gate_scales = cfg.up_scales = cfg.down_scales = [[0] * n]
+        self.class_name = _inference_class_name(kt_kernel.__cpu_variant__)
+        self.moe = getattr(ext.moe, self.class_name)(cfg)
+        self.keep = [weights, mask, expert_map, cfg]
+        self.cpu_infer.submit(self.moe.load_weights_task(expert_map.data_ptr()))
+        self.cpu_infer.sync()
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [T, H] bf16, ids [T, K] int64 (−1 = skip), w [T, K] fp32, all contiguous CPU."""
+        y = torch.zeros(x.shape, dtype=torch.bfloat16)
+        for s in range(0, x.shape[0], self.chunk):
+            e = min(s + self.chunk, x.shape[0])
+            bsz = torch.tensor([e - s], dtype=torch.int32)
+            self.cpu_infer.submit(self.moe.forward_task(
+                bsz.data_ptr(), self.top_k, ids[s:e].data_ptr(), w[s:e].data_ptr(),
+                x[s:e].data_ptr(), y[s:e].data_ptr(), False))
+            self.cpu_infer.sync()
+        return y
+
+
 class _KTExpertsFunction(torch.autograd.Function):
     """y = kt(x, ids, w; LoRA). Inputs after ``w`` are the LoRA parameters, in ``runner.lora``'s
     per-projection order, flattened expert-major: they only route gradients (the kernel reads its
@@ -351,7 +505,8 @@ class KTExperts(_PinnedExperts):
         self.hidden, self.inter = config.hidden_size, config.moe_intermediate_size
         self.top_k = config.num_experts_per_tok
         self.first_cpu = options.kt_num_gpu_experts
-        self._runner: _KTRunner | None = None
+        self.mode = kt_mode(options)  # "sft" | "inference", fixed for this module's life
+        self._runner: _KTRunner | _KTInferenceRunner | None = None
         self._built_for: tuple | None = None
         self._lora_versions: tuple | None = None
         for child in list(self)[self.first_cpu:]:
@@ -398,6 +553,11 @@ class KTExperts(_PinnedExperts):
         """What the kernel object was built from: the LoRA layout and the base weight versions."""
         base = tuple(getattr(c, p).weight._version for c in self._cpu_children() for p in _PROJS)
         layout = tuple(pair is None for row in self._lora_pairs() for pair in row)
+        if self.mode == "inference":  # adapters are folded into the kernel's weights
+            flags = tuple((getattr(getattr(c, p), "merged", False),
+                           getattr(getattr(c, p), "disabled", False))
+                          for c in self._cpu_children() for p in _PROJS)
+            return layout, base, flags, self._lora_version()
         return self.lora_settings(), layout, base
 
     def _lora_version(self) -> tuple:
@@ -409,12 +569,21 @@ class KTExperts(_PinnedExperts):
         """Creates the kernel object and loads the frozen weights. Validates everything first."""
         global _CPUINFER_CONFIG
         opts = self.options
+        if self.mode == "inference":
+            return self._build_inference()
         settings = self.lora_settings()
         rank, scale = settings if settings else (8, 1.0)  # SkipLoRA still wants a positive rank
         check_kt_config(self.hidden, self.inter, len(self), self.top_k, opts,
                         rank=rank if settings else None)
         kt_kernel = require_kt()
-        method = opts.method if settings else opts.method + "_SkipLoRA"
+        mxfp4 = opts.method == "MXFP4_SFT"
+        if mxfp4 and not settings:
+            # MXFP4_SFT has no SkipLoRA form: a rank-1 adapter of zeros adds exactly nothing.
+            rank, scale = 1, 1.0
+        method = opts.method if settings or mxfp4 else opts.method + "_SkipLoRA"
+        ok, reason = kt_status(opts.kt_backend)
+        if not ok:
+            raise RuntimeError(f"backend 'kt' (training kernels, kt_mode={opts.kt_mode!r}): {reason}")
         threads, pools = opts.threads(), opts.threadpool_count()
         if _CPUINFER_CONFIG is None:
             _CPUINFER_CONFIG = (threads, pools)
@@ -431,17 +600,25 @@ class KTExperts(_PinnedExperts):
             weight_path=opts.kt_weight_path or "", chunked_prefill_size=opts.kt_chunk_tokens,
             method=method, mode="sft", lora_rank=rank,
             # The kernel scales by alpha / rank: this gives LoRALinear's scale, rsLoRA included.
-            lora_alpha=scale * rank, lora_dropout=0.0)
+            lora_alpha=scale * rank, lora_dropout=0.0,
+            **(dict(group_size=32, zero_point=False, swiglu_limit=_MXFP4_NO_CLAMP) if mxfp4 else {}))
         children = self._cpu_children()
-        if opts.method == "AMXINT8_SFT":
+        self._expert_map = torch.arange(n_cpu, dtype=torch.int64)  # kt keeps this pointer
+        if mxfp4:
+            data: dict[str, list[torch.Tensor]] = {}
+            for key, proj in zip(("gate", "up", "down"), _PROJS):
+                pairs = [mxfp4_quantize(getattr(c, proj).weight) for c in children]
+                data[key], data[key + "_scale"] = [p[0] for p in pairs], [p[1] for p in pairs]
+            wrapper.load_mxfp4_weights(data, self._expert_map)
+        elif opts.method == "AMXINT8_SFT":
             # Pre-quantised files hold all E experts; physical slot i is logical expert N + i.
             wrapper.load_weights(torch.arange(self.first_cpu, len(self), dtype=torch.int64))
         else:
             stacked = [torch.stack([getattr(c, p).weight.detach().to("cpu", torch.bfloat16)
                                     for c in children]).contiguous() for p in _PROJS]
-            wrapper.load_weights_from_tensors(*stacked, torch.arange(n_cpu, dtype=torch.int64))
+            wrapper.load_weights_from_tensors(*stacked, self._expert_map)
         lora = grads = None
-        if settings:
+        if settings or mxfp4:
             shapes = [((rank, self.hidden), (self.inter, rank)), ((rank, self.hidden),
                       (self.inter, rank)), ((rank, self.inter), (self.hidden, rank))]
             lora = [torch.zeros(n_cpu, *shape, dtype=torch.bfloat16)
@@ -454,6 +631,31 @@ class KTExperts(_PinnedExperts):
         else:
             self._runner = _KTRunner(wrapper, None, None, opts.kt_chunk_tokens, self.hidden,
                                      self.top_k)
+        self._built_for = self._signature()
+        self._lora_versions = self._lora_version()
+
+    @torch.no_grad()
+    def _effective_weight(self, m: nn.Module) -> torch.Tensor:
+        """What ``m`` computes, as one bf16 matrix: W, plus s·B@A for a live (unmerged, enabled)
+        adapter, summed in fp32 so it is rounded once."""
+        w = m.weight.detach().to("cpu", torch.float32)
+        if _expert_lora(m) is not None and not (getattr(m, "merged", False)
+                                                or getattr(m, "disabled", False)):
+            w = w + m.delta_weight().to("cpu")
+        return w.to(torch.bfloat16).contiguous()
+
+    def _build_inference(self) -> None:
+        global _CPUINFER_CONFIG
+        opts = self.options
+        check_kt_config(self.hidden, self.inter, len(self), self.top_k, opts, mode="inference")
+        kt_kernel = require_kt()
+        threads, pools = opts.threads(), opts.threadpool_count()
+        _CPUINFER_CONFIG = _CPUINFER_CONFIG or (threads, pools)
+        self._runner = None
+        weights = [[self._effective_weight(getattr(c, p)) for c in self._cpu_children()]
+                   for p in _PROJS]
+        self._runner = _KTInferenceRunner(kt_kernel, weights, self.top_k, self.hidden, self.inter,
+                                          opts.kt_chunk_tokens, threads, pools, self.layer_idx)
         self._built_for = self._signature()
         self._lora_versions = self._lora_version()
 
@@ -473,7 +675,7 @@ class KTExperts(_PinnedExperts):
 
     def refresh_lora(self) -> bool:
         """Pushes the current adapters into the kernel; False when there is no kernel yet."""
-        if self._runner is None or self._runner.lora is None:
+        if self._runner is None or getattr(self._runner, "lora", None) is None:
             return False
         self._copy_lora()
         # The kernel pre-packs B/A matrices; without this call edits are not seen.
@@ -506,12 +708,31 @@ class KTExperts(_PinnedExperts):
         y_TD = None
         if n_gpu:
             y_TD = _dispatch_range(self, 0, n_gpu, x_TD, expert_ids_TK, weights_TK, x_TD.device)
-        if self._torch_path():
+        if self.mode == "inference":
+            y_cpu = self._kt_inference_forward(x_TD, expert_ids_TK, weights_TK)
+        elif self._torch_path():
             y_cpu = _dispatch_range(self, n_gpu, E, x_TD, expert_ids_TK, weights_TK, cpu)
         else:
             y_cpu = self._kt_forward(x_TD, expert_ids_TK, weights_TK)
         y_cpu = y_cpu.to(x_TD.device)
         return y_cpu if y_TD is None else y_TD + y_cpu.to(y_TD.dtype)
+
+    def _kt_inference_forward(self, x_TD, expert_ids_TK, weights_TK) -> torch.Tensor:
+        lora = [t for row in self._lora_pairs() for pair in row if pair for t in pair]
+        if torch.is_grad_enabled() and (x_TD.requires_grad or weights_TK.requires_grad
+                                        or any(t.requires_grad for t in lora)):
+            raise RuntimeError(
+                f"backend 'kt' layer {self.layer_idx} runs kt-kernel's forward-only kernel "
+                f"({_inference_class_name(kt_variant())}, kt_mode={self.options.kt_mode!r}, CPU "
+                f"variant {kt_variant()!r}): no gradients. Wrap inference in torch.no_grad(); to "
+                f"train: {kt_status(self.options.kt_backend)[1]}")
+        runner = self._ready()
+        cpu = torch.device("cpu")
+        ids = expert_ids_TK.to(cpu, torch.int64)
+        ids = torch.where(ids >= self.first_cpu, ids - self.first_cpu, -1).contiguous()
+        x = x_TD.detach().to(cpu, torch.bfloat16).contiguous()
+        w = weights_TK.detach().to(cpu, torch.float32).contiguous()
+        return runner.forward(x, ids, w).to(x_TD.dtype)
 
     def _kt_forward(self, x_TD, expert_ids_TK, weights_TK) -> torch.Tensor:
         runner = self._ready()
@@ -565,9 +786,13 @@ def offload_experts(model: nn.Module, backend: Backend = "torch",
     opts = KTOptions(**{**(vars(options) if options else {}), **kt_options})
     if backend == "kt":
         cfg = layers[0][1].config
+        opts.validate()
+        require_kt()  # a missing kt_kernel fails here, not mid-forward
+        mode = kt_mode(opts)
         check_kt_config(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
-                        cfg.num_experts_per_tok, opts)
-        require_kt()  # a missing or training-less kt_kernel fails here, not mid-forward
+                        cfg.num_experts_per_tok, opts, mode=mode)
+        if mode == "sft" and not kt_status(opts.kt_backend)[0]:
+            raise RuntimeError(f"backend 'kt' (kt_mode='sft'): {kt_status(opts.kt_backend)[1]}")
 
     for layer_idx, (_, moe) in enumerate(layers):
         old = moe.experts

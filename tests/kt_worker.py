@@ -20,7 +20,8 @@ from model.config import MiniMindConfig
 from model.lora import apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter
 from model.model import MiniMindLM
 from model.moe import MoEFeedForward
-from model.offload import KTExperts, offload_experts, refresh_kt_lora, register_kt_refresh
+from model.offload import (KTExperts, kt_variant, mxfp4_dequantize, mxfp4_quantize,
+                           offload_experts, refresh_kt_lora, register_kt_refresh)
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
@@ -246,10 +247,97 @@ def case_train() -> dict:
     return out
 
 
+def case_inference(kt_mode: str = "inference") -> dict:
+    """Forward-only kernels vs the fp32 torch backend: a layer with live (unmerged) expert LoRA,
+    chunked (100 tokens through 32-token calls), 3 experts left to torch, one decode token; then
+    a whole tiny-moe model's logits. ``variant`` and ``mode`` say what actually ran."""
+    torch.manual_seed(0)
+    out: dict = {"variant": kt_variant()}
+    layer = make_layer()
+    x, ids, w, _ = routed_inputs(layer, 100)
+    with torch.no_grad():
+        ref = layer.experts(x, ids, w)
+        for tag, kw in (("layer", {}), ("layer_gpu_experts", {"kt_num_gpu_experts": 3})):
+            kt_layer = offload_experts(copy.deepcopy(layer), "kt", kt_num_threads=1,
+                                       kt_chunk_tokens=32, kt_mode=kt_mode, **kw)
+            out[tag] = rel(kt_layer.experts(x, ids, w), ref)
+            out["mode"] = kt_layer.experts.mode
+        out["decode_token"] = rel(kt_layer.experts(x[:1], ids[:1], w[:1]), ref[:1])
+        # An adapter edit after the first forward reaches the kernel (it is rebuilt).
+        for p in lora_parameters(kt_layer):
+            p.mul_(2.0)
+        for p in lora_parameters(layer):
+            p.mul_(2.0)
+        out["after_adapter_edit"] = rel(kt_layer.experts(x, ids, w), layer.experts(x, ids, w))
+    try:
+        kt_layer.experts(x.clone().requires_grad_(), ids, w)
+        out["grad_error"] = ""
+    except RuntimeError as e:
+        out["grad_error"] = str(e)
+
+    cfg = MiniMindConfig.from_preset("tiny-moe")
+    model = MiniMindLM(cfg).eval()
+    tokens = torch.randint(3, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        ref_logits = model(tokens).logits
+        offload_experts(model, "kt", kt_num_threads=1, kt_mode=kt_mode)
+        logits = model(tokens).logits
+    out["model_logits"] = rel(logits, ref_logits)
+    out["model_argmax_agree"] = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+    return out
+
+
+def _dequantised_copy(layer: MoEFeedForward) -> MoEFeedForward:
+    """The same layer with every routed expert weight replaced by its MXFP4 round trip."""
+    ref = copy.deepcopy(layer)
+    with torch.no_grad():
+        for e in ref.experts:
+            for proj in PROJS:
+                weight = getattr(e, proj).weight
+                weight.copy_(mxfp4_dequantize(*mxfp4_quantize(weight)))
+    return ref
+
+
+def case_mxfp4() -> dict:
+    """kt_backend MXFP4 (4-bit base + LoRA): forward, backward and the six LoRA gradients vs fp32
+    torch maths on the dequantised weights (what the kernel should compute) and vs the original
+    fp32 weights (what quantisation costs); then tiny-moe LoRA training steps."""
+    torch.manual_seed(0)
+    layer = make_layer()
+    x, ids, w, gy = routed_inputs(layer, 64)
+    kt_layer = offload_experts(copy.deepcopy(layer), "kt", kt_num_threads=1, kt_backend="MXFP4")
+    got = layer_grads(kt_layer, x, ids, w, gy)
+    out = {"variant": kt_variant(), "mode": kt_layer.experts.mode,
+           "vs_dequantised": compare(got, layer_grads(_dequantised_copy(layer), x, ids, w, gy)),
+           "vs_fp32": compare(got, layer_grads(layer, x, ids, w, gy))}
+    weight = layer.experts[0].gate_proj.weight
+    out["weight_quant_error"] = rel(mxfp4_dequantize(*mxfp4_quantize(weight)), weight)
+
+    cfg = MiniMindConfig.from_preset("tiny-moe")
+    model = MiniMindLM(cfg)
+    apply_lora(model, "all", rank=8, alpha=16)
+    offload_experts(model, "kt", kt_num_threads=1, kt_backend="MXFP4")
+    tokens = torch.randint(3, cfg.vocab_size, (2, 24))
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2, weight_decay=0.0)
+    register_kt_refresh(opt, model)
+    losses = []
+    for _ in range(12):
+        loss = model(tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    out["losses"] = losses
+    out["expert_lora_moved"] = max(p.abs().max().item() for n, p in model.named_parameters()
+                                   if ".experts." in n and n.endswith("lora_B"))
+    return out
+
+
 CASES = {"layer_precision": case_layer_precision, "chunking": case_chunking,
          "gpu_experts": case_gpu_experts, "two_forwards": case_two_forwards,
          "refresh": case_refresh, "skiplora": case_skiplora, "int4": case_int4,
-         "train": case_train}
+         "train": case_train, "inference": case_inference,
+         "inference_auto": lambda: case_inference("auto"), "mxfp4": case_mxfp4}
 
 
 if __name__ == "__main__":
