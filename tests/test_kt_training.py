@@ -117,6 +117,24 @@ def test_kt_unavailable_is_a_config_error(monkeypatch):
         parse_config(SFTConfig, ["--use_kt", "--model_preset", "tiny-moe"])
 
 
+@pytest.mark.parametrize("switch", [["--use_kt"], ["--moe_backend", "kt"]])
+def test_training_on_a_cpu_variant_without_sft_kernels_fails_at_config_time(monkeypatch, switch):
+    """kt-kernel's avx2 build (AVX2-only CPUs, CI) has no bf16 training kernels: the config
+    check says so in one line naming the variant and the ways forward (any machine: the detected
+    variant is faked)."""
+    import types
+    fake = types.ModuleType("kt_kernel")
+    fake.__cpu_variant__ = "avx2"
+    monkeypatch.setitem(sys.modules, "kt_kernel", fake)
+    with pytest.raises(ConfigError) as info:
+        parse_config(SFTConfig, [*switch, "--model_preset", "tiny-moe"])
+    lines = [ln for ln in str(info.value).splitlines() if "avx2" in ln]
+    assert len(lines) == 1, str(info.value)
+    for needle in ("variant 'avx2'", "--moe_backend cpu", "AVX512-BF16 or AMX"):
+        assert needle in lines[0], (needle, lines[0])
+    parse_config(SFTConfig, ["--moe_backend", "cpu", "--model_preset", "tiny-moe"])  # the way out
+
+
 # ---------------------------------------------------------------------------------- kt runs
 @needs_kt
 def test_full_sft_with_kt_trains_all_but_the_routed_experts(work):

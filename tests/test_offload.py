@@ -162,15 +162,49 @@ def test_unsupported_lora_raises_before_kernel(fake_kt, rank, dropout, message):
 
 def test_missing_kt_kernel_raises_import_error_with_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "kt_kernel", None)  # makes `import kt_kernel` fail
-    with pytest.raises(ImportError, match="pip install --no-deps kt-kernel"):
+    with pytest.raises(ImportError, match="pip install --no-deps -r requirements-kt.txt"):
         offload_experts(tiny_model(), "kt")
     assert not kt_status()[0]
 
 
-def test_variant_without_training_kernels_raises(fake_kt):
+def test_variant_without_training_kernels_names_it_and_the_ways_forward(fake_kt):
+    """kt-kernel's avx2 build (AVX2-only CPUs) has no bf16 training kernels: training asks fail
+    with one line naming the variant, --moe_backend cpu, AVX512-BF16/AMX and MXFP4; inference
+    (kt_mode auto) takes the forward-only kernels instead."""
     fake_kt.__cpu_variant__ = "avx2"
-    with pytest.raises(RuntimeError, match="variant 'avx2' has no training"):
-        offload_experts(tiny_model(), "kt")
+    ok, reason = kt_status()
+    assert not ok and "\n" not in reason
+    for needle in ("variant 'avx2'", "--moe_backend cpu", "AVX512-BF16 or AMX", "MXFP4"):
+        assert needle in reason, (needle, reason)
+    with pytest.raises(RuntimeError, match="variant 'avx2' has no AMXBF16_SFT training kernel"):
+        offload_experts(tiny_model(), "kt", kt_mode="sft")
+    assert kt_status("MXFP4")[0]  # the one training class the avx2 build ships
+    model = offload_experts(tiny_model(), "kt")  # auto: no kernel is built until a forward
+    assert {layer.mlp.experts.mode for layer in model.model.layers} == {"inference"}
+    with pytest.raises(ValueError, match="inference kernels.*AMXINT4"):
+        offload_experts(tiny_model(hidden_size=128, moe_intermediate_size=128,
+                                   num_attention_heads=4), "kt", kt_backend="AMXINT4")
+    fake_kt.__cpu_variant__ = "avx512_bf16"
+    assert kt_status()[0] and kt_status("MXFP4")[0]
+    assert offload_experts(tiny_model(), "kt").model.layers[0].mlp.experts.mode == "sft"
+
+
+def test_mxfp4_checks(fake_kt):
+    with pytest.raises(ValueError, match="MXFP4.*kt_num_gpu_experts=1 must be 0"):
+        offload_experts(tiny_model(), "kt", kt_backend="MXFP4", kt_num_gpu_experts=1)
+
+
+def test_mxfp4_round_trip_is_the_ocp_rule():
+    """Codes and scales against hand-computed values, and an error bound on random weights."""
+    from model.offload import mxfp4_dequantize, mxfp4_quantize
+    row = torch.tensor([[0.5, -1.0, 1.5, 6.0, 7.9, 0.26] + [0.0] * 26])  # max 7.9: scale 2^0
+    packed, scales = mxfp4_quantize(row)
+    assert scales.float().tolist() == [[1.0]]
+    assert packed[0, :3].tolist() == [0x1 | 0xA << 4, 0x3 | 0x7 << 4, 0x7 | 0x1 << 4]
+    assert mxfp4_dequantize(packed, scales)[0, :6].tolist() == [0.5, -1.0, 1.5, 6.0, 6.0, 0.5]
+    w = torch.randn(64, 128)
+    err = ((mxfp4_dequantize(*mxfp4_quantize(w)) - w).norm() / w.norm()).item()
+    assert 0.05 < err < 0.2, err
 
 
 def test_kt_options_are_a_typed_dataclass():
