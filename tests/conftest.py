@@ -50,3 +50,48 @@ def one_thread_private_cache(tmp_path, monkeypatch):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+# --- one summary line for the kt-kernel tests, so a CI log says whether they ran and why not ----
+
+_KT_REPORTS: dict[str, tuple[str, str]] = {}  # nodeid -> (outcome, skip reason)
+
+
+def _is_kt_test(nodeid: str) -> bool:
+    path, _, name = nodeid.partition("::")
+    tokens = set(name.split("[")[0].split("_"))
+    return Path(path).name.startswith("test_kt") or bool(tokens & {"kt", "mxfp4", "variant"})
+
+
+def pytest_runtest_logreport(report):
+    if not _is_kt_test(report.nodeid):
+        return
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _KT_REPORTS[report.nodeid] = ("skipped", reason.removeprefix("Skipped: "))
+    elif report.failed:
+        _KT_REPORTS[report.nodeid] = ("failed", "")
+    elif report.when == "call":
+        _KT_REPORTS[report.nodeid] = ("passed", "")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _KT_REPORTS:
+        return
+    import os
+    import sys
+    from collections import Counter
+    variant = "kt_kernel not imported"
+    if "kt_kernel" in sys.modules:
+        variant = repr(getattr(sys.modules["kt_kernel"], "__cpu_variant__", None))
+    forced = os.environ.get("KT_KERNEL_CPU_VARIANT")
+    outcomes = Counter(o for o, _ in _KT_REPORTS.values())
+    ran = Counter(Path(n.split("::")[0]).name for n, (o, _) in _KT_REPORTS.items() if o != "skipped")
+    why = Counter(r for o, r in _KT_REPORTS.values() if o == "skipped")
+    line = (f"kt-kernel tests (CPU variant {variant}{f', forced {forced}' if forced else ''}): "
+            f"{outcomes['passed']} passed, {outcomes['failed']} failed"
+            f" [{', '.join(f'{f} {c}' for f, c in sorted(ran.items())) or 'none ran'}]; "
+            f"{outcomes['skipped']} skipped")
+    if why:
+        line += ": " + "; ".join(f"{r} (x{c})" for r, c in why.most_common())
+    terminalreporter.write_line(line)
