@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 
 from dataset.chat import generation_prompt_ids
-from evaluation.runner import (BENCHMARKS, answer_text, load_for_eval, parse_data_flags,
+from evaluation.runner import (BENCHMARKS, answer_text, parse_data_flags,
                                run_benchmarks)
 from model.errors import run_cli
 from model.generate import SamplingParams, TextStream, generate_tokens
+from model.io import load_for_inference
+from model.precision import DTYPE_CHOICES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--moe_backend", choices=["torch", "cpu", "kt"], default="torch",
                    help="where routed experts run (cpu/kt need model/offload.py)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="auto: bf16 where the hardware runs it natively, else fp32")
     p.add_argument("--think", action="store_true", help="let the model reason in <think> first")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--prompt", help="answer this one prompt and exit")
@@ -115,8 +118,8 @@ def chat(model, tokenizer, args: argparse.Namespace, system: list[dict]) -> None
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_for_eval(args.model, args.device, args.dtype, args.lora,
-                                     args.moe_backend)
+    model, tokenizer = load_for_inference(args.model, args.lora, args.device, args.dtype,
+                                          args.moe_backend)
     if args.bench:
         benches = [b.strip() for b in args.bench.split(",") if b.strip()]
         out = Path(args.out) if args.out else Path(args.model) / "eval"

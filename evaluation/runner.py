@@ -52,7 +52,7 @@ __all__ = [
     "load_gsm8k", "load_math", "load_commonsense", "load_texts",
     "chat_prompt", "answer_text", "gsm8k_exemplars", "math_exemplars",
     "model_generate_fn", "run_generation", "run_gsm8k", "run_math", "run_commonsense_generation",
-    "run_commonsense_loglik", "run_perplexity", "generation_accuracy", "load_for_eval",
+    "run_commonsense_loglik", "run_perplexity", "generation_accuracy",
     "parse_data_flags", "run_benchmarks",
 ]
 
@@ -381,50 +381,6 @@ def generation_accuracy(model: torch.nn.Module, tokenizer, items: Sequence[dict]
 # ------------------------------------------------------------------------------------------
 # Checkpoints and the benchmark driver behind ``eval_model.py --bench``
 # ------------------------------------------------------------------------------------------
-
-def resolve_device_dtype(device: str = "auto", dtype: str = "auto"
-                         ) -> tuple[torch.device, torch.dtype]:
-    """``auto``: CUDA if present, else CPU; bf16 on a GPU that supports it, else fp32."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    if dtype == "auto":
-        bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
-        return dev, torch.bfloat16 if bf16 else torch.float32
-    return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-
-
-def load_for_eval(model_dir: str | Path, device: str = "auto", dtype: str = "auto",
-                  lora: str | Path | None = None, moe_backend: str = "torch"):
-    """``(model, tokenizer)`` from a checkpoint folder, ready for inference.
-
-    The config comes from the folder; the tokenizer too when it has ``tokenizer.json`` (else the
-    shipped default). A LoRA adapter is merged in fp32 before the cast, so bf16 rounding happens
-    once, on the merged weight. ``moe_backend`` other than ``torch`` hands the routed experts to
-    ``model.offload.offload_experts`` last, after the merge, so offloaded experts carry the
-    adapter too.
-    """
-    from model.io import load_pretrained
-    from model.tokenizer import Tokenizer
-    model_dir = Path(model_dir)
-    dev, dt = resolve_device_dtype(device, dtype)
-    model = load_pretrained(model_dir, device="cpu")
-    if lora:
-        from model.lora import load_adapter, merge_lora
-        load_adapter(model, lora)
-        merge_lora(model)
-    model = model.to(device=dev, dtype=dt).eval()
-    if moe_backend != "torch" and not model.config.use_moe:
-        warnings.warn(f"--moe_backend {moe_backend}: the model has no experts; ignored")
-    elif moe_backend != "torch":
-        try:
-            from model.offload import offload_experts
-        except ImportError as e:
-            raise RuntimeError(f"--moe_backend {moe_backend} needs model/offload.py ({e})"
-                               ) from None
-        model = offload_experts(model, backend=moe_backend) or model
-    has_tok = (model_dir / "tokenizer.json").is_file()
-    return model, Tokenizer.from_dir(model_dir if has_tok else None)
-
 
 def parse_data_flags(entries: Sequence[str], benches: Sequence[str]) -> dict[str, str]:
     """``--data`` values: ``BENCH=PATH`` for one benchmark, a bare ``PATH`` for all of ``benches``."""

@@ -70,3 +70,43 @@ def load_pretrained(model_dir: str | Path, device: str | torch.device | None = N
     except RuntimeError as e:
         raise ModelFolderError(f"{model_dir / WEIGHTS_NAME}: weights do not match config.json: {e}") from None
     return model.to(device=device, dtype=dtype)
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The folder's own tokenizer when it has one (tokenizer.json), else the shipped default."""
+    from .tokenizer import Tokenizer
+    model_dir = Path(model_dir)
+    return Tokenizer.from_dir(model_dir if (model_dir / "tokenizer.json").is_file() else None)
+
+
+def load_for_inference(model_dir: str | Path, lora: str | Path | None = None,
+                       device: str = "auto", dtype: str = "auto", moe_backend: str = "torch"):
+    """``(model, tokenizer)`` from a model folder, ready to generate: the one loader behind
+    eval_model.py, the server, the web demo and the converter.
+
+    ``device`` auto is CUDA when present, else CPU; ``dtype`` is a name or auto (model.precision;
+    the choice is logged on stderr). A LoRA adapter is merged in fp32 before the cast, so bf16
+    rounding happens once, on the merged weight, and the result is a plain model (no LoRA
+    modules: inference costs what the base costs). ``moe_backend`` other than ``torch`` hands
+    the routed experts to ``model.offload.offload_experts`` last, after the merge, so offloaded
+    experts carry the adapter too.
+    """
+    import sys
+    import warnings
+
+    from .precision import resolve_device, resolve_precision
+    model = load_pretrained(model_dir, device="cpu")
+    if lora:
+        from .lora import load_adapter, merged_model
+        load_adapter(model, lora)
+        model = merged_model(model)
+    dev = resolve_device(device)
+    precision = resolve_precision(dtype, dev)
+    print(f"[load] {precision.describe()}", file=sys.stderr)
+    model = model.to(device=dev, dtype=precision.dtype).eval()
+    if moe_backend != "torch" and not model.config.use_moe:
+        warnings.warn(f"--moe_backend {moe_backend}: the model has no experts; ignored")
+    elif moe_backend != "torch":
+        from .offload import offload_experts
+        model = offload_experts(model, backend=moe_backend) or model
+    return model, load_tokenizer(model_dir)

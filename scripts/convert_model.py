@@ -22,19 +22,14 @@ from pathlib import Path
 
 from model.hf_convert import (export_gguf, export_hf, find_tokenizer_dir,
                               import_hf_to_folder, load_minimind_pth, resolve_config)
-from model.io import load_pretrained, save_pretrained
-from model.lora import load_adapter, merged_model
+from model.io import load_for_inference, save_pretrained
 from model.model import MiniMindLM
 
 
 def _load(model_dir: str, lora_dir: str | None) -> MiniMindLM:
-    """Our model folder in fp32, with a LoRA adapter merged in when one is given."""
-    model = load_pretrained(model_dir, dtype=None)
-    if lora_dir is None:
-        return model.eval()
-    load_adapter(model, lora_dir)
-    # merged_model returns a plain MiniMindLM: no lora_A/lora_B keys reach the exported state dict.
-    return merged_model(model).eval()
+    """Our model folder in fp32 on the CPU, a LoRA adapter merged in when one is given (a plain
+    MiniMindLM: no lora_A/lora_B keys reach the exported state dict)."""
+    return load_for_inference(model_dir, lora_dir, device="cpu", dtype="fp32")[0]
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -24,12 +24,12 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from dataset.chat import RESERVED_STRINGS
 from dataset.jsonl import iter_records
+from model.atomic import atomic_path
 from model.generate import SamplingParams, generate
-from model.io import atomic_path, load_pretrained
+from model.io import load_for_inference
+from model.precision import DTYPE_CHOICES
 from model.tokenizer import Tokenizer
 
 Message = dict[str, Any]
@@ -91,8 +91,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
     p.add_argument("--keep_truncated", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="teacher weights' dtype (auto = bf16 on CUDA, else fp32)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="teacher weights' dtype (auto = bf16 where the hardware runs it natively, "
+                        "else fp32)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -101,11 +102,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     args = parse_args(argv)
     if args.num_samples > 1 and args.temperature == 0:
         raise SystemExit("--num_samples > 1 with greedy decoding gives identical answers; set --temperature")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        args.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     tokenizer = Tokenizer.from_dir(args.tokenizer_dir or None)
-    teacher = load_pretrained(args.teacher, device=device, dtype=dtype).eval()
+    teacher, _ = load_for_inference(args.teacher, device=args.device, dtype=args.dtype)
 
     read = lambda obj: {"messages": prompt_messages(obj)}  # noqa: E731  (errors get file:line)
     prompts = [rec.data["messages"] for path in args.prompts for rec in iter_records(path, validate=read)]

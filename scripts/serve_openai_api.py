@@ -31,9 +31,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from model.generate import SamplingParams
+from model.io import load_for_inference
+from model.precision import DTYPE_CHOICES
 from serving.chat import AssistantParser, ParsedOutput, collect
 from serving.engine import (Engine, EngineClosed, EngineOverloaded, Event, Failed, Finished,
-                            TextDelta, load_engine_model, load_tokenizer_for)
+                            TextDelta)
 
 log = logging.getLogger("serve_openai_api")
 
@@ -535,7 +537,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="checkpoint folder (config.json + "
                    "model.safetensors; its own tokenizer files if present)")
     p.add_argument("--lora", default=None, help="LoRA adapter folder, merged at load")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="auto: bf16 where the hardware runs it natively, else fp32 (fp16 on a GPU "
+                        "without bf16)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if any)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8998)
@@ -549,15 +553,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
     import uvicorn
 
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
-    device = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    model = load_engine_model(args.model, args.lora, device=device, dtype=args.dtype)
-    engine = Engine(model, load_tokenizer_for(args.model), max_batch_size=args.max_batch_size,
+    model, tokenizer = load_for_inference(args.model, args.lora, args.device, args.dtype)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
                     max_pending=args.max_pending).start()
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, name, api_key=args.api_key,

@@ -24,7 +24,8 @@ import streamlit as st
 from model.errors import UserError, one_line
 from model.generate import SamplingParams, stream
 from serving.chat import AssistantParser
-from serving.engine import load_engine_model, load_tokenizer_for
+from model.io import load_for_inference
+from model.precision import DTYPE_CHOICES
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "out"
@@ -45,11 +46,13 @@ class Settings:
 
 
 def cli_defaults() -> argparse.Namespace:
-    """``-- --model DIR --lora DIR`` after ``streamlit run``, else the environment."""
+    """``-- --model DIR --lora DIR --dtype auto`` after ``streamlit run``, else the environment."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--model", default=os.environ.get("MINIMIND_WEB_MODEL", ""))
     p.add_argument("--lora", default=os.environ.get("MINIMIND_WEB_LORA", ""))
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--dtype", default=os.environ.get("MINIMIND_WEB_DTYPE", "auto"), choices=DTYPE_CHOICES,
+                   help="auto: bf16 where the hardware runs it natively, else fp32")
     args, _ = p.parse_known_args(sys.argv[1:])
     return args
 
@@ -64,10 +67,9 @@ def checkpoints_under(root: Path) -> list[str]:
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model...")
-def load(model_dir: str, lora_dir: str):
+def load(model_dir: str, lora_dir: str, dtype: str):
     """Model + tokenizer, cached across reruns and sessions (read-only use is thread-safe)."""
-    model = load_engine_model(model_dir, lora_dir or None, device="cpu", dtype="float32")
-    return model, load_tokenizer_for(model_dir)
+    return load_for_inference(model_dir, lora_dir or None, device="cpu", dtype=dtype)
 
 
 def sidebar(defaults: argparse.Namespace) -> Settings:
@@ -172,13 +174,14 @@ def reply(model, tokenizer, settings: Settings) -> dict:
 def main() -> None:
     st.set_page_config(page_title="minimind-forge chat", page_icon="💬", layout="wide")
     st.title("minimind-forge chat")
-    settings = sidebar(cli_defaults())
+    defaults = cli_defaults()
+    settings = sidebar(defaults)
     st.session_state.setdefault("history", [])
     if not settings.model_dir:
         st.info("Choose a checkpoint folder in the sidebar to start.")
         return
     try:
-        model, tokenizer = load(settings.model_dir, settings.lora_dir)
+        model, tokenizer = load(settings.model_dir, settings.lora_dir, defaults.dtype)
     except UserError as e:  # a wrong folder or adapter: one line, the page stays; a bug shows its traceback
         st.error(f"Could not load the model: {one_line(e)}")
         return

@@ -293,34 +293,3 @@ class Engine:
             handle.sink(event)
         except Exception:  # a broken sink (closed loop) must not stop the other rows
             log.exception("delivering an event for %s failed", handle.request_id)
-
-
-def load_engine_model(model_dir: str, lora_dir: str | None = None, device: str = "cpu",
-                      dtype: str = "float32") -> MiniMindLM:
-    """Loads a checkpoint folder (plus an optional LoRA adapter, merged) for inference."""
-    from model.io import load_pretrained
-
-    torch_dtype = {"float32": torch.float32, "fp32": torch.float32,
-                   "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                   "float16": torch.float16, "fp16": torch.float16}.get(dtype)
-    if torch_dtype is None:
-        raise ValueError(f"unknown dtype {dtype!r} (float32, bfloat16 or float16)")
-    model = load_pretrained(model_dir)  # fp32 first: merging LoRA in fp32 loses nothing
-    if lora_dir:
-        from model.lora import load_adapter, merge_lora
-        load_adapter(model, lora_dir)
-        # Merged weights make inference cost the same as the base model's.
-        merge_lora(model)
-    return model.to(device=device, dtype=torch_dtype).eval()
-
-
-def load_tokenizer_for(model_dir: str):
-    """The checkpoint's own tokenizer files if it has them, else the shipped default."""
-    from pathlib import Path
-
-    from model.tokenizer import Tokenizer
-
-    folder = Path(model_dir)
-    if (folder / "tokenizer.json").is_file() and (folder / "tokenizer_config.json").is_file():
-        return Tokenizer.from_dir(folder)
-    return Tokenizer.from_dir()

@@ -277,8 +277,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_tiny_checkpoint_run_writes_consistent_reports(tmp_path, tiny_dir, tok):
-    from evaluation.runner import load_for_eval
-    model, tokenizer = load_for_eval(tiny_dir, device="cpu", dtype="fp32")
+    from model.io import load_for_inference
+    model, tokenizer = load_for_inference(tiny_dir, device="cpu", dtype="fp32")
     gsm = write_jsonl(tmp_path / "gsm.jsonl", [{k: it[k] for k in ("question", "answer")}
                                                for it in GSM_ITEMS])
     math_file = write_jsonl(tmp_path / "math.jsonl", [
@@ -348,7 +348,7 @@ def test_shared_commonsense_folder_loads_every_set_with_per_set_limit():
 # ------------------------------------------------------------------------------------------
 
 def test_lora_adapter_is_merged_on_load(tmp_path, tiny_dir, tok):
-    from evaluation.runner import load_for_eval
+    from model.io import load_for_inference
     from model.io import load_pretrained
     from model.lora import apply_lora, save_adapter
     adapted = load_pretrained(tiny_dir)
@@ -358,8 +358,8 @@ def test_lora_adapter_is_merged_on_load(tmp_path, tiny_dir, tok):
             if name.endswith("lora_B"):
                 p.normal_(0, 0.2)  # B = 0 would make the adapter a no-op
     save_adapter(adapted, tmp_path / "adapter")
-    merged, _ = load_for_eval(tiny_dir, "cpu", "fp32", lora=tmp_path / "adapter")
-    base, _ = load_for_eval(tiny_dir, "cpu", "fp32")
+    merged, _ = load_for_inference(tiny_dir, tmp_path / "adapter", "cpu", "fp32")
+    base, _ = load_for_inference(tiny_dir, None, "cpu", "fp32")
     x = torch.tensor([tok.encode("hello world, how are you")])
     with torch.no_grad():
         want = adapted.eval()(x).logits
@@ -369,14 +369,14 @@ def test_lora_adapter_is_merged_on_load(tmp_path, tiny_dir, tok):
 
 def test_cpu_expert_backend_generates_like_torch(tmp_path, tok):
     pytest.importorskip("model.offload")
-    from evaluation.runner import load_for_eval
+    from model.io import load_for_inference
     torch.manual_seed(0)
     save_pretrained(MiniMindLM(MiniMindConfig.from_preset("tiny-moe")), tmp_path / "moe")
     prompts = [chat_prompt(tok, q) for q in ("What is 2+2?", "Count to three, slowly.")]
     params = SamplingParams(max_new_tokens=6)
     texts = {}
     for backend in ("torch", "cpu"):
-        model, _ = load_for_eval(tmp_path / "moe", "cpu", "fp32", moe_backend=backend)
+        model, _ = load_for_inference(tmp_path / "moe", None, "cpu", "fp32", moe_backend=backend)
         texts[backend] = [c.text for c in model_generate_fn(model, tok, params)(prompts)]
     assert texts["cpu"] == texts["torch"]  # same maths, experts only live elsewhere
 

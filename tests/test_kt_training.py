@@ -158,7 +158,7 @@ def test_full_sft_with_kt_trains_all_but_the_routed_experts(work):
 @needs_kt
 def test_lora_with_kt_trains_like_torch_and_its_adapter_merges_on_torch(work):
     """train_lora.py with use_kt: loss falls and tracks the torch backend's run step for step;
-    the adapter holds per-expert LoRA and, merged into a torch-backend model (load_for_eval
+    the adapter holds per-expert LoRA and, merged into a torch-backend model (load_for_inference
     --lora), reproduces the validation loss the kt model reported."""
     args = ["--init_from", "base", "--data_path", "sft.jsonl", "--eval_data_path", "sft.jsonl",
             "--eval_batches", "2", "--max_steps", "9", "--lr", "2e-2", "--lora_rank", "8",
@@ -182,12 +182,12 @@ def test_lora_with_kt_trains_like_torch_and_its_adapter_merges_on_torch(work):
     assert b.abs().sum() > 0          # the kernel's gradients reached the expert adapters
 
     from dataset.lm_dataset import load_files, make_collate
-    from evaluation.runner import load_for_eval
+    from model.io import load_for_inference
     from trainer import distributed as dist
     from trainer.config import TrainConfig
     from trainer.loop import evaluate, make_autocast
     from trainer.losses import lm_loss
-    model, tokenizer = load_for_eval(work / "base", "cpu", "fp32", lora=adapter, moe_backend="torch")
+    model, tokenizer = load_for_inference(work / "base", adapter, "cpu", "fp32", moe_backend="torch")
     ds = load_files("sft", [str(work / "sft.jsonl")], tokenizer, 128)
     cfg = TrainConfig(batch_size=4, eval_batches=2, device="cpu")
     env = dist.init_distributed("cpu")
@@ -195,7 +195,7 @@ def test_lora_with_kt_trains_like_torch_and_its_adapter_merges_on_torch(work):
                       make_autocast("cpu", "bf16"))["val_loss"]
     kt_val = [r["val_loss"] for r in kt if "val_loss" in r][-1]
     assert merged == pytest.approx(kt_val, rel=0.01)
-    base_model, _ = load_for_eval(work / "base", "cpu", "fp32")
+    base_model, _ = load_for_inference(work / "base", None, "cpu", "fp32")
     assert not torch.equal(base_model.state_dict()["model.layers.0.mlp.experts.1.gate_proj.weight"],
                            model.state_dict()["model.layers.0.mlp.experts.1.gate_proj.weight"])
 

@@ -24,7 +24,8 @@ from model.io import load_pretrained, save_pretrained
 from model.model import MiniMindLM
 from scripts.serve_openai_api import create_app, stop_token_ids
 from serving.chat import parse_assistant_output
-from serving.engine import Engine, load_engine_model, load_tokenizer_for
+from model.io import load_for_inference
+from serving.engine import Engine
 
 MODEL_NAME = "tiny-test"
 
@@ -77,7 +78,7 @@ class Server:
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_pretrained(tiny_model(), folder)
-    engine = Engine(load_engine_model(str(folder)), load_tokenizer_for(str(folder)),
+    engine = Engine(*load_for_inference(folder, device="cpu", dtype="fp32"),
                     max_batch_size=16, batch_wait_s=0.02).start()
     app = create_app(engine, MODEL_NAME)
     port = free_port()
@@ -424,7 +425,7 @@ def test_abandoned_non_streaming_request_is_cancelled(server):
 
 
 def test_lora_flag_loads_and_merges_the_adapter(tmp_path):
-    """``--lora`` goes through ``load_engine_model``: the merged model computes what the adapted
+    """``--lora`` goes through ``load_for_inference``: the merged model computes what the adapted
     one does, and differs from the base (the adapter is not silently dropped)."""
     from model.lora import apply_lora, save_adapter
 
@@ -437,7 +438,7 @@ def test_lora_flag_loads_and_merges_the_adapter(tmp_path):
             if name.endswith("lora_B"):
                 p.normal_(0.0, 0.05)  # B starts at zero; make the adapter do something
     save_adapter(adapted, tmp_path / "lora", base_model=tmp_path / "base")
-    merged = load_engine_model(str(tmp_path / "base"), str(tmp_path / "lora"))
+    merged, _ = load_for_inference(tmp_path / "base", tmp_path / "lora", "cpu", "fp32")
     ids = torch.tensor([[1, 5, 42, 7, 300]])
     with torch.no_grad():
         want = adapted.eval()(ids).logits

@@ -32,6 +32,7 @@ def checkpoint(tmp_path_factory):
 
 def start(folder, monkeypatch) -> "AppTest":
     monkeypatch.setenv("MINIMIND_WEB_MODEL", str(folder))
+    monkeypatch.setenv("MINIMIND_WEB_DTYPE", "fp32")  # the replies are compared with an fp32 model
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception, at.exception
     return at

@@ -73,8 +73,9 @@ class TrainConfig:
     epochs: float = option(1.0, "passes over the training data when max_steps is 0")
 
     # --- numerics and hardware
-    dtype: str = option("bf16", "autocast dtype; weights and optimizer stay fp32",
-                      choices=("fp32", "bf16", "fp16"))
+    dtype: str = option("auto", "autocast dtype; weights and optimizer stay fp32 (auto = bf16 where "
+                        "the hardware runs it natively, fp16 + GradScaler on a GPU without bf16, "
+                        "else fp32)", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
     seed: int = option(1337, "seed for data order, initialisation and dropout")
     num_workers: int = option(0, "DataLoader worker processes")
@@ -258,9 +259,9 @@ class TrainConfig:
         if kind == "cuda" and not torch.cuda.is_available():
             return [f"device {self.device!r} requested but CUDA is not available"]
         if self.dtype == "fp16" and kind == "cpu":
-            return ["dtype fp16 needs a GPU (CPU autocast supports bf16; use --dtype bf16 or fp32)"]
+            return ["dtype fp16 needs a GPU (CPU autocast supports bf16; use --dtype auto, bf16 or fp32)"]
         if self.dtype == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-            return ["this GPU has no bf16 support; use --dtype fp16 (GradScaler) or fp32"]
+            return ["this GPU has no bf16 support; use --dtype auto, fp16 (GradScaler) or fp32"]
         return []
 
 

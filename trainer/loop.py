@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from model.offload import kt_experts, offload_experts, register_kt_refresh
+from model.precision import resolve_precision
 from trainer import checkpoint as ckpt_io
 from trainer import distributed as dist
 from trainer.config import ConfigError, TrainConfig
@@ -32,7 +33,6 @@ from trainer.optim import CosineSchedule, build_optimizer, param_groups
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.sampler import StreamSampler, eval_indices
 
-AMP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Run on the main process at each evaluation (e.g. generation accuracy): model -> {name: number}.
 EvalHook = Callable[[nn.Module], Mapping[str, float]]
 
@@ -70,10 +70,12 @@ def _num_tokens(batch: Any) -> int:
 
 
 def make_autocast(device_type: str, dtype: str) -> Callable[[], Any]:
-    """A factory of autocast contexts (bf16/fp16) or null contexts (fp32). Weights stay fp32."""
-    if dtype == "fp32":
+    """A factory of autocast contexts (bf16/fp16) or null contexts (fp32). Weights stay fp32.
+    `dtype` is a name or ``auto`` (resolved for `device_type` by model.precision)."""
+    precision = resolve_precision(dtype, device_type)
+    if precision.name == "fp32":
         return nullcontext
-    return lambda: torch.autocast(device_type, dtype=AMP_DTYPES[dtype])
+    return lambda: torch.autocast(device_type, dtype=precision.dtype)
 
 
 def restore(state: dict[str, Any], optimizer: torch.optim.Optimizer, schedule: CosineSchedule,
@@ -180,7 +182,9 @@ def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConf
     global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_data) / global_batch)
     schedule = CosineSchedule(optimizer, max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.dtype == "fp16")
+    precision = resolve_precision(cfg.dtype, env.device)
+    log(f"[train] {precision.describe()}")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=precision.name == "fp16")
 
     step, samples, best_val, wandb_id = 0, 0, None, None
     seed_everything(cfg.seed + env.rank)   # different dropout masks per rank, same data order
@@ -197,7 +201,7 @@ def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConf
     train_model = dist.wrap_model(model, env)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    autocast = make_autocast(env.device.type, cfg.dtype)
+    autocast = make_autocast(env.device.type, precision.name)
     sampler = StreamSampler(len(train_data), cfg.batch_size, cfg.grad_accum, env.rank, env.world_size,
                             cfg.seed, start=samples, num_steps=max_steps - step)
     # own generator: creating the iterator must not draw from the global RNG (exact resume)
@@ -208,7 +212,7 @@ def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConf
     logger = RunLogger(cfg.out_dir, env.is_main, max_steps, step, cfg.to_dict(), cfg.wandb,
                        cfg.wandb_project, cfg.run_name or Path(cfg.out_dir).name, wandb_id, cfg.progress)
     flops_tok = flops_per_token(model, cfg.seq_len)
-    peak, peak_src = (peak_tflops(env.device, AMP_DTYPES[cfg.dtype], cfg.peak_tflops) if env.is_main
+    peak, peak_src = (peak_tflops(env.device, precision.dtype, cfg.peak_tflops) if env.is_main
                       else (0.0, ""))
     logger.message(f"[train] {max_steps} steps x {global_batch} samples, world {env.world_size}, "
                    f"{sum(p.numel() for p in params):,} trainable params, "
