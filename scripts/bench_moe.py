@@ -1,17 +1,22 @@
-"""MoE expert backends, one layer: forward + backward tokens/s and resident memory.
+"""MoE expert backends, one layer: tokens/s and resident memory, training or inference.
 
 Scope: the routed experts of one ``MoEFeedForward`` layer with LoRA (rank 8) on every expert
 projection and frozen base weights — the LoRA-SFT setting kt-kernel is built for — run by:
-``kt`` (kt-kernel AMXBF16_SFT, bf16), ``cpu`` (torch grouped dispatch in CPU memory), ``torch``
-(grouped dispatch, the default) and ``naive`` (MiniMind's per-expert masking loop). Timed: the
-experts call plus ``autograd.grad`` for the input, the routing weights and every LoRA tensor.
+``kt`` (kt-kernel, ``kt_mode`` auto: AMXBF16_SFT where the CPU variant has it, else its
+forward-only bf16 kernel), ``kt-inf`` (the forward-only kernel, AMXBF16_MOE / AVX2BF16_MOE),
+``kt-mxfp4`` (MXFP4_SFT: 4-bit base + LoRA), ``cpu`` (torch grouped dispatch in CPU memory),
+``torch`` (grouped dispatch, the default) and ``naive`` (MiniMind's per-expert masking loop).
+``--mode train`` times the experts call plus ``autograd.grad`` for the input, the routing weights
+and every LoRA tensor; ``--mode inference`` times a no-grad forward of T tokens (prefill) and of
+one token (decode, ms). ``KT_KERNEL_CPU_VARIANT=avx2`` runs kt's AVX2 build on a bigger CPU.
 
 Each (shape, backend) runs in its own subprocess so resident memory (RSS) belongs to that backend
 alone and a kt-kernel crash cannot take the table down. RSS is reported after the timed steps,
 and as Δ over the same process before the layer was built. Note that ``kt`` keeps the fp32
 expert weights in torch (state dict, merge, fallback) beside the kernel's bf16 copy.
 
-Usage: ``python scripts/bench_moe.py [--quick] [--backends kt,cpu,torch,naive] [--json out]``.
+Usage: ``python scripts/bench_moe.py [--quick] [--mode train|inference] [--backends kt,cpu,...]
+[--json out]``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ SHAPES = {
     "small E8 top2 D256 I704": (8, 2, 256, 704, 256),
     "large E64 top6 D2048 I1408": (64, 6, 2048, 1408, 256),
 }
-BACKENDS = ("kt", "cpu", "torch", "naive")
+BACKENDS = {"train": ("kt", "kt-mxfp4", "cpu", "torch", "naive"),
+            "inference": ("kt", "kt-inf", "kt-mxfp4", "cpu", "torch", "naive")}
+KT_VARIANTS = {"kt": {}, "kt-inf": {"kt_mode": "inference"}, "kt-mxfp4": {"kt_backend": "MXFP4"}}
 
 
 def rss_mib() -> float:
@@ -36,7 +43,7 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(shape: str, backend: str, repeat: int, threads: int) -> dict:
+def worker(shape: str, backend: str, repeat: int, threads: int, mode: str = "train") -> dict:
     """Builds one layer on one backend, times it, returns a row (runs in a subprocess)."""
     import torch
 
@@ -46,7 +53,7 @@ def worker(shape: str, backend: str, repeat: int, threads: int) -> dict:
     from model.offload import offload_experts
 
     torch.set_num_threads(threads)
-    if backend == "kt":
+    if backend.startswith("kt"):
         import kt_kernel  # noqa: F401  (imported before the baseline: its ~100 MB is not the layer)
     E, K, D, I, T = SHAPES[shape]
     base_rss = rss_mib()
@@ -56,37 +63,53 @@ def worker(shape: str, backend: str, repeat: int, threads: int) -> dict:
                                      moe_intermediate_size=I, n_shared_experts=0)
     layer = MoEFeedForward(cfg)  # nn.Linear's default init: U(±1/√fan_in), one pass over 2 GB
     apply_lora(layer, "gate_proj,up_proj,down_proj", rank=8, alpha=16)
-    if backend in ("kt", "cpu"):
-        offload_experts(layer, backend, **({"kt_num_threads": threads,
-                                            "kt_chunk_tokens": T} if backend == "kt" else {}))
+    if backend == "cpu":
+        offload_experts(layer, "cpu")
+    elif backend.startswith("kt"):
+        offload_experts(layer, "kt", kt_num_threads=threads, kt_chunk_tokens=T,
+                        **KT_VARIANTS[backend])
     x = torch.randn(T, D)
     _, ids, w = layer.route(x)
     w = w.detach()
     grad_y = torch.randn(T, D)
     lora = [p for n, p in layer.named_parameters() if "lora" in n]
 
-    def step() -> None:
-        x_, w_ = x.clone().requires_grad_(), w.clone().requires_grad_()
+    def experts(x_, ids_, w_):
         if backend == "naive":
-            y = naive_experts_forward(layer.experts, x_, ids, w_)
-        else:
-            y = layer.experts(x_, ids, w_)
-        torch.autograd.grad(y, [x_, w_, *lora], grad_y)
+            return naive_experts_forward(layer.experts, x_, ids_, w_)
+        return layer.experts(x_, ids_, w_)
+
+    def step() -> None:
+        if mode == "inference":
+            with torch.no_grad():
+                experts(x, ids, w)
+            return
+        x_, w_ = x.clone().requires_grad_(), w.clone().requires_grad_()
+        torch.autograd.grad(experts(x_, ids, w_), [x_, w_, *lora], grad_y)
+
+    def best_of(fn, n: int) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
 
     step()  # warm-up (and kt's kernel build)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    best = min(times)
-    return dict(shape=shape, backend=backend, tokens=T, seconds=best, tokens_per_s=T / best,
-                rss_mib=rss_mib(), layer_rss_mib=rss_mib() - base_rss)
+    best = best_of(step, repeat)
+    row = dict(shape=shape, backend=backend, mode=mode, tokens=T, seconds=best,
+               tokens_per_s=T / best)
+    if mode == "inference":
+        def decode() -> None:
+            with torch.no_grad():
+                experts(x[:1], ids[:1], w[:1])
+        row["decode_ms"] = 1e3 * best_of(decode, 5 * repeat)
+    return dict(row, rss_mib=rss_mib(), layer_rss_mib=rss_mib() - base_rss)
 
 
-def run_one(shape: str, backend: str, repeat: int, threads: int) -> dict:
+def run_one(shape: str, backend: str, repeat: int, threads: int, mode: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", shape, backend,
-           "--repeat", str(repeat), "--threads", str(threads)]
+           "--repeat", str(repeat), "--threads", str(threads), "--mode", mode]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_ROW ")]
     if proc.returncode or not lines:
@@ -96,8 +119,10 @@ def run_one(shape: str, backend: str, repeat: int, threads: int) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'shape':28s} {'backend':8s} {'fwd+bwd s':>9s} {'tok/s':>8s} {'vs torch':>8s} "
-          f"{'RSS MiB':>8s} {'ΔRSS MiB':>9s}")
+    inference = rows and rows[0].get("mode") == "inference"
+    print(f"{'shape':28s} {'backend':8s} {'fwd s' if inference else 'fwd+bwd s':>9s} "
+          f"{'tok/s':>8s} {'vs torch':>8s} {'RSS MiB':>8s} {'ΔRSS MiB':>9s}"
+          + (f" {'decode ms':>9s}" if inference else ""))
     for shape in dict.fromkeys(r["shape"] for r in rows):
         group = [r for r in rows if r["shape"] == shape]
         ref = next((r for r in group if r["backend"] == "torch" and "error" not in r), None)
@@ -107,13 +132,16 @@ def print_table(rows: list[dict]) -> None:
                 continue
             ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
             print(f"{shape:28s} {r['backend']:8s} {r['seconds']:9.3f} {r['tokens_per_s']:8.0f} "
-                  f"{ratio:>8s} {r['rss_mib']:8.0f} {r['layer_rss_mib']:9.0f}")
+                  f"{ratio:>8s} {r['rss_mib']:8.0f} {r['layer_rss_mib']:9.0f}"
+                  + (f" {r['decode_ms']:9.2f}" if "decode_ms" in r else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shape only")
-    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--mode", choices=tuple(BACKENDS), default="train",
+                    help="train: forward + backward; inference: no-grad prefill and decode")
+    ap.add_argument("--backends", help="comma-separated (default: every backend of --mode)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeat", type=int, default=0, 
                     help="timed steps after one warm-up (0 = 5 small / 1 large)")
@@ -121,15 +149,15 @@ def main() -> None:
     ap.add_argument("--worker", nargs=2, metavar=("SHAPE", "BACKEND"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        row = worker(*args.worker, repeat=args.repeat or 3, threads=args.threads)
+        row = worker(*args.worker, repeat=args.repeat or 3, threads=args.threads, mode=args.mode)
         print("BENCH_ROW " + json.dumps(row), flush=True)
         return
     rows = []
     shapes = list(SHAPES)[:1] if args.quick else list(SHAPES)
     for shape in shapes:
         repeat = args.repeat or (5 if shape.startswith("small") else 1)
-        for backend in args.backends.split(","):
-            rows.append(run_one(shape, backend, repeat, args.threads))
+        for backend in (args.backends.split(",") if args.backends else BACKENDS[args.mode]):
+            rows.append(run_one(shape, backend, repeat, args.threads, args.mode))
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
