@@ -108,5 +108,7 @@ def load_for_inference(model_dir: str | Path, lora: str | Path | None = None,
         warnings.warn(f"--moe_backend {moe_backend}: the model has no experts; ignored")
     elif moe_backend != "torch":
         from .offload import offload_experts
-        model = offload_experts(model, backend=moe_backend) or model
+        # Forward-only kernels where kt has them: faster than the training kernels, no LoRA buffers.
+        kt = {"kt_mode": "inference"} if moe_backend == "kt" else {}
+        model = offload_experts(model, backend=moe_backend, **kt) or model
     return model, load_tokenizer(model_dir)

@@ -2,9 +2,12 @@
 
 The machine is shared and noisy, so every figure is reported next to a peak measured in the same
 run, as a ratio:
-- matmul peak (fp32, bf16) and copy bandwidth;
-- a training step (forward + backward + AdamW) at ``minimind2-small``, batch 4 × 512, fp32 and bf16
-  autocast: tokens/s and MFU = model FLOPs / measured bf16 (or fp32) matmul peak;
+- the hardware (CPU capability or GPU name) and what ``--dtype auto`` picks on it, and why;
+- matmul peak and copy bandwidth per measured dtype: fp32 always, bf16 too where the hardware runs
+  it natively (an emulated bf16, e.g. on AVX2, is ~40x slower and not worth a row);
+- a training step (forward + backward + AdamW) at ``minimind2-small``, batch 4 × 512, in each
+  measured dtype: tokens/s, MFU = model FLOPs / that dtype's measured matmul peak, and the auto
+  dtype's speed as a fraction of the fastest;
 - greedy decoding at batch 1 and 8: tokens/s and the fraction of the bandwidth bound (bytes of
   weights + KV cache read per step / measured bandwidth);
 - an MoE layer forward + backward (8 experts, top-2): grouped dispatch vs MiniMind's naive loop;
@@ -14,7 +17,8 @@ run, as a ratio:
 
 Model FLOPs per token (PaLM appendix B): 6·N for the weights (N includes the tied head, which is
 a real matmul) + 12·L·H·D·S for attention scores and values (S = context). Usage:
-``python scripts/bench.py [--quick] [--only train,decode,moe] [--json out.json]``.
+``python scripts/bench.py [--quick] [--only train,decode,moe] [--json out.json]
+[--text_dir DIR_OF_TXT]``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from model.config import MiniMindConfig
 from model.generate import SamplingParams, generate_tokens
 from model.model import MiniMindLM
 from model.moe import MoEFeedForward, naive_experts_forward
+from model.precision import DTYPES, resolve_precision
 from model.tokenizer import Tokenizer
 from trainer.config import TrainConfig
 from trainer.loop import fit
@@ -68,13 +73,16 @@ def flops_per_token(cfg: MiniMindConfig, seq_len: int, active: bool = True) -> f
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
 
 
+def autocast(dtype: torch.dtype):
+    return (contextlib.nullcontext() if dtype == torch.float32
+            else torch.autocast("cpu", dtype=dtype))
+
+
 def train_step_fn(model: MiniMindLM, ids: torch.Tensor, dtype: torch.dtype):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=False, foreach=True)
-    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16
-                else contextlib.nullcontext())
 
     def step():
-        with autocast:
+        with autocast(dtype):
             loss = model(ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -83,28 +91,31 @@ def train_step_fn(model: MiniMindLM, ids: torch.Tensor, dtype: torch.dtype):
     return step
 
 
-def bench_train(peaks: dict, quick: bool) -> list[dict]:
+def bench_train(peaks: dict, auto: str, quick: bool) -> list[dict]:
+    """The step in every measured dtype; the auto dtype's row says how close it is to the best."""
     rows = []
     cfg = MiniMindConfig.from_preset("minimind2-small")
     B, S = (2, 256) if quick else (4, 512)
     ids = torch.randint(0, cfg.vocab_size, (B, S))
-    for name, dtype, peak in (("fp32", torch.float32, peaks["fp32"]),
-                              ("bf16 autocast", torch.bfloat16, peaks["bf16"])):
+    for name, peak in peaks.items():
         torch.manual_seed(0)
         model = MiniMindLM(cfg).train()
-        t = best_time(train_step_fn(model, ids, dtype), repeat=2 if quick else 3)
+        t = best_time(train_step_fn(model, ids, DTYPES[name]), repeat=2 if quick else 3)
         tok_s = B * S / t
         mfu = tok_s * flops_per_token(cfg, S) / peak
-        rows.append(dict(bench="train step minimind2-small", variant=name, batch=f"{B}x{S}",
-                         seconds=t, tokens_per_s=tok_s, mfu=mfu))
+        rows.append(dict(bench="train step minimind2-small", variant=name + (" (auto)" if name == auto else ""),
+                         batch=f"{B}x{S}", seconds=t, tokens_per_s=tok_s, mfu=mfu))
+    best = max(r["tokens_per_s"] for r in rows)
+    for r in rows:
+        r["vs_fastest_dtype"] = r["tokens_per_s"] / best
     return rows
 
 
-def bench_decode(bandwidth: float, quick: bool) -> list[dict]:
+def bench_decode(bandwidth: float, dtypes: list[str], quick: bool) -> list[dict]:
     rows = []
     cfg = MiniMindConfig.from_preset("minimind2-small")
     prompt_len, new = 64, 32 if quick else 64
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (DTYPES[d] for d in dtypes):
         torch.manual_seed(0)
         model = MiniMindLM(cfg).eval().to(dtype)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -134,7 +145,7 @@ def bench_decode(bandwidth: float, quick: bool) -> list[dict]:
     return rows
 
 
-def bench_moe_layer(quick: bool) -> list[dict]:
+def bench_moe_layer(dtypes: list[str], quick: bool) -> list[dict]:
     """Grouped dispatch vs the per-expert masking loop at a training-sized batch (compute-bound:
     both run the same matmuls) and at a decode-sized one (dispatch overhead dominates)."""
     cfg = MiniMindConfig.from_preset("minimind2-small", use_moe=True, num_experts=8,
@@ -144,11 +155,9 @@ def bench_moe_layer(quick: bool) -> list[dict]:
     rows = []
     for T in ((1024, 16) if quick else (2048, 16)):
         x = torch.randn(T, cfg.hidden_size, requires_grad=True)
-        for name, dtype in (("fp32", torch.float32), ("bf16 autocast", torch.bfloat16)):
+        for name in dtypes:
             def run(naive: bool):
-                ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16
-                       else contextlib.nullcontext())
-                with ctx:
+                with autocast(DTYPES[name]):
                     _, ids, w = layer.route(x)
                     y = (naive_experts_forward(layer.experts, x, ids, w) if naive
                          else layer.experts(x, ids, w))
@@ -162,9 +171,10 @@ def bench_moe_layer(quick: bool) -> list[dict]:
     return rows
 
 
-def bench_moe_model(peaks: dict, quick: bool) -> list[dict]:
-    """Top-1 MoE vs the dense model with the same active parameters. The full step includes
-    AdamW over all parameters (3× more for 4 experts), so fwd+bwd alone is reported too."""
+def bench_moe_model(auto: str, quick: bool) -> list[dict]:
+    """Top-1 MoE vs the dense model with the same active parameters, in the auto dtype. The full
+    step includes AdamW over all parameters (3× more for 4 experts), so fwd+bwd alone is
+    reported too."""
     dense = MiniMindConfig.from_preset("minimind2-small")
     moe = MiniMindConfig.from_preset("minimind2-small", use_moe=True, num_experts=4,
                                      num_experts_per_tok=1, n_shared_experts=0,
@@ -178,14 +188,14 @@ def bench_moe_model(peaks: dict, quick: bool) -> list[dict]:
         model = MiniMindLM(cfg).train()
 
         def fwd_bwd():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast(DTYPES[auto]):
                 loss = model(ids, labels=ids).loss
             loss.backward()
             model.zero_grad(set_to_none=True)
 
         fb_t[name] = best_time(fwd_bwd, repeat=2 if quick else 3)
-        step_t[name] = best_time(train_step_fn(model, ids, torch.bfloat16), repeat=2 if quick else 3)
-        rows.append(dict(bench="model step bf16 (equal active params)", variant=name,
+        step_t[name] = best_time(train_step_fn(model, ids, DTYPES[auto]), repeat=2 if quick else 3)
+        rows.append(dict(bench=f"model step {auto} (equal active params)", variant=name,
                          active_params_m=cfg.num_parameters(active=True) / 1e6,
                          total_params_m=cfg.num_parameters() / 1e6, step_s=step_t[name],
                          fwd_bwd_s=fb_t[name], tokens_per_s=B * S / step_t[name]))
@@ -195,17 +205,18 @@ def bench_moe_model(peaks: dict, quick: bool) -> list[dict]:
     return rows
 
 
-def _paragraph_corpus(out: Path, max_chars: int) -> Path:
-    """Real text as {"text"} JSONL, one paragraph a record: Gutenberg from ../shared when present
-    (a user's clone has none), else the project's generated text."""
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain_text" / "gutenberg_en"
+def _paragraph_corpus(out: Path, max_chars: int, text_dir: str) -> Path:
+    """Real text as {"text"} JSONL, one paragraph a record: the .txt files of ``text_dir`` when
+    given (e.g. Project Gutenberg books), else the project's generated text."""
     texts: list[str] = []
-    if shared.is_dir():
-        for f in sorted(shared.glob("*.txt")):
+    if text_dir:
+        if not Path(text_dir).is_dir():
+            raise FileNotFoundError(f"--text_dir {text_dir}: no such folder")
+        for f in sorted(Path(text_dir).glob("*.txt")):
             texts += [" ".join(p.split()) for p in f.read_text(errors="replace").split("\n\n")]
             if sum(map(len, texts)) > max_chars:
                 break
-        source = "gutenberg_en"
+        source = text_dir
     else:
         texts, source = synthetic.pretrain_texts(max_chars // 200, seed=0), "synthetic"
     synthetic.write_jsonl([t for t in texts if t.strip()], out)
@@ -213,7 +224,7 @@ def _paragraph_corpus(out: Path, max_chars: int) -> Path:
     return out
 
 
-def bench_loop(quick: bool) -> list[dict]:
+def bench_loop(auto: str, text_dir: str, quick: bool) -> list[dict]:
     """The real loop and data pipeline (fit + packed dataset + collate + logging) against the bare
     step on the same shapes, and packed vs one-paragraph-per-row padded data: useful (non-pad)
     tokens per second."""
@@ -222,13 +233,13 @@ def bench_loop(quick: bool) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        corpus = _paragraph_corpus(tmp / "text.jsonl", 2_000_000 if quick else 6_000_000)
+        corpus = _paragraph_corpus(tmp / "text.jsonl", 2_000_000 if quick else 6_000_000, text_dir)
         cfg_model = MiniMindConfig.from_preset(preset)
         torch.manual_seed(0)
         bare_model = MiniMindLM(cfg_model).train()
         ids = torch.randint(0, cfg_model.vocab_size, (B, S))
-        bare = best_time(train_step_fn(bare_model, ids, torch.bfloat16), repeat=3)
-        rows.append(dict(bench=f"pretrain {preset} {B}x{S} bf16", variant="bare step",
+        bare = best_time(train_step_fn(bare_model, ids, DTYPES[auto]), repeat=3)
+        rows.append(dict(bench=f"pretrain {preset} {B}x{S} {auto}", variant="bare step",
                          useful_tokens_per_s=B * S / bare))
         for mode in ("packed", "padded"):
             data = load_files("pretrain", [corpus], tokenizer, S, mode=mode,
@@ -236,14 +247,14 @@ def bench_loop(quick: bool) -> list[dict]:
             real = sum(int(data[i]["input_ids"].numel()) for i in range(min(len(data), 2000)))
             real_per_row = real / min(len(data), 2000)
             cfg = TrainConfig(out_dir=str(tmp / mode), max_steps=steps + 2, batch_size=B,
-                              seq_len=S, lr=1e-4, dtype="bf16", log_every=steps, progress=False,
+                              seq_len=S, lr=1e-4, dtype=auto, log_every=steps, progress=False,
                               plot=False, seed=0)
             torch.manual_seed(0)
             model = MiniMindLM(cfg_model)
             fit(model, data, lm_loss, cfg, collate_fn=make_collate(tokenizer.pad_id))
             last = [json.loads(x) for x in open(tmp / mode / "metrics.jsonl") if '"step_time_s"' in x][-1]
             step_s = last["step_time_s"]  # mean over the last log_every steps, set-up excluded
-            rows.append(dict(bench=f"pretrain {preset} {B}x{S} bf16", variant=f"fit, {mode} data",
+            rows.append(dict(bench=f"pretrain {preset} {B}x{S} {auto}", variant=f"fit, {mode} data",
                              useful_tokens_per_s=B * real_per_row / step_s,
                              loop_overhead_vs_bare=step_s / bare - 1 if mode == "packed" else None,
                              mean_row_tokens=real_per_row))
@@ -264,22 +275,29 @@ def main() -> None:
                     help="comma list of: train, decode, moe, moe_model, loop")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--json", default="", help="also write all figures to this JSON file")
+    ap.add_argument("--text_dir", default="", help="folder of .txt files for the loop bench's real "
+                    "text (e.g. ../shared/data/pretrain_text/gutenberg_en); default: generated text")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     only = set(args.only.split(","))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    auto = resolve_precision("auto", "cpu")
+    # bf16 rows only where bf16 is native: emulated, one 2048^3 matmul alone takes seconds.
+    dtypes = ["fp32", "bf16"] if auto.name == "bf16" else ["fp32"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; {auto.describe()}; measuring {', '.join(dtypes)}")
+    peaks = {d: matmul_peak(DTYPES[d]) for d in dtypes}
     bandwidth = copy_bandwidth()
-    print(f"peaks: matmul fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f}"
-          f" GFLOP/s, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    results = {"peaks_gflops": {k: v / 1e9 for k, v in peaks.items()},
+    print("peaks: " + ", ".join(f"matmul {d} {v / 1e9:.0f} GFLOP/s" for d, v in peaks.items())
+          + f", copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    results = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "auto_dtype": auto.name,
+               "auto_reason": auto.reason, "peaks_gflops": {k: v / 1e9 for k, v in peaks.items()},
                "bandwidth_gbs": bandwidth / 1e9}
-    sections = [("train", lambda: bench_train(peaks, args.quick)),
-                ("decode", lambda: bench_decode(bandwidth, args.quick)),
-                ("moe", lambda: bench_moe_layer(args.quick)),
-                ("moe_model", lambda: bench_moe_model(peaks, args.quick)),
-                ("loop", lambda: bench_loop(args.quick))]
+    sections = [("train", lambda: bench_train(peaks, auto.name, args.quick)),
+                ("decode", lambda: bench_decode(bandwidth, dtypes, args.quick)),
+                ("moe", lambda: bench_moe_layer(dtypes, args.quick)),
+                ("moe_model", lambda: bench_moe_model(auto.name, args.quick)),
+                ("loop", lambda: bench_loop(auto.name, args.text_dir, args.quick))]
     for name, fn in sections:
         if name in only:
             print(f"[{name}]")

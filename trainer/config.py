@@ -113,7 +113,8 @@ class TrainConfig:
     use_kt: bool = option(False, "run the routed experts in kt-kernel (KTransformers' CPU MoE "
                         "kernels): base expert weights freeze, expert LoRA trains in the kernel")
     kt_backend: str = option("AMXBF16", "kt expert weights: AMXBF16 | AMXINT4 (quantised on load) "
-                           "| AMXINT8 (needs kt_weight_path)")
+                           "| AMXINT8 (needs kt_weight_path) | MXFP4 (4-bit MXFP4 base + LoRA; the "
+                           "only kt training kernel on AVX2-only CPUs)")
     kt_num_threads: int = option(0, "kt CPU worker threads (0 = every core of this process)")
     kt_tp_enabled: bool = option(False, "kt: one thread pool per NUMA node, experts split across them")
     kt_num_gpu_experts: int = option(0, "kt: the first N experts of each layer stay in torch")
@@ -241,7 +242,7 @@ class TrainConfig:
         if backend != "kt":
             return []
         from model.offload import check_kt_config, kt_status
-        ok, reason = kt_status()
+        ok, reason = kt_status(self.kt_backend)
         err = [] if ok else [f"{switch}: {reason}"]
         try:
             check_kt_config(model_config.hidden_size, model_config.moe_intermediate_size,
