@@ -26,9 +26,10 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from model.model import IGNORE_INDEX  # the model's "no loss here" label
+
 ROLES = ("system", "user", "assistant", "tool")
 RESERVED_STRINGS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-IGNORE_INDEX = -100
 
 
 class ChatTokenizer(Protocol):

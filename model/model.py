@@ -22,6 +22,9 @@ from torch import nn
 from .config import MiniMindConfig
 from .moe import FeedForward, MoEFeedForward
 
+# Label of a position without loss (prompt, padding): the one definition; datasets and losses import it.
+IGNORE_INDEX = -100
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -263,15 +266,19 @@ class MiniMindLM(nn.Module):
         return CausalLMOutput(logits, ce_loss + aux_loss, ce_loss, aux_loss)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over supervised positions (labels != -100).
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits[B,S,V] against aligned labels[B,S] (shifted here:
+    position t predicts token t+1) over supervised positions (labels != ignore_index).
 
-    Divides by max(count, 1) so a batch with no supervised token gives 0, not NaN.
+    The one implementation: the model's forward and trainer/losses.py both use it. Computed in
+    fp32 whatever the logits dtype (bf16 log-softmax over a large vocabulary loses digits);
+    divides by max(count, 1) so a batch with no supervised token gives 0, not NaN.
     """
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-    return total / (shift_labels != -100).sum().clamp(min=1)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="sum")
+    return total / (shift_labels != ignore_index).sum().clamp(min=1)
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """Loss functions as pure functions (no state, no I/O).
 
-Scope: causal-LM cross-entropy helpers and the `loss_fn(model, batch) -> (loss, metrics)` used by
-pretraining and SFT, plus `batch_weight`, which the loop uses to combine micro-batches. DPO and
-distillation losses are added here by their stages.
+Scope: label helpers and the `loss_fn(model, batch) -> (loss, metrics)` used by pretraining and
+SFT, plus `batch_weight`, which the loop uses to combine micro-batches. The cross-entropy itself
+(`causal_lm_loss`) and `IGNORE_INDEX` are the model's (model/model.py), re-exported here.
 
 Convention: `labels` are aligned with `input_ids` and shifted here (position t predicts token t+1);
 -100 marks positions without loss (padding, prompts).
@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from model.model import IGNORE_INDEX, causal_lm_loss  # noqa: F401  (the one definition of each)
+
 
 LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], "tuple[torch.Tensor, dict[str, Any]]"]
 
@@ -23,21 +24,6 @@ LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], "tuple[torch.Tensor, 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """labels[:, 1:] padded with `ignore_index` at the end, so targets line up with logits[:, :]."""
     return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
-                   reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy of logits[B,S,V] against aligned labels[B,S] (shifted inside).
-
-    Computed in fp32 whatever the logits dtype: bf16 log-softmax over a large vocabulary loses
-    digits. `reduction='mean'` averages over supervised tokens; a batch with none gives 0, not NaN.
-    """
-    targets = shift_labels(labels, ignore_index)
-    loss = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(),
-                           ignore_index=ignore_index, reduction="sum" if reduction == "mean" else reduction)
-    if reduction != "mean":
-        return loss
-    return loss / count_targets(labels, ignore_index).clamp(min=1)
 
 
 def count_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
