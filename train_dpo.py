@@ -24,11 +24,10 @@ from dataset.lm_dataset import make_collate
 from model.errors import run_cli
 from trainer import distributed as dist
 from trainer import dpo
-from trainer.adapters import FinetuningChoice, attach_lora
-from trainer.checkpoint import load_weights
+from trainer.adapters import FinetuningChoice
 from trainer.config import option, parse_config
 from trainer.loop import fit, make_autocast
-from trainer.stage import build_model, finish, generation_hooks, load_data, load_tokenizer
+from trainer.stage import build_model, finish, fit_args, generation_hooks, load_data, load_tokenizer
 
 
 @dataclass
@@ -73,15 +72,9 @@ def main() -> None:
         print("[warn] no --init_from: preference-tuning a randomly initialised model", flush=True)
     tokenizer = load_tokenizer(cfg)
     train, evals = load_data(cfg, "dpo", tokenizer, env)
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer).to(env.device)   # init_from's weights: also the reference's
     collate = make_collate(tokenizer.pad_id)
     settings = cfg.settings()
-    fit_cfg, trainable, on_save = cfg, None, None
-    if cfg.use_lora:
-        trainable, fit_cfg, on_save = attach_lora(model, cfg)
-    elif cfg.init_from:   # the reference must hold the initial weights before fit loads them
-        load_weights(cfg.init_from, model)
-    model.to(env.device)
 
     reference = None
     if settings.needs_reference and cfg.precompute_ref:
@@ -96,9 +89,8 @@ def main() -> None:
     elif settings.needs_reference:
         reference = dpo.frozen_reference(dpo.frozen_copy(model).to(env.device))
 
-    result = fit(model, train, dpo.make_dpo_loss(settings, reference), fit_cfg, eval_data=evals,
-                 trainable=trainable, collate_fn=collate, on_save=on_save,
-                 eval_hooks=generation_hooks(cfg, tokenizer))
+    result = fit(model, train, dpo.make_dpo_loss(settings, reference), cfg, eval_data=evals,
+                 collate_fn=collate, eval_hooks=generation_hooks(cfg, tokenizer), **fit_args(model, cfg))
     finish(model, cfg, env, result, adapter=cfg.use_lora)
 
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from dataset.lm_dataset import make_collate
 from model.errors import run_cli
 from trainer import distributed as dist
-from trainer.adapters import FinetuningChoice, attach_lora
+from trainer.adapters import FinetuningChoice
 from trainer.config import option, parse_config
 from trainer.loop import fit
 from trainer.losses import lm_loss
-from trainer.stage import build_model, finish, generation_hooks, load_data, load_tokenizer
+from trainer.stage import build_model, finish, fit_args, generation_hooks, load_data, load_tokenizer
 
 
 @dataclass
@@ -52,10 +52,8 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg)
     train, evals = load_data(cfg, "sft", tokenizer, env)
     model = build_model(cfg, tokenizer)
-    trainable, fit_cfg, on_save = attach_lora(model, cfg) if cfg.use_lora else (None, cfg, None)
-    result = fit(model, train, lm_loss, fit_cfg, eval_data=evals, trainable=trainable,
-                 collate_fn=make_collate(tokenizer.pad_id), on_save=on_save,
-                 eval_hooks=generation_hooks(cfg, tokenizer))
+    result = fit(model, train, lm_loss, cfg, eval_data=evals, collate_fn=make_collate(tokenizer.pad_id),
+                 eval_hooks=generation_hooks(cfg, tokenizer), **fit_args(model, cfg))
     finish(model, cfg, env, result, adapter=cfg.use_lora)
 
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from dataset.lm_dataset import make_collate
 from model.errors import run_cli
 from trainer import distributed as dist
-from trainer.adapters import LoRAOptions, attach_lora
-from trainer.config import ConfigError, parse_config
+from trainer.adapters import LoRAOptions
+from trainer.config import parse_config
 from trainer.loop import fit
 from trainer.losses import lm_loss
-from trainer.stage import build_model, finish, generation_hooks, load_data, load_tokenizer
+from trainer.stage import build_model, finish, fit_args, generation_hooks, load_data, load_tokenizer
 
 
 @dataclass
@@ -38,19 +38,19 @@ class LoRATrainConfig(LoRAOptions):
     batch_size: int = 16
     epochs: float = 2.0
 
+    def _problems(self) -> list[str]:
+        return super()._problems() + ([] if self.init_from else
+                                      ["LoRA trains adapters on a base model: pass --init_from MODEL_DIR"])
+
 
 def main() -> None:
     cfg = parse_config(LoRATrainConfig, description=__doc__)
-    if not cfg.init_from or cfg.lora_rank < 1:   # not in _problems: fit validates a copy with init_from=''
-        raise ConfigError("LoRA trains adapters (--lora_rank >= 1) on a base model (--init_from MODEL_DIR)")
     env = dist.init_distributed(cfg.device)
     tokenizer = load_tokenizer(cfg)
     train, evals = load_data(cfg, "sft", tokenizer, env)
     model = build_model(cfg, tokenizer)
-    trainable, fit_cfg, on_save = attach_lora(model, cfg)
-    result = fit(model, train, lm_loss, fit_cfg, eval_data=evals, trainable=trainable,
-                 collate_fn=make_collate(tokenizer.pad_id), on_save=on_save,
-                 eval_hooks=generation_hooks(cfg, tokenizer))
+    result = fit(model, train, lm_loss, cfg, eval_data=evals, collate_fn=make_collate(tokenizer.pad_id),
+                 eval_hooks=generation_hooks(cfg, tokenizer), **fit_args(model, cfg))
     finish(model, cfg, env, result, adapter=True)
 
 

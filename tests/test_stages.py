@@ -24,7 +24,7 @@ from model.lora import disable_lora, load_adapter
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 from scripts import generate_sft_data
-from trainer import adapters
+from trainer import stage
 from trainer.config import ConfigError, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,11 +99,16 @@ def test_lora_reads_llamafactory_yaml_keys(files, tmp_path):
                          "lora_target: q_proj,v_proj\nuse_rslora: true\n")
     cfg = parse_config(train_lora.LoRATrainConfig, ["--config", str(yaml_file), "--lora_rank", "2"])
     assert (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora) == (2, 8.0, 0.05, True)
-    model = MiniMindLM(MiniMindConfig.from_json(files["base"] / "config.json"))
-    trainable, fit_cfg, _ = adapters.attach_lora(model, cfg)
-    assert fit_cfg.init_from == "" and model.lora_config.scale == pytest.approx(8 / math.sqrt(2))
+    model = stage.build_model(cfg, Tokenizer.from_dir(None))   # finished: base weights + adapters
+    trainable = stage.fit_args(model, cfg)["trainable"]
+    base = load_pretrained(files["base"])
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert model.lora_config.scale == pytest.approx(8 / math.sqrt(2))
     assert {m.rsplit(".", 1)[1] for m in model.lora_config.modules} == {"q_proj", "v_proj"}
     assert sum(p.numel() for p in trainable) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="LoRA trains adapters on a base model"):
+        parse_config(train_lora.LoRATrainConfig, ["--device", "cpu"])   # the config's own check
     with pytest.raises(ConfigError, match="unknown option 'lora_rnak'"):
         yaml_file.write_text("lora_rnak: 4\n")
         parse_config(train_lora.LoRATrainConfig, ["--config", str(yaml_file)])
@@ -139,7 +144,7 @@ def test_finetuning_type_is_one_switch_for_sft_and_dpo(module, config):
     cls = getattr(module, config)
     assert not parse_config(cls, ["--device", "cpu"]).use_lora
     assert parse_config(cls, ["--device", "cpu", "--finetuning_type", "lora"]).use_lora
-    with pytest.raises(ConfigError, match="finetuning_type lora needs lora_rank >= 1"):
+    with pytest.raises(ConfigError, match="LoRA training needs lora_rank >= 1"):
         parse_config(cls, ["--device", "cpu", "--finetuning_type", "lora", "--lora_rank", "0"])
 
 

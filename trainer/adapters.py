@@ -1,10 +1,10 @@
 """What the stages that train LoRA adapters share (train_lora.py, and train_full_sft.py /
-train_dpo.py with `finetuning_type: lora`): the adapter options, attaching adapters to a loaded
-base, and saving adapters in checkpoints and at the end.
+train_dpo.py with `finetuning_type: lora`): the adapter options, the LoRA transform that
+trainer.stage.build_model applies to the loaded base, and saving adapters in checkpoints and at
+the end.
 """
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,6 @@ from torch import nn
 
 from model.lora import apply_lora, export_merged, lora_parameters, save_adapter
 from trainer import distributed as dist
-from trainer.checkpoint import load_weights
 from trainer.config import TrainConfig, option
 
 
@@ -30,11 +29,19 @@ class LoRAOptions(TrainConfig):
     use_rslora: bool = option(False, "rank-stabilised scaling s = alpha/sqrt(r)")
     merge_on_save: bool = option(False, "also write out_dir/final_merged: base + adapters folded in")
 
+    @property
+    def use_lora(self) -> bool:
+        """Whether the stage trains adapters (always here; FinetuningChoice makes it a choice)."""
+        return True
+
     def _problems(self) -> list[str]:
-        bad = self.lora_rank < 0 or (self.lora_alpha or 0.0) < 0 or not 0.0 <= self.lora_dropout < 1.0
-        got = f"{self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}"
-        return super()._problems() + ([f"need lora_rank, lora_alpha >= 0, lora_dropout in [0, 1); got {got}"]
-                                      if bad else [])
+        err = super()._problems()
+        if self.lora_rank < 0 or (self.lora_alpha or 0.0) < 0 or not 0.0 <= self.lora_dropout < 1.0:
+            err.append("need lora_rank, lora_alpha >= 0, lora_dropout in [0, 1); got "
+                       f"{self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}")
+        if self.use_lora and self.lora_rank < 1:
+            err.append("LoRA training needs lora_rank >= 1")
+        return err
 
 
 @dataclass
@@ -52,8 +59,6 @@ class FinetuningChoice(LoRAOptions):
         err = super()._problems()
         if self.finetuning_type not in ("full", "lora"):
             err.append(f"finetuning_type must be full or lora, got {self.finetuning_type!r}")
-        if self.use_lora and self.lora_rank < 1:
-            err.append("finetuning_type lora needs lora_rank >= 1")
         return err
 
 
@@ -69,19 +74,18 @@ def adapter_files(model: nn.Module, base: str | None) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
 
 
-def attach_lora(model: nn.Module, cfg: LoRAOptions
-                ) -> tuple[list[nn.Parameter], TrainConfig, Callable[[nn.Module, int], dict[str, bytes]]]:
-    """Load the base weights, add adapters; returns (trainable, the cfg for fit, on_save).
-
-    fit gets `init_from=''`: it would load init_from strictly into the *adapted* model and miss
-    the lora_A/lora_B keys. Resume is unaffected: checkpoints hold the adapted model's state."""
-    if cfg.init_from:
-        load_weights(cfg.init_from, model)
+def add_lora(model: nn.Module, cfg: LoRAOptions) -> None:
+    """The LoRA transform: adapters (B = 0, so the model still equals its base) on cfg's targets.
+    Applied by trainer.stage.build_model after the base weights are loaded."""
     alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
     apply_lora(model, cfg.lora_target, cfg.lora_rank, alpha, cfg.lora_dropout, cfg.use_rslora)
+
+
+def lora_fit_args(model: nn.Module, cfg: LoRAOptions
+                  ) -> tuple[list[nn.Parameter], Callable[[nn.Module, int], dict[str, bytes]]]:
+    """What fit needs for an adapted model: (trainable = the adapters, on_save = their files)."""
     base = base_name(cfg)
-    on_save = lambda m, step: adapter_files(m, base)  # noqa: E731
-    return lora_parameters(model), dataclasses.replace(cfg, init_from=""), on_save
+    return lora_parameters(model), lambda m, step: adapter_files(m, base)
 
 
 def export_adapter(model: nn.Module, cfg: LoRAOptions, env: dist.DistEnv) -> Path:

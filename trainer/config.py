@@ -163,7 +163,7 @@ class TrainConfig:
 
         has_eval_data: whether validation data exists (fit() knows; None = infer from the paths).
         model_config: the model actually trained (fit() knows; None = `self.model_config()`): the
-        expert-backend checks need its shape, and a LoRA stage hands fit a copy without init_from.
+        expert-backend checks need its shape.
         """
         if has_eval_data is None:
             has_eval_data = bool(self.eval_data_path or self.eval_fraction or self.eval_gen_data)

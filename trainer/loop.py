@@ -195,8 +195,6 @@ def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConf
         restore(state, optimizer, schedule, scaler, env, global_batch, log)
         step, samples = state["step"], state["samples"]
         best_val, wandb_id = state["best_val_loss"], state["wandb_id"]
-    elif cfg.init_from:
-        ckpt_io.load_weights(cfg.init_from, model)
 
     train_model = dist.wrap_model(model, env)
     if cfg.compile:

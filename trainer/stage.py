@@ -1,6 +1,7 @@
 """Set-up shared by the stage scripts (train_pretrain.py, train_full_sft.py, ...).
 
-Scope: tokenizer, model (fresh from a preset or shaped like `init_from`), datasets (files or
+Scope: tokenizer, the finished model (fresh from a preset, or init_from's weights; then the
+stage's transforms: LoRA), datasets (files or
 registry names, per-dataset validation sets, an optional hold-out split) built once on rank 0
 while the other ranks wait and then read the token cache, the evaluation hooks handed to fit
 (generation accuracy on `eval_gen_data`) and the final model export. What differs between stages
@@ -22,7 +23,8 @@ from model.io import save_pretrained
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 from trainer import distributed as dist
-from trainer.adapters import export_adapter
+from trainer.adapters import LoRAOptions, add_lora, export_adapter, lora_fit_args
+from trainer.checkpoint import load_weights
 from trainer.config import ConfigError, TrainConfig
 from trainer.loop import EvalHook, FitResult
 from trainer.rng import seed_everything
@@ -34,9 +36,13 @@ def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MiniMindLM:
-    """A freshly initialised model: shaped by init_from's config.json if given, else the preset.
+    """The finished model a stage trains, the one owner of its initial weights: shaped by
+    init_from's config.json and holding its weights (else a fresh, seeded preset model), then
+    transformed from outside: LoRA adapters when the stage trains them (`cfg.use_lora`).
 
-    fit() then loads init_from's weights (or the resume checkpoint's, which take precedence).
+    fit() only replaces these weights when it resumes from a checkpoint (which holds the
+    transformed model's state, adapters included). `fit_args` gives what fit needs for the
+    transforms applied here.
     """
     if cfg.init_from:
         config = MiniMindConfig.from_json(Path(cfg.init_from) / "config.json")
@@ -50,7 +56,21 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MiniMindLM:
     if tokenizer.vocab_size > config.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, model only {config.vocab_size}")
     seed_everything(cfg.seed)          # same initial weights on every rank and every rerun
-    return MiniMindLM(config)
+    model = MiniMindLM(config)
+    if cfg.init_from:
+        load_weights(cfg.init_from, model)
+    if isinstance(cfg, LoRAOptions) and cfg.use_lora:
+        add_lora(model, cfg)
+    return model
+
+
+def fit_args(model: MiniMindLM, cfg: TrainConfig) -> dict[str, Any]:
+    """fit's keyword arguments for the transforms build_model applied: with LoRA, `trainable`
+    (the adapters) and `on_save` (adapter files in every checkpoint); {} for a plain model."""
+    if isinstance(cfg, LoRAOptions) and cfg.use_lora:
+        trainable, on_save = lora_fit_args(model, cfg)
+        return {"trainable": trainable, "on_save": on_save}
+    return {}
 
 
 def _load(cfg: TrainConfig, kind: str, names: list[str], tokenizer: Tokenizer,
