@@ -1,74 +1,169 @@
-"""Saving and loading model folders.
+"""The model folder, both ways: the one writer and the one reader of ``model.safetensors`` +
+``config.json``, used by ``save_pretrained``, by training checkpoints (trainer/checkpoint.py adds
+its own files around these two) and by every loader.
 
-A model folder is ``model.safetensors`` (fp32 master weights, whatever dtype the model trained
-in) + ``config.json``, each written atomically (model/atomic.py): a crash mid-save leaves either
-the old file or the new one, never half.
+The folder:
+  ``config.json``        ``MiniMindConfig.to_dict()`` as JSON: the model needs no sizes from
+                         the command line.
+  ``model.safetensors``  the state dict, floating tensors in fp32 whatever dtype the model ran
+                         in. Tensors that share storage (the tied ``lm_head``) are stored ONCE,
+                         under the non-``lm_head`` name (``model.embed_tokens.weight``, as MiniMind
+                         and HF Hub files do: safetensors refuses aliases), and the header's
+                         metadata records ``{"format": "pt", "tied": '{"lm_head.weight":
+                         "model.embed_tokens.weight"}'}``.
+Reading restores the aliases listed in the metadata; a tensor the file lacks but the model ties
+to one it has is filled from its twin (files without the metadata: older model.io folders, HF
+exports); a tied pair stored twice must hold equal tensors. Then ``load_state_dict(strict=True)``.
+Every failure is a ``model.errors`` error naming the file. Each file is written atomically
+(model/atomic.py): a crash mid-save leaves the old file or the new one, never half.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
 
-from .atomic import atomic_path, atomic_write_bytes
+from .atomic import atomic_path, atomic_write_bytes  # noqa: F401  (atomic_write_bytes: re-exported)
 from .config import MiniMindConfig
 from .errors import ModelFolderError, ModelNotFoundError
 from .model import MiniMindLM
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+TIED_KEY = "tied"   # safetensors metadata: JSON {alias: stored name}
 
 
-def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """fp32, contiguous, CPU tensors; a tied lm_head is dropped (safetensors refuses aliases)."""
-    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    return sd
+# ---------------------------------------------------------------------- write
+def _storage_key(t: torch.Tensor) -> tuple:
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
 
 
-def save_pretrained(model: MiniMindLM, out_dir: str | Path) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
-        save_file(state_dict_for_save(model), str(tmp), metadata={"format": "pt"})
-    atomic_write_bytes(out_dir / CONFIG_NAME, _config_bytes(model.config))
-    return out_dir
+def weights_payload(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the weights file: fp32 CPU copies, each shared tensor once."""
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    stored: dict[tuple, str] = {}
+    for name in sorted(state, key=lambda n: n.startswith("lm_head")):  # lm_head is the alias
+        t = state[name]
+        if (key := _storage_key(t)) in stored:
+            aliases[name] = stored[key]
+            continue
+        stored[key] = name
+        tensors[name] = t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).contiguous()
+    return tensors, {"format": "pt", TIED_KEY: json.dumps(aliases)}
 
 
-def _config_bytes(config: MiniMindConfig) -> bytes:
-    import json
+def weights_bytes(model: nn.Module) -> bytes:
+    """The weights file as bytes (checkpoints hash and write it themselves)."""
+    tensors, metadata = weights_payload(model)
+    return safetensors_bytes(tensors, metadata=metadata)
+
+
+def config_bytes(config: MiniMindConfig) -> bytes:
     return (json.dumps(config.to_dict(), indent=2) + "\n").encode()
 
 
+def save_pretrained(model: MiniMindLM, out_dir: str | Path) -> Path:
+    """Writes the weights file and config.json into ``out_dir``; returns it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:   # streamed: no second copy in memory
+        tensors, metadata = weights_payload(model)
+        save_file(tensors, str(tmp), metadata=metadata)
+    atomic_write_bytes(out_dir / CONFIG_NAME, config_bytes(model.config))
+    return out_dir
+
+
+# ---------------------------------------------------------------------- read
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, with the aliases its metadata lists put back."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ModelNotFoundError(f"{path}: weights file not found")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        state = load_file(str(path))
+        aliases = json.loads(meta.get(TIED_KEY, "{}"))
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFolderError(f"{path}: unreadable or corrupt safetensors file ({e})") from None
+    for alias, name in aliases.items():
+        if name not in state:
+            raise ModelFolderError(f"{path}: metadata ties {alias} to {name}, which the file lacks")
+        state[alias] = state[name]
+    return state
+
+
+def _fill_ties(model: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    """Give every name of a tied group in `model` the one tensor the file holds for it."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in model.state_dict().items():
+        groups.setdefault(_storage_key(t), []).append(name)
+    for names in groups.values():
+        have = [n for n in names if n in state]
+        if len(names) < 2 or not have:
+            continue
+        for n in have[1:]:
+            if state[n] is not state[have[0]] and not torch.equal(state[n], state[have[0]]):
+                raise ModelFolderError(f"{file}: {have[0]} and {n} are tied in the model "
+                                       "(tie_word_embeddings) but differ in the file")
+        for n in names:
+            state.setdefault(n, state[have[0]])
+
+
+def load_weights(path: str | Path, model: nn.Module, strict: bool = True) -> None:
+    """Loads a model folder's weights (or the weights file itself) into ``model``, by the rules
+    in the module docstring. ``model`` may carry LoRA modules or offloaded experts, as long as
+    its state dict names are the file's."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelNotFoundError(f"{path}: model folder not found")
+    file = path / WEIGHTS_NAME if path.is_dir() else path
+    state = load_state_dict_file(file)
+    _fill_ties(model, state, file)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:   # shape mismatches: torch's message names each tensor
+        detail = " ".join(str(e).split())
+        raise ModelFolderError(f"{file}: weights do not match the model: {detail}") from None
+    if strict and (result.missing_keys or result.unexpected_keys):
+        hint = ""
+        if any(".lora_" in k for k in result.unexpected_keys):
+            hint = (" (the file holds LoRA adapter tensors: a LoRA training checkpoint; load "
+                    "its base model's folder with lora=<this folder>)")
+        raise ModelFolderError(f"{file}: weights do not match the model{hint}: missing "
+                               f"{_some(result.missing_keys)}; unexpected {_some(result.unexpected_keys)}")
+
+
+def _some(keys: list[str], n: int = 4) -> str:
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more if keys else "none"
+
+
+def is_model_folder(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file() and (Path(path) / WEIGHTS_NAME).is_file()
+
+
+def read_config(model_dir: str | Path) -> MiniMindConfig:
+    """The folder's config.json (model sizes without the weights)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelNotFoundError(f"{model_dir}: model folder not found")
+    return MiniMindConfig.from_json(model_dir / CONFIG_NAME)
 
 
 def load_pretrained(model_dir: str | Path, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None) -> MiniMindLM:
-    """Builds the model from ``config.json`` and loads the weights with ``strict=True``."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelNotFoundError(f"{model_dir}: model folder not found")
-    config = MiniMindConfig.from_json(model_dir / CONFIG_NAME)
-    model = MiniMindLM(config)
-    sd = load_state_dict_file(model_dir / WEIGHTS_NAME)
-    if config.tie_word_embeddings and "model.embed_tokens.weight" in sd:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        raise ModelFolderError(f"{model_dir / WEIGHTS_NAME}: weights do not match config.json: {e}") from None
+    """Builds the model from ``config.json`` and loads the weights strictly."""
+    model = MiniMindLM(read_config(model_dir))
+    load_weights(model_dir, model)
     return model.to(device=device, dtype=dtype)
 
 

@@ -72,22 +72,50 @@ def test_pruning_keeps_last_and_best_and_pointers(tmp_path):
     assert best.name == "step_000002" and loss == 1.0
 
 
-def test_crash_mid_write_leaves_previous_checkpoint(tmp_path):
-    """The writer dies half-way through trainer_state.pt of step 2 (test hook)."""
+@pytest.mark.parametrize("victim", ["trainer_state.pt", "model.safetensors"])
+def test_crash_mid_write_leaves_previous_checkpoint(tmp_path, victim):
+    """The writer dies half-way through `victim` of step 2 (test hook)."""
     code = (
         "import sys; from model.config import MiniMindConfig; from model.model import MiniMindLM\n"
         "from trainer.checkpoint import save_checkpoint\n"
         "m = MiniMindLM(MiniMindConfig.from_preset('tiny'))\n"
         f"save_checkpoint({str(tmp_path)!r}, 1, m, {{'step': 1}}, 3)\n"
-        "import os; os.environ['MINIMIND_CKPT_FAULT'] = 'exit:trainer_state.pt'\n"
+        f"import os; os.environ['MINIMIND_CKPT_FAULT'] = 'exit:{victim}'\n"
         f"save_checkpoint({str(tmp_path)!r}, 2, m, {{'step': 2}}, 3)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 17, proc.stderr
     step2 = tmp_path / "checkpoints" / "step_000002"
-    assert not (step2 / ck.MARKER).exists() and not (step2 / "trainer_state.pt").exists()
+    assert not (step2 / ck.MARKER).exists() and not (step2 / victim).exists()
     said = []
     found = ck.resolve_resume("auto", tmp_path, log=said.append)
     assert found.name == "step_000001" and "incomplete" in said[0]
     assert ck.load_checkpoint(found, tiny()) == {"step": 1}
     assert json.loads((found / ck.MARKER).read_text())["step"] == 1
+
+
+def test_checkpoint_written_by_the_old_code_resumes_and_loads(tmp_path):
+    """The pre-merge checkpoint writer (tied head stored once, "tied" metadata, sorted config)."""
+    import hashlib
+
+    from test_io import old_checkpoint_save
+    model = tiny()
+    ckpt = tmp_path / "checkpoints" / "step_000007"
+    old_checkpoint_save(model, ckpt)
+    torch.save({"step": 7}, ckpt / "trainer_state.pt")
+    files = {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size}
+             for p in ckpt.iterdir()}
+    (ckpt / ck.MARKER).write_text(json.dumps({"step": 7, "files": files}))
+    assert ck.resolve_resume("auto", tmp_path, log=lambda s: None) == ckpt
+    other = tiny()
+    assert ck.load_checkpoint(ckpt, other) == {"step": 7}
+    assert other.lm_head.weight is other.model.embed_tokens.weight
+    assert torch.equal(other.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(load_pretrained(ckpt).lm_head.weight, model.lm_head.weight)
+
+
+def test_checkpoint_errors_are_one_line_user_errors(tmp_path):
+    from model.errors import UserError
+    with pytest.raises(UserError, match="incomplete checkpoint"):
+        ck.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
+    assert issubclass(ck.CheckpointError, RuntimeError)   # old callers' except clauses still hold

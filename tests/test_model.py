@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from model.config import MiniMindConfig
-from model.io import load_pretrained, save_pretrained
 from model.model import KVCache, MiniMindLM, rope_inv_freq
 
 # REFERENCE.md's published sizes (millions, 2 decimals).
@@ -208,26 +207,3 @@ def test_upstream_minimind_parameter_names():
                 "model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.3.down_proj.weight"]:
         assert key in names
     assert not any("rotary" in n for n in names)  # RoPE tables are not weights
-
-
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_save_load_round_trip_strict(tmp_path, preset):
-    model = MiniMindLM(MiniMindConfig.from_preset(preset)).eval()
-    save_pretrained(model, tmp_path / "ckpt")
-    loaded = load_pretrained(tmp_path / "ckpt").eval()
-    assert loaded.config == model.config
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-    ids = torch.randint(0, 6400, (1, 6))
-    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
-    sd = dict(model.state_dict())  # an upstream .pth holds both tied keys
-    MiniMindLM(model.config).load_state_dict(sd, strict=True)
-
-
-def test_load_pretrained_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model folder not found"):
-        load_pretrained(tmp_path / "missing")
-    model = MiniMindLM(MiniMindConfig.from_preset("tiny"))
-    save_pretrained(model, tmp_path / "c")
-    (tmp_path / "c" / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="model.safetensors"):
-        load_pretrained(tmp_path / "c")

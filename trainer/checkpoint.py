@@ -1,11 +1,11 @@
 """Crash-safe checkpoints.
 
-Scope: write, verify, find, load and prune checkpoint folders. Layout:
+Scope: write, verify, find, load and prune checkpoint folders; the model files come from model.io,
+what is written here is the resume state, the checksums, the marker and the rotation. Layout:
 
     out_dir/checkpoints/step_000123/
-        model.safetensors   fp32 master weights; a tied tensor is stored once (safetensors refuses
-                            shared storage) and its aliases are listed in the file's metadata
-        config.json         the model config (so evaluation needs no sizes)
+        model.safetensors   } a model folder, exactly as model.io.save_pretrained writes it (fp32,
+        config.json         } tied lm_head stored once): model.io.load_pretrained loads a checkpoint
         trainer_state.pt    optimizer, schedule, GradScaler, every RNG state per rank, data position,
                             step, wandb run id, best validation loss
         <extra files>       e.g. adapter weights from a stage's on_save callback
@@ -22,7 +22,6 @@ process half-way through writing <file>; "sleep:<file>:<seconds>" makes it pause
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -33,19 +32,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from torch import nn
 
 from model.atomic import atomic_path, fsync_dir
+from model.errors import UserError
+# The model part of a checkpoint is a model folder, written and read by model.io alone (tied
+# lm_head stored once, strict loading, clear errors). load_weights and weights_bytes are
+# re-exported: trainer/loop.py, trainer/adapters.py and train_dpo.py import them from here.
+from model.io import CONFIG_NAME, WEIGHTS_NAME, config_bytes, load_weights, weights_bytes  # noqa: F401
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
+STATE_NAME = "trainer_state.pt"
 FAULT_ENV = "MINIMIND_CKPT_FAULT"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or corrupt."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt (one line at the CLI, like the
+    model.errors it sits beside; still a RuntimeError for old callers)."""
 
 
 # ---------------------------------------------------------------------- atomic file writing
@@ -72,70 +77,6 @@ def atomic_write(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
-# ---------------------------------------------------------------------- weights
-def _tensor_payload(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """fp32 CPU copies of the state dict, each shared tensor once, plus {alias: stored name}."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    by_storage: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    state = model.state_dict()
-    # keep the embedding name for a tied pair, as MiniMind and HF do (lm_head is the alias)
-    for name in sorted(state, key=lambda n: n.startswith("lm_head")):
-        t = state[name]
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in by_storage:
-            aliases[name] = by_storage[key]
-            continue
-        by_storage[key] = name
-        tensors[name] = t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).contiguous()
-    return tensors, aliases
-
-
-def weights_bytes(model: nn.Module) -> bytes:
-    """The model's weights as safetensors bytes (fp32, tied tensors stored once)."""
-    tensors, aliases = _tensor_payload(model)
-    return safetensors.torch.save(tensors, metadata={"format": "pt", "tied": json.dumps(aliases)})
-
-
-def load_weights(path: str | os.PathLike, model: nn.Module, strict: bool = True) -> None:
-    """Load model.safetensors from a checkpoint/model folder (or the file itself) into `model`.
-
-    Tied aliases are restored from the metadata; a missing `lm_head.weight` is also accepted when
-    the model ties it to the embedding (files written by other tools).
-    """
-    path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.exists():
-        raise CheckpointError(f"{file}: no such weights file")
-    with safetensors.safe_open(str(file), framework="pt") as fh:
-        meta = fh.metadata() or {}
-    state = safetensors.torch.load_file(str(file))
-    for alias, name in json.loads(meta.get("tied", "{}")).items():
-        state[alias] = state[name]
-    own = model.state_dict()
-    for name, t in own.items():   # tied in the model but not listed in the file
-        if name not in state:
-            twin = next((n for n, u in own.items() if n in state and u is not t
-                         and u.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()), None)
-            if twin is not None:
-                state[name] = state[twin]
-    model.load_state_dict(state, strict=strict)
-
-
-def _config_bytes(model: nn.Module) -> bytes | None:
-    """JSON of `model.config` when it is a dataclass or has to_dict(); None otherwise."""
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
-    if dataclasses.is_dataclass(cfg):
-        data = dataclasses.asdict(cfg)
-    elif hasattr(cfg, "to_dict"):
-        data = cfg.to_dict()
-    else:
-        return None
-    return json.dumps(data, indent=2, sort_keys=True).encode()
-
-
 # ---------------------------------------------------------------------- save
 def checkpoint_root(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / "checkpoints"
@@ -154,11 +95,8 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, tra
     (ckpt / MARKER).unlink(missing_ok=True)      # re-saving a step: mark it incomplete first
     buf = io.BytesIO()
     torch.save(trainer_state, buf)
-    files: dict[str, bytes] = {"model.safetensors": weights_bytes(model)}
-    config = _config_bytes(model)
-    if config is not None:
-        files["config.json"] = config
-    files["trainer_state.pt"] = buf.getvalue()
+    files = {WEIGHTS_NAME: weights_bytes(model), CONFIG_NAME: config_bytes(model.config),
+             STATE_NAME: buf.getvalue()}
     files.update(extra_files or {})
     manifest = {}
     for name, data in files.items():
@@ -276,7 +214,7 @@ def load_checkpoint(ckpt: str | os.PathLike, model: nn.Module, verify: bool = Tr
     if verify:
         verify_checkpoint(ckpt)
     load_weights(ckpt, model)
-    state_file = ckpt / "trainer_state.pt"
+    state_file = ckpt / STATE_NAME
     if not state_file.exists():
         return {}
     return torch.load(state_file, map_location="cpu", weights_only=False)
