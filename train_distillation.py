@@ -23,7 +23,7 @@ from trainer import distributed as dist
 from trainer.config import ConfigError, TrainConfig, option, parse_config
 from trainer.distill import VocabMismatchError, check_vocab, make_distill_loss
 from trainer.loop import fit
-from trainer.stage import build_model, finish, generation_hooks, load_data, load_tokenizer
+from trainer.stage import build_model, finish, fit_args, generation_hooks, load_data, load_tokenizer
 
 
 @dataclass
@@ -70,7 +70,7 @@ def main() -> None:
     train, evals = load_data(cfg, "sft", tokenizer, env)
     result = fit(student, train, make_distill_loss(teacher, cfg.alpha, cfg.temperature), cfg,
                  eval_data=evals, collate_fn=make_collate(tokenizer.pad_id),
-                 eval_hooks=generation_hooks(cfg, tokenizer))
+                 eval_hooks=generation_hooks(cfg, tokenizer), **fit_args(student, cfg))
     finish(student, cfg, env, result)
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from dataset.lm_dataset import make_collate
 from model.errors import run_cli
+from model.offload import offload_experts
 from trainer import distributed as dist
 from trainer import dpo
 from trainer.adapters import FinetuningChoice
@@ -87,7 +88,10 @@ def main() -> None:
     elif settings.needs_reference and cfg.use_lora:
         reference = dpo.adapter_reference
     elif settings.needs_reference:
-        reference = dpo.frozen_reference(dpo.frozen_copy(model).to(env.device))
+        ref = dpo.frozen_copy(model)
+        if cfg.expert_backend() != "torch":   # the frozen reference runs its experts in torch
+            offload_experts(ref, "torch")
+        reference = dpo.frozen_reference(ref.to(env.device))
 
     result = fit(model, train, dpo.make_dpo_loss(settings, reference), cfg, eval_data=evals,
                  collate_fn=collate, eval_hooks=generation_hooks(cfg, tokenizer), **fit_args(model, cfg))

@@ -18,7 +18,7 @@ from trainer import distributed as dist
 from trainer.config import TrainConfig, option, parse_config
 from trainer.loop import fit
 from trainer.losses import lm_loss
-from trainer.stage import build_model, finish, generation_hooks, load_data, load_tokenizer
+from trainer.stage import build_model, finish, fit_args, generation_hooks, load_data, load_tokenizer
 
 
 @dataclass
@@ -41,7 +41,7 @@ def main() -> None:
     train, evals = load_data(cfg, "pretrain", tokenizer, env, mode="packed" if cfg.packed else "padded")
     model = build_model(cfg, tokenizer)
     result = fit(model, train, lm_loss, cfg, eval_data=evals, collate_fn=make_collate(tokenizer.pad_id),
-                 eval_hooks=generation_hooks(cfg, tokenizer))
+                 eval_hooks=generation_hooks(cfg, tokenizer), **fit_args(model, cfg))
     finish(model, cfg, env, result)
 
 

@@ -36,8 +36,9 @@ kt-kernel footguns guarded here (see ``/work/shared/docs/KT_KERNEL.md``):
 - a call may carry at most ``chunked_prefill_size`` tokens: larger batches are chunked;
 - the kernel keeps raw pointers to (and pre-packs) the LoRA tensors: after every optimizer step
   ``refresh_kt_lora(model)`` copies the fp32 adapters into the kernel's bf16 buffers and calls
-  ``update_lora_weights()``. ``register_kt_refresh(optimizer, model)`` hooks that onto
-  ``optimizer.step``; as a safety net every forward also compares the adapters' version counters
+  ``update_lora_weights()`` (the trainer registers it as one of fit's ``after_step`` hooks;
+  ``register_kt_refresh(optimizer, model)`` hooks it onto ``optimizer.step`` for a hand-written
+  loop); as a safety net every forward also compares the adapters' version counters
   and refreshes when they moved, so a forgotten refresh never trains against a stale adapter;
 - the kernel's gradient buffers are never exposed as ``.grad`` (aliasing makes gradients
   accumulate across backward calls in C++): they are copied out in fp32 each backward and routed
@@ -59,7 +60,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Literal
 
 import torch
@@ -85,27 +86,45 @@ KT_INSTALL_HINT = ("pip install --no-deps -r requirements-kt.txt (the plain `pip
 # MXFP4_SFT clamps the SwiGLU inputs at ±limit (GPT-OSS style) and refuses 0 / inf; this large
 # finite value leaves plain SiLU·up unchanged (checked against the fp32 reference).
 _MXFP4_NO_CLAMP = 1e30
+KT_DEFAULT_CHUNK_TOKENS = 2048  # kt_chunk_tokens=0 outside the trainer (which uses its micro-batch)
 _PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 # --- options ------------------------------------------------------------------------------------
 
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class KTOptions:
-    """kt settings under the names LLaMA-Factory-KT users write in YAML / on the command line."""
+    """kt settings under the names LLaMA-Factory-KT users write in YAML / on the command line.
 
-    use_kt: bool = False  # the trainer's switch: offload_experts(model, "kt") when true
-    kt_backend: str = "AMXBF16"  # AMXBF16 | AMXINT8 (needs kt_weight_path) | AMXINT4 | MXFP4
-    kt_mode: str = "auto"  # auto | sft (training kernels) | inference (forward-only kernels)
-    kt_num_threads: int = 0  # CPU worker threads; 0 = every core of this process
-    kt_tp_enabled: bool = False  # one thread pool per NUMA node, experts split across them
-    kt_num_gpu_experts: int = 0  # the first N experts of each layer stay with torch (accelerator)
-    kt_weight_path: str | None = None  # folder of pre-quantised expert weights (.kt files)
-    kt_chunk_tokens: int = 2048  # tokens per kernel call (chunked_prefill_size); more are chunked
+    The one set of kt options: the trainer embeds it (``TrainConfig.kt``; its CLI flags and YAML
+    keys are these field names, with this help text); the switch itself (``use_kt`` /
+    ``moe_backend``) belongs to the caller, not to these options."""
+
+    kt_backend: str = _opt("AMXBF16", "kt expert weights: AMXBF16 | AMXINT4 (quantised on load) | "
+                           "AMXINT8 (needs kt_weight_path) | MXFP4 (4-bit MXFP4 base + LoRA; the only "
+                           "kt training kernel on AVX2-only CPUs)")
+    kt_mode: str = _opt("auto", "kt kernels: auto (training kernels where this CPU's build has "
+                        "them) | sft (training) | inference (forward only)")
+    kt_num_threads: int = _opt(0, "kt CPU worker threads (0 = every core of this process)")
+    kt_tp_enabled: bool = _opt(False, "kt: one thread pool per NUMA node, experts split across them")
+    kt_num_gpu_experts: int = _opt(0, "kt: the first N experts of each layer stay in torch")
+    kt_weight_path: str = _opt("", "kt: folder of pre-quantised expert weights (.kt files); read "
+                               "by kt_backend AMXINT8 only, an error with the others")
+    kt_chunk_tokens: int = _opt(0, "kt: tokens per kernel call (0 = the trainer's batch_size * "
+                                f"seq_len, one call per micro-batch; else {KT_DEFAULT_CHUNK_TOKENS}); "
+                                "a chunked forward is recomputed in backward")
 
     @property
     def method(self) -> str:
         return KT_METHODS[self.kt_backend.upper()]
+
+    def chunk_tokens(self) -> int:
+        """Tokens per kernel call: kt_chunk_tokens, or the default when it is 0."""
+        return self.kt_chunk_tokens or KT_DEFAULT_CHUNK_TOKENS
 
     def threads(self) -> int:
         return self.kt_num_threads or len(os.sched_getaffinity(0))
@@ -124,8 +143,15 @@ class KTOptions:
             raise ValueError(f"kt_num_threads={self.kt_num_threads} must be >= 0 (0 = all cores)")
         if self.kt_num_gpu_experts < 0:
             raise ValueError(f"kt_num_gpu_experts={self.kt_num_gpu_experts} must be >= 0")
-        if self.kt_chunk_tokens < 1:
-            raise ValueError(f"kt_chunk_tokens={self.kt_chunk_tokens} must be >= 1")
+        if self.kt_chunk_tokens < 0:
+            raise ValueError(f"kt_chunk_tokens={self.kt_chunk_tokens} must be >= 0 (0 = default)")
+        if self.kt_weight_path and self.method != "AMXINT8_SFT":
+            # The other kernels are loaded from the model's own expert weights (so checkpoints,
+            # merges and the torch backend agree with what the kernel runs); a file would be
+            # silently ignored, or would make the kernel disagree with the model.
+            raise ValueError(f"kt_weight_path is read by kt_backend='AMXINT8' only; "
+                             f"kt_backend={self.kt_backend!r} loads the model's own expert "
+                             "weights: drop kt_weight_path (or use AMXINT8)")
         if self.method == "AMXINT8_SFT":
             # kt-kernel quantises INT8 SFT weights offline only; online conversion raises.
             if not self.kt_weight_path:
@@ -597,7 +623,7 @@ class KTExperts(_PinnedExperts):
             self.layer_idx, num_experts=n_cpu, num_experts_per_tok=self.top_k,
             hidden_size=self.hidden, moe_intermediate_size=self.inter, gpu_experts_mask=None,
             cpuinfer_threads=threads, threadpool_count=pools,
-            weight_path=opts.kt_weight_path or "", chunked_prefill_size=opts.kt_chunk_tokens,
+            weight_path=opts.kt_weight_path or "", chunked_prefill_size=opts.chunk_tokens(),
             method=method, mode="sft", lora_rank=rank,
             # The kernel scales by alpha / rank: this gives LoRALinear's scale, rsLoRA included.
             lora_alpha=scale * rank, lora_dropout=0.0,
@@ -624,12 +650,12 @@ class KTExperts(_PinnedExperts):
             lora = [torch.zeros(n_cpu, *shape, dtype=torch.bfloat16)
                     for proj_shapes in shapes for shape in proj_shapes]
             grads = [torch.zeros_like(t) for t in lora]
-            self._runner = _KTRunner(wrapper, lora, grads, opts.kt_chunk_tokens, self.hidden,
+            self._runner = _KTRunner(wrapper, lora, grads, opts.chunk_tokens(), self.hidden,
                                      self.top_k)
             self._copy_lora()
             wrapper.init_lora_weights(*lora, *grads)
         else:
-            self._runner = _KTRunner(wrapper, None, None, opts.kt_chunk_tokens, self.hidden,
+            self._runner = _KTRunner(wrapper, None, None, opts.chunk_tokens(), self.hidden,
                                      self.top_k)
         self._built_for = self._signature()
         self._lora_versions = self._lora_version()
@@ -655,7 +681,7 @@ class KTExperts(_PinnedExperts):
         weights = [[self._effective_weight(getattr(c, p)) for c in self._cpu_children()]
                    for p in _PROJS]
         self._runner = _KTInferenceRunner(kt_kernel, weights, self.top_k, self.hidden, self.inter,
-                                          opts.kt_chunk_tokens, threads, pools, self.layer_idx)
+                                          opts.chunk_tokens(), threads, pools, self.layer_idx)
         self._built_for = self._signature()
         self._lora_versions = self._lora_version()
 

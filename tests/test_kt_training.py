@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
 from dataset import synthetic
@@ -75,9 +76,28 @@ def test_llamafactory_kt_keys_parse_from_yaml(tmp_path):
     assert cfg.expert_backend() == "kt"
     opts = cfg.kt_options()
     assert (opts.method, opts.kt_num_threads, opts.kt_num_gpu_experts) == ("AMXINT4_SFT", 2, 1)
-    assert opts.kt_weight_path is None and opts.kt_chunk_tokens == cfg.batch_size * cfg.seq_len
+    assert opts.kt_weight_path == "" and opts.kt_chunk_tokens == cfg.batch_size * cfg.seq_len
+    assert cfg.kt.kt_chunk_tokens == 0          # one KTOptions, one default; 0 = per micro-batch
     assert parse_config(SFTConfig, ["--moe_backend", "kt"], validate=False).expert_backend() == "kt"
     assert SFTConfig().expert_backend() == "torch"
+    # the run config written to metrics / checkpoints keeps the flat keys users write
+    flat = cfg.to_dict()
+    assert flat["kt_backend"] == "AMXINT4" and flat["kt_num_gpu_experts"] == 1 and "kt" not in flat
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump({k: v for k, v in flat.items() if k.startswith("kt_")}))
+    assert parse_config(SFTConfig, ["--config", str(again)], validate=False).kt == cfg.kt
+
+
+def test_kt_weight_path_is_an_error_where_kt_does_not_read_it(tmp_path):
+    """kt_weight_path is read by AMXINT8 only: with another kt_backend it is a config error,
+    not silently ignored (with or without use_kt)."""
+    for args in (["--kt_weight_path", str(tmp_path)],
+                 ["--use_kt", "--model_preset", "tiny-moe", "--kt_backend", "MXFP4",
+                  "--kt_weight_path", str(tmp_path)]):
+        with pytest.raises(ConfigError, match="kt_weight_path is read by kt_backend='AMXINT8' only"):
+            parse_config(SFTConfig, args)
+    with pytest.raises(ConfigError, match="kt_mode 'inference'"):
+        parse_config(SFTConfig, ["--use_kt", "--model_preset", "tiny-moe", "--kt_mode", "inference"])
 
 
 def _bad_moe(tmp_path: Path, **overrides) -> str:
@@ -112,7 +132,7 @@ def test_kt_shapes_not_multiple_of_32_fail_before_any_kernel(tmp_path):
 
 def test_kt_unavailable_is_a_config_error(monkeypatch):
     import model.offload
-    monkeypatch.setattr(model.offload, "kt_status", lambda: (False, "kt_kernel is not importable"))
+    monkeypatch.setattr(model.offload, "kt_status", lambda *a: (False, "kt_kernel is not importable"))
     with pytest.raises(ConfigError, match="use_kt: kt_kernel is not importable"):
         parse_config(SFTConfig, ["--use_kt", "--model_preset", "tiny-moe"])
 

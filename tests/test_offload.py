@@ -208,9 +208,12 @@ def test_mxfp4_round_trip_is_the_ocp_rule():
 
 
 def test_kt_options_are_a_typed_dataclass():
-    opts = KTOptions(use_kt=True, kt_backend="amxint4", kt_num_threads=4)
+    opts = KTOptions(kt_backend="amxint4", kt_num_threads=4)
     assert opts.method == "AMXINT4_SFT"
     assert KTOptions().method == "AMXBF16_SFT"
+    assert KTOptions().chunk_tokens() == 2048 and KTOptions(kt_chunk_tokens=64).chunk_tokens() == 64
+    with pytest.raises(ValueError, match="kt_weight_path is read by kt_backend='AMXINT8' only"):
+        KTOptions(kt_backend="AMXBF16", kt_weight_path="/tmp").validate()
     assert refresh_kt_lora(tiny_model()) == 0  # safe to call on any model
 
 

@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from model.errors import UserError
+from model.offload import KTOptions
 
 
 class ConfigError(UserError, ValueError):
@@ -112,15 +113,8 @@ class TrainConfig:
                             "kt (kt-kernel's CPU kernels; same as use_kt)", choices=("torch", "cpu", "kt"))
     use_kt: bool = option(False, "run the routed experts in kt-kernel (KTransformers' CPU MoE "
                         "kernels): base expert weights freeze, expert LoRA trains in the kernel")
-    kt_backend: str = option("AMXBF16", "kt expert weights: AMXBF16 | AMXINT4 (quantised on load) "
-                           "| AMXINT8 (needs kt_weight_path) | MXFP4 (4-bit MXFP4 base + LoRA; the "
-                           "only kt training kernel on AVX2-only CPUs)")
-    kt_num_threads: int = option(0, "kt CPU worker threads (0 = every core of this process)")
-    kt_tp_enabled: bool = option(False, "kt: one thread pool per NUMA node, experts split across them")
-    kt_num_gpu_experts: int = option(0, "kt: the first N experts of each layer stay in torch")
-    kt_weight_path: str = option("", "kt: folder of pre-quantised expert weights (.kt files)")
-    kt_chunk_tokens: int = option(0, "kt: tokens per kernel call (0 = batch_size * seq_len, one call "
-                                "per micro-batch: a chunked forward is recomputed in backward)")
+    # Embedded: its fields (kt_backend, kt_num_threads, ...) are flat CLI flags and YAML keys.
+    kt: KTOptions = field(default_factory=KTOptions, metadata={"embedded": True})
 
     # ------------------------------------------------------------------ derived values
     def device_type(self) -> str:
@@ -134,21 +128,22 @@ class TrainConfig:
         return self.device.split(":")[0]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (tuples become lists) for JSON, YAML and wandb."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """Plain flat dict (tuples become lists, embedded options inlined) for JSON, YAML and
+        wandb: the keys a YAML file for `--config` uses."""
+        flat: dict[str, Any] = {}
+        for k, v in dataclasses.asdict(self).items():
+            flat.update(v if isinstance(v, dict) and _is_embedded(type(self), k) else {k: v})
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in flat.items()}
 
     def expert_backend(self) -> str:
         """Where routed experts run: 'kt' when use_kt (LLaMA-Factory-KT's switch), else moe_backend."""
         return "kt" if self.use_kt else self.moe_backend
 
-    def kt_options(self) -> Any:
-        """The kt settings as `model.offload.KTOptions` (imported here only: it is model code)."""
-        from model.offload import KTOptions
-        return KTOptions(use_kt=self.expert_backend() == "kt", kt_backend=self.kt_backend,
-                         kt_num_threads=self.kt_num_threads, kt_tp_enabled=self.kt_tp_enabled,
-                         kt_num_gpu_experts=self.kt_num_gpu_experts,
-                         kt_weight_path=self.kt_weight_path or None,
-                         kt_chunk_tokens=self.kt_chunk_tokens or self.batch_size * self.seq_len)
+    def kt_options(self) -> KTOptions:
+        """`self.kt` as the trainer runs it: kt_chunk_tokens 0 means one kernel call per
+        micro-batch (batch_size * seq_len tokens; a chunked forward is recomputed in backward)."""
+        return dataclasses.replace(self.kt, kt_chunk_tokens=self.kt.kt_chunk_tokens
+                                   or self.batch_size * self.seq_len)
 
     def model_config(self) -> Any:
         """The `MiniMindConfig` a stage builds: init_from's config.json, else the preset."""
@@ -184,8 +179,7 @@ class TrainConfig:
         if self.grad_accum < 1:
             err.append(f"grad_accum must be >= 1, got {self.grad_accum}")
         nonneg = ("warmup_steps", "max_steps", "eval_every", "save_every", "num_workers",
-                  "grad_clip", "weight_decay", "peak_tflops", "kt_num_threads", "kt_num_gpu_experts",
-                  "kt_chunk_tokens")
+                  "grad_clip", "weight_decay", "peak_tflops")
         err += [f"{name} must be >= 0, got {getattr(self, name)}" for name in nonneg
                 if getattr(self, name) < 0]
         if not self.lr > 0:
@@ -205,6 +199,10 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 err.append(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         err += self._device_problems()
+        try:
+            self.kt.validate()        # field-level; the shape checks are in _expert_problems
+        except ValueError as exc:
+            err.append(str(exc))
         if self.dataset_dir and not (Path(self.dataset_dir) / "dataset_info.json").is_file():
             err.append(f"dataset_dir: no dataset_info.json in {self.dataset_dir!r}")
         for name in ("data_path", "eval_data_path"):   # names are resolved later via dataset_dir
@@ -242,8 +240,15 @@ class TrainConfig:
         if backend != "kt":
             return []
         from model.offload import check_kt_config, kt_status
-        ok, reason = kt_status(self.kt_backend)
+        ok, reason = kt_status(self.kt.kt_backend)
         err = [] if ok else [f"{switch}: {reason}"]
+        if self.kt.kt_mode == "inference":
+            err.append(f"{switch}: kt_mode 'inference' runs forward-only kernels; training needs "
+                       "kt_mode auto or sft")
+        try:
+            self.kt.validate()
+        except ValueError:
+            return err                # reported by _problems
         try:
             check_kt_config(model_config.hidden_size, model_config.moe_intermediate_size,
                             model_config.num_experts, model_config.num_experts_per_tok,
@@ -269,6 +274,34 @@ class TrainConfig:
 # ---------------------------------------------------------------------- CLI / YAML generation
 def _field_meta(cls: type, name: str) -> dict[str, Any]:
     return dict(next(f.metadata for f in dataclasses.fields(cls) if f.name == name))
+
+
+def _is_embedded(cls: type, name: str) -> bool:
+    return bool(_field_meta(cls, name).get("embedded"))
+
+
+def _flat_fields(cls: type) -> list[tuple[dataclasses.Field, Any, str | None]]:
+    """(field, type hint, embedding field name or None) for every option, an embedded
+    dataclass's fields (TrainConfig.kt: KTOptions) inlined: they are flat flags and YAML keys."""
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[dataclasses.Field, Any, str | None]] = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("embedded"):
+            sub = typing.get_type_hints(hints[f.name])
+            out += [(g, sub[g.name], f.name) for g in dataclasses.fields(hints[f.name])]
+        else:
+            out.append((f, hints[f.name], None))
+    return out
+
+
+def _build(cls: type[TrainConfig], options: dict[str, Any]) -> TrainConfig:
+    """`cls(**options)` with the embedded options' flat keys gathered into their dataclass."""
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, dict[str, Any]] = {}
+    for f, _, owner in _flat_fields(cls):
+        if owner is not None and f.name in options:
+            groups.setdefault(owner, {})[f.name] = options.pop(f.name)
+    return cls(**options, **{k: hints[k](**v) for k, v in groups.items()})
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -322,9 +355,8 @@ def build_parser(cls: type[TrainConfig] = TrainConfig, description: str | None =
     parser = argparse.ArgumentParser(description=description or cls.__doc__,
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of options (CLI flags override it)")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        _add_argument(parser, f, hints[f.name])
+    for f, hint, _ in _flat_fields(cls):
+        _add_argument(parser, f, hint)
     return parser
 
 
@@ -362,8 +394,8 @@ def load_yaml_options(path: str | os.PathLike, cls: type[TrainConfig] = TrainCon
         raise ConfigError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    hints = {f.name: hint for f, hint, _ in _flat_fields(cls)}
+    names = list(hints)
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
@@ -381,9 +413,9 @@ def parse_config(cls: type[TrainConfig] = TrainConfig, argv: Sequence[str] | Non
     ns = vars(parser.parse_args(argv))
     yaml_path = ns.pop("config")
     options = load_yaml_options(yaml_path, cls) if yaml_path else {}
-    hints = typing.get_type_hints(cls)
+    hints = {f.name: hint for f, hint, _ in _flat_fields(cls)}
     options.update({k: _coerce(v, hints[k], k) for k, v in ns.items()})
-    cfg = cls(**options)
+    cfg = _build(cls, options)
     if validate:
         cfg.validate()
     return cfg

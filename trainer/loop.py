@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from model.offload import kt_experts, offload_experts, register_kt_refresh
 from model.precision import resolve_precision
 from trainer import checkpoint as ckpt_io
 from trainer import distributed as dist
@@ -35,6 +34,8 @@ from trainer.sampler import StreamSampler, eval_indices
 
 # Run on the main process at each evaluation (e.g. generation accuracy): model -> {name: number}.
 EvalHook = Callable[[nn.Module], Mapping[str, float]]
+# Run after each optimizer step that was taken: (plain model, step number just completed).
+StepHook = Callable[[nn.Module, int], object]
 
 
 class TrainingDiverged(RuntimeError):
@@ -97,21 +98,6 @@ def restore(state: dict[str, Any], optimizer: torch.optim.Optimizer, schedule: C
             f"{schedule.max_steps}: the lr schedule changes from here on")
 
 
-def apply_expert_backend(model: nn.Module, cfg: TrainConfig, log: Callable) -> None:
-    """Hand the routed experts to cfg's backend (cpu / kt): a transform from outside the model,
-    done here because every stage passes through after its own transforms (LoRA) and before the
-    optimizer reads requires_grad. Under kt the base expert weights freeze (the kernel holds a
-    bf16 copy it never updates): only expert LoRA trains there. LoRA the kernel cannot run
-    (dropout, mixed ranks) is refused on the first forward, before any native call."""
-    if cfg.expert_backend() == "torch":
-        return
-    offload_experts(model, cfg.expert_backend(), options=cfg.kt_options())
-    if kt_experts(model):
-        lora = any(layer.lora_settings() for layer in kt_experts(model))
-        log(f"[train] routed experts run in kt-kernel ({cfg.kt_backend}); their base weights are "
-            f"frozen{', expert LoRA trains' if lora else ' (no expert LoRA: they do not train)'}")
-
-
 def evaluate(model: nn.Module, eval_sets: Mapping[str, Dataset], loss_fn: Callable, cfg: TrainConfig,
              env: dist.DistEnv, collate_fn: Callable, autocast: Callable,
              hooks: Sequence[EvalHook] = ()) -> dict[str, float]:
@@ -150,15 +136,17 @@ def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConf
         eval_data: Dataset | Mapping[str, Dataset] | None = None,
         trainable: list[nn.Parameter] | None = None, collate_fn: Callable | None = None,
         on_save: Callable[[nn.Module, int], dict[str, bytes] | None] | None = None,
-        eval_hooks: Sequence[EvalHook] = ()) -> FitResult:
+        eval_hooks: Sequence[EvalHook] = (), after_step: Sequence[StepHook] = ()) -> FitResult:
     """Train `model` on `train_data` with `loss_fn`; see the module docstring.
 
     trainable: the parameters to optimise (others are frozen); None = all with requires_grad.
     eval_data: one dataset or {name: dataset}; evaluated every `eval_every` steps and at the end.
     on_save(model, step) -> {file name: bytes}: extra files (e.g. adapters) stored, checksummed,
     inside each checkpoint. eval_hooks: run on the main process at each evaluation (stage.py's
-    generation accuracy for eval_gen_data). cfg's expert backend (moe_backend / use_kt) is applied
-    to the model here, after the stage's LoRA. Runs under torchrun unchanged (DDP, sharded data).
+    generation accuracy for eval_gen_data). after_step(model, step): called after each optimizer
+    step that was taken (e.g. the kt kernel's LoRA refresh). `model` arrives finished (weights,
+    LoRA, expert offload: trainer.stage.build_model); fit only replaces its weights on resume.
+    Runs under torchrun unchanged (DDP, sharded data).
     """
     eval_sets = {"val": eval_data} if isinstance(eval_data, Dataset) else dict(eval_data or {})
     cfg.validate(bool(eval_sets or eval_hooks), model_config=getattr(model, "config", None))
@@ -174,11 +162,9 @@ def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConf
         chosen = {id(p) for p in trainable}
         for p in model.parameters():
             p.requires_grad_(id(p) in chosen)
-    apply_expert_backend(model, cfg, log)
     groups = param_groups(model, trainable, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, env.device.type)
-    register_kt_refresh(optimizer, model)   # kt keeps its own packed LoRA copy (no-op without kt)
     global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_data) / global_batch)
     schedule = CosineSchedule(optimizer, max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
@@ -303,6 +289,8 @@ def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConf
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                for hook in after_step:
+                    hook(model, step + 1)
             step, samples, steps_since = step + 1, samples + global_batch, steps_since + 1
             result.step, result.samples_seen = step, samples
             logger.advance()

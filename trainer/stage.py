@@ -1,7 +1,7 @@
 """Set-up shared by the stage scripts (train_pretrain.py, train_full_sft.py, ...).
 
 Scope: tokenizer, the finished model (fresh from a preset, or init_from's weights; then the
-stage's transforms: LoRA), datasets (files or
+stage's transforms: LoRA, then expert offload), datasets (files or
 registry names, per-dataset validation sets, an optional hold-out split) built once on rank 0
 while the other ranks wait and then read the token cache, the evaluation hooks handed to fit
 (generation accuracy on `eval_gen_data`) and the final model export. What differs between stages
@@ -9,6 +9,7 @@ while the other ranks wait and then read the token cache, the evaluation hooks h
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from dataset.registry import load_named_datasets
 from model.config import MiniMindConfig
 from model.io import save_pretrained
 from model.model import MiniMindLM
+from model.offload import kt_experts, offload_experts, refresh_kt_lora
 from model.tokenizer import Tokenizer
 from trainer import distributed as dist
 from trainer.adapters import LoRAOptions, add_lora, export_adapter, lora_fit_args
@@ -38,7 +40,8 @@ def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MiniMindLM:
     """The finished model a stage trains, the one owner of its initial weights: shaped by
     init_from's config.json and holding its weights (else a fresh, seeded preset model), then
-    transformed from outside: LoRA adapters when the stage trains them (`cfg.use_lora`).
+    transformed from outside: LoRA adapters when the stage trains them (`cfg.use_lora`), then
+    the routed experts handed to cfg's expert backend (`offload_for_training`).
 
     fit() only replaces these weights when it resumes from a checkpoint (which holds the
     transformed model's state, adapters included). `fit_args` gives what fit needs for the
@@ -61,16 +64,44 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MiniMindLM:
         load_weights(cfg.init_from, model)
     if isinstance(cfg, LoRAOptions) and cfg.use_lora:
         add_lora(model, cfg)
+    offload_for_training(model, cfg)
     return model
+
+
+def offload_for_training(model: MiniMindLM, cfg: TrainConfig) -> None:
+    """The expert-offload transform: routed experts to cfg's backend (moe_backend / use_kt).
+
+    After LoRA (the kt kernel runs the expert adapters) and before fit's optimizer reads
+    requires_grad: under kt the base expert weights freeze (the kernel holds a bf16 copy it never
+    updates), so only expert LoRA trains there. LoRA the kernel cannot run (dropout, mixed
+    ranks) is refused on the first forward, before any native call.
+    """
+    if cfg.expert_backend() == "torch":
+        return
+    offload_experts(model, cfg.expert_backend(), options=cfg.kt_options())
+    if kt_experts(model) and int(os.environ.get("RANK", "0")) == 0:
+        lora = any(layer.lora_settings() for layer in kt_experts(model))
+        print(f"[train] routed experts run in kt-kernel ({cfg.kt.kt_backend}); their base weights "
+              f"are frozen{', expert LoRA trains' if lora else ' (no expert LoRA: they do not train)'}",
+              flush=True)
+
+
+def _refresh_kt(model: nn.Module, step: int) -> None:
+    refresh_kt_lora(model)      # kt keeps its own packed copy of the adapters
+
+
 
 
 def fit_args(model: MiniMindLM, cfg: TrainConfig) -> dict[str, Any]:
     """fit's keyword arguments for the transforms build_model applied: with LoRA, `trainable`
-    (the adapters) and `on_save` (adapter files in every checkpoint); {} for a plain model."""
+    (the adapters) and `on_save` (adapter files in every checkpoint); with kt experts,
+    `after_step` = the kernel's LoRA refresh after each optimizer step; {} for a plain model."""
+    args: dict[str, Any] = {}
     if isinstance(cfg, LoRAOptions) and cfg.use_lora:
-        trainable, on_save = lora_fit_args(model, cfg)
-        return {"trainable": trainable, "on_save": on_save}
-    return {}
+        args["trainable"], args["on_save"] = lora_fit_args(model, cfg)
+    if kt_experts(model):
+        args["after_step"] = [_refresh_kt]
+    return args
 
 
 def _load(cfg: TrainConfig, kind: str, names: list[str], tokenizer: Tokenizer,
@@ -110,7 +141,8 @@ def generation_hooks(cfg: TrainConfig, tokenizer: Tokenizer) -> list[EvalHook]:
     """
     if not cfg.eval_gen_data:
         return []
-    from evaluation.runner import generation_accuracy, load_gsm8k
+    from evaluation.gsm8k import load_gsm8k
+    from evaluation.runner import generation_accuracy
     items = load_gsm8k(cfg.eval_gen_data, limit=cfg.eval_gen_samples)
     if not items:
         raise ConfigError(f"eval_gen_data {cfg.eval_gen_data!r} holds no questions")
