@@ -16,7 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -132,38 +132,70 @@ def evaluate(model: nn.Module, eval_sets: Mapping[str, Dataset], loss_fn: Callab
     return {**out, **(dist.broadcast_object(extra) if hooks else {})}
 
 
-def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConfig,
-        eval_data: Dataset | Mapping[str, Dataset] | None = None,
-        trainable: list[nn.Parameter] | None = None, collate_fn: Callable | None = None,
-        on_save: Callable[[nn.Module, int], dict[str, bytes] | None] | None = None,
-        eval_hooks: Sequence[EvalHook] = (), after_step: Sequence[StepHook] = ()) -> FitResult:
-    """Train `model` on `train_data` with `loss_fn`; see the module docstring.
+@dataclass
+class Run:
+    """Everything one fit() call works on: set up once by `setup`, advanced by `train_step`,
+    read by `log_window`, `evaluate_now` and `save`."""
 
-    trainable: the parameters to optimise (others are frozen); None = all with requires_grad.
-    eval_data: one dataset or {name: dataset}; evaluated every `eval_every` steps and at the end.
-    on_save(model, step) -> {file name: bytes}: extra files (e.g. adapters) stored, checksummed,
-    inside each checkpoint. eval_hooks: run on the main process at each evaluation (stage.py's
-    generation accuracy for eval_gen_data). after_step(model, step): called after each optimizer
-    step that was taken (e.g. the kt kernel's LoRA refresh). `model` arrives finished (weights,
-    LoRA, expert offload: trainer.stage.build_model); fit only replaces its weights on resume.
-    Runs under torchrun unchanged (DDP, sharded data).
-    """
+    cfg: TrainConfig
+    env: dist.DistEnv
+    model: nn.Module                 # the plain module (evaluation, hooks, checkpoints)
+    train_model: nn.Module           # what the step runs: DDP-wrapped and/or compiled
+    loss_fn: Callable
+    collate_fn: Callable
+    eval_sets: dict[str, Dataset]
+    eval_hooks: Sequence[EvalHook]
+    after_step: Sequence[StepHook]
+    on_save: Callable[[nn.Module, int], dict[str, bytes] | None] | None
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    schedule: CosineSchedule
+    scaler: torch.amp.GradScaler
+    autocast: Callable[[], Any]
+    batches: Iterator[Any]
+    logger: RunLogger
+    max_steps: int
+    global_batch: int
+    epoch_len: int
+    flops_tok: float
+    peak: float
+    result: FitResult
+    last_saved: Path | None
+    # since the last log line: device-side sums (no per-step sync) and host-side counts
+    loss_sum: torch.Tensor
+    first_bad: torch.Tensor          # first non-finite step, -1 = none
+    gnorm: torch.Tensor
+    lr: float = 0.0
+    metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight_sum: float = 0.0
+    tokens: int = 0
+    steps_since: int = 0
+    t_last: float = field(default_factory=time.perf_counter)
+
+    @property
+    def step(self) -> int:
+        return self.result.step
+
+
+def setup(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConfig,
+          eval_data: Dataset | Mapping[str, Dataset] | None, trainable: list[nn.Parameter] | None,
+          collate_fn: Callable | None, on_save: Callable | None, eval_hooks: Sequence[EvalHook],
+          after_step: Sequence[StepHook]) -> Run:
+    """Validate, move the model, build optimizer / schedule / scaler, resume if asked, wrap
+    (DDP, compile) and start the data stream and the logger."""
     eval_sets = {"val": eval_data} if isinstance(eval_data, Dataset) else dict(eval_data or {})
     cfg.validate(bool(eval_sets or eval_hooks), model_config=getattr(model, "config", None))
     if cfg.eval_gen_data and not eval_hooks:
         raise ConfigError("eval_gen_data is set but this stage passes no eval_hooks to fit "
                           "(build them with trainer.stage.generation_hooks)")
     env = dist.init_distributed(cfg.device)
-    collate_fn = collate_fn or default_collate
     log = print if env.is_main else (lambda *_: None)
-
     model.to(env.device)
     if trainable is not None:
         chosen = {id(p) for p in trainable}
         for p in model.parameters():
             p.requires_grad_(id(p) in chosen)
     groups = param_groups(model, trainable, cfg.weight_decay)
-    params = [p for g in groups for p in g["params"]]
     optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, env.device.type)
     global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_data) / global_batch)
@@ -185,151 +217,193 @@ def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConf
     train_model = dist.wrap_model(model, env)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    autocast = make_autocast(env.device.type, precision.name)
     sampler = StreamSampler(len(train_data), cfg.batch_size, cfg.grad_accum, env.rank, env.world_size,
                             cfg.seed, start=samples, num_steps=max_steps - step)
     # own generator: creating the iterator must not draw from the global RNG (exact resume)
-    loader = DataLoader(train_data, batch_sampler=sampler, collate_fn=collate_fn,
+    loader = DataLoader(train_data, batch_sampler=sampler, collate_fn=collate_fn or default_collate,
                         num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed + step))
-    batches = iter(loader)
     logger = RunLogger(cfg.out_dir, env.is_main, max_steps, step, cfg.to_dict(), cfg.wandb,
                        cfg.wandb_project, cfg.run_name or Path(cfg.out_dir).name, wandb_id, cfg.progress)
-    flops_tok = flops_per_token(model, cfg.seq_len)
     peak, peak_src = (peak_tflops(env.device, precision.dtype, cfg.peak_tflops) if env.is_main
                       else (0.0, ""))
+    params = [p for g in groups for p in g["params"]]
     logger.message(f"[train] {max_steps} steps x {global_batch} samples, world {env.world_size}, "
                    f"{sum(p.numel() for p in params):,} trainable params, "
                    f"peak {peak:.1f} TFLOP/s ({peak_src})")
-
     dev = env.device
-    loss_sum = torch.zeros((), device=dev)                          # sum of loss * weight since log
-    weight_sum, tokens = 0.0, 0                                     # host-side: known from CPU batches
-    first_bad = torch.full((), -1, device=dev, dtype=torch.long)     # first non-finite step, -1 = none
-    metric_sums: dict[str, torch.Tensor] = {}
-    gnorm = torch.zeros((), device=dev)
-    result = FitResult(step=step, samples_seen=samples, best_val_loss=best_val)
-    last_saved = resume_from
-    t_last, steps_since = time.perf_counter(), 0
-    start_step = step
+    return Run(cfg, env, model, train_model, loss_fn, collate_fn or default_collate, eval_sets,
+               eval_hooks, after_step, on_save, params, optimizer, schedule, scaler,
+               make_autocast(dev.type, precision.name), iter(loader), logger, max_steps,
+               global_batch, len(train_data), flops_per_token(model, cfg.seq_len), peak,
+               FitResult(step=step, samples_seen=samples, best_val_loss=best_val), resume_from,
+               loss_sum=torch.zeros((), device=dev),
+               first_bad=torch.full((), -1, device=dev, dtype=torch.long),
+               gnorm=torch.zeros((), device=dev))
 
-    def check_finite() -> None:
-        """One sync: stop cleanly (all ranks together) if any loss since the last check was NaN/Inf."""
-        bad_step = int(dist.all_reduce_max(first_bad.clone()).item())
-        if cfg.nan_policy == "stop" and bad_step >= 0:
-            raise TrainingDiverged(
-                f"non-finite loss/gradient at step {bad_step} (checked every {cfg.log_every} steps "
-                "and before saving). Nothing was saved after it; last good "
-                f"checkpoint: {last_saved or 'none'}. Try a lower lr, --dtype fp32, --grad_clip, "
-                "or --nan_policy skip, then --resume.")
 
-    def save(val_loss: float | None) -> Path | None:
-        check_finite()
-        rngs = dist.all_gather_object(rng_state())
-        path = None
-        if env.is_main:
-            state = {"step": step, "samples": samples, "global_batch": global_batch,
-                     "world_size": env.world_size, "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                     "best_val_loss": result.best_val_loss, "wandb_id": logger.wandb_id,
-                     "config": cfg.to_dict()}
-            extra = on_save(model, step) if on_save is not None else None
-            path = ckpt_io.save_checkpoint(cfg.out_dir, step, model, state, cfg.keep_last, val_loss, extra)
-            logger.message(f"[checkpoint] saved {path}")
-        dist.barrier()
-        return dist.broadcast_object(path)
+def forward_backward(run: Run, micro: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
+    """Accumulate one optimizer step's gradients; returns (sum of loss*weight, metrics, weight)."""
+    env, dev = run.env, run.env.device
+    weights = [batch_weight(b) for b in micro]
+    total: Any = max(sum(weights), 1e-12)
+    if env.distributed:   # supervised tokens of the whole global batch, kept on device: no sync
+        total = dist.all_reduce_sum(torch.tensor(sum(weights), device=dev)).clamp(min=1e-12)
+    step_loss = torch.zeros((), device=dev)
+    step_metrics: dict[str, torch.Tensor] = {}
+    for i, (batch, w) in enumerate(zip(micro, weights)):
+        batch = _to_device(batch, dev)
+        with dist.grad_sync(run.train_model, sync=i == len(micro) - 1):
+            with run.autocast():
+                loss, metrics = run.loss_fn(run.train_model, batch)
+            # loss_fn gives a per-micro-batch mean; weighting by its token share makes the
+            # step the mean over all supervised tokens of the global batch (see batch_weight)
+            run.scaler.scale(loss * (w * env.world_size / total)).backward()
+        step_loss += loss.detach().float() * w
+        for k, v in metrics.items():
+            step_metrics[k] = step_metrics.get(k, 0.0) + torch.as_tensor(v, device=dev).float() * w
+    return step_loss, step_metrics, sum(weights)
 
-    def forward_backward(micro: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
-        """Accumulate one optimizer step's gradients; returns (sum of loss*weight, metrics, weight)."""
-        weights = [batch_weight(b) for b in micro]
-        total: Any = max(sum(weights), 1e-12)
-        if env.distributed:   # supervised tokens of the whole global batch, kept on device: no sync
-            total = dist.all_reduce_sum(torch.tensor(sum(weights), device=dev)).clamp(min=1e-12)
-        step_loss = torch.zeros((), device=dev)
-        step_metrics: dict[str, torch.Tensor] = {}
-        for i, (batch, w) in enumerate(zip(micro, weights)):
-            batch = _to_device(batch, dev)
-            with dist.grad_sync(train_model, sync=i == len(micro) - 1):
-                with autocast():
-                    loss, metrics = loss_fn(train_model, batch)
-                # loss_fn gives a per-micro-batch mean; weighting by its token share makes the
-                # step the mean over all supervised tokens of the global batch (see batch_weight)
-                scaler.scale(loss * (w * env.world_size / total)).backward()
-            step_loss += loss.detach().float() * w
-            for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + torch.as_tensor(v, device=dev).float() * w
-        return step_loss, step_metrics, sum(weights)
 
+def train_step(run: Run) -> None:
+    """One optimizer step: grad_accum micro-batches, clip, the non-finite policy, the update,
+    the after_step hooks."""
+    cfg, opt, scaler = run.cfg, run.optimizer, run.scaler
+    run.lr = run.schedule.apply(run.step)
+    micro = [next(run.batches) for _ in range(cfg.grad_accum)]
+    run.tokens += sum(_num_tokens(b) for b in micro)
+    step_loss, step_metrics, step_weight = forward_backward(run, micro)
+    scaler.unscale_(opt)
+    if cfg.grad_clip > 0:
+        run.gnorm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    step_bad = ~torch.isfinite(step_loss)
+    if not scaler.is_enabled() and cfg.grad_clip > 0:
+        step_bad |= ~torch.isfinite(run.gnorm)   # fp16: inf grads are the scaler's business
+    # skip: one sync per step, agreed by all ranks so none steps alone
+    if cfg.nan_policy == "skip" and dist.all_reduce_max(step_bad.float()).item() > 0:
+        opt.zero_grad(set_to_none=True)
+        scaler.update()
+        run.result.skipped_steps += 1
+        run.logger.message(f"[train] step {run.step + 1}: non-finite loss, update skipped")
+    else:
+        # recorded on device, read at the next check: no per-step host sync
+        run.first_bad = torch.where(step_bad & (run.first_bad < 0), run.step + 1, run.first_bad)
+        run.loss_sum += step_loss
+        run.weight_sum += step_weight
+        for k, v in step_metrics.items():
+            run.metric_sums[k] = run.metric_sums.get(k, 0.0) + v
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        for hook in run.after_step:
+            hook(run.model, run.step + 1)
+    run.result.step += 1
+    run.result.samples_seen += run.global_batch
+    run.steps_since += 1
+    run.logger.advance()
+
+
+def check_finite(run: Run) -> None:
+    """One sync: stop cleanly (all ranks together) if any loss since the last check was NaN/Inf."""
+    bad_step = int(dist.all_reduce_max(run.first_bad.clone()).item())
+    if run.cfg.nan_policy == "stop" and bad_step >= 0:
+        raise TrainingDiverged(
+            f"non-finite loss/gradient at step {bad_step} (checked every {run.cfg.log_every} steps "
+            "and before saving). Nothing was saved after it; last good "
+            f"checkpoint: {run.last_saved or 'none'}. Try a lower lr, --dtype fp32, --grad_clip, "
+            "or --nan_policy skip, then --resume.")
+
+
+def log_window(run: Run) -> None:
+    """Log the steps since the last log line (all-reduced over ranks) and start a new window."""
+    check_finite(run)
+    keys = sorted(run.metric_sums)
+    host = torch.tensor([run.weight_sum, run.tokens], device=run.env.device, dtype=torch.float32)
+    stats = torch.cat([run.loss_sum.view(1), host] + [run.metric_sums[k].view(1) for k in keys])
+    stats = dist.all_reduce_sum(stats).tolist()
+    dt = time.perf_counter() - run.t_last
+    tok_s = stats[2] / max(dt, 1e-9)
+    run.result.train_loss = stats[0] / max(stats[1], 1e-12)
+    run.logger.log(run.step, {
+        "loss": run.result.train_loss, "lr": run.lr, "grad_norm": float(run.gnorm),
+        "tokens_per_s": tok_s, "mfu": tok_s * run.flops_tok / (run.peak * 1e12) if run.peak else 0.0,
+        "epoch": run.result.samples_seen / run.epoch_len, "step_time_s": dt / run.steps_since,
+        **{k: v / max(stats[1], 1e-12) for k, v in zip(keys, stats[3:])}})
+    run.loss_sum.zero_()
+    run.metric_sums.clear()
+    run.weight_sum, run.tokens, run.steps_since, run.t_last = 0.0, 0, 0, time.perf_counter()
+
+
+def evaluate_now(run: Run) -> float | None:
+    """Validation sets and hooks; logs them, tracks the best val loss, returns this one."""
+    check_finite(run)
+    t0 = time.perf_counter()
+    res = run.result
+    res.val = evaluate(run.model, run.eval_sets, run.loss_fn, run.cfg, run.env, run.collate_fn,
+                       run.autocast, run.eval_hooks)
+    val_loss = res.val.get("val_loss")
+    if val_loss is not None and (res.best_val_loss is None or val_loss < res.best_val_loss):
+        res.best_val_loss = val_loss
+    run.logger.log(run.step, res.val)
+    run.t_last += time.perf_counter() - t0    # keep tokens/s about training only
+    return val_loss
+
+
+def save(run: Run, val_loss: float | None) -> None:
+    """A complete checkpoint (weights, optimizer, schedule, scaler, every rank's RNG, data position)."""
+    check_finite(run)
+    t0 = time.perf_counter()
+    rngs = dist.all_gather_object(rng_state())
+    path = None
+    if run.env.is_main:
+        res = run.result
+        state = {"step": res.step, "samples": res.samples_seen, "global_batch": run.global_batch,
+                 "world_size": run.env.world_size, "optimizer": run.optimizer.state_dict(),
+                 "schedule": run.schedule.state_dict(), "scaler": run.scaler.state_dict(),
+                 "rng": rngs, "best_val_loss": res.best_val_loss, "wandb_id": run.logger.wandb_id,
+                 "config": run.cfg.to_dict()}
+        extra = run.on_save(run.model, res.step) if run.on_save is not None else None
+        path = ckpt_io.save_checkpoint(run.cfg.out_dir, res.step, run.model, state,
+                                       run.cfg.keep_last, val_loss, extra)
+        run.logger.message(f"[checkpoint] saved {path}")
+    dist.barrier()
+    run.last_saved = run.result.checkpoint = dist.broadcast_object(path)
+    run.t_last += time.perf_counter() - t0
+
+
+def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConfig,
+        eval_data: Dataset | Mapping[str, Dataset] | None = None,
+        trainable: list[nn.Parameter] | None = None, collate_fn: Callable | None = None,
+        on_save: Callable[[nn.Module, int], dict[str, bytes] | None] | None = None,
+        eval_hooks: Sequence[EvalHook] = (), after_step: Sequence[StepHook] = ()) -> FitResult:
+    """Train `model` on `train_data` with `loss_fn`; see the module docstring.
+
+    trainable: the parameters to optimise (others are frozen); None = all with requires_grad.
+    eval_data: one dataset or {name: dataset}; evaluated every `eval_every` steps and at the end.
+    on_save(model, step) -> {file name: bytes}: extra files (e.g. adapters) stored, checksummed,
+    inside each checkpoint. eval_hooks: run on the main process at each evaluation (stage.py's
+    generation accuracy for eval_gen_data). after_step(model, step): called after each optimizer
+    step that was taken (e.g. the kt kernel's LoRA refresh). `model` arrives finished (weights,
+    LoRA, expert offload: trainer.stage.build_model); fit only replaces its weights on resume.
+    Runs under torchrun unchanged (DDP, sharded data).
+    """
+    run = setup(model, train_data, loss_fn, cfg, eval_data, trainable, collate_fn, on_save,
+                eval_hooks, after_step)
+    start_step, evaluates = run.step, bool(run.eval_sets or eval_hooks)
     try:
         model.train()
-        while step < max_steps:
-            lr = schedule.apply(step)
-            micro = [next(batches) for _ in range(cfg.grad_accum)]
-            tokens += sum(_num_tokens(b) for b in micro)
-            step_loss, step_metrics, step_weight = forward_backward(micro)
-            scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            step_bad = ~torch.isfinite(step_loss)
-            if not scaler.is_enabled() and cfg.grad_clip > 0:
-                step_bad |= ~torch.isfinite(gnorm)   # fp16: inf grads are the scaler's business
-            # skip: one sync per step, agreed by all ranks so none steps alone
-            if cfg.nan_policy == "skip" and dist.all_reduce_max(step_bad.float()).item() > 0:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
-                result.skipped_steps += 1
-                logger.message(f"[train] step {step + 1}: non-finite loss, update skipped")
-            else:
-                # recorded on device, read at the next check: no per-step host sync
-                first_bad = torch.where(step_bad & (first_bad < 0), step + 1, first_bad)
-                loss_sum += step_loss
-                weight_sum += step_weight
-                for k, v in step_metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + v
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                for hook in after_step:
-                    hook(model, step + 1)
-            step, samples, steps_since = step + 1, samples + global_batch, steps_since + 1
-            result.step, result.samples_seen = step, samples
-            logger.advance()
-
-            last = step == max_steps
-            if step % cfg.log_every == 0 or last:
-                check_finite()
-                keys = sorted(metric_sums)
-                host = torch.tensor([weight_sum, tokens], device=dev, dtype=torch.float32)
-                stats = torch.cat([loss_sum.view(1), host] + [metric_sums[k].view(1) for k in keys])
-                stats = dist.all_reduce_sum(stats).tolist()
-                dt = time.perf_counter() - t_last
-                tok_s = stats[2] / max(dt, 1e-9)
-                result.train_loss = stats[0] / max(stats[1], 1e-12)
-                row = {"loss": result.train_loss, "lr": lr, "grad_norm": float(gnorm),
-                       "tokens_per_s": tok_s, "mfu": tok_s * flops_tok / (peak * 1e12) if peak else 0.0,
-                       "epoch": samples / len(train_data), "step_time_s": dt / steps_since,
-                       **{k: v / max(stats[1], 1e-12) for k, v in zip(keys, stats[3:])}}
-                logger.log(step, row)
-                loss_sum.zero_()
-                weight_sum, tokens = 0.0, 0
-                metric_sums.clear()
-                t_last, steps_since = time.perf_counter(), 0
+        while run.step < run.max_steps:
+            train_step(run)
+            last = run.step == run.max_steps
+            if run.step % cfg.log_every == 0 or last:
+                log_window(run)
             val_loss = None
-            if (eval_sets or eval_hooks) and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-                check_finite()
-                t_eval = time.perf_counter()
-                result.val = evaluate(model, eval_sets, loss_fn, cfg, env, collate_fn, autocast, eval_hooks)
-                val_loss = result.val.get("val_loss")
-                if val_loss is not None and (result.best_val_loss is None or val_loss < result.best_val_loss):
-                    result.best_val_loss = val_loss
-                logger.log(step, result.val)
-                t_last += time.perf_counter() - t_eval    # keep tokens/s about training only
-            if (cfg.save_every and step % cfg.save_every == 0) or last:
-                t_save = time.perf_counter()
-                last_saved = result.checkpoint = save(val_loss)
-                t_last += time.perf_counter() - t_save
-        if step == start_step and last_saved is not None:
-            result.checkpoint = last_saved     # resumed a finished run: nothing to do
+            if evaluates and ((cfg.eval_every and run.step % cfg.eval_every == 0) or last):
+                val_loss = evaluate_now(run)
+            if (cfg.save_every and run.step % cfg.save_every == 0) or last:
+                save(run, val_loss)
+        if run.step == start_step and run.last_saved is not None:
+            run.result.checkpoint = run.last_saved     # resumed a finished run: nothing to do
     finally:
-        logger.close(plot=env.is_main and cfg.plot)
-    return result
+        run.logger.close(plot=run.env.is_main and cfg.plot)
+    return run.result
