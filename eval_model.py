@@ -2,7 +2,8 @@
 
     python eval_model.py --model out/sft                       # interactive, streaming, history
     python eval_model.py --model out/sft --prompt "2+3=?"      # one answer, then exit
-    python eval_model.py --model out/sft --bench gsm8k,ppl --limit 100 --out out/eval
+    python eval_model.py --model out/sft --bench gsm8k,ppl --limit 100 --out out/eval \
+        --data gsm8k=gsm8k/test.jsonl --data ppl=wikitext2_raw/wiki.test.raw
 
 Sizes come from the checkpoint's config.json; the tokenizer from the folder if it has one, else
 the shipped default. Interactive commands: /reset (forget the conversation), /exit. Speed
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from dataset.chat import generation_prompt_ids
-from evaluation.runner import (BENCHMARKS, answer_text, parse_data_flags,
+from evaluation.runner import (BENCHMARKS, answer_text, parse_data_flags, resolve_data,
                                run_benchmarks)
 from model.errors import run_cli
 from model.generate import SamplingParams, TextStream, generate_tokens
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b = p.add_argument_group("benchmarks")
     b.add_argument("--bench", help=f"comma-separated: {','.join(BENCHMARKS)}")
     b.add_argument("--data", action="append", default=[],
-                   help="BENCH=PATH (repeatable); a bare PATH applies to every benchmark")
+                   help="BENCH=PATH, the data of each --bench (repeatable; required); "
+                        "a bare PATH applies to every benchmark")
     b.add_argument("--limit", type=int, help="score at most N items (per set for commonsense)")
     b.add_argument("--out", help="report folder (default: <model>/eval)")
     b.add_argument("--batch_size", type=int, default=8)
@@ -118,12 +120,14 @@ def chat(model, tokenizer, args: argparse.Namespace, system: list[dict]) -> None
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.bench:  # a missing --data path fails here, before the model is loaded
+        benches = [b.strip() for b in args.bench.split(",") if b.strip()]
+        data = resolve_data(benches, parse_data_flags(args.data, benches))
     model, tokenizer = load_for_inference(args.model, args.lora, args.device, args.dtype,
                                           args.moe_backend)
     if args.bench:
-        benches = [b.strip() for b in args.bench.split(",") if b.strip()]
         out = Path(args.out) if args.out else Path(args.model) / "eval"
-        run_benchmarks(model, tokenizer, benches, out, parse_data_flags(args.data, benches),
+        run_benchmarks(model, tokenizer, benches, out, data,
                        limit=args.limit, batch_size=args.batch_size,
                        params=sampling(args, True, args.seed), enable_thinking=args.think,
                        system=args.system, fewshot=args.fewshot, seed=args.seed,

@@ -1,11 +1,31 @@
-"""GSM8K answer extraction and scoring (pure Python, no model).
+"""GSM8K, in one place: the release's format, SFT / alpaca / eval records, the prompt, answer
+extraction and scoring (pure Python, no model; ``evaluation.runner`` drives a model over these).
 
-Scope: turn a GSM8K reference solution into its gold number, pull the final number out of a
-model's free-form answer, and decide whether the two agree. The model-driven runner calls these.
+Data: ``{"question", "answer"}`` JSONL as released by openai/grade-school-math (train, test,
+test_socratic), where ``answer`` is a worked solution with ``<<a*b=c>>`` calculator annotations
+and a final ``#### <number>`` line.
+
+Records written by ``convert_file`` (the CLI is ``python -m dataset.convert.gsm8k``):
+- ``sft``: MiniMind ``{"conversations": [{"role": "user", "content": question},
+  {"role": "assistant", "reasoning_content": <worked solution>, "content": "The answer is 18."}]}``.
+  Why split: MiniMind's chat template renders ``reasoning_content`` inside ``<think>...</think>``
+  and ``content`` after it, so a model trained with thinking on learns to reason first and then
+  state one short, machine-checkable line that ``extract_gsm8k_prediction`` reads directly. The
+  worked solution loses the calculator annotations (they teach a tool format the model never
+  gets at inference) and the ``####`` line (the answer is in ``content``). ``inline=True``
+  instead puts reasoning and the answer line together in ``content`` for models trained
+  without thinking.
+- ``alpaca``: ``{"instruction", "input", "output"}`` with the reasoning inline, for LLaMA-Factory.
+- ``eval``: ``{"id", "question", "answer", "solution"}`` with the canonical gold number
+  (``"1,080"`` -> ``"1080"``).
+
+Prompt: the bare question as the user turn (what the SFT records train on); few-shot exemplars
+(``gsm8k_exemplars``) are earlier turns in the same "reasoning, then The answer is N." format.
 
 References:
-- GSM8K (Cobbe et al., 2021, https://github.com/openai/grade-school-math): reference solutions end
-  with a line ``#### <number>``; the number may carry thousands separators ("1,080") or a sign.
+- GSM8K (Cobbe et al., "Training Verifiers to Solve Math Word Problems", 2021,
+  https://github.com/openai/grade-school-math): reference solutions end with a line
+  ``#### <number>``; the number may carry thousands separators ("1,080") or a sign.
 - The usual extraction cascade (as in lm-evaluation-harness' "strict" / "flexible" GSM8K filters
   and the chain-of-thought prompt "The answer is N."): an explicit ``####`` marker first, then an
   answer phrase, then the last number in the text. Written here from that description.
@@ -17,15 +37,27 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from dataset.convert._io import DataError, first_field, iter_records, require, take, write_converted
 
 __all__ = [
-    "extract_gsm8k_gold",
-    "extract_gsm8k_prediction",
-    "gsm8k_correct",
-    "score_gsm8k",
-    "parse_number",
-    "canonical_number",
+    # data format and records
+    "ANSWER_TEMPLATE", "strip_calculator", "split_solution", "read_gsm8k", "to_sft", "to_alpaca",
+    "to_eval", "convert_file", "load_gsm8k",
+    # prompt
+    "gsm8k_exemplars",
+    # answer extraction and scoring
+    "extract_gsm8k_gold", "extract_gsm8k_prediction", "gsm8k_correct", "score_gsm8k",
+    "parse_number", "canonical_number",
 ]
+
+ANSWER_TEMPLATE = "The answer is {answer}."   # the answer line SFT records end with
+
+# ------------------------------------------------------------------------------------------
+# Answer extraction and scoring
+# ------------------------------------------------------------------------------------------
 
 # A numeric literal as people and models write it: optional sign, optional currency symbol,
 # digits with proper 3-digit comma groups (so "1,2,3" stays three numbers), optional decimals,
@@ -224,3 +256,109 @@ def score_gsm8k(pred_text: str | None, gold_answer: str | int | float) -> dict:
     ok = _close(pred, gold)
     return {"extracted": extracted, "gold": canonical_number(gold), "correct": ok,
             "error_kind": None if ok else "wrong_answer"}
+
+
+# ------------------------------------------------------------------------------------------
+# Data format: the release's records, and what we write from them
+# ------------------------------------------------------------------------------------------
+
+_CALC_RE = re.compile(r"<<[^<>]*>>")
+
+
+def strip_calculator(text: str) -> str:
+    """Remove GSM8K calculator annotations: ``"$<<9*2=18>>18"`` -> ``"$18"``."""
+    return _CALC_RE.sub("", text)
+
+
+def split_solution(solution: str, where: str = "<solution>", keep_calculator: bool = False
+                   ) -> tuple[str, str]:
+    """``(reasoning, gold)``: the worked steps before ``####`` and the canonical gold number."""
+    idx = solution.rfind("####")
+    if idx < 0:
+        raise DataError(f"{where}: answer has no '#### <number>' line")
+    try:
+        gold = extract_gsm8k_gold(solution)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+    reasoning = solution[:idx].strip()
+    if not keep_calculator:
+        reasoning = strip_calculator(reasoning)
+    return reasoning, gold
+
+
+def read_gsm8k(path: str | Path, split: str | None = None, keep_calculator: bool = False
+               ) -> Iterator[dict]:
+    """Parsed items ``{"id", "question", "reasoning", "answer", "solution"}`` from a GSM8K file."""
+    path = Path(path)
+    split = split or path.name.split(".")[0]
+    for index, (where, obj) in enumerate(iter_records(path)):
+        question = require(obj, "question", where)
+        solution = require(obj, "answer", where)
+        reasoning, gold = split_solution(solution, where, keep_calculator)
+        yield {"id": f"gsm8k/{split}/{index}", "question": question.strip(),
+               "reasoning": reasoning, "answer": gold, "solution": solution}
+
+
+def to_sft(item: dict, inline: bool = False) -> dict:
+    """MiniMind SFT conversation (see module docstring for why reasoning is separate)."""
+    final = ANSWER_TEMPLATE.format(answer=item["answer"])
+    assistant: dict = {"role": "assistant"}
+    if inline:
+        assistant["content"] = f"{item['reasoning']}\n{final}"
+    else:
+        assistant["reasoning_content"] = item["reasoning"]
+        assistant["content"] = final
+    return {"conversations": [{"role": "user", "content": item["question"]}, assistant]}
+
+
+def to_alpaca(item: dict) -> dict:
+    """Alpaca row with the reasoning inline (LLaMA-Factory has no reasoning column)."""
+    return {"instruction": item["question"], "input": "",
+            "output": f"{item['reasoning']}\n{ANSWER_TEMPLATE.format(answer=item['answer'])}"}
+
+
+def to_eval(item: dict) -> dict:
+    """Scoring record: question and canonical gold number (solution kept for error analysis)."""
+    return {"id": item["id"], "question": item["question"], "answer": item["answer"],
+            "solution": item["solution"]}
+
+
+def convert_file(src: str | Path, out: str | Path, kind: str = "sft", inline: bool = False,
+                 keep_calculator: bool = False, split: str | None = None,
+                 dataset_info: str | Path | None = None, name: str | None = None) -> int:
+    """Convert one GSM8K file to ``kind`` records (sft | alpaca | eval), registering them in
+    ``dataset_info`` when given (name default ``gsm8k_<stem>_<kind>``); returns the count."""
+    items = read_gsm8k(src, split, keep_calculator)
+    stem = Path(src).name.split(".")[0]
+    return write_converted(items, out, kind, inline, to_sft=to_sft, to_alpaca=to_alpaca,
+                           to_eval=to_eval, dataset_info=dataset_info,
+                           registry_name=name or f"gsm8k_{stem}_{kind}")
+
+
+def load_gsm8k(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Items to score, ``{"id", "question", "answer"}``: ``answer`` is a full GSM8K solution
+    (ending in ``#### n``) or a bare number, as in the raw release and in our eval records."""
+    def records() -> Iterable[dict]:
+        for i, (where, obj) in enumerate(iter_records(path)):
+            yield {"id": obj.get("id", f"gsm8k/{i}"), "question": first_field(obj, where, "question"),
+                   "answer": str(first_field(obj, where, "answer"))}
+    return take(records(), limit)
+
+
+# ------------------------------------------------------------------------------------------
+# Prompt
+# ------------------------------------------------------------------------------------------
+
+def gsm8k_exemplars(items: Sequence[dict]) -> list[dict[str, Any]]:
+    """Few-shot turns in the format our GSM8K SFT data teaches (reasoning, then "The answer is N.").
+    Items whose ``answer`` is a bare number (no worked solution) give the answer line only."""
+    turns: list[dict[str, Any]] = []
+    for it in items:
+        if "####" in it["answer"]:
+            reasoning, gold = split_solution(it["answer"])
+            reply = f"{reasoning}\n{ANSWER_TEMPLATE.format(answer=gold)}"
+        else:
+            reply = ANSWER_TEMPLATE.format(answer=it["answer"])
+        turns += [{"role": "user", "content": it["question"]},
+                  {"role": "assistant", "content": reply}]
+    return turns

@@ -1,6 +1,7 @@
 """Likelihood scoring with a model: perplexity of a text and log-probabilities of continuations.
 
-Scope: the two places where evaluation reads the model's probabilities instead of its samples.
+Scope: the two places where evaluation reads the model's probabilities instead of its samples,
+and the perplexity benchmark's data format (``load_texts``).
 
 - ``perplexity(model, tokenizer, texts, max_length, stride)``: token-level perplexity and bits per
   byte of one or more documents (e.g. the WikiText-2 test file), by sliding windows. A document is
@@ -26,12 +27,27 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["eval_mode", "token_nll", "PerplexityResult", "perplexity", "continuation_logprobs"]
+from dataset.convert._io import open_text
+from dataset.jsonl import iter_records
+
+__all__ = ["load_texts", "eval_mode", "token_nll", "PerplexityResult", "perplexity",
+           "continuation_logprobs"]
+
+
+def load_texts(path: str | Path) -> list[str]:
+    """Documents for perplexity: a plain-text file is one document (WikiText is one stream);
+    ``.jsonl`` / ``.json`` give one document per record's ``"text"``."""
+    path = Path(path)
+    if path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        return [r.data["text"] for r in iter_records(path, "text")]
+    with open_text(path) as f:
+        return [f.read()]
 
 
 @contextlib.contextmanager

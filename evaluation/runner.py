@@ -1,10 +1,11 @@
 """Model-driven benchmark runners: GSM8K, MATH, commonsense (generation and log-likelihood),
 perplexity; plus ``generation_accuracy`` for the trainer's periodic evaluation.
 
-Scope: everything between a checkpoint and a report. The pure-Python halves live elsewhere and are
-only called from here: answer extraction and scoring (``evaluation.gsm8k``, ``.math_answer``,
-``.commonsense``), the four report files (``evaluation.report``), likelihoods
-(``evaluation.perplexity``), record parsing for the source layouts (``dataset.convert``).
+Scope: everything between a loaded model and a report. Each benchmark's own parts (its data
+files, prompt, answer extraction and scoring) live in its module and are only called from here:
+``evaluation.gsm8k``, ``evaluation.math``, ``evaluation.commonsense``, and for perplexity
+``evaluation.perplexity``; the four report files are ``evaluation.report``. Data paths come from
+the caller (``eval_model.py --data BENCH=PATH``); nothing here knows where a data set lives.
 
 Design:
 - The model is reached through one injected function, ``GenerateFn(prompts) -> completions``
@@ -13,7 +14,7 @@ Design:
   cpu|kt``) is evaluated by generation and accuracy exactly like a plain one: nothing here looks
   inside the model. (LLaMA-Factory's KT mode only reports eval loss.)
 - Prompts are the chat template with the bare question as the user turn: that is what our SFT
-  converters train on (``dataset/convert/gsm8k.py``: user = question, assistant = reasoning +
+  records train on (``evaluation/gsm8k.py``: user = question, assistant = reasoning +
   "The answer is N."). Few-shot exemplars (off by default) are earlier user/assistant turns.
 - Greedy decoding by default; items are generated longest prompt first in batches (less left
   padding) and put back in input order. With thinking on, answers are extracted from the text
@@ -24,10 +25,8 @@ Design:
 """
 from __future__ import annotations
 
-import itertools
 import json
 import time
-import warnings
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,125 +34,33 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from dataset.convert._io import open_text
-from dataset.convert.commonsense import infer_dataset, infer_split, read_commonsense
-from dataset.convert.gsm8k import ANSWER_TEMPLATE as GSM8K_ANSWER, split_solution
-from dataset.convert.math import ANSWER_TEMPLATE as MATH_ANSWER, parse_level
-from dataset.jsonl import DataError, iter_records
-from evaluation.commonsense import loglik_requests, score_generation, score_loglik
-from evaluation.gsm8k import score_gsm8k
-from evaluation.math_answer import extract_boxed, score_math
-from evaluation.perplexity import continuation_logprobs, eval_mode, perplexity
+from evaluation.commonsense import load_commonsense, loglik_requests, score_generation, score_loglik
+from evaluation.gsm8k import gsm8k_exemplars, load_gsm8k, score_gsm8k
+from evaluation.math import load_math, math_exemplars, score_math
+from evaluation.perplexity import continuation_logprobs, eval_mode, load_texts, perplexity
 from evaluation.report import write_report
+from model.errors import UserError
 from model.generate import SamplingParams, generate
 
 __all__ = [
-    "Completion", "GenerateFn", "BENCHMARKS", "DEFAULT_DATA",
-    "load_gsm8k", "load_math", "load_commonsense", "load_texts",
-    "chat_prompt", "answer_text", "gsm8k_exemplars", "math_exemplars",
+    "Completion", "GenerateFn", "BENCHMARKS", "BenchmarkDataError", "UnknownBenchmarkError",
+    "chat_prompt", "answer_text",
     "model_generate_fn", "run_generation", "run_gsm8k", "run_math", "run_commonsense_generation",
     "run_commonsense_loglik", "run_perplexity", "generation_accuracy",
-    "parse_data_flags", "run_benchmarks",
+    "parse_data_flags", "resolve_data", "run_benchmarks",
 ]
 
 Message = dict[str, Any]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 BENCHMARKS = ("gsm8k", "math", "commonsense", "commonsense_ll", "ppl")
-# Where ``--bench`` looks when no ``--data`` is given (the project's shared data folder).
-DEFAULT_DATA: dict[str, Path] = {
-    "gsm8k": SHARED_DATA / "gsm8k" / "test.jsonl",
-    "math": SHARED_DATA / "math" / "math500_test.jsonl",
-    "commonsense": SHARED_DATA / "commonsense_llm_adapters",
-    "commonsense_ll": SHARED_DATA / "commonsense_llm_adapters",
-    "ppl": SHARED_DATA / "llamafactory_demo" / "wiki_demo.txt",
-}
 
 
-# ------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------
-
-def _take(records: Iterable[dict], limit: int | None) -> list[dict]:
-    return list(itertools.islice(records, limit if limit is not None and limit >= 0 else None))
+class BenchmarkDataError(UserError, FileNotFoundError):
+    """A benchmark was asked for without its data (``--data BENCH=PATH``) or with a path that
+    does not exist; one line on the command line, still a FileNotFoundError for library callers."""
 
 
-def _field(obj: dict, where: str, *names: str) -> Any:
-    for n in names:
-        if obj.get(n) is not None:
-            return obj[n]
-    raise DataError(f"{where}: missing field {' / '.join(repr(n) for n in names)}")
-
-
-def load_gsm8k(path: str | Path, limit: int | None = None) -> list[dict]:
-    """``{"id", "question", "answer"}`` records; ``answer`` is a full GSM8K solution (ending in
-    ``#### n``) or a bare number, as in the raw release and in our converter's eval records."""
-    def records() -> Iterable[dict]:
-        for i, (where, obj) in enumerate(iter_records(path)):
-            yield {"id": obj.get("id", f"gsm8k/{i}"), "question": _field(obj, where, "question"),
-                   "answer": str(_field(obj, where, "answer"))}
-    return _take(records(), limit)
-
-
-def load_math(path: str | Path, limit: int | None = None) -> list[dict]:
-    """``{"id", "problem", "answer", "subject", "level", "solution"}`` from MATH / MATH-500 records
-    (``answer`` or, failing that, the last ``\\boxed{}`` of ``solution``; ``type`` or
-    ``subject``)."""
-    def records() -> Iterable[dict]:
-        for i, (where, obj) in enumerate(iter_records(path)):
-            answer = obj.get("answer")
-            if answer is None:
-                answer = extract_boxed(_field(obj, where, "solution", "answer"))
-                if answer is None:
-                    raise DataError(f"{where}: no 'answer' and no \\boxed{{}} in 'solution'")
-            level = obj.get("level")
-            yield {"id": obj.get("unique_id") or obj.get("id") or f"math/{i}",
-                   "problem": _field(obj, where, "problem"), "answer": str(answer),
-                   "subject": obj.get("subject") or obj.get("type"),
-                   "level": None if level is None else parse_level(level, where),
-                   "solution": obj.get("solution", "")}
-    return _take(records(), limit)
-
-
-def _commonsense_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    # An LLM-Adapters tree (<set>/test.json, hellaswag/test_reconstructed.json.gz) or a folder of
-    # mosaic / converted .jsonl files; training splits are never evaluated.
-    files = [p for p in sorted(path.glob("*/*.json*")) + sorted(path.glob("*.jsonl*"))
-             if infer_split(p) == "test"]
-    if not files:
-        raise FileNotFoundError(f"{path}: no commonsense test files (<set>/test.json or *.jsonl)")
-    return files
-
-
-def load_commonsense(path: str | Path, limit: int | None = None, dataset: str | None = None
-                     ) -> list[dict]:
-    """Uniform multiple-choice records (see ``evaluation.commonsense``) from a file or a folder.
-
-    A file of already converted eval records is read as is; any other layout goes through
-    ``dataset.convert.commonsense.read_commonsense`` with the set inferred from the path.
-    ``limit`` applies per set, so a folder run with ``limit=50`` scores 50 items of each.
-    """
-    out: list[dict] = []
-    for f in _commonsense_files(Path(path)):
-        first = next(iter(iter_records(f)), None)
-        if first is not None and {"choices", "label", "dataset"} <= first.data.keys():
-            recs: Iterable[dict] = (r.data for r in iter_records(f))
-        else:
-            name = dataset or infer_dataset(f)
-            recs = read_commonsense(f, name, infer_split(f))
-        out += _take(recs, limit)
-    return out
-
-
-def load_texts(path: str | Path) -> list[str]:
-    """Documents for perplexity: a plain-text file is one document (WikiText is one stream);
-    ``.jsonl`` / ``.json`` give one document per record's ``"text"``."""
-    path = Path(path)
-    if path.name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        return [r.data["text"] for r in iter_records(path, "text")]
-    with open_text(path) as f:
-        return [f.read()]
+class UnknownBenchmarkError(UserError, ValueError):
+    """A ``--bench`` name that is not one of ``BENCHMARKS``."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -167,31 +74,6 @@ def chat_prompt(tokenizer, question: str, system: str | None = None,
     messages += list(exemplars) + [{"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                          enable_thinking=enable_thinking)
-
-
-def gsm8k_exemplars(items: Sequence[dict]) -> list[Message]:
-    """Few-shot turns in the format our GSM8K SFT data teaches (reasoning, then "The answer is N.").
-    Items whose ``answer`` is a bare number (no worked solution) give the answer line only."""
-    turns: list[Message] = []
-    for it in items:
-        if "####" in it["answer"]:
-            reasoning, gold = split_solution(it["answer"])
-            reply = f"{reasoning}\n{GSM8K_ANSWER.format(answer=gold)}"
-        else:
-            reply = GSM8K_ANSWER.format(answer=it["answer"])
-        turns += [{"role": "user", "content": it["question"]},
-                  {"role": "assistant", "content": reply}]
-    return turns
-
-
-def math_exemplars(items: Sequence[dict]) -> list[Message]:
-    """Few-shot turns for MATH: the reference solution, then the boxed answer line."""
-    turns: list[Message] = []
-    for it in items:
-        reply = f"{it.get('solution', '')}\n{MATH_ANSWER.format(answer=it['answer'])}".strip()
-        turns += [{"role": "user", "content": it["problem"]},
-                  {"role": "assistant", "content": reply}]
-    return turns
 
 
 def answer_text(text: str) -> str:
@@ -379,7 +261,7 @@ def generation_accuracy(model: torch.nn.Module, tokenizer, items: Sequence[dict]
 
 
 # ------------------------------------------------------------------------------------------
-# Checkpoints and the benchmark driver behind ``eval_model.py --bench``
+# The benchmark driver behind ``eval_model.py --bench``
 # ------------------------------------------------------------------------------------------
 
 def parse_data_flags(entries: Sequence[str], benches: Sequence[str]) -> dict[str, str]:
@@ -394,12 +276,27 @@ def parse_data_flags(entries: Sequence[str], benches: Sequence[str]) -> dict[str
     return data
 
 
-def _resolve_data(bench: str, data: dict[str, str | Path]) -> Path:
-    path = Path(data.get(bench) or data.get("commonsense" if bench == "commonsense_ll" else "")
-                or DEFAULT_DATA[bench])
-    if not path.exists():
-        raise FileNotFoundError(f"{bench}: data not found at {path} (pass --data {bench}=PATH)")
-    return path
+def resolve_data(benches: Sequence[str], data: dict[str, str | Path]) -> dict[str, Path]:
+    """The data path of each of ``benches``, checked before any model work starts.
+
+    ``commonsense_ll`` falls back to the ``commonsense`` entry (same records). Raises
+    UnknownBenchmarkError for a name not in ``BENCHMARKS``, BenchmarkDataError naming the
+    ``--data`` flag when a path is missing or does not exist.
+    """
+    unknown = [b for b in benches if b not in BENCHMARKS]
+    if unknown:
+        raise UnknownBenchmarkError(f"unknown benchmark {unknown[0]!r}; choose from "
+                                    f"{', '.join(BENCHMARKS)}")
+    paths: dict[str, Path] = {}
+    for bench in benches:
+        given = data.get(bench) or data.get("commonsense" if bench == "commonsense_ll" else "")
+        if not given:
+            raise BenchmarkDataError(f"{bench}: no data given; pass --data {bench}=PATH")
+        path = Path(given)
+        if not path.exists():
+            raise BenchmarkDataError(f"{bench}: data not found at {path} (pass --data {bench}=PATH)")
+        paths[bench] = path
+    return paths
 
 
 def _split_fewshot(items: list[dict], fewshot: int, limit: int | None
@@ -419,10 +316,10 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
                    ) -> dict[str, dict]:
     """Run each named benchmark (``BENCHMARKS``) and write its report into ``out_dir``.
 
-    Returns ``{bench: summary}``. ``data`` maps a bench to a file or folder (default
-    ``DEFAULT_DATA``); ``limit`` caps scored items (per set for commonsense).
+    Returns ``{bench: summary}``. ``data`` maps each bench to its file or folder (see
+    ``resolve_data``); ``limit`` caps scored items (per set for commonsense).
     """
-    data = data or {}
+    paths = resolve_data(benches, data or {})
     params = params or SamplingParams(max_new_tokens=512, seed=seed)
     torch.manual_seed(seed)
     meta = {**(meta or {}), "seed": seed}
@@ -432,9 +329,7 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
     gen_fn = model_generate_fn(model, tokenizer, params)
     summaries: dict[str, dict] = {}
     for bench in benches:
-        if bench not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark {bench!r}; choose from {', '.join(BENCHMARKS)}")
-        path = _resolve_data(bench, data)
+        path = paths[bench]
         if log:
             log(f"[{bench}] {path}")
         common = dict(batch_size=batch_size, system=system, enable_thinking=enable_thinking,

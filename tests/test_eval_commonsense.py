@@ -1,6 +1,8 @@
 """Commonsense scoring: label vocabulary, generation extraction, log-likelihood selection."""
 from __future__ import annotations
 
+import gzip
+import json
 import math
 from pathlib import Path
 
@@ -18,9 +20,8 @@ from evaluation.commonsense import (
     score_generation,
     score_loglik,
 )
+from tests.conftest import shared_path
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-LLM_ADAPTERS = DATA / "commonsense_llm_adapters"
 
 # (generation, dataset, gold label, expected correct)
 CASES = [
@@ -123,13 +124,39 @@ def test_winogrande_partial_scoring_requests() -> None:
     assert r["correct"]
 
 
-def test_real_oracle_generations_score_100() -> None:
-    """The gold output text of every LLM-Adapters test item must score as correct."""
-    if not LLM_ADAPTERS.exists():
-        pytest.skip(f"shared commonsense data not found at {LLM_ADAPTERS}")
-    from dataset.convert.commonsense import read_llm_adapters
+# The eight LLM-Adapters test files and their published sizes.
+LLM_ADAPTERS_TEST = {
+    "ARC-Challenge": ("ARC-Challenge/test.json", 1172), "ARC-Easy": ("ARC-Easy/test.json", 2376),
+    "boolq": ("boolq/test.json", 3270), "hellaswag": ("hellaswag/test_reconstructed.json.gz", 10042),
+    "openbookqa": ("openbookqa/test.json", 500), "piqa": ("piqa/test.json", 1838),
+    "social_i_qa": ("social_i_qa/test.json", 1954), "winogrande": ("winogrande/test.json", 1267),
+}
 
-    for name in ("ARC-Challenge", "boolq", "piqa", "social_i_qa", "winogrande", "openbookqa"):
-        path = LLM_ADAPTERS / name / "test.json"
-        for rec in read_llm_adapters(path, name, "test"):
-            assert score_generation(f"the correct answer is {rec['gold']}", rec)["correct"], rec["id"]
+
+def _raw_items(path: Path) -> list[dict]:
+    """The file read with nothing of ours: json (+ gzip for HellaSwag)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", list(LLM_ADAPTERS_TEST))
+def test_real_oracle_generations_score_100(name: str) -> None:
+    """The file's own target text ("output") of every LLM-Adapters test item scores as correct
+    against our parsed record, whose gold must be the file's "answer"; every other label of the
+    item scores as wrong."""
+    from evaluation.commonsense import read_llm_adapters
+
+    rel, count = LLM_ADAPTERS_TEST[name]
+    path = shared_path("commonsense_llm_adapters", *rel.split("/"))
+    raw = _raw_items(path)
+    records = list(read_llm_adapters(path, name, "test"))
+    assert len(raw) == len(records) == count
+    for item, rec in zip(raw, records):
+        assert rec["dataset"] == name and rec["gold"] == item["answer"], rec["id"]
+        assert score_generation(item["output"], rec)["correct"], rec["id"]
+        assert commonsense_correct(item["output"], rec["label"], name, len(rec["choices"]))
+        for i in range(len(rec["choices"])):
+            if i != rec["label"]:
+                wrong = f"the correct answer is {label_name(name, i)}"
+                assert not score_generation(wrong, rec)["correct"], (rec["id"], wrong)

@@ -82,6 +82,20 @@ def test_bench_from_the_command_line(ckpt, tmp_path):
     assert summary["meta"]["max_new_tokens"] == 4
 
 
+@pytest.mark.parametrize("extra,message", [
+    ([], "error: gsm8k: no data given; pass --data gsm8k=PATH"),
+    (["--data", "gsm8k=/no/such/file.jsonl"],
+     "error: gsm8k: data not found at /no/such/file.jsonl (pass --data gsm8k=PATH)"),
+    (["--data", "x.jsonl", "--bench", "gsm8k,nope"], "error: unknown benchmark 'nope'; choose from"),
+])
+def test_bench_data_errors_are_one_line_before_the_model_loads(tmp_path, extra, message):
+    # The model folder does not exist: the data check must come first (no slow load for a typo).
+    bench = [] if "--bench" in extra else ["--bench", "gsm8k"]
+    proc = run_cli(["--model", str(tmp_path / "missing"), *bench, *extra])
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_history_is_trimmed_oldest_first_keeping_the_system_prompt():
     tok = Tokenizer.from_dir()
     msgs = [{"role": "system", "content": "SYS"}]

@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.perplexity import _windows, continuation_logprobs, perplexity
+from evaluation.commonsense import load_commonsense
+from evaluation.gsm8k import gsm8k_exemplars, load_gsm8k
+from evaluation.math import load_math
+from evaluation.perplexity import _windows, continuation_logprobs, load_texts, perplexity
 from evaluation.report import read_items
-from evaluation.runner import (Completion, answer_text, chat_prompt, generation_accuracy,
-                               gsm8k_exemplars, load_commonsense, load_gsm8k, load_math,
-                               load_texts, model_generate_fn, run_benchmarks,
-                               run_commonsense_generation, run_commonsense_loglik, run_gsm8k,
-                               run_math)
+from evaluation.runner import (BenchmarkDataError, Completion, UnknownBenchmarkError, answer_text,
+                               chat_prompt, generation_accuracy, model_generate_fn,
+                               resolve_data, run_benchmarks, run_commonsense_generation,
+                               run_commonsense_loglik, run_gsm8k, run_math)
 from model.config import MiniMindConfig
 from model.generate import SamplingParams, generate
 from model.io import save_pretrained
@@ -323,6 +325,18 @@ def test_loaders_accept_alternative_fields(tmp_path):
     assert len(g) == 2 and g[0]["answer"] == "5" and g[1]["id"] == "gsm8k/1"
     texts = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": "b"}])
     assert load_texts(texts) == ["a", "b"]
+
+
+def test_resolve_data_takes_paths_only_from_the_caller(tmp_path):
+    gsm = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": 5}])
+    assert resolve_data(["gsm8k", "commonsense_ll"], {"gsm8k": gsm, "commonsense": tmp_path}) == {
+        "gsm8k": gsm, "commonsense_ll": tmp_path}   # commonsense_ll reads the commonsense data
+    with pytest.raises(BenchmarkDataError, match=r"^math: no data given; pass --data math=PATH$"):
+        resolve_data(["gsm8k", "math"], {"gsm8k": gsm})
+    with pytest.raises(FileNotFoundError, match="pass --data ppl=PATH"):   # still one for callers
+        resolve_data(["ppl"], {"ppl": tmp_path / "absent.txt"})
+    with pytest.raises(UnknownBenchmarkError, match="unknown benchmark 'mmlu'"):
+        resolve_data(["mmlu"], {"mmlu": gsm})
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
-"""Record I/O shared by the benchmark converters (commonsense, GSM8K, MATH): read records with
-their location, check fields, write JSONL atomically, maintain a LLaMA-Factory registry.
+"""Record I/O shared by the benchmark modules (``evaluation/{commonsense,gsm8k,math}.py``): read
+records with their location, check fields, write JSONL atomically, maintain a LLaMA-Factory
+registry.
 
-Scope: only what ``dataset/convert/{commonsense,gsm8k,math}.py`` need on top of ``dataset.jsonl``.
+Scope: only what those modules need on top of ``dataset.jsonl``; this module imports nothing from
+``evaluation`` (the layering is ``dataset.convert`` CLIs -> ``evaluation`` -> this -> ``dataset.jsonl``).
 Every error names the file and the line of the offending record (``DataError("path:line: what is
 wrong")``, the contract in docs/DESIGN.md), so a bad record in a 10k-item file is found at once.
 """
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
@@ -17,7 +20,8 @@ from dataset.jsonl import iter_records as _iter_records
 from model.atomic import atomic_path, atomic_write_text
 
 __all__ = [
-    "DataError", "open_text", "iter_records", "require", "write_jsonl", "write_json",
+    "DataError", "open_text", "iter_records", "require", "first_field", "take", "write_jsonl",
+    "write_json",
     "dataset_info_entry", "update_dataset_info", "register_file", "write_converted",
 ]
 
@@ -49,6 +53,20 @@ def require(record: dict, key: str, where: str, kind: type | tuple[type, ...] = 
         want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
         raise DataError(f"{where}: field {key!r} should be {want}, got {type(value).__name__}")
     return value
+
+
+def first_field(record: dict, where: str, *names: str) -> Any:
+    """The first of ``names`` that ``record`` holds (not None); DataError naming them all otherwise.
+    Unlike ``require`` the type is not checked: eval files hold golds as numbers or strings."""
+    for n in names:
+        if record.get(n) is not None:
+            return record[n]
+    raise DataError(f"{where}: missing field {' / '.join(repr(n) for n in names)}")
+
+
+def take(records: Iterable[dict], limit: int | None) -> list[dict]:
+    """The first ``limit`` records (all when ``limit`` is None or negative), read lazily."""
+    return list(itertools.islice(records, limit if limit is not None and limit >= 0 else None))
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
