@@ -17,7 +17,7 @@ import tempfile
 import torch
 
 from model.config import MiniMindConfig
-from model.lora import apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter
+from model.lora import apply_lora, load_adapter, lora_parameters, merge_lora, merged_model, save_adapter
 from model.model import MiniMindLM
 from model.moe import MoEFeedForward
 from model.offload import (KTExperts, kt_variant, mxfp4_dequantize, mxfp4_quantize,
@@ -240,10 +240,19 @@ def case_train() -> dict:
         logits_torch = plain(ids).logits
         out["logits_vs_torch_adapter"] = rel(logits_kt, logits_torch)
         merge_lora(plain)
-        out["logits_vs_torch_merged"] = rel(logits_kt, plain(ids).logits)
-        # merge_lora on the kt model itself: merged adapters take the torch path.
+        logits_torch_merged = plain(ids).logits
+        out["logits_vs_torch_merged"] = rel(logits_kt, logits_torch_merged)
+        # The kt-trained model's adapters folded into its weights, run by the kernel again (a
+        # plain model, experts on kt, no LoRA: the SkipLoRA kernel): kt vs the merged torch model.
+        folded = offload_experts(merged_model(model).eval(), "kt", kt_num_threads=1)
+        logits_kt_merged = folded(ids).logits
+        out["kt_kernel_ran_merged"] = all(isinstance(m.experts, KTExperts) and m.experts._runner
+                                          is not None for m in folded.modules()
+                                          if isinstance(m, MoEFeedForward))
+        out["kt_merged_vs_torch_merged"] = rel(logits_kt_merged, logits_torch_merged)
+        # merge_lora on the kt model itself: merged adapters take the torch path (torch maths).
         merge_lora(model)
-        out["kt_model_merged_vs_torch"] = rel(model(ids).logits, logits_torch)
+        out["kt_model_merge_takes_torch_path"] = rel(model(ids).logits, logits_torch)
     return out
 
 

@@ -101,7 +101,9 @@ def test_generation_hook_scores_with_the_gsm8k_scorer(tmp_path, monkeypatch):
 
 def test_sft_run_logs_generation_accuracy(tmp_path, monkeypatch):
     """train_full_sft.py end to end: eval_gen_data makes every evaluation log val_gen_accuracy
-    in [0, 1] from real greedy decoding of the model being trained."""
+    from real greedy decoding of the model being trained. The last evaluation's numbers must
+    equal evaluation's scorer run afresh on the exported final model and the same first
+    eval_gen_samples questions (a stale model, other items or a mixed-up key would differ)."""
     sft = synthetic.write_jsonl(synthetic.sft_conversations(32, seed=0), tmp_path / "sft.jsonl")
     out = tmp_path / "sft"
     monkeypatch.setattr(sys, "argv", [
@@ -109,8 +111,17 @@ def test_sft_run_logs_generation_accuracy(tmp_path, monkeypatch):
         "--data_path", str(sft), "--out_dir", str(out), "--max_steps", "4", "--batch_size", "4",
         "--seq_len", "128", "--lr", "1e-3", "--log_every", "2", "--eval_every", "2",
         "--eval_gen_data", str(gsm8k_file(tmp_path)), "--eval_gen_samples", "3",
-        "--eval_gen_max_new_tokens", "12"])
+        "--eval_gen_max_new_tokens", "12", "--dtype", "fp32"])
+    gsm8k = tmp_path / "gsm8k.jsonl"
     train_full_sft.main()
     gen = [r for r in rows(out / "metrics.jsonl") if "val_gen_accuracy" in r]
     assert [r["step"] for r in gen] == [2, 4]
-    assert all(0.0 <= r["val_gen_accuracy"] <= 1.0 and 0.0 <= r["val_gen_truncated"] <= 1.0 for r in gen)
+    from evaluation.runner import generation_accuracy, load_gsm8k
+    from model.io import load_pretrained
+    final = load_pretrained(out / "final").eval()
+    items = load_gsm8k(str(gsm8k), limit=3)
+    assert len(items) == 3
+    ref = generation_accuracy(final, Tokenizer.from_dir(None), items, max_new_tokens=12, batch_size=3)
+    assert gen[-1]["val_gen_accuracy"] == ref["accuracy"]
+    assert gen[-1]["val_gen_no_answer"] == ref["no_answer"] / 3
+    assert gen[-1]["val_gen_truncated"] == ref["truncated"] / 3

@@ -59,7 +59,6 @@ def test_unknown_cli_flag_fails():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"dtype": "fp16", "device": "cpu"}, "fp16 needs a GPU"),
     ({"grad_accum": 0}, "grad_accum must be >= 1"),
     ({"eval_every": 10}, "needs validation data"),
     ({"min_lr_ratio": 1.5}, "min_lr_ratio"),

@@ -5,11 +5,15 @@ labels are partly masked (so micro-batches carry different numbers of supervised
 `parse_config` + `fit` exactly like a stage script. Test-only extras:
   --step_sleep S        sleep S seconds per micro-batch (gives the killer time to strike)
   --crash_save_at N     at the checkpoint of step N, exit half-way through writing --crash_file
+  --kill_at_step N      SIGKILL this process in step N's last micro-batch (after the earlier
+                        micro-batches' backward: gradients half accumulated, nothing saved)
+  --kill_in_save N      SIGKILL this process inside step N's checkpoint (state gathered, no file)
 Writes out_dir/final_rank{R}.safetensors with each rank's final weights.
 """
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -38,6 +42,8 @@ class DriverConfig(TrainConfig):
     step_sleep: float = option(0.0, "seconds of sleep per micro-batch")
     crash_save_at: int = option(0, "fault-inject the checkpoint of this step (0 = never)")
     crash_file: str = option("trainer_state.pt", "file to crash in")
+    kill_at_step: int = option(0, "SIGKILL in this step's last micro-batch (0 = never)")
+    kill_in_save: int = option(0, "SIGKILL inside this step's checkpoint (0 = never)")
 
 
 class RandomRows(Dataset):
@@ -65,12 +71,19 @@ def main() -> None:
     model = MiniMindLM(MiniMindConfig.from_preset(cfg.model_preset, dropout=cfg.dropout))
     data = RandomRows(cfg.num_samples, cfg.seq_len, model.config.vocab_size)
 
+    calls = [0]   # training micro-batches seen (no eval data here: every call is training)
+
     def loss_fn(m, batch):
         if cfg.step_sleep:
             time.sleep(cfg.step_sleep)
+        calls[0] += 1
+        if cfg.kill_at_step and calls[0] == cfg.kill_at_step * cfg.grad_accum:
+            os.kill(os.getpid(), signal.SIGKILL)
         return lm_loss(m, batch)
 
     def on_save(m, step):
+        if cfg.kill_in_save and step == cfg.kill_in_save:
+            os.kill(os.getpid(), signal.SIGKILL)
         if cfg.crash_save_at and step == cfg.crash_save_at:
             os.environ[FAULT_ENV] = f"exit:{cfg.crash_file}"
         return None

@@ -264,8 +264,6 @@ class TrainConfig:
             return [f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}"]
         if kind == "cuda" and not torch.cuda.is_available():
             return [f"device {self.device!r} requested but CUDA is not available"]
-        if self.dtype == "fp16" and kind == "cpu":
-            return ["dtype fp16 needs a GPU (CPU autocast supports bf16; use --dtype auto, bf16 or fp32)"]
         if self.dtype == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
             return ["this GPU has no bf16 support; use --dtype auto, fp16 (GradScaler) or fp32"]
         return []
