@@ -277,8 +277,11 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
     """
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="sum")
-    return total / (shift_labels != ignore_index).sum().clamp(min=1)
+    # Masked by hand rather than with cross_entropy's ignore_index: torch.compile's AVX2 CPU code
+    # for ignore_index (torch 2.13) reads the -100 index out of bounds (NaN or a corrupted heap).
+    supervised = shift_labels != ignore_index
+    per_token = F.cross_entropy(shift_logits, shift_labels.masked_fill(~supervised, 0), reduction="none")
+    return (per_token * supervised).sum() / supervised.sum().clamp(min=1)
 
 
 @torch.no_grad()

@@ -71,7 +71,8 @@ def test_example_parses_and_validates(path):
     assert problems == [], problems
     # shape and backend checks against the preset (init_from's model does not exist yet)
     expert = dataclasses.replace(cfg, init_from="")._expert_problems()
-    assert [p for p in expert if KT_OK or "kt_kernel" not in p] == [], expert
+    kt_ok, kt_why = kt_status(cfg.kt.kt_backend)   # this machine's kt variant is not the YAML's fault
+    assert [p for p in expert if kt_ok or kt_why not in p] == [], expert
     if cfg.data_path and not cfg.dataset_dir:
         assert all(p.endswith((".jsonl", ".json")) for p in cfg.data_path)
 

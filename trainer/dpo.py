@@ -94,9 +94,11 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
     log-prob tensor is kept), whatever the autocast dtype of the logits.
     """
     targets = shift_labels(labels, ignore_index)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index,
+    response = targets != ignore_index
+    # Masked by hand, not with ignore_index: see model.model.causal_lm_loss (torch.compile on AVX2).
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.masked_fill(~response, 0).flatten(),
                           reduction="none").view(targets.shape)
-    return -nll.sum(-1), (targets != ignore_index).sum(-1).float()
+    return -(nll * response).sum(-1), response.sum(-1).float()
 
 
 def concat_pair(batch: Mapping[str, torch.Tensor], ignore_index: int = IGNORE_INDEX
