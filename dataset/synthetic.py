@@ -42,7 +42,7 @@ ASSISTANT_NAME = "MiniMind"
 
 @dataclass(frozen=True)
 class Step:
-    """One worked line: `{lead}{left} {op} {right} = {result}{tail}`.
+    """One worked step: the sentence `{lead}{left} {op} {right}{tail}`, then the arithmetic.
 
     An operand of None stands for the previous step's result; that is what lets a DPO "slip"
     (a wrong intermediate result) propagate to a wrong final answer.
@@ -151,16 +151,21 @@ def column_work(a: int, op: str, b: int) -> str | None:
 def render_chain(
     chain: tuple[Step, ...], slip_at: int = -1, slip: Callable[[int], int] | None = None
 ) -> tuple[tuple[str, ...], int]:
-    """Render a chain of steps to text lines (each step's column work first, when it needs
-    any); returns (lines, final answer). A slipped step keeps its columns but states the slipped
-    result, as a student who misread their own working would."""
+    """Render a chain of steps to text lines; returns (lines, final answer).
+
+    Each step is its sentence (which restates the question's numbers, each after the same cue
+    words as in the question), then the arithmetic: column work, or `a op b = r.` for a one-digit
+    fact. Why this order: the operands are copied while the question's wording of them is the
+    context (a lookup a small model learns fast); the column work then copies them from the line
+    just above. A slipped step keeps its columns but states the slipped result, as a student
+    who misread their own working would."""
     values = _run_chain(chain, slip_at, slip)
     lines: list[str] = []
     for st, (a, b, r) in zip(chain, values):
+        lines.append(f"{st.lead}{a} {st.op} {b}{st.tail}")
         work = column_work(a, st.op, b)
-        if work is not None:
-            lines.append(work.rsplit(" = ", 1)[0] + f" = {r}.")
-        lines.append(f"{st.lead}{a} {st.op} {b} = {r}{st.tail}")
+        lines.append(f"{a} {st.op} {b} = {r}." if work is None
+                     else work.rsplit(" = ", 1)[0] + f" = {r}.")
     return tuple(lines), values[-1][2]
 
 
@@ -182,11 +187,17 @@ def _two_names(rng: random.Random) -> tuple[str, str]:
     return a, b
 
 
+# Every number in a question follows a cue word of its own (has, gets, gave, owns, buys, holds,
+# costs, for, with, stop, then), and the solution restates it after the same cue: copying a
+# number is then a lookup of "what came after this word in the question", which a 1M-parameter
+# model learns in a few hundred steps, while "the third number of the question" it kept getting
+# wrong. Numbers also come in the order the solution uses them.
+
 def _add_buy(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     q = f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?"
-    return q, (Step(f"{name} gets {b} more, so {name} has ", a, "+", b, f" {item}."),)
+    return q, (Step(f"{name} has {a} and gets {b} more, so {name} has ", a, "+", b, f" {item}."),)
 
 
 def _sub_give(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
@@ -196,7 +207,7 @@ def _sub_give(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     b = rng.randint(10, a - 1)
     q = (f"{name} had {a} {item} and gave {b} of them to {friend}. "
          f"How many {item} does {name} have left?")
-    return q, (Step(f"After giving {b} away, {name} has ", a, "-", b, f" {item} left."),)
+    return q, (Step(f"{name} had {a} and gave {b} away, so {name} has ", a, "-", b, f" {item} left."),)
 
 
 def _compare(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
@@ -204,17 +215,19 @@ def _compare(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     item = rng.choice(_ITEMS)
     a = rng.randint(20, 99)
     b = rng.randint(10, a - 1)
-    q = (f"{name} has {a} {item} and {friend} has {b} {item}. "
+    q = (f"{name} has {a} {item} and {friend} owns {b} {item}. "
          f"How many more {item} does {name} have than {friend}?")
-    return q, (Step("The difference is ", a, "-", b, f" {item}."),)
+    return q, (Step(f"{name} has {a} and {friend} owns {b}, so the difference is ", a, "-", b,
+                    f" {item}."),)
 
 
 def _group_total(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     people, place = rng.choice(_GROUPS)
     a, b = rng.randint(10, 99), rng.randint(10, 99)
-    q = (f"A {place} has {a} {people} in the morning and {b} {people} in the afternoon. "
+    q = (f"A {place} has {a} {people} in the morning and then {b} {people} in the afternoon. "
          f"How many {people} are there in total?")
-    return q, (Step("In total there are ", a, "+", b, f" {people}."),)
+    return q, (Step(f"The {place} has {a} and then {b} more, so in total there are ", a, "+", b,
+                    f" {people}."),)
 
 
 def _mul_boxes(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
@@ -223,18 +236,18 @@ def _mul_boxes(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     a, b = rng.randint(2, 12), rng.randint(2, 9)
     q = (f"{name} buys {a} {many} of {item}. Each {one} holds {b} {item}. "
          f"How many {item} does {name} buy in total?")
-    return q, (Step(f"{a} {many} with {b} {item} each make ", a, "*", b, f" {item}."),)
+    return q, (Step(f"{name} buys {a} and each holds {b}, so that is ", a, "*", b, f" {item}."),)
 
 
 def _price_total(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     name = rng.choice(_NAMES)
     (g1, g1s), (g2, _) = rng.sample(_GOODS, 2)
     p, k, extra = rng.randint(2, 12), rng.randint(2, 9), rng.randint(10, 99)
-    q = (f"A {g1} costs {p} dollars and a {g2} costs {extra} dollars. "
-         f"{name} buys {k} {g1s} and one {g2}. How many dollars does {name} spend?")
+    q = (f"A {g1} costs {p} dollars. {name} buys {k} {g1s} and one {g2} for {extra} dollars. "
+         f"How many dollars does {name} spend?")
     return q, (
-        Step(f"The {g1s} cost ", p, "*", k, " dollars."),
-        Step(f"Adding the {g2}, {name} spends ", None, "+", extra, " dollars."),
+        Step(f"A {g1} costs {p} and {name} buys {k}, so the {g1s} cost ", p, "*", k, " dollars."),
+        Step(f"The {g2} is for {extra} more, so {name} spends ", None, "+", extra, " dollars."),
     )
 
 
@@ -246,19 +259,20 @@ def _change(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     q = (f"One {g} costs {p} dollars. {name} buys {k} {gs} and pays with {bill} dollars. "
          f"How many dollars of change does {name} get?")
     return q, (
-        Step(f"The {gs} cost ", p, "*", k, " dollars."),
-        Step("The change is ", bill, "-", None, " dollars."),
+        Step(f"One {g} costs {p} and {name} buys {k}, so the {gs} cost ", p, "*", k, " dollars."),
+        Step(f"{name} pays with {bill}, so the change is ", bill, "-", None, " dollars."),
     )
 
 
 def _bus(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     a = rng.randint(20, 99)
     off, on = rng.randint(10, a - 1), rng.randint(10, 99)
-    q = (f"A train has {a} people on it. At the next stop, {off} people get off and {on} people "
-         f"get on. How many people are on the train now?")
+    q = (f"A train has {a} people on it. At the next stop {off} people get off and then {on} "
+         f"people get on. How many people are on the train now?")
     return q, (
-        Step(f"After {off} people get off, there are ", a, "-", off, " people."),
-        Step(f"Then {on} people get on, so there are ", None, "+", on, " people."),
+        Step(f"The train has {a} and at the next stop {off} get off, so there are ", a, "-", off,
+             " people."),
+        Step(f"And then {on} get on, so there are ", None, "+", on, " people."),
     )
 
 
@@ -268,8 +282,8 @@ def _savings(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     q = (f"{name} saves {w} dollars every week for {k} weeks and then gets a gift of {gift} "
          f"dollars. How many dollars does {name} have now?")
     return q, (
-        Step(f"In {k} weeks {name} saves ", w, "*", k, " dollars."),
-        Step("With the gift, that is ", None, "+", gift, " dollars."),
+        Step(f"{name} saves {w} for {k} weeks, so {name} saves ", w, "*", k, " dollars."),
+        Step(f"Then the gift of {gift} makes ", None, "+", gift, " dollars."),
     )
 
 

@@ -11,23 +11,44 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+STAGE_DIRS = {"pretrain": "pretrain", "full SFT": "sft", "LoRA (on SFT)": "lora",
+              "DPO (on SFT)": "dpo", "distilled student (tiny)": "distill"}
+
+
+def _gold(answer: str) -> str:
+    return answer.rsplit("####", 1)[1].strip()
+
+
 def test_smoke_pipeline_writes_report_with_every_stage(tmp_path):
+    """Every stage runs, and the report states what the per-question records say: each stage's
+    accuracy is recomputed from its eval items, whose golds and "#### n" answers are re-read here
+    with a plain string check (independent of the GSM8K scorer)."""
     out = tmp_path / "qs"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "scripts/quickstart.py", "--scale", "smoke", "--out",
                            str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
-    assert [r["stage"] for r in rows] == ["pretrain", "full SFT", "LoRA (on SFT)", "DPO (on SFT)",
-                                          "distilled student (tiny)"]
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert [r["stage"] for r in rows] == list(STAGE_DIRS)
+    tests = [json.loads(line) for line in open(out / "data" / "test.jsonl")]
     report = (out / "REPORT.md").read_text()
-    assert report.count("| ") >= 5 and "loss_curve.png" in report
+    for r in rows:
+        items = [json.loads(line) for line in open(out / STAGE_DIRS[r["stage"]] / "eval" / "gsm8k.items.jsonl")]
+        assert len(items) == len(tests) == 20
+        assert [str(it["gold"]) for it in items] == [_gold(t["answer"]) for t in tests]
+        for it in items:   # a reply that ends in the right "#### n" is correct, one that has none is not
+            tail = (it["prediction"] or "").rsplit("####", 1)
+            if len(tail) == 2 and tail[1].strip() == str(it["gold"]):
+                assert it["correct"], it
+        assert r["accuracy"] == sum(it["correct"] for it in items) / len(items)
+        assert f"| {r['stage']} | {r['accuracy']:.1%} | {r['seconds']:.0f} |" in report
+        assert r["seconds"] > 0
+    assert report.count("loss_curve.png") == len(rows)
     for stage in ("pretrain", "sft", "dpo", "distill"):  # self-contained model folders
         final = out / stage / "final"
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in final.iterdir()}
     assert (out / "lora" / "final" / "adapter_model.safetensors").exists()
-    test_questions = {json.loads(line)["question"] for line in open(out / "data" / "test.jsonl")}
+    test_questions = {t["question"] for t in tests}
     train_text = (out / "data" / "sft.jsonl").read_text()
     assert test_questions and not any(q in train_text for q in test_questions)
     assert "eval_model.py --model" in proc.stdout and "serve_openai_api.py" in proc.stdout

@@ -14,7 +14,6 @@ from dataset import synthetic as syn
 from dataset.synthetic import (column_work, Problem, dpo_pairs, is_test_question, make_problem,
                                pretrain_texts, sft_conversations, test_set, write_jsonl)
 
-STEP_RE = re.compile(r"(\d+) ([-+*]) (\d+) = (-?\d+)")
 
 
 COLUMN_RE = re.compile(r"^(\d+) ([-+*]) (\d+): (.*), so \1 \2 \3 = (\d+)\.$")
@@ -35,23 +34,42 @@ def check_column_work(line: str) -> None:
         assert value == int(m.group(2)), part
 
 
+SENTENCE_RE = re.compile(r"(\d+) ([-+*]) (\d+)[^\d]*$")   # a step's sentence ends "a op b <unit>."
+FACT_RE = re.compile(r"^(\d+) ([-+*]) (\d+) = (-?\d+)\.$")
+
+
+def solution_steps(text: str) -> list[tuple[int, str, int, int]]:
+    """(a, op, b, r) of every step: a sentence naming `a op b`, then its arithmetic (column work
+    or a one-digit fact `a op b = r.`) for the same operands. Reads only the text."""
+    *lines, _ = text.split("\n")
+    assert len(lines) % 2 == 0, f"steps are sentence + arithmetic pairs: {text!r}"
+    steps = []
+    for sentence, work in zip(lines[::2], lines[1::2]):
+        said = SENTENCE_RE.search(sentence)
+        assert said, f"no 'a op b' at the end of {sentence!r}"
+        if COLUMN_RE.match(work):
+            check_column_work(work)
+            a, op, b, _, r = COLUMN_RE.match(work).groups()
+        else:
+            fact = FACT_RE.match(work)
+            assert fact, f"bad arithmetic line {work!r}"
+            a, op, b, r = fact.groups()
+            assert int(r) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op], work
+        assert (a, op, b) == said.groups(), f"{work!r} does not work out {sentence!r}"
+        steps.append((int(a), op, int(b), int(r)))
+    return steps
+
+
 def check_solution(text: str) -> int:
-    """Recompute every `a op b = r` line of a solution; return the `#### n` answer.
+    """Recompute every step of a solution; return the `#### n` answer.
 
     Independent of the generator: it only reads the text. Raises AssertionError on any error.
     """
-    *lines, final = text.split("\n")
-    m = re.fullmatch(r"#### (-?\d+)", final)
+    m = re.fullmatch(r"#### (-?\d+)", text.split("\n")[-1])
     assert m, f"no final answer line in {text!r}"
     prev = None
-    for line in lines:
-        if COLUMN_RE.match(line):
-            check_column_work(line)
-            continue
-        (a, op, b, r), = STEP_RE.findall(line)
-        a, b, r = int(a), int(b), int(r)
-        assert r == {"+": a + b, "-": a - b, "*": a * b}[op], line
-        assert prev is None or prev in (a, b), f"step does not use the previous result: {line}"
+    for a, _, b, r in solution_steps(text):
+        assert prev is None or prev in (a, b), f"step does not use the previous result: {text!r}"
         prev = r
     assert prev == int(m.group(1)), text
     return prev
@@ -79,24 +97,27 @@ def test_answers_are_correct_and_numbers_modest() -> None:
         p = make_problem(rng)
         assert check_solution(p.solution) == p.answer
         assert p.solution.endswith(f"\n#### {p.answer}")
-        for a, op, b, _ in STEP_RE.findall("\n".join(x for x in p.solution.split("\n")
-                                                      if not COLUMN_RE.match(x))):
+        for a, op, b, _ in solution_steps(p.solution):
             if op == "*":
-                assert int(a) <= 99 and int(b) <= 9
+                assert a <= 99 and b <= 9
             else:
-                assert int(a) <= 1000 and int(b) <= 1000
+                assert a <= 1000 and b <= 1000
         assert p.answer >= 0
-        # The given numbers of the first step come from the question.
-        first = next(x for x in p.solution.split("\n") if not COLUMN_RE.match(x))
-        a, _, b, _ = STEP_RE.findall(first)[0]
-        assert a in p.question or b in p.question
+        # The given numbers of the first step come from the question, each after the same cue
+        # word in the question as in the solution's sentence (what makes them easy to copy).
+        first = p.solution.split("\n")[0]
+        for number in re.findall(r"\d+", first.rsplit(", so ", 1)[0]):
+            cue = re.search(rf"(\w+) {number}\b", first).group(1)
+            assert re.search(rf"\b{cue} {number}\b", p.question), (cue, number, p.question)
 
 
 def test_check_solution_catches_errors() -> None:
     with pytest.raises(AssertionError):
-        check_solution("So 12 + 30 = 43 apples.\n#### 43")
+        check_solution("So that is 12 + 30 apples.\n12 + 30 = 43.\n#### 43")
     with pytest.raises(AssertionError):
-        check_solution("So 12 + 30 = 42 apples.\n#### 41")
+        check_solution("So that is 12 + 30 apples.\n12 + 30 = 42.\n#### 41")
+    with pytest.raises(AssertionError):   # the arithmetic is not the sentence's
+        check_solution("So that is 12 + 31 apples.\n12 + 30 = 42.\n#### 42")
 
 
 def test_test_set_is_held_out() -> None:
