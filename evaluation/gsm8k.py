@@ -40,7 +40,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from dataset.convert._io import DataError, first_field, iter_records, require, take, write_converted
+from dataset.convert._io import (DataError, first_field, iter_records, reasoning_alpaca,
+                                 reasoning_sft, require, take, write_converted)
 
 __all__ = [
     # data format and records
@@ -301,20 +302,12 @@ def read_gsm8k(path: str | Path, split: str | None = None, keep_calculator: bool
 
 def to_sft(item: dict, inline: bool = False) -> dict:
     """MiniMind SFT conversation (see module docstring for why reasoning is separate)."""
-    final = ANSWER_TEMPLATE.format(answer=item["answer"])
-    assistant: dict = {"role": "assistant"}
-    if inline:
-        assistant["content"] = f"{item['reasoning']}\n{final}"
-    else:
-        assistant["reasoning_content"] = item["reasoning"]
-        assistant["content"] = final
-    return {"conversations": [{"role": "user", "content": item["question"]}, assistant]}
+    return reasoning_sft(item["question"], item["reasoning"], ANSWER_TEMPLATE.format(answer=item["answer"]), inline)
 
 
 def to_alpaca(item: dict) -> dict:
     """Alpaca row with the reasoning inline (LLaMA-Factory has no reasoning column)."""
-    return {"instruction": item["question"], "input": "",
-            "output": f"{item['reasoning']}\n{ANSWER_TEMPLATE.format(answer=item['answer'])}"}
+    return reasoning_alpaca(item["question"], item["reasoning"], ANSWER_TEMPLATE.format(answer=item["answer"]))
 
 
 def to_eval(item: dict) -> dict:

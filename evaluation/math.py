@@ -27,7 +27,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from dataset.convert._io import DataError, first_field, iter_records, require, take, write_converted
+from dataset.convert._io import (DataError, first_field, iter_records, reasoning_alpaca,
+                                 reasoning_sft, require, take, write_converted)
 from evaluation.math_answer import extract_boxed, score_math
 
 __all__ = [
@@ -86,20 +87,12 @@ def read_math(path: str | Path, split: str | None = None) -> Iterator[dict]:
 
 def to_sft(item: dict, inline: bool = False) -> dict:
     """MiniMind SFT conversation (see module docstring)."""
-    final = ANSWER_TEMPLATE.format(answer=item["answer"])
-    assistant: dict = {"role": "assistant"}
-    if inline:
-        assistant["content"] = f"{item['solution']}\n{final}"
-    else:
-        assistant["reasoning_content"] = item["solution"]
-        assistant["content"] = final
-    return {"conversations": [{"role": "user", "content": item["problem"]}, assistant]}
+    return reasoning_sft(item["problem"], item["solution"], ANSWER_TEMPLATE.format(answer=item["answer"]), inline)
 
 
 def to_alpaca(item: dict) -> dict:
     """Alpaca row with the reasoning inline."""
-    return {"instruction": item["problem"], "input": "",
-            "output": f"{item['solution']}\n{ANSWER_TEMPLATE.format(answer=item['answer'])}"}
+    return reasoning_alpaca(item["problem"], item["solution"], ANSWER_TEMPLATE.format(answer=item["answer"]))
 
 
 def to_eval(item: dict) -> dict:

@@ -162,3 +162,20 @@ def write_converted(items: Iterable[dict], out: str | Path, kind: str, inline: b
     if dataset_info is not None:
         register_file(dataset_info, out, registry_name, formatting)
     return n
+
+
+def reasoning_sft(question: str, reasoning: str, final: str, inline: bool) -> dict:
+    """A one-turn SFT conversation for a worked answer: the reasoning in ``reasoning_content``
+    (rendered inside <think> by the chat template), or inline before the final line."""
+    assistant: dict = {"role": "assistant"}
+    if inline:
+        assistant["content"] = f"{reasoning}\n{final}"
+    else:
+        assistant["reasoning_content"] = reasoning
+        assistant["content"] = final
+    return {"conversations": [{"role": "user", "content": question}, assistant]}
+
+
+def reasoning_alpaca(question: str, reasoning: str, final: str) -> dict:
+    """An Alpaca row with the reasoning inline (LLaMA-Factory has no reasoning column)."""
+    return {"instruction": question, "input": "", "output": f"{reasoning}\n{final}"}
