@@ -54,6 +54,7 @@ from .config import MiniMindConfig
 from .errors import ModelNotFoundError, UserError
 from .io import atomic_path, atomic_write_bytes, save_pretrained
 from .model import MiniMindLM
+from .precision import DTYPES, canonical_name
 from .tokenizer import PRETOKENIZE_REGEX
 
 
@@ -447,7 +448,8 @@ def _few(items: list[str], n: int = 8) -> str:
 
 # --- files -----------------------------------------------------------------------------------------
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# transformers spells dtypes out (config.json "dtype": "bfloat16"); the table is model.precision's.
+_HF_NAMES = ("float32", "bfloat16", "float16")
 
 
 def find_tokenizer_dir(model_dir: str | Path | None) -> Path:
@@ -461,8 +463,8 @@ def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path 
               dtype: str = "float32") -> Path:
     """Writes ``model.safetensors`` + ``config.json`` + ``generation_config.json`` + the tokenizer
     files, loadable offline by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``."""
-    if dtype not in _DTYPES:
-        raise ConversionError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    if dtype not in _HF_NAMES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {list(_HF_NAMES)}")
     config = model.config
     hf_config = hf_config_from_ours(config, dtype)  # refuses before anything is written
     tok_dir = find_tokenizer_dir(None) if tokenizer_dir is None else Path(tokenizer_dir)
@@ -470,7 +472,8 @@ def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path 
         if not (tok_dir / f).is_file():
             raise ConversionError(f"{tok_dir / f}: tokenizer file not found")
     sd = hf_state_dict_from_ours(config, _float32(model.state_dict()))
-    sd = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in sd.items()}
+    weight_dtype = DTYPES[canonical_name(dtype)]
+    sd = {k: v.to(weight_dtype).contiguous() for k, v in sd.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "model.safetensors") as tmp:
