@@ -26,6 +26,20 @@ def shared_jsonl(*parts: str) -> Iterator[dict]:
             yield json.loads(line)
 
 
+def run_kt_worker(case: str, env: dict | None = None) -> dict:
+    """Run one case of tests/kt_worker.py in a subprocess (a kt-kernel crash kills that process,
+    not the test run) and return the JSON it printed on its ``KT_RESULT`` line."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "kt_worker.py"), case], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    assert proc.returncode == 0, f"kt worker {case!r} exited with {proc.returncode}:\n{tail}"
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KT_RESULT ")]
+    assert lines, f"kt worker {case!r} printed no result:\n{tail}"
+    return json.loads(lines[-1].removeprefix("KT_RESULT "))
+
+
 @pytest.fixture(scope="session")
 def upstream_tokenizer():
     """MiniMind's own tokenizer from ../shared/data (the expected strings of several tests spell

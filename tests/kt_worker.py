@@ -26,6 +26,21 @@ from model.offload import (KTExperts, kt_variant, mxfp4_dequantize, mxfp4_quanti
 PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
+def overfit_adapters(model, ids: torch.Tensor, steps: int) -> list[float]:
+    """AdamW on the adapters for `steps` steps on one batch; kt's kernels are refreshed after each
+    step. Returns the losses."""
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2, weight_decay=0.0)
+    register_kt_refresh(opt, model)
+    opt.zero_grad(set_to_none=True)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in fp32 (b is the reference)."""
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
@@ -211,17 +226,7 @@ def case_train() -> dict:
     # Overfit one batch with AdamW on the adapters; the hook refreshes the kernels each step.
     # The same loop on the torch backend gives the loss curve kt should follow (bf16 drift only).
     for tag, m in (("losses", model), ("losses_torch", ref)):
-        opt = torch.optim.AdamW(lora_parameters(m), lr=1e-2, weight_decay=0.0)
-        register_kt_refresh(opt, m)  # a no-op for the torch model
-        opt.zero_grad(set_to_none=True)
-        losses = []
-        for _ in range(20):
-            loss = m(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        out[tag] = losses
+        out[tag] = overfit_adapters(m, ids, steps=20)  # the refresh is a no-op for torch
 
     model.eval()
     with torch.no_grad():
@@ -327,16 +332,7 @@ def case_mxfp4() -> dict:
     apply_lora(model, "all", rank=8, alpha=16)
     offload_experts(model, "kt", kt_num_threads=1, kt_backend="MXFP4")
     tokens = torch.randint(3, cfg.vocab_size, (2, 24))
-    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-2, weight_decay=0.0)
-    register_kt_refresh(opt, model)
-    losses = []
-    for _ in range(12):
-        loss = model(tokens, labels=tokens).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    out["losses"] = losses
+    out["losses"] = overfit_adapters(model, tokens, steps=12)
     out["expert_lora_moved"] = max(p.abs().max().item() for n, p in model.named_parameters()
                                    if ".experts." in n and n.endswith("lora_B"))
     return out

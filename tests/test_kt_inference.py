@@ -7,17 +7,14 @@ and ``MXFP4_SFT_MOE`` but no bf16 training kernels. Relative errors are ‖a−b
 PyTorch maths; the kernels compute in bf16.
 """
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from model.offload import kt_inference_status
+from tests.conftest import run_kt_worker
 
-REPO = Path(__file__).resolve().parents[1]
 KT_OK, KT_WHY = kt_inference_status()
 
 
@@ -37,13 +34,7 @@ def run_case(case: str, variant: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if variant == "avx2":
         env["KT_KERNEL_CPU_VARIANT"] = "avx2"
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "kt_worker.py"), case], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    assert proc.returncode == 0, f"kt worker {case!r} ({variant}) exited {proc.returncode}:\n{tail}"
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KT_RESULT ")]
-    assert lines, f"kt worker {case!r} printed no result:\n{tail}"
-    return json.loads(lines[-1].removeprefix("KT_RESULT "))
+    return run_kt_worker(case, env)
 
 
 needs_kt = pytest.mark.skipif(not KT_OK, reason=KT_WHY)

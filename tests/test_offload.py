@@ -7,11 +7,8 @@ which proves every check happens before any native call.
 """
 
 import copy
-import json
-import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +19,8 @@ from model.model import MiniMindLM
 from model.moe import Experts, MoEFeedForward
 from model.offload import (CPUExperts, KTExperts, KTOptions, kt_status, offload_experts,
                            refresh_kt_lora)
+from tests.conftest import run_kt_worker
 
-REPO = Path(__file__).resolve().parents[1]
 KT_OK, KT_REASON = kt_status()
 # Relative error ‖a−b‖/‖b‖ against fp32; the kernel computes in bf16.
 FWD_TOL, BWD_TOL = 0.05, 0.10
@@ -220,13 +217,7 @@ def test_kt_options_are_a_typed_dataclass():
 # --- kt, in subprocesses -------------------------------------------------------------------
 
 def run_worker(case: str) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "kt_worker.py"), case],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    assert proc.returncode == 0, f"kt worker {case!r} exited with {proc.returncode}:\n{tail}"
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KT_RESULT ")]
-    assert lines, f"kt worker {case!r} printed no result:\n{tail}"
-    return json.loads(lines[-1].removeprefix("KT_RESULT "))
+    return run_kt_worker(case)
 
 
 needs_kt = pytest.mark.skipif(not KT_OK, reason=KT_REASON)
