@@ -191,7 +191,9 @@ def _two_names(rng: random.Random) -> tuple[str, str]:
 # costs, for, with, stop, then), and the solution restates it after the same cue: copying a
 # number is then a lookup of "what came after this word in the question", which a 1M-parameter
 # model learns in a few hundred steps, while "the third number of the question" it kept getting
-# wrong. Numbers also come in the order the solution uses them.
+# wrong. Numbers also come in the order the solution uses them, and a two-step solution's first
+# sentence restates all of them: the number the second step needs is then copied from the line
+# above, not looked up far back in the question (one seed of three never learned that lookup).
 
 def _add_buy(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
@@ -246,7 +248,8 @@ def _price_total(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     q = (f"A {g1} costs {p} dollars. {name} buys {k} {g1s} and one {g2} for {extra} dollars. "
          f"How many dollars does {name} spend?")
     return q, (
-        Step(f"A {g1} costs {p} and {name} buys {k}, so the {g1s} cost ", p, "*", k, " dollars."),
+        Step(f"A {g1} costs {p} and {name} buys {k} and one {g2} for {extra}, so the {g1s} cost ",
+             p, "*", k, " dollars."),
         Step(f"The {g2} is for {extra} more, so {name} spends ", None, "+", extra, " dollars."),
     )
 
@@ -259,7 +262,8 @@ def _change(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     q = (f"One {g} costs {p} dollars. {name} buys {k} {gs} and pays with {bill} dollars. "
          f"How many dollars of change does {name} get?")
     return q, (
-        Step(f"One {g} costs {p} and {name} buys {k}, so the {gs} cost ", p, "*", k, " dollars."),
+        Step(f"One {g} costs {p} and {name} buys {k} and pays with {bill}, so the {gs} cost ", p, "*",
+             k, " dollars."),
         Step(f"{name} pays with {bill}, so the change is ", bill, "-", None, " dollars."),
     )
 
@@ -270,8 +274,8 @@ def _bus(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     q = (f"A train has {a} people on it. At the next stop {off} people get off and then {on} "
          f"people get on. How many people are on the train now?")
     return q, (
-        Step(f"The train has {a} and at the next stop {off} get off, so there are ", a, "-", off,
-             " people."),
+        Step(f"The train has {a} and at the next stop {off} get off and then {on} get on, so first "
+             "there are ", a, "-", off, " people."),
         Step(f"And then {on} get on, so there are ", None, "+", on, " people."),
     )
 
@@ -282,7 +286,8 @@ def _savings(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
     q = (f"{name} saves {w} dollars every week for {k} weeks and then gets a gift of {gift} "
          f"dollars. How many dollars does {name} have now?")
     return q, (
-        Step(f"{name} saves {w} for {k} weeks, so {name} saves ", w, "*", k, " dollars."),
+        Step(f"{name} saves {w} for {k} weeks and then gets a gift of {gift}, so {name} saves ", w,
+             "*", k, " dollars."),
         Step(f"Then the gift of {gift} makes ", None, "+", gift, " dollars."),
     )
 
