@@ -26,7 +26,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 SHAPES = {
     # name: (experts E, top-k K, hidden D, expert FFN I, tokens T)
@@ -87,23 +86,17 @@ def worker(shape: str, backend: str, repeat: int, threads: int, mode: str = "tra
         x_, w_ = x.clone().requires_grad_(), w.clone().requires_grad_()
         torch.autograd.grad(experts(x_, ids, w_), [x_, w_, *lora], grad_y)
 
-    def best_of(fn, n: int) -> float:
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    from scripts.bench import best_time
 
     step()  # warm-up (and kt's kernel build)
-    best = best_of(step, repeat)
+    best = best_time(step, repeat, warmup=0)
     row = dict(shape=shape, backend=backend, mode=mode, tokens=T, seconds=best,
                tokens_per_s=T / best)
     if mode == "inference":
         def decode() -> None:
             with torch.no_grad():
                 experts(x[:1], ids[:1], w[:1])
-        row["decode_ms"] = 1e3 * best_of(decode, 5 * repeat)
+        row["decode_ms"] = 1e3 * best_time(decode, 5 * repeat, warmup=0)
     return dict(row, rss_mib=rss_mib(), layer_rss_mib=rss_mib() - base_rss)
 
 
