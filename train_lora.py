@@ -8,7 +8,9 @@ r"""LoRA fine-tuning on chat data: a frozen base model plus trainable low-rank a
 
 Same data and loss as full SFT (assistant tokens only); only the adapters train. out_dir/final gets
 adapter_model.safetensors + adapter_config.json (naming its base; model.lora.load_adapter reads
-them), as does every checkpoint; --merge_on_save adds out_dir/final_merged/, a plain model folder.
+them), as does every checkpoint: PEFT's format where PEFT has an exact equivalent (load it with
+PeftModel.from_pretrained on `scripts/convert_model.py export` of the base), else ours (expert
+adapters; the run says so); --merge_on_save adds out_dir/final_merged/, a plain model folder.
 The adapter plumbing (options, attach, export) lives in trainer/adapters.py.
 """
 from __future__ import annotations

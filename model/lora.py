@@ -348,13 +348,39 @@ def _peft_target_modules(model: nn.Module, modules: list[str]) -> list[str]:
     return leaves if same else list(modules)
 
 
+def peft_incompatibility(model: nn.Module) -> str | None:
+    """Why the model's adapters have no exact PEFT equivalent on the transformers export of its
+    base (``model.hf_convert.export_hf``), or None when ``save_adapter(peft_format=True)`` is
+    exact: every adapted layer is an ``nn.Linear`` that the export keeps under the same name."""
+    from .hf_convert import ConversionError, choose_hf_model_type, hf_state_dict_from_ours
+
+    modules = _settings(model).modules
+    experts = [n for n in modules if ".experts." in n or ".shared_experts." in n]
+    if experts:
+        return (f"{experts[0]} and {len(experts) - 1} more expert layers have no PEFT equivalent "
+                "(transformers fuses the routed experts into 3-D tensors and has no shared "
+                "experts)")
+    try:
+        choose_hf_model_type(model.config)
+    except ConversionError as e:
+        return f"the base has no transformers export, so no PEFT equivalent ({e})"
+    with torch.device("meta"):  # key names only
+        exported = hf_state_dict_from_ours(model.config, MiniMindLM(model.config).state_dict())
+    renamed = [n for n in modules if f"{n}.weight" not in exported]
+    if renamed:
+        return (f"{renamed[0]} and {len(renamed) - 1} more layers are renamed or fused in the "
+                "transformers export, so no PEFT equivalent")
+    return None
+
+
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | Path | None = None,
                  peft_format: bool = False) -> Path:
     """Writes ``adapter_model.safetensors`` (fp32, adapter tensors only) + ``adapter_config.json``.
 
     ``peft_format``: keys ``base_model.model.<name>.lora_A.weight`` and a PEFT LoraConfig, for
-    ``PeftModel.from_pretrained`` on the transformers Qwen3 model of the exported base (our own
-    config rides along in the safetensors metadata so ``load_adapter`` still checks the base).
+    ``PeftModel.from_pretrained`` on the transformers model of the exported base (our own config
+    rides along in the safetensors metadata so ``load_adapter`` still checks the base). Refused
+    where ``peft_incompatibility`` names a reason.
     """
     settings = _settings(model)
     native = _native_config(model, settings, base_model)
@@ -362,13 +388,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | Path |
                for k, v in lora_state_dict(model).items()}
     metadata = {"format": "pt"}
     if peft_format:
-        experts = [n for n in settings.modules if ".experts." in n or ".shared_experts." in n]
-        if experts:
-            # transformers' Qwen3-MoE fuses experts into 3-D tensors and has no shared experts:
-            # no PEFT module name exists for these adapters.
-            raise ValueError(f"save_adapter(peft_format=True): {experts[0]} (and "
-                             f"{len(experts) - 1} more expert layers) has no PEFT equivalent; "
-                             "save natively or export_merged")
+        reason = peft_incompatibility(model)
+        if reason:
+            raise ValueError(f"save_adapter(peft_format=True): {reason}; save natively or "
+                             "export_merged")
         tensors = {f"{_PEFT_PREFIX}{k}.weight": v for k, v in tensors.items()}  # ….lora_A.weight
         metadata[_PEFT_METADATA_KEY] = json.dumps(native)
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
@@ -439,9 +462,12 @@ def _from_peft(raw: dict, tensors: dict[str, torch.Tensor], metadata: dict[str, 
             raise ModelFolderError(f"{weights_path}: unsupported PEFT tensor {key!r}")
         renamed[f"{body[len(_PEFT_PREFIX):]}.{kind}"] = value
     modules = list(dict.fromkeys(k.rpartition(".")[0] for k in renamed))
-    settings = LoRAConfig(int(raw["r"]), float(raw["lora_alpha"]),
-                          float(raw.get("lora_dropout", 0.0)), bool(raw.get("use_rslora", False)),
-                          modules, modules)
+    try:
+        settings = LoRAConfig(int(raw["r"]), float(raw["lora_alpha"]),
+                              float(raw.get("lora_dropout", 0.0)),
+                              bool(raw.get("use_rslora", False)), modules, modules)
+    except KeyError as e:
+        raise ModelFolderError(f"{path}: PEFT adapter config lacks {e.args[0]!r}") from None
     ours = json.loads(metadata[_PEFT_METADATA_KEY]) if _PEFT_METADATA_KEY in metadata else {}
     return settings, ours.get("base_model"), renamed
 
@@ -514,7 +540,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
         settings, base, tensors = _from_peft(raw, tensors, metadata, cfg_path, weights_path)
     else:
         settings, base = _from_native(raw, cfg_path)
-    _check_hparams(settings.rank, settings.alpha, settings.dropout)
+    try:
+        _check_hparams(settings.rank, settings.alpha, settings.dropout)
+    except ValueError as e:
+        raise ModelFolderError(f"{cfg_path}: {e}") from None
     if base is not None:
         _check_base(model, base, cfg_path)
     shapes = _expected_shapes(model, settings, cfg_path)

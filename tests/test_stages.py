@@ -72,8 +72,8 @@ def test_lora_adapter_loads_on_base_and_changes_outputs(files, tmp_path, monkeyp
     assert sha(base_file) == before                                   # the base is never written
     final = out / "final"
     assert sorted(p.name for p in final.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert json.loads((final / "adapter_config.json").read_text())["base_model"]["name_or_path"] == \
-        str(files["base"].resolve())
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(files["base"].resolve())                                  # PEFT's format (dense base)
     ckpt = out / "checkpoints" / "step_000003"
     assert (ckpt / "adapter_model.safetensors").exists() and (ckpt / "COMPLETE").exists()
 

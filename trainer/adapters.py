@@ -12,7 +12,8 @@ from typing import Callable
 
 from torch import nn
 
-from model.lora import apply_lora, export_merged, lora_parameters, save_adapter
+from model.lora import (apply_lora, export_merged, lora_parameters, peft_incompatibility,
+                        save_adapter)
 from trainer import distributed as dist
 from trainer.config import TrainConfig, option
 
@@ -67,10 +68,10 @@ def base_name(cfg: TrainConfig) -> str | None:
     return str(Path(cfg.init_from).resolve()) if cfg.init_from else None
 
 
-def adapter_files(model: nn.Module, base: str | None) -> dict[str, bytes]:
+def adapter_files(model: nn.Module, base: str | None, peft_format: bool) -> dict[str, bytes]:
     """The adapter's two files as bytes (for checkpoints, which write them atomically)."""
     with tempfile.TemporaryDirectory() as tmp:
-        save_adapter(dist.unwrap(model), tmp, base_model=base)
+        save_adapter(dist.unwrap(model), tmp, base_model=base, peft_format=peft_format)
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
 
 
@@ -83,19 +84,31 @@ def add_lora(model: nn.Module, cfg: LoRAOptions) -> None:
 
 def lora_fit_args(model: nn.Module, cfg: LoRAOptions
                   ) -> tuple[list[nn.Parameter], Callable[[nn.Module, int], dict[str, bytes]]]:
-    """What fit needs for an adapted model: (trainable = the adapters, on_save = their files)."""
-    base = base_name(cfg)
-    return lora_parameters(model), lambda m, step: adapter_files(m, base)
+    """What fit needs for an adapted model: (trainable = the adapters, on_save = their files,
+    in the format the final adapter gets)."""
+    base, peft = base_name(cfg), peft_incompatibility(dist.unwrap(model)) is None
+    return lora_parameters(model), lambda m, step: adapter_files(m, base, peft)
 
 
 def export_adapter(model: nn.Module, cfg: LoRAOptions, env: dist.DistEnv) -> Path:
-    """out_dir/final = the adapter (+ out_dir/final_merged with --merge_on_save), on rank 0."""
+    """out_dir/final = the adapter (+ out_dir/final_merged with --merge_on_save), on rank 0.
+
+    In PEFT's format wherever that is exact (``model.lora.peft_incompatibility``): PEFT's
+    ``PeftModel.from_pretrained`` then loads it on the transformers export of the base, and our
+    ``load_adapter`` still checks the base (fingerprint in the safetensors metadata). Elsewhere
+    (expert adapters) in our native format, and the output says why.
+    """
     out = Path(cfg.out_dir) / "final"
     if env.is_main:
-        save_adapter(dist.unwrap(model), out, base_model=base_name(cfg))
-        print(f"[done] adapter saved to {out}", flush=True)
+        plain = dist.unwrap(model)
+        reason = peft_incompatibility(plain)
+        save_adapter(plain, out, base_model=base_name(cfg), peft_format=reason is None)
+        print(f"[done] adapter saved to {out} (PEFT format: PeftModel.from_pretrained loads it on "
+              "the base exported by scripts/convert_model.py export)" if reason is None else
+              f"[done] adapter saved to {out} in the native minimind-lora format: {reason}; "
+              "load it with --lora, or merge it (--merge_on_save)", flush=True)
         if cfg.merge_on_save:
-            merged = export_merged(dist.unwrap(model), out.with_name("final_merged"))
+            merged = export_merged(plain, out.with_name("final_merged"))
             print(f"[done] merged model saved to {merged}", flush=True)
     dist.barrier()
     return out
