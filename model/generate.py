@@ -171,9 +171,13 @@ def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
 class TextStream:
     """Incremental detokenisation of one row: ``push(token_id) -> text delta``.
 
-    Byte-level BPE splits multi-byte characters across tokens; a decode that ends in U+FFFD is an
-    unfinished character, so it is held back until the next token completes it. Text that might
-    begin a stop string is held back too, so a stop string is never half-emitted.
+    The text is what a person reads: control tokens (``tokenizer.decode(ids,
+    skip_special_tokens=True)``: ``<|im_end|>``, ``<|reserved_356|>``; the chat markup such as
+    ``<think>`` stays) are never part of it. Byte-level BPE splits multi-byte characters across
+    tokens; a decode that ends in U+FFFD is an unfinished character, so it is held back until a
+    later token completes it (a control token in between does not break it: the bytes on both
+    sides join). Text that might begin a stop string is held back too, so a stop string is never
+    half-emitted.
     """
 
     def __init__(self, tokenizer, stop_strings: Sequence[str] = (), skip_token_ids=()):
@@ -185,12 +189,15 @@ class TextStream:
         self.emitted = 0  # characters of self.text already returned
         self.stopped = False
 
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
     def push(self, token_id: int) -> str:
         if self.stopped:
             return ""
         if token_id not in self.skip:
             self.ids.append(token_id)
-        decoded = self.tokenizer.decode(self.ids)
+        decoded = self._decode()
         if decoded.endswith("\ufffd"):
             return ""
         self.text = decoded
@@ -203,7 +210,7 @@ class TextStream:
 
     def flush(self) -> str:
         """The held-back rest, when the row has ended."""
-        self.text = self.tokenizer.decode(self.ids).rstrip("\ufffd") if not self.stopped else self.text
+        self.text = self._decode().rstrip("\ufffd") if not self.stopped else self.text
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:

@@ -37,6 +37,11 @@ PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "tokenizer"
 
+# Markup the assistant parser (serving/chat.py) reads out of generated text: always shown, even
+# where a tokenizer folder marks these tokens special.
+CHAT_MARKUP = frozenset({"<think>", "</think>", "<tool_call>", "</tool_call>",
+                         "<tool_response>", "</tool_response>"})
+
 Message = dict[str, Any]
 
 
@@ -119,6 +124,7 @@ class Tokenizer:
         self.bos_id = self._special_id("bos_token", "<|im_start|>")
         self.eos_id = self._special_id("eos_token", "<|im_end|>")
         self._fingerprint: str | None = None
+        self._control_ids: frozenset[int] | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path | None = None) -> "Tokenizer":
@@ -175,10 +181,30 @@ class Tokenizer:
         """`encode` over many texts (parallel in the Rust backend)."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    @property
+    def control_ids(self) -> frozenset[int]:
+        """Ids that are never text to show: the added tokens marked special (`<|im_end|>`,
+        `<|reserved_356|>`) or spelled `<|...|>` (upstream MiniMind's `<|buffer1|>` is not marked),
+        except `CHAT_MARKUP`."""
+        if self._control_ids is None:
+            self._control_ids = frozenset(
+                i for i, t in self._tok.get_added_tokens_decoder().items()
+                if (t.special or (t.content.startswith("<|") and t.content.endswith("|>")))
+                and t.content not in CHAT_MARKUP)
+        return self._control_ids
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids`; byte-level pieces are joined before UTF-8 decoding, so multi-byte
-        characters split across tokens (Chinese, emoji) come back whole."""
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        characters split across tokens (Chinese, emoji) come back whole.
+
+        `skip_special_tokens`: the text to show, without `control_ids` (the chat markup stays);
+        the bytes on both sides of a dropped token join up.
+        """
+        ids = list(ids)
+        if skip_special_tokens:
+            control = self.control_ids
+            ids = [i for i in ids if i not in control]
+        return self._tok.decode(ids, skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

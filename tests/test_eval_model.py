@@ -119,3 +119,20 @@ def test_data_flags():
     args = eval_model.parse_args(["--model", "m"])
     chat, bench = eval_model.sampling(args, False, 0), eval_model.sampling(args, True, 0)
     assert chat.temperature > 0 and bench.temperature == 0.0 and bench.top_p == 1.0
+
+
+
+def test_chat_prints_whole_characters_and_no_control_tokens(monkeypatch):
+    """The chat CLI's streamed answer for tokens that split 🙂 around <|reserved_356|>
+    (tests/scripted_model): every print is whole characters, never a control token's name."""
+    from model.generate import SamplingParams
+    from tests.scripted_model import SPLIT_TEXT, scripted_model, split_script
+
+    printed = []
+    monkeypatch.setattr(eval_model, "print", lambda *a, file=None, **kw: file or printed.append(a[0]),
+                        raising=False)
+    tok = Tokenizer.from_dir()
+    text = eval_model.reply(scripted_model(split_script(tok)), tok, [{"role": "user", "content": "hi"}],
+                            SamplingParams(max_new_tokens=32, stop_token_ids=(tok.eos_id,)), think=False)
+    assert text == SPLIT_TEXT and "".join(printed) == SPLIT_TEXT and "🙂" in printed
+    assert all("\ufffd" not in p and "<|" not in p for p in printed), printed

@@ -253,3 +253,30 @@ def test_prompt_flags_reach_the_chat_template():
     assert "get_weather" in tok.decode(tool_ids) and none_ids == plain_ids
     assert params.temperature == 0.5 and list(params.stop_strings) == ["x"]
     assert params.max_new_tokens == 512 - len(tool_ids)  # default: the rest of the context
+
+
+# -- what the server sends: whole characters, no control tokens ----------------------------------
+
+def test_sse_stream_sends_whole_characters_and_no_control_tokens():
+    from fastapi.testclient import TestClient
+
+    from scripts.serve_openai_api import create_app
+    from serving.engine import Engine
+    from tests.scripted_model import SPLIT_TEXT, scripted_model, split_script
+
+    tok = Tokenizer.from_dir()
+    engine = Engine(scripted_model(split_script(tok)), tok, batch_wait_s=0.0).start()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+            "max_tokens": 32}
+    try:
+        with TestClient(create_app(engine, "m")) as http:
+            raw = http.post("/v1/chat/completions", json={**body, "stream": True}).text
+            whole = http.post("/v1/chat/completions", json=body).json()
+    finally:
+        engine.shutdown()
+    events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    deltas = [c["choices"][0]["delta"].get("content") or "" for c in map(json.loads, events[:-1])]
+    assert all("\ufffd" not in d and "<|" not in d for d in deltas), deltas
+    assert "".join(deltas) == SPLIT_TEXT and "🙂" in deltas
+    assert whole["choices"][0]["message"]["content"] == SPLIT_TEXT

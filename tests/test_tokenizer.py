@@ -10,8 +10,10 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from model.tokenizer import DEFAULT_DIR, Tokenizer, TokenizerError
+from model.generate import TextStream
+from model.tokenizer import CHAT_MARKUP, DEFAULT_DIR, Tokenizer, TokenizerError
 from scripts.train_tokenizer import ADDED_TOKENS, CHAT_TEMPLATE, train
+from tests.scripted_model import SPLIT_TEXT, split_script
 
 UPSTREAM_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "minimind_tokenizer"
 
@@ -64,6 +66,39 @@ def test_numbers_split_into_single_digits(tok: Tokenizer) -> None:
     pieces = [tok.id_to_token(i) for i in tok.encode("The change is 500 - 315 = 185.")]
     digits = [p.lstrip("Ġ") for p in pieces if any(ch.isdigit() for ch in p)]
     assert digits == list("500315185")
+
+
+# ---------------------------------------------------------------- display text and streaming
+
+def test_control_tokens_never_reach_display_text(tok: Tokenizer) -> None:
+    reserved = [tok.token_to_id(f"<|reserved_{i}|>") for i in (0, 356, 606)]
+    assert {0, 1, 2, *reserved} <= tok.control_ids
+    assert len(tok.control_ids) == 3 + 607                          # im_*, endoftext + reserved
+    assert not {tok.token_to_id(t) for t in CHAT_MARKUP} & tok.control_ids
+    ids = tok.encode("<|im_start|>a<think>b</think><|reserved_356|>c<tool_call>d</tool_call>"
+                     "<|endoftext|>e<|im_end|>")
+    assert tok.decode(ids, skip_special_tokens=True) == "a<think>b</think>c<tool_call>d</tool_call>e"
+
+
+def test_upstream_control_tokens() -> None:
+    if not UPSTREAM_DIR.is_dir():
+        pytest.skip(f"MiniMind's upstream tokenizer not found at {UPSTREAM_DIR}")
+    up = Tokenizer.from_dir(UPSTREAM_DIR)
+    # <|buffer1|> is not marked special upstream but is a placeholder, never text.
+    ids = up.encode("x<|buffer1|><|vision_pad|><think>y</think>z<|im_end|>")
+    assert up.decode(ids, skip_special_tokens=True) == "x<think>y</think>z"
+
+
+def test_text_stream_holds_split_characters_and_drops_control_tokens(tok: Tokenizer) -> None:
+    script = split_script(tok)
+    prefixes = [tok.decode(script[:k]) for k in range(1, len(script))]
+    assert sum(p.endswith("\ufffd") for p in prefixes) >= 3       # the emoji is really split
+    assert "\ufffd<|reserved_356|>" in tok.decode(script)           # ... around a control token
+    stream = TextStream(tok, skip_token_ids=(tok.eos_id,))
+    deltas = [stream.push(i) for i in script] + [stream.flush()]
+    assert all("\ufffd" not in d and "<|" not in d for d in deltas), deltas
+    assert "".join(deltas) == SPLIT_TEXT
+    assert "🙂" in deltas                                           # released whole, once complete
 
 
 # ---------------------------------------------------------------- chat template

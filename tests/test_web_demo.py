@@ -93,3 +93,18 @@ def test_output_is_shown_never_run(checkpoint, monkeypatch, tmp_path):
 def test_bad_checkpoint_path_is_an_error_message(tmp_path, monkeypatch):
     at = start(tmp_path / "missing", monkeypatch)
     assert at.error and "Could not load the model" in at.error[0].value
+
+
+def test_reply_shows_whole_characters_and_no_control_tokens(monkeypatch):
+    """The streamed reply of a model whose tokens split 🙂 around <|reserved_356|> (tests/scripted_model)."""
+    import model.io
+    from tests.scripted_model import SPLIT_TEXT, scripted_model, split_script
+
+    tok = Tokenizer.from_dir()
+    scripted = scripted_model(split_script(tok))
+    monkeypatch.setattr(model.io, "load_for_inference", lambda *args, **kw: (scripted, tok))
+    at = start("scripted-model", monkeypatch)     # a fresh name: st.cache_resource misses
+    at.sidebar.slider(key="temperature").set_value(0.0)
+    at.chat_input[0].set_value("hi").run()
+    assert not at.exception, at.exception
+    assert at.chat_message[1].markdown[-1].value == SPLIT_TEXT
