@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from model.hf_convert import (export_gguf, export_hf, find_tokenizer_dir,
                               import_hf_to_folder, load_minimind_pth, resolve_config)
+from model.errors import UserError, run_cli
 from model.io import load_for_inference, save_pretrained
 from model.model import MiniMindLM
 
@@ -103,11 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # ConversionError, config and adapter errors
-        sys.exit(f"error: {e}")
+        args.func(args)  # ConversionError, model and adapter errors are UserErrors: run_cli's
+    except (OSError, json.JSONDecodeError) as e:  # a --config / --pth path unreadable or not JSON
+        if isinstance(e, UserError):
+            raise
+        raise UserError(str(e)) from e
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
     run_cli(main)

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 from dataset.chat import RESERVED_STRINGS
 from dataset.jsonl import iter_records
 from model.atomic import atomic_path
+from model.errors import UserError
 from model.generate import SamplingParams, generate
 from model.io import load_for_inference
 from model.precision import DTYPE_CHOICES
@@ -101,7 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     args = parse_args(argv)
     if args.num_samples > 1 and args.temperature == 0:
-        raise SystemExit("--num_samples > 1 with greedy decoding gives identical answers; set --temperature")
+        raise UserError("--num_samples > 1 with greedy decoding gives identical answers; set --temperature")
     tokenizer = Tokenizer.from_dir(args.tokenizer_dir or None)
     teacher, _ = load_for_inference(args.teacher, device=args.device, dtype=args.dtype)
 

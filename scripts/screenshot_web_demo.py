@@ -25,6 +25,8 @@ from pathlib import Path
 
 from websockets.sync.client import connect
 
+from model.errors import UserError, run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -138,7 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     chrome = shutil.which("chromium") or shutil.which("chromium-browser")
     if chrome is None:
-        sys.exit("chromium not found (Debian: apt-get install -y chromium)")
+        raise UserError("chromium not found (Debian: apt-get install -y chromium)")
 
     work = Path(tempfile.mkdtemp(prefix="web_demo_shot_"))
     model_dir = Path(args.model) if args.model else tiny_checkpoint(work)
@@ -174,4 +176,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

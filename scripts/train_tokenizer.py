@@ -46,6 +46,7 @@ from typing import Iterable, Iterator
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.atomic import atomic_write_text
+from model.errors import UserError
 from model.tokenizer import PRETOKENIZE_REGEX
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -128,7 +129,9 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             if "text" in rec:
                 yield str(rec["text"])
             for key in ("conversations", "chosen", "rejected"):
@@ -240,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n_synthetic", type=int, default=40000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    missing = [str(p) for p in [*args.data, *args.text_files] if not p.is_file()]
+    if missing:  # before the synthetic texts, which take a while
+        raise UserError(f"no such file: {', '.join(missing)}")
 
     def corpus() -> Iterator[str]:
         if not args.no_synthetic:

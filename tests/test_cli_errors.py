@@ -3,6 +3,7 @@ one `error: ...` line on stderr, no traceback; --debug / MINIMIND_DEBUG=1 bring 
 a bug keeps its traceback. The subprocesses only parse and validate (each fails before training)."""
 
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,62 @@ def test_user_error_types_keep_their_old_bases():
     assert issubclass(ModelNotFoundError, FileNotFoundError)
     with pytest.raises(UnknownPresetError, match="'nope'"):
         MiniMindConfig.from_preset("nope")
+
+
+# ------------------------------------------- more entry points, run in-process as `python script`
+def run_main(script: str, args: list[str], monkeypatch, capsys) -> str:
+    """Execute `script` as __main__ (its run_cli boundary included) without a new interpreter;
+    the one `error:` line it ends with (asserting exit 2 and no traceback)."""
+    monkeypatch.delenv("MINIMIND_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if not line.startswith("[load]")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0].removeprefix("error: ")
+
+
+def test_train_tokenizer_missing_data_file(tmp_path, monkeypatch, capsys):
+    msg = run_main("scripts/train_tokenizer.py", ["--data", "/nonexistent.jsonl", "--out", str(tmp_path)],
+                   monkeypatch, capsys)
+    assert msg == "no such file: /nonexistent.jsonl"
+
+
+def test_convert_model_errors_exit_2(tmp_path, monkeypatch, capsys):
+    msg = run_main("scripts/convert_model.py", ["import", "--hf", str(tmp_path / "nope"), "--out",
+                                               str(tmp_path / "o")], monkeypatch, capsys)
+    assert msg.startswith(f"{tmp_path / 'nope' / 'config.json'}: not found")
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    msg = run_main("scripts/convert_model.py", ["import-minimind", "--pth", str(tmp_path / "x.pth"),
+                                               "--config", str(bad), "--out", str(tmp_path / "o")],
+                   monkeypatch, capsys)
+    assert "Expecting property name" in msg
+
+
+def test_generate_sft_data_contradictory_options(tmp_path, monkeypatch, capsys):
+    msg = run_main("scripts/generate_sft_data.py", ["--teacher", str(tmp_path), "--prompts", "p.jsonl",
+                                                   "--out", str(tmp_path / "o.jsonl"), "--num_samples", "2",
+                                                   "--temperature", "0"], monkeypatch, capsys)
+    assert msg.startswith("--num_samples > 1 with greedy decoding")
+
+
+def test_adapter_of_another_base_is_refused(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from model.config import MiniMindConfig
+    from model.io import save_pretrained
+    from model.lora import apply_lora, save_adapter
+    from model.model import MiniMindLM
+
+    other = MiniMindLM(MiniMindConfig.from_preset("tiny", qk_norm=True))
+    apply_lora(other, "all_attention", rank=2, alpha=4)
+    save_adapter(other, tmp_path / "adapter")
+    save_pretrained(MiniMindLM(MiniMindConfig.from_preset("tiny")), tmp_path / "base")
+    torch.set_num_threads(1)
+    msg = run_main("eval_model.py", ["--model", str(tmp_path / "base"), "--lora", str(tmp_path / "adapter"),
+                                     "--prompt", "hi", "--device", "cpu"], monkeypatch, capsys)
+    assert msg.startswith(f"{tmp_path / 'adapter' / 'adapter_config.json'}: adapter belongs to a "
+                          "different base model") and "qk_norm: adapter True vs model False" in msg

@@ -274,10 +274,17 @@ def test_lora_wrapped_model_is_refused_unmerged(tmp_path):
         export_hf(model, tmp_path)
 
 
-def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+def test_cli_reports_errors_without_traceback(tmp_path, capsys, monkeypatch):
+    from model.errors import run_cli
     save_pretrained(tiny(**MOE, norm_topk_prob=False), tmp_path / "m")
-    with pytest.raises(SystemExit, match="error: .*norm_topk_prob"):
-        cli(["export", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "hf")])
+    monkeypatch.delenv("MINIMIND_DEBUG", raising=False)
+    monkeypatch.setattr("sys.argv", ["convert_model.py", "export", "--model", str(tmp_path / "m"),
+                                     "--out", str(tmp_path / "hf")])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(cli)
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[load]")]
+    assert exit_info.value.code == 2 and len(lines) == 1, lines     # one line, no traceback
+    assert lines[0].startswith("error: ") and "norm_topk_prob" in lines[0]
 
 
 def test_minimind3_moe_maps_and_minimind2_moe_goes_to_granite():
