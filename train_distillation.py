@@ -8,7 +8,8 @@ r"""White-box knowledge distillation: a student learns a teacher's next-token di
 Data are SFT conversations; on the assistant tokens the loss is
 α·CE(student, data) + (1-α)·T²·KL(teacher_T ‖ student_T) (trainer/distill.py). The teacher may be
 larger or MoE but must share the student's tokenizer and vocab_size (checked before training). It
-runs frozen, in eval mode, under the loop's autocast. For a teacher with another tokenizer, distil
+runs frozen, in eval mode, under the loop's autocast; with `--packing` it gets the packed rows'
+per-conversation attention and positions, as the student does. For a teacher with another tokenizer, distil
 black-box instead: scripts/generate_sft_data.py, then train_full_sft.py.
 """
 from __future__ import annotations

@@ -8,6 +8,10 @@ r"""Stage 2, supervised fine-tuning on chat data ({"conversations": [...]} JSONL
 Conversations are rendered with the tokenizer's ChatML template; the loss covers the assistant
 replies only (labels -100 elsewhere) and is averaged over all supervised tokens of a step, so short
 and long answers weigh by their tokens. The model's shape comes from init_from's config.json.
+LLaMA-Factory's data options: `--packing` (several conversations per seq_len row, attention kept
+inside each and positions restarting: every conversation trains as if alone, with far less
+padding), `--train_on_prompt`, `--mask_history`; the same flags work in train_lora.py and
+train_distillation.py.
 
 `finetuning_type: lora` (LLaMA-Factory's key) trains adapters instead, exactly as train_lora.py
 does (lora_rank, lora_alpha, lora_target, ...; out_dir/final is then an adapter). MoE experts on

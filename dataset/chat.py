@@ -15,6 +15,9 @@ silently training on the wrong tokens. Message text may not contain the ChatML c
 
 Truncation: from the right, to ``max_length`` tokens. A span cut by truncation keeps its
 surviving tokens (no ``<|im_end|>``); callers drop samples left with no supervised token.
+LLaMA-Factory's ``train_on_prompt`` (supervise the prompt tokens too) and ``mask_history``
+(supervise the last reply only; truncation drops the oldest exchanges first) are options of
+``encode_conversation``.
 """
 
 from __future__ import annotations
@@ -246,6 +249,19 @@ class EncodedChat:
         return np.where(self.mask, self.ids, IGNORE_INDEX)
 
 
+def _render_ids(tokenizer: ChatTokenizer, messages: list[dict[str, Any]], tools: Any) -> np.ndarray:
+    return np.asarray(tokenizer.encode(tokenizer.apply_chat_template(messages, tools=tools)), dtype=np.int64)
+
+
+def _drop_oldest_exchange(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The conversation without its oldest user turn and everything up to the next user turn
+    (the replies and tool results that answered it); system messages stay. None when only
+    one exchange is left."""
+    first = next(i for i, m in enumerate(messages) if m["role"] != "system")
+    users = [i for i, m in enumerate(messages) if m["role"] == "user" and i > first]
+    return messages[:first] + messages[users[0]:] if users else None
+
+
 def encode_conversation(
     tokenizer: ChatTokenizer,
     messages: list[dict[str, Any]],
@@ -253,28 +269,45 @@ def encode_conversation(
     max_length: int | None = None,
     *,
     last_turn_only: bool = False,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
 ) -> EncodedChat:
     """Render with the tokenizer's chat template, tokenize, mask, then truncate from the right.
 
     ``last_turn_only`` supervises only the final assistant reply (DPO: prompt = everything before).
+    LLaMA-Factory's two options:
+    - ``train_on_prompt``: every token outside the assistant replies (system, user and tool turns,
+      role headers) is supervised too; the replies follow the usual rule.
+    - ``mask_history``: only the final assistant reply is supervised, and a conversation longer
+      than ``max_length`` loses its oldest exchanges first (system messages stay), so truncation
+      cuts history rather than the one reply that is trained. With ``train_on_prompt`` as well,
+      the earlier replies are the only unsupervised tokens (LLaMA-Factory masks a history turn's
+      target, not its prompt).
     Raises ValueError on invalid messages or when the template's assistant turns do not match.
     """
     messages, tools = normalize_conversation(messages, tools)
-    text = tokenizer.apply_chat_template(messages, tools=tools)
-    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    ids = _render_ids(tokenizer, messages, tools)
+    full_length = len(ids)
+    while mask_history and max_length is not None and len(ids) > max_length:
+        shorter = _drop_oldest_exchange(messages)
+        if shorter is None or not any(m["role"] == "assistant" for m in shorter):
+            break
+        messages, ids = shorter, _render_ids(tokenizer, shorter, tools)
     spans = assistant_spans(ids, tokenizer)
     n_assistant = sum(m["role"] == "assistant" for m in messages)
     if len(spans) != n_assistant:
         raise ValueError(
             f"the chat template rendered {len(spans)} assistant turns for {n_assistant} assistant messages"
         )
-    if last_turn_only:
-        spans = spans[-1:]
     mask = np.zeros(len(ids), dtype=bool)
-    for start, end in spans:
+    if train_on_prompt:
+        mask[:] = True
+        for start, end in spans:
+            mask[start:end] = False
+    for start, end in spans[-1:] if last_turn_only or mask_history else spans:
         mask[start:end] = True
-    truncated = max_length is not None and len(ids) > max_length
-    if truncated:
+    truncated = max_length is not None and full_length > max_length
+    if max_length is not None and len(ids) > max_length:
         ids, mask = ids[:max_length], mask[:max_length]
     return EncodedChat(ids, mask, truncated)
 

@@ -14,12 +14,19 @@ layout, so the model learns where documents start and end (``add_bos=False`` giv
 Labels equal input_ids; the model shifts them.
 
 SFT (``{"conversations"}``): ``dataset.chat.encode_conversation``; labels cover the assistant
-replies only. DPO (``{"chosen", "rejected"}``): both sides encoded, labels cover only the final
+replies only (``train_on_prompt`` / ``mask_history``: LLaMA-Factory's variants). ``packing``
+puts several conversations in one row of at most ``max_length`` tokens (best-fit decreasing,
+computed once at build time and cached with the tokens, so a sample is a packed row and resume
+by sample count stays exact). Each row carries ``document_ids`` (1, 2, ... per conversation, 0
+for collate padding): the model keeps attention inside each conversation and restarts its
+positions (LLaMA-Factory's neat_packing), and the first token of each conversation is never a
+target, so a packed row trains exactly what its conversations would alone. DPO (``{"chosen", "rejected"}``): both sides encoded, labels cover only the final
 assistant reply. Samples truncated to nothing supervised are dropped and counted in ``stats``.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +58,8 @@ class DataStats:
     dropped_identical: int = 0  # DPO pairs whose sides match after truncation (no preference signal)
     tokens: int = 0
     supervised_tokens: int = 0
+    documents: int = 0  # conversations packed into the rows (SFT packing; 0 = not packed)
+    packing_efficiency: float = 0.0  # real tokens / (rows * max_length) when packed
     messages: list[str] = field(default_factory=list)  # first few problems, with file:line
 
     def note(self, message: str) -> None:
@@ -64,6 +73,9 @@ class DataStats:
             f"{self.truncated} truncated, {self.dropped_no_supervision} dropped with no supervised token"
             f"{identical}); {self.tokens} tokens, {self.supervised_tokens} supervised"
         )
+        if self.documents:
+            text += (f"; packed {self.documents} conversations into {self.samples} rows, "
+                     f"efficiency {self.packing_efficiency:.1%} (real tokens / row capacity)")
         return text + ("; " + " | ".join(self.messages) if self.messages else "")
 
 
@@ -146,13 +158,15 @@ def _build_pretrain(
 
 
 def _build_sft(
-    records: Iterable[Record], tokenizer: ChatTokenizer, max_length: int, skip: bool
+    records: Iterable[Record], tokenizer: ChatTokenizer, max_length: int, skip: bool,
+    train_on_prompt: bool = False, mask_history: bool = False,
 ) -> tuple[dict[str, np.ndarray], DataStats]:
     stats = DataStats()
     ids, mask = _Ragged(token_dtype(tokenizer.vocab_size)), _Ragged(np.uint8)
     for rec in records:
         try:
-            enc = encode_conversation(tokenizer, rec.data["conversations"], rec.data.get("tools"), max_length)
+            enc = encode_conversation(tokenizer, rec.data["conversations"], rec.data.get("tools"), max_length,
+                                      train_on_prompt=train_on_prompt, mask_history=mask_history)
         except ValueError as e:
             _fail_or_skip(stats, rec.where, e, skip)
             continue
@@ -206,6 +220,43 @@ def _build_dpo(
         arrays[f"{s}_input_ids"], arrays[f"{s}_mask"] = ids.values(), mask.values()
         arrays[f"{s}_offsets"] = ids.offsets()
     return arrays, stats
+
+
+def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices whose lengths sum to at most ``capacity``: best-fit decreasing.
+
+    Items go longest first (ties by index, so the result is deterministic) into the open bin with
+    the least room that still fits them, else a new bin; FFD/BFD use at most 11/9 OPT + 1 bins.
+    O(n log n) searches over a sorted list of (room left, bin).
+    """
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (free tokens, bin index) of bins with space left
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = int(lengths[i])
+        if n > capacity:
+            raise ValueError(f"item {i} has length {n} > capacity {capacity}")
+        k = bisect.bisect_left(room, (n, -1))
+        if k == len(room):
+            bins.append([i])
+            free, b = capacity - n, len(bins) - 1
+        else:
+            free, b = room.pop(k)
+            bins[b].append(i)
+            free -= n
+        if free > 0:
+            bisect.insort(room, (free, b))
+    return bins
+
+
+def _pack_sft(arrays: dict[str, np.ndarray], stats: DataStats, max_length: int) -> dict[str, np.ndarray]:
+    """The SFT arrays plus the packing: ``pack_docs`` (conversation indices, row by row) and
+    ``pack_offsets`` (row r = pack_docs[pack_offsets[r]:pack_offsets[r + 1]])."""
+    bins = pack_lengths(np.diff(arrays["offsets"]), max_length)
+    stats.documents = len(arrays["offsets"]) - 1
+    stats.packing_efficiency = stats.tokens / (len(bins) * max_length) if bins else 0.0
+    docs = np.fromiter((d for b in bins for d in b), dtype=np.int64, count=stats.documents)
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in bins], dtype=np.int64)]).astype(np.int64)
+    return {**arrays, "pack_docs": docs, "pack_offsets": offsets}
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,17 +313,41 @@ class PretrainDataset(TokenDataset):
 
 
 class SFTDataset(TokenDataset):
-    """``{"input_ids", "labels", "attention_mask"}``; labels are -100 outside assistant replies."""
+    """``{"input_ids", "labels", "attention_mask"}``; labels are -100 outside assistant replies.
+    Packed: one row of several conversations, plus ``document_ids`` (1, 2, ... per conversation)."""
 
     kind = "sft"
 
+    @property
+    def packed(self) -> bool:
+        return "pack_offsets" in self.arrays
+
+    def __len__(self) -> int:
+        return len(self.arrays["pack_offsets"]) - 1 if self.packed else super().__len__()
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ids = _long(self._row("input_ids", "offsets", i))
-        mask = torch.from_numpy(self._row("mask", "offsets", i).astype(bool))
+        if not self.packed:
+            ids = _long(self._row("input_ids", "offsets", i))
+            mask = torch.from_numpy(self._row("mask", "offsets", i).astype(bool))
+            return {
+                "input_ids": ids,
+                "labels": torch.where(mask, ids, IGNORE_INDEX),
+                "attention_mask": torch.ones_like(ids),
+            }
+        off, docs = self.arrays["offsets"], self._row("pack_docs", "pack_offsets", i)
+        spans = [(int(off[d]), int(off[d + 1])) for d in docs]
+        ids = _long(np.concatenate([self.arrays["input_ids"][a:b] for a, b in spans]))
+        mask = torch.from_numpy(np.concatenate([self.arrays["mask"][a:b] for a, b in spans]).astype(bool))
+        lengths = torch.tensor([b - a for a, b in spans])
+        doc_ids = torch.repeat_interleave(torch.arange(1, len(spans) + 1), lengths)
+        # A conversation's first token is never a target alone (nothing precedes it); in a packed
+        # row the previous conversation's last token must not learn to predict it either.
+        mask[torch.cumsum(lengths, 0) - lengths] = False
         return {
             "input_ids": ids,
             "labels": torch.where(mask, ids, IGNORE_INDEX),
             "attention_mask": torch.ones_like(ids),
+            "document_ids": doc_ids,
         }
 
 
@@ -317,6 +392,9 @@ def build_dataset(
     mode: PretrainMode = "packed",
     add_bos: bool = True,
     drop_remainder: bool = False,
+    packing: bool = False,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
     skip_bad_records: bool = False,
     source_id: dict[str, Any] | None = None,
     cache_dir: str | Path | None = None,
@@ -325,7 +403,9 @@ def build_dataset(
     """Tokenize the records from ``source`` (or load them from the cache) into a dataset.
 
     ``source_id`` identifies the data for the cache key (file content hashes plus any conversion
-    options); without it nothing is cached. ``max_length`` is the block size in packed mode.
+    options); without it nothing is cached. ``max_length`` is the block size in packed mode, and
+    the row size with SFT ``packing``. ``packing``, ``train_on_prompt`` and ``mask_history`` are
+    SFT options (see the module docstring).
     """
     if kind not in DATASET_CLASSES:
         raise ValueError(f"unknown dataset kind {kind!r} (expected pretrain, sft or dpo)")
@@ -334,6 +414,11 @@ def build_dataset(
     options = {"kind": kind, "max_length": max_length, "skip_bad_records": skip_bad_records}
     if kind == "pretrain":
         options.update(mode=mode, add_bos=add_bos)
+    sft_options = {"packing": packing, "train_on_prompt": train_on_prompt, "mask_history": mask_history}
+    if kind != "sft" and any(sft_options.values()):
+        on = ", ".join(k for k, v in sft_options.items() if v)
+        raise ValueError(f"{on}: SFT data options, but this is {kind} data")
+    options.update({k: True for k, v in sft_options.items() if v})  # keys of older caches unchanged
     cache = TokenCache(cache_dir) if use_cache and source_id is not None else None
     key = ""
     if cache is not None:
@@ -346,7 +431,8 @@ def build_dataset(
     if kind == "pretrain":
         arrays, stats = _build_pretrain(records, tokenizer, max_length, mode, add_bos)
     elif kind == "sft":
-        arrays, stats = _build_sft(records, tokenizer, max_length, skip_bad_records)
+        arrays, stats = _build_sft(records, tokenizer, max_length, skip_bad_records, train_on_prompt,
+                                   mask_history)
     else:
         arrays, stats = _build_dpo(records, tokenizer, max_length, skip_bad_records)
     stats.records = report.records
@@ -354,6 +440,8 @@ def build_dataset(
     stats.messages = (report.messages + stats.messages)[:MAX_MESSAGES]
     if stats.tokens == 0:
         raise DataError(f"no usable samples ({stats})")
+    if packing:
+        arrays = _pack_sft(arrays, stats, max_length)
     meta = {**options, "stats": asdict(stats)}
     if cache is not None:
         entry = cache.save(key, arrays, meta)
@@ -419,8 +507,8 @@ def split_train_eval(dataset: Dataset, eval_fraction: float, seed: int = 0) -> t
 def _pad_value(key: str, pad_id: int) -> int:
     if key.endswith("labels"):
         return IGNORE_INDEX
-    if key.endswith("attention_mask"):
-        return 0
+    if key.endswith("attention_mask") or key == "document_ids":
+        return 0  # document 0 = padding
     return pad_id
 
 

@@ -201,7 +201,8 @@ class CausalLMOutput:
     aux_loss: torch.Tensor | None = None  # MoE load balancing, summed over layers (0 when dense)
 
 
-def attention_mask_for(attention_mask: torch.Tensor | None, S: int, P: int, device: torch.device):
+def attention_mask_for(attention_mask: torch.Tensor | None, S: int, P: int, device: torch.device,
+                       document_ids: torch.Tensor | None = None):
     """Returns (mask, is_causal) for SDPA given the padding mask over all P+S positions.
 
     Without padding the fast paths apply: ``is_causal`` for a prefill, no mask for one new token,
@@ -209,7 +210,16 @@ def attention_mask_for(attention_mask: torch.Tensor | None, S: int, P: int, devi
     With padding a boolean [B, 1, S, P+S] mask combines causality and padding; each query may always
     see itself, so a padded query row is never fully masked (that would give NaN, and the NaN of a
     pad position would leak into real rows through 0·NaN in the value product).
+    With ``document_ids`` [B, S] (packed rows: 1, 2, ... per document, 0 for the padding after
+    them) the mask is block-diagonal causal: a token sees only the earlier tokens of its own
+    document (LLaMA-Factory's neat_packing). Training and prefill only (P = 0).
     """
+    if document_ids is not None:
+        if P:
+            raise ValueError("document_ids (packed rows) cannot be used with a KV cache")
+        pos = torch.arange(S, device=device)
+        mask = (pos[None, :] <= pos[:, None]) & (document_ids[:, :, None] == document_ids[:, None, :])
+        return mask[:, None], False   # the diagonal is always set: no row is fully masked
     if attention_mask is None and (P == 0 or S == 1):
         return None, (P == 0 and S > 1)
     q_pos = torch.arange(P, P + S, device=device).unsqueeze(-1)
@@ -233,22 +243,32 @@ class MiniMindLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0
-                ) -> CausalLMOutput:
+                position_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
+                document_ids: torch.Tensor | None = None) -> CausalLMOutput:
         """``attention_mask`` [B, P+S] (1 real, 0 pad) is only needed for left padding or a padded
         cache: with right padding, causality already hides the pads from every real token.
-        ``labels`` are aligned with ``input_ids``; the shift happens here."""
+        ``labels`` are aligned with ``input_ids``; the shift happens here.
+        ``document_ids`` [B, S] marks packed rows (1, 2, ... per document, 0 = padding): attention
+        stays inside each document and positions restart at 0 where a document starts, so every
+        document is computed exactly as if it were alone in its row. Its labels must not ask the
+        last token of one document to predict the first of the next (the SFT dataset masks them)."""
         B, S = input_ids.shape
         P = kv_cache.pos if kv_cache is not None else 0
         if position_ids is None:
-            if attention_mask is not None:  # left padding: each row counts from its first token
+            if document_ids is not None:  # each token's distance from the start of its document
+                idx = torch.arange(S, device=input_ids.device).expand(B, S)
+                starts = F.pad(document_ids[:, 1:] != document_ids[:, :-1], (1, 0), value=True)
+                position_ids = idx - torch.where(starts, idx, 0).cummax(-1).values
+            elif attention_mask is not None:  # left padding: each row counts from its first token
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:P + S]
             else:
                 position_ids = torch.arange(P, P + S, device=input_ids.device)
         x = F.dropout(self.model.embed_tokens(input_ids), self.config.dropout, self.training)
         cos, sin = self.model.rotary(position_ids, x.dtype)
-        mask, is_causal = attention_mask_for(attention_mask, S, P, x.device)
+        mask, is_causal = attention_mask_for(attention_mask, S, P, x.device, document_ids)
         token_mask = attention_mask[:, P:P + S] if attention_mask is not None else None
+        if token_mask is None and document_ids is not None:
+            token_mask = document_ids > 0   # the padding after the documents of a packed row
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.model.layers):
             x, aux = layer(x, cos, sin, mask, is_causal, kv_cache, i, token_mask)

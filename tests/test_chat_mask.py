@@ -133,3 +133,57 @@ def test_template_that_drops_a_turn_is_caught(tok):
                 {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
     with pytest.raises(ValueError, match="rendered 1 assistant turns for 2"):
         messages_to_ids_and_labels(DropsTurns(), messages)
+
+
+TWO_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Sum 2+3?"},
+    {"role": "assistant", "content": "It is 5."},
+]
+# The rendered 2-turn conversation cut by hand into prompt pieces (P), replies (R) and the tail (T).
+PIECES = [
+    ("P", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+          "<|im_start|>assistant\n"),
+    ("R", "<think>\n\n</think>\n\nHello.<|im_end|>"),
+    ("P", "\n<|im_start|>user\nSum 2+3?<|im_end|>\n<|im_start|>assistant\n"),
+    ("R", "<think>\n\n</think>\n\nIt is 5.<|im_end|>"),
+    ("T", "\n"),
+]
+
+
+@pytest.mark.parametrize("train_on_prompt, mask_history, supervised", [
+    (False, False, "-R-R-"),     # the replies
+    (True, False, "PRPRT"),      # LLaMA-Factory train_on_prompt: everything
+    (False, True, "---R-"),      # mask_history: the last reply only
+    (True, True, "P-PRT"),       # both: only the history reply is left out (LLaMA-Factory's rule)
+])
+def test_train_on_prompt_and_mask_history_match_hand_built_masks(tok, train_on_prompt, mask_history,
+                                                                  supervised):
+    ids, mask = [], []
+    for (_, text), flag in zip(PIECES, supervised):
+        piece = tok.encode(text)
+        ids += piece
+        mask += [flag != "-"] * len(piece)
+    enc = encode_conversation(tok, TWO_TURNS, train_on_prompt=train_on_prompt, mask_history=mask_history)
+    assert enc.ids.tolist() == ids          # the pieces tokenize exactly like the whole
+    assert enc.mask.tolist() == mask
+    assert tok.decode(enc.ids.tolist()) == "".join(text for _, text in PIECES)
+
+
+def test_mask_history_truncates_the_oldest_exchange_first(tok):
+    last_only = [TWO_TURNS[0], *TWO_TURNS[3:]]
+    short = encode_conversation(tok, last_only)
+    full = encode_conversation(tok, TWO_TURNS)
+    budget = len(short.ids) + 2
+    assert len(full.ids) > budget
+    kept = encode_conversation(tok, TWO_TURNS, max_length=budget, mask_history=True)
+    assert kept.truncated and kept.ids.tolist() == short.ids.tolist()   # system + last exchange, whole
+    assert supervised_runs(tok, kept.ids.tolist(), kept.labels.tolist()) == [PIECES[3][1]]
+    # without mask_history the right cut keeps the history and loses the last reply
+    plain = encode_conversation(tok, TWO_TURNS, max_length=budget)
+    assert supervised_runs(tok, plain.ids.tolist(), plain.labels.tolist()) == [PIECES[1][1]]
+    # when even the last exchange is too long, it is cut from the right like any other sample
+    tiny = encode_conversation(tok, TWO_TURNS, max_length=len(short.ids) - 3, mask_history=True)
+    assert tiny.ids.tolist() == short.ids.tolist()[:-3]

@@ -59,6 +59,12 @@ class TrainConfig:
     eval_fraction: float = option(0.0, "hold this fraction of the training data out for validation")
     dataset_dir: str = option("", "folder with a LLaMA-Factory dataset_info.json ('' = files only)")
     seq_len: int = option(256, "maximum tokens per sample")
+    # SFT data (train_full_sft, train_lora, train_distillation); LLaMA-Factory's names
+    packing: bool = option(False, "pack several conversations into each seq_len row; attention "
+                         "stays inside each conversation and positions restart (neat_packing)")
+    train_on_prompt: bool = option(False, "supervise the prompt tokens (system, user, tool turns) too")
+    mask_history: bool = option(False, "supervise only the last assistant reply; truncation drops "
+                              "the oldest exchanges first")
 
     # --- batch and optimisation
     batch_size: int = option(8, "samples per micro-batch per process")
@@ -151,6 +157,20 @@ class TrainConfig:
         if self.init_from:
             return MiniMindConfig.from_json(Path(self.init_from) / "config.json")
         return MiniMindConfig.from_preset(self.model_preset)
+
+    def data_options(self, kind: str) -> dict[str, Any]:
+        """The dataset builder's options for a stage that trains on `kind` data: the SFT options
+        above for SFT data; for other data any of them set is a ConfigError (the stage would
+        silently ignore it)."""
+        sft = {"packing": self.packing, "train_on_prompt": self.train_on_prompt,
+               "mask_history": self.mask_history}
+        if kind == "sft":
+            return sft
+        if any(sft.values()):
+            on = ", ".join(f"--{k}" for k, v in sft.items() if v)
+            hint = " (pretraining packs with --packed)" if kind == "pretrain" else ""
+            raise ConfigError(f"{on}: options of SFT data, but this stage trains on {kind} data{hint}")
+        return {}
 
     # ------------------------------------------------------------------ the one validation place
     def validate(self, has_eval_data: bool | None = None, model_config: Any = None) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from model.errors import UserError
 from trainer.dpo import inference
-from trainer.losses import IGNORE_INDEX, LossFn, shift_labels
+from trainer.losses import IGNORE_INDEX, LossFn, packing_inputs, shift_labels
 
 
 class VocabMismatchError(UserError, ValueError):
@@ -86,10 +86,10 @@ def make_distill_loss(teacher: nn.Module, alpha: float = 0.5, temperature: float
     teacher.requires_grad_(False)
 
     def loss_fn(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        ids, labels = batch["input_ids"], batch["labels"]
-        with inference(teacher):
-            teacher_logits = teacher(input_ids=ids).logits
-        out = model(input_ids=ids)
+        ids, labels, packed = batch["input_ids"], batch["labels"], packing_inputs(batch)
+        with inference(teacher):   # the same per-conversation attention and positions as the student
+            teacher_logits = teacher(input_ids=ids, **packed).logits
+        out = model(input_ids=ids, **packed)
         loss, ce, kl = distillation_loss(out.logits, teacher_logits, labels, alpha, temperature)
         metrics: dict[str, Any] = {"ce_loss": ce.detach(), "kl": kl.detach()}
         aux = getattr(out, "aux_loss", None)

@@ -47,16 +47,23 @@ def batch_weight(batch: Mapping[str, Any], ignore_index: int = IGNORE_INDEX) -> 
     return float(first.shape[0]) if first is not None else 1.0
 
 
+def packing_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's extra inputs for packed rows (`document_ids`: attention per conversation and
+    positions restarting), {} for ordinary batches; every forward of a packed batch needs them."""
+    return {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
+
+
 def lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Pretraining / SFT loss: the model's own loss (ce + MoE aux) on `input_ids`/`labels`.
 
     The attention mask is deliberately not passed: training batches are right-padded
     (dataset.collate), so causality already hides every pad from every real token, pads carry
     label -100, and without a mask the model can use SDPA's causal fast path (flash attention on
-    GPU) instead of a materialised [B, 1, S, S] mask. Metrics stay tensors on the device; the loop
+    GPU) instead of a materialised [B, 1, S, S] mask; packed SFT rows pass their `document_ids`
+    (a block-diagonal mask, which is what packing needs). Metrics stay tensors on the device; the loop
     reads them only at log time.
     """
-    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"], **packing_inputs(batch))
     metrics: dict[str, Any] = {}
     if getattr(out, "ce_loss", None) is not None:
         metrics["ce_loss"] = out.ce_loss.detach()

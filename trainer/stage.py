@@ -121,6 +121,7 @@ def load_data(cfg: TrainConfig, kind: str, tokenizer: Tokenizer, env: dist.DistE
     if not cfg.data_path:
         raise ConfigError("no training data: pass --data_path FILE... "
                           "(e.g. make some with `python -m dataset.synthetic --out data/synthetic`)")
+    options = {**cfg.data_options(kind), **options}
     with dist.main_process_first(env):   # rank 0 tokenizes and fills the cache; the others read it
         train = _load(cfg, kind, cfg.data_path, tokenizer, options)
         evals = {Path(p).name.split(".")[0]: _load(cfg, kind, [p], tokenizer, options)
