@@ -293,7 +293,7 @@ def test_minimind3_moe_maps_and_minimind2_moe_goes_to_granite():
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
      "rope_type 'llama3'"),
-    (dict(model_type="qwen3_moe", mlp_only_layers=[0], num_experts=4, num_experts_per_tok=2,
+    (dict(model_type="qwen3_moe", mlp_only_layers=[1], num_experts=4, num_experts_per_tok=2,
           moe_intermediate_size=32), "mlp_only_layers"),
 ])
 def test_unsupported_hf_configs_are_refused(change, match):
