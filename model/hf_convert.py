@@ -48,11 +48,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import MiniMindConfig
 from .errors import ModelNotFoundError, UserError
-from .io import atomic_path, atomic_write_bytes, save_pretrained
+from .io import atomic_path, atomic_write_bytes, config_bytes, save_pretrained
 from .attention import yarn_mscale
 from .model import MiniMindLM
 from .precision import DTYPES, canonical_name
@@ -601,9 +602,13 @@ def find_tokenizer_dir(model_dir: str | Path | None) -> Path:
 
 
 def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-              dtype: str = "float32") -> Path:
+              dtype: str = "float32", max_shard_bytes: int | None = None) -> Path:
     """Writes ``model.safetensors`` + ``config.json`` + ``generation_config.json`` + the tokenizer
-    files, loadable offline by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``."""
+    files, loadable offline by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
+
+    ``max_shard_bytes`` splits the weights into Hub-style ``model-0000i-of-0000n.safetensors``
+    shards (each tensor whole, in state-dict order, each shard converted to ``dtype`` only while
+    it is written) plus ``model.safetensors.index.json``, written last."""
     if dtype not in _HF_NAMES:
         raise ConversionError(f"dtype {dtype!r} is not one of {list(_HF_NAMES)}")
     config = model.config
@@ -612,13 +617,11 @@ def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path 
     for f in _TOKENIZER_FILES:
         if not (tok_dir / f).is_file():
             raise ConversionError(f"{tok_dir / f}: tokenizer file not found")
-    sd = hf_state_dict_from_ours(config, _float32(model.state_dict()))
+    sd = hf_state_dict_from_ours(config, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     weight_dtype = DTYPES[canonical_name(dtype)]
-    sd = {k: v.to(weight_dtype).contiguous() for k, v in sd.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt"})
+    _write_hf_weights(sd, out_dir, weight_dtype, max_shard_bytes)
     atomic_write_bytes(out_dir / "config.json", _json_bytes(hf_config))
     atomic_write_bytes(out_dir / "generation_config.json",
                        _json_bytes(generation_config_from_ours(config)))
@@ -626,6 +629,43 @@ def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path 
         with atomic_path(out_dir / f) as tmp:
             shutil.copyfile(tok_dir / f, tmp)
     return out_dir
+
+
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _write_hf_weights(sd: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype,
+                      max_shard_bytes: int | None) -> None:
+    """One ``model.safetensors``, or shards + index; leftovers of an earlier export with another
+    layout are removed afterwards so loaders never pick a stale file."""
+    itemsize = torch.finfo(dtype).bits // 8
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, value in sd.items():
+        nbytes = value.numel() * itemsize
+        if max_shard_bytes and groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    names = (["model.safetensors"] if not max_shard_bytes else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    for name, keys in zip(names, groups):
+        shard = {k: sd[k].to(dtype).contiguous() for k in keys}  # this shard's copies only
+        with atomic_path(out_dir / name) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+        del shard
+    index = out_dir / "model.safetensors.index.json"
+    if max_shard_bytes:
+        total = sum(v.numel() for v in sd.values()) * itemsize
+        atomic_write_bytes(index, _json_bytes({
+            "metadata": {"total_size": total},
+            "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}}))
+    stale = [f for f in out_dir.iterdir() if f.name not in names and (
+        _SHARD_NAME.match(f.name) or f.name == "model.safetensors"
+        or (f == index and not max_shard_bytes))]
+    for f in stale:
+        f.unlink()
 
 
 def _json_bytes(data: dict) -> bytes:
@@ -662,10 +702,98 @@ def import_hf(hf_dir: str | Path) -> MiniMindLM:
     return load_into_model(config, sd, str(hf_dir))
 
 
+def _hf_weight_files(hf_dir: Path) -> list[Path] | None:
+    """The safetensors files of an HF folder (one, or the shards its index names); None if it has
+    only ``pytorch_model.bin``."""
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ConversionError(f"{index}: not a safetensors index ({e})") from None
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise ModelNotFoundError(f"{f}: shard named by {index.name} not found")
+        return files
+    return None
+
+
+def _write_streamed(config: MiniMindConfig, model_type: str, files: list[Path], out: Path,
+                    source: str) -> None:
+    """Our ``model.safetensors`` from HF safetensors files, one input tensor at a time.
+
+    Pass 1 reads only the headers and maps meta tensors (``hf_tensor_to_ours``) to get every
+    output name and shape; they are checked against the model the config builds (the strict
+    load, without building it). Pass 2 writes the safetensors header for those shapes, then each
+    converted tensor at its offset as its shard is read: peak memory is one input shard's pages
+    plus one converted tensor, whatever the checkpoint's size. The file equals
+    ``save_pretrained``'s: fp32 tensors, a tied ``lm_head`` stored once under its embedding name.
+    """
+    planned: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                meta = torch.empty(fh.get_slice(key).get_shape(), device="meta")
+                for name, t in hf_tensor_to_ours(config, model_type, key, meta).items():
+                    planned[name] = tuple(t.shape)
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
+    for alias in tied:
+        planned.pop(alias, None)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MiniMindLM(config).state_dict().items()
+                    if k not in tied}
+    missing, unexpected = sorted(set(expected) - set(planned)), sorted(set(planned) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(f"{source}: weights do not match the config: missing "
+                              f"{_few(missing)}; unexpected {_few(unexpected)}")
+    bad = [f"{k} {planned[k]} != {v}" for k, v in expected.items() if planned[k] != v]
+    if bad:
+        raise ConversionError(f"{source}: shape mismatch: {_few(bad)}")
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "tied": json.dumps(tied)}}
+    offset = 0
+    for name, shape in planned.items():
+        end = offset + 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data must start 8-byte aligned
+    start = 8 + len(head)
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh_out:
+        fh_out.write(len(head).to_bytes(8, "little") + head)
+        fh_out.truncate(start + offset)
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    for name, t in hf_tensor_to_ours(config, model_type, key,
+                                                     fh.get_tensor(key)).items():
+                        if name in header:
+                            fh_out.seek(start + header[name]["data_offsets"][0])
+                            fh_out.write(t.contiguous().numpy().data)
+
+
 def import_hf_to_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
-    """``import_hf`` + ``save_pretrained``; copies the tokenizer files when the folder has them."""
-    model = import_hf(hf_dir)
-    save_pretrained(model, out_dir)
+    """An HF folder → our model folder; copies the tokenizer files when the folder has them.
+
+    Safetensors checkpoints, single or sharded, are converted tensor by tensor
+    (``_write_streamed``): a 16 GB DeepSeek-V2-Lite never sits in memory whole.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    files = _hf_weight_files(hf_dir) if hf_dir.is_dir() else None
+    if files is None:  # pytorch_model.bin (or an error naming what is missing)
+        save_pretrained(import_hf(hf_dir), out_dir)
+    else:
+        cfg_path = hf_dir / "config.json"
+        if not cfg_path.is_file():
+            raise ModelNotFoundError(f"{cfg_path}: not found (is {hf_dir} a Hugging Face model "
+                                     "folder?)")
+        hf = json.loads(cfg_path.read_text())
+        config = our_config_from_hf(hf, str(cfg_path))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_streamed(config, hf["model_type"], files, out_dir / "model.safetensors", str(hf_dir))
+        atomic_write_bytes(out_dir / "config.json", config_bytes(config))
     for f in _TOKENIZER_FILES:
         if (Path(hf_dir) / f).is_file():
             with atomic_path(Path(out_dir) / f) as tmp:
