@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from model.hf_convert import (export_gguf, export_hf, find_tokenizer_dir,
+from model.hf_convert import (ConversionError, export_gguf, export_hf, find_tokenizer_dir,
                               import_hf_to_folder, load_minimind_pth, resolve_config)
 from model.io import load_for_inference, save_pretrained
 from model.model import MiniMindLM
@@ -76,6 +76,12 @@ def cmd_import_minimind(args: argparse.Namespace) -> None:
 
 def cmd_gguf(args: argparse.Namespace) -> None:
     model = _load(args.model, args.lora)
+    # export_gguf maps llama/qwen3 attention tensors by name and would drop MLA's and the q/k/v
+    # biases without a word: refuse here until the GGUF writer knows these layouts.
+    if model.config.use_mla or model.config.attention_bias:
+        raise ConversionError("GGUF export supports grouped-query attention without q/k/v biases "
+                              "only; export MLA / Qwen2-MoE models with `export` (transformers) "
+                              "and use llama.cpp's convert_hf_to_gguf.py")
     tok = args.tokenizer or find_tokenizer_dir(args.model)
     print(f"wrote {export_gguf(model, args.out, tokenizer_dir=tok, dtype=args.dtype)}")
 

@@ -89,3 +89,4 @@ def test_a_shard_missing_from_the_index_is_named(tmp_path, hf_model):
     with pytest.raises(ModelNotFoundError, match=victim.name):
         import_hf_to_folder(tmp_path / "hf", tmp_path / "ours")
     assert not (tmp_path / "ours" / "model.safetensors").exists()
+

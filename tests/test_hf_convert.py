@@ -478,3 +478,11 @@ def test_family_refusals_name_the_reason():
     with pytest.raises(ConversionError, match="interleaved RoPE"):
         choose_hf_model_type(MiniMindConfig.from_preset(
             "tiny-mla-moe", topk_method="greedy", rope_interleave=False, norm_topk_prob=False))
+
+
+def test_gguf_cli_refuses_mla_instead_of_writing_a_broken_file(tmp_path):
+    save_pretrained(MiniMindLM(MiniMindConfig.from_preset("tiny-mla-moe", use_moe=False)),
+                    tmp_path / "m")
+    with pytest.raises(SystemExit, match="MLA"):
+        cli(["gguf", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "m.gguf")])
+    assert not (tmp_path / "m.gguf").exists()
