@@ -509,6 +509,9 @@ def hf_tensor_to_ours(config: MiniMindConfig, model_type: str, key: str, value: 
     """
     if _IGNORED_KEY.search(key):
         return {}
+    layer = re.match(r"^model\.layers\.(\d+)\.", key)
+    if model_type in _DEEPSEEK and layer and int(layer.group(1)) >= config.num_hidden_layers:
+        return {}  # DeepSeek-V3's multi-token-prediction layers: transformers drops them too
     value = value.to(torch.float32) if value.device.type == "meta" else _float32({"": value})[""]
     m = re.match(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp|shared_mlp)\.(.+)$", key)
     if not m or (m.group(2) == "mlp" and not config.is_moe_layer(int(m.group(1)))):
