@@ -60,6 +60,26 @@ def test_decoding_from_the_latent_cache_equals_the_full_forward(overrides):
     torch.testing.assert_close(last, model(ids[:1, 3:9]).logits[0, -1], rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def test_latent_space_attention_equals_the_expanded_keys_and_values(monkeypatch):
+    """Weight absorption (chosen for decoding by cost) against expanding every cached latent, on
+    a prefill (is_causal), a chunk appended to the cache (explicit mask) and one padded token."""
+    from model.attention import MLAttention
+    model = mla_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0
+    runs = {}
+    for absorb in (True, False):
+        monkeypatch.setattr(MLAttention, "_absorb", lambda self, S, T, a=absorb: a)
+        cache = KVCache(model.config, batch_size=2, max_len=9)
+        runs[absorb] = [model(ids[:, :5], kv_cache=cache).logits,
+                        model(ids[:, 5:8], kv_cache=cache).logits,
+                        model(ids[:, 8:], attention_mask=mask, kv_cache=cache).logits]
+    for a, b in zip(runs[True], runs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_the_cache_holds_latent_and_rope_key_not_expanded_kv():
     cfg = MiniMindConfig.from_preset("tiny-mla-moe")
     cache = KVCache(cfg, batch_size=3, max_len=20)
