@@ -108,3 +108,21 @@ def test_deepseek_v3_mtp_layers_are_dropped_as_transformers_does(tmp_path):
     save_file(sd, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
     import_hf_to_folder(tmp_path / "hf", tmp_path / "ours")
     assert not any(k.startswith("model.layers.1.") for k in weights(tmp_path / "ours")[0])
+
+
+def test_streamed_import_is_strict_before_writing(tmp_path, hf_model):
+    """An unknown tensor or a wrong shape is named, and no weights file is left behind."""
+    from safetensors.torch import load_file, save_file
+
+    from model.hf_convert import ConversionError
+    hf_model.float().save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    sd = load_file(str(path))
+    save_file({**sd, "model.layers.0.self_attn.extra.weight": torch.zeros(2)}, str(path))
+    with pytest.raises(ConversionError, match="unexpected .*self_attn.extra.weight"):
+        import_hf_to_folder(tmp_path / "hf", tmp_path / "ours")
+    sd["model.layers.0.self_attn.kv_b_proj.weight"] = torch.zeros(3, 16)
+    save_file(sd, str(path))
+    with pytest.raises(ConversionError, match=r"kv_b_proj.weight \(3, 16\)"):
+        import_hf_to_folder(tmp_path / "hf", tmp_path / "ours")
+    assert not (tmp_path / "ours" / "model.safetensors").exists()
