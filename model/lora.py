@@ -479,10 +479,17 @@ def _from_peft(raw: dict, tensors: dict[str, torch.Tensor], metadata: dict[str, 
 def _check_base(model: nn.Module, base: dict, path: Path) -> None:
     if base.get("config_sha256") in (None, config_fingerprint(model.config)):
         return
-    want, have = base.get("config") or {}, model.config.to_dict()
+    # A field newer than the adapter (added to MiniMindConfig after it was saved) changes the
+    # fingerprint without changing the model: compare field by field, the missing ones at their
+    # defaults, so old adapters keep loading on the bases they were trained on.
+    defaults = MiniMindConfig().to_dict()
+    want = {**defaults, **(base.get("config") or {})}
+    have = model.config.to_dict()
     diffs = [f"{k}: adapter {want.get(k)!r} vs model {have.get(k)!r}"
              for k in sorted(set(want) | set(have))
              if k not in RUNTIME_CONFIG_FIELDS and want.get(k) != have.get(k)]
+    if base.get("config") and not diffs:
+        return
     raise ModelFolderError(f"{path}: adapter belongs to a different base model "
                            f"({base.get('name_or_path') or 'unnamed'}): "
                            f"{'; '.join(diffs) or 'config fingerprint differs'}")

@@ -210,6 +210,27 @@ def test_load_onto_different_config_fails_clearly(tmp_path):
         load_adapter(make("tiny"), tmp_path / "nowhere")
 
 
+def test_adapter_saved_before_newer_config_fields_still_loads(tmp_path):
+    """An adapter written before a config field existed (its stored config lacks the field, so its
+    fingerprint differs) loads when every field it has matches and the missing one is at its
+    default; a missing field whose model value is not the default is still a different base."""
+    model = make("tiny")
+    apply_lora(model, "all_attention", rank=4, alpha=8)
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "ad")
+    path = tmp_path / "ad" / ADAPTER_CONFIG_NAME
+    raw = json.loads(path.read_text())
+    del raw["base_model"]["config"]["kv_lora_rank"]  # a field MLA added later
+    raw["base_model"]["config_sha256"] = "0" * 64
+    path.write_text(json.dumps(raw))
+    fresh = make("tiny")
+    load_adapter(fresh, tmp_path / "ad")
+    assert torch.equal(logits(fresh, IDS), logits(model, IDS))
+    with pytest.raises(ValueError, match=r"kv_lora_rank: adapter 0 vs model 16"):
+        load_adapter(make("tiny", kv_lora_rank=16, q_lora_rank=0, qk_rope_head_dim=8,
+                          qk_nope_head_dim=8, v_head_dim=8), tmp_path / "ad")
+
+
 def test_load_errors_name_file_and_key(tmp_path):
     model = make("tiny")
     apply_lora(model, "q_proj,v_proj", rank=4, alpha=8)
