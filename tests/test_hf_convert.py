@@ -502,6 +502,6 @@ def test_family_refusals_name_the_reason():
 def test_gguf_cli_refuses_mla_instead_of_writing_a_broken_file(tmp_path):
     save_pretrained(MiniMindLM(MiniMindConfig.from_preset("tiny-mla-moe", use_moe=False)),
                     tmp_path / "m")
-    with pytest.raises(SystemExit, match="MLA"):
+    with pytest.raises(ConversionError, match="MLA"):  # run_cli prints it as one line, exit 2
         cli(["gguf", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "m.gguf")])
     assert not (tmp_path / "m.gguf").exists()
