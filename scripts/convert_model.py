@@ -20,8 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-from model.hf_convert import (export_gguf, export_hf, find_tokenizer_dir,
-                              import_hf_to_folder, load_minimind_pth, resolve_config)
+from model.gguf import export_gguf
+from model.hf_convert import (export_hf, find_tokenizer_dir, import_hf_to_folder,
+                              load_minimind_pth, resolve_config)
 from model.io import load_for_inference, save_pretrained
 from model.model import MiniMindLM
 
