@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
+from .config import MiniMindConfig
 from .hf_convert import ConversionError, _float32, find_tokenizer_dir
 from .model import MiniMindLM
 from .tokenizer import PRETOKENIZE_REGEX
@@ -64,25 +65,87 @@ def _gguf_pre_tokenizer(tokenizer_json: dict, source: str) -> str:
                           "GGUF with a guessed one would tokenize some inputs differently")
 
 
+def gguf_arch(config: MiniMindConfig) -> str:
+    """The llama.cpp architecture whose maths equals the config's, or a ``ConversionError``.
+
+    ``qwen3`` / ``qwen3moe`` with QK-norm (NEOX-style half rotation, weights as they are),
+    ``llama`` without (interleaved RoPE: q/k rows permuted, as llama.cpp's own converter does;
+    with experts it is llama.cpp's Mixtral). llama.cpp's routing for these is softmax → top-k →
+    renormalise, with no shared experts, so only ``norm_topk_prob`` configs without shared
+    experts map. YaRN is refused (its attention factor is not verified here).
+    """
+    if config.yarn_factor > 1.0:
+        raise ConversionError("GGUF export of a YaRN config is not supported; export the base model "
+                              "and enable YaRN at run time (llama.cpp --rope-scaling yarn)")
+    if not config.use_moe:
+        return "qwen3" if config.qk_norm else "llama"
+    if config.n_shared_experts:
+        raise ConversionError("GGUF export: MoE with shared experts has no llama.cpp architecture "
+                              "with the same maths (qwen2moe gates its shared expert by a learned "
+                              "sigmoid, deepseek2 needs latent attention)")
+    if not config.norm_topk_prob:
+        raise ConversionError("GGUF export: llama.cpp's qwen3moe / llama MoE always renormalise the "
+                              "top-k routing weights; this config (norm_topk_prob false) does not")
+    return "qwen3moe" if config.qk_norm else "llama"
+
+
+def gguf_tensors(config: MiniMindConfig, sd: dict[str, torch.Tensor], arch: str
+                 ) -> dict[str, torch.Tensor]:
+    """llama.cpp tensor name → fp32 tensor (torch layout [out, in]; the writer reverses the dims
+    into ggml order). Routed experts are stacked per layer: ``ffn_{gate,up}_exps`` [E, I, D],
+    ``ffn_down_exps`` [E, D, I], the router ``ffn_gate_inp`` [E, D], as convert_hf_to_gguf does."""
+    tensors = {"token_embd.weight": sd["model.embed_tokens.weight"],
+               "output_norm.weight": sd["model.norm.weight"]}
+    if not config.tie_word_embeddings:
+        tensors["output.weight"] = sd["lm_head.weight"]
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        for ours, theirs in _GGUF_LAYER_NAMES.items():
+            if layer + ours not in sd:
+                continue  # q_norm/k_norm only with QK-norm; the dense FFN only without MoE
+            w = sd[layer + ours]
+            if arch == "llama" and ours == "self_attn.q_proj.weight":
+                w = rope_halves_to_interleaved(w, config.num_attention_heads)
+            elif arch == "llama" and ours == "self_attn.k_proj.weight":
+                w = rope_halves_to_interleaved(w, config.num_key_value_heads)
+            tensors[f"blk.{i}.{theirs}"] = w
+        if config.use_moe:
+            tensors[f"blk.{i}.ffn_gate_inp.weight"] = sd[layer + "mlp.gate.weight"]
+            for proj in ("gate", "up", "down"):
+                tensors[f"blk.{i}.ffn_{proj}_exps.weight"] = torch.stack(
+                    [sd[f"{layer}mlp.experts.{e}.{proj}_proj.weight"]
+                     for e in range(config.num_experts)])
+    return tensors
+
+
+def _add_hparams(writer, config: MiniMindConfig) -> None:
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    if config.use_moe:
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+
+
 def export_gguf(model: MiniMindLM, out_path: str | Path, tokenizer_dir: str | Path | None = None,
                 dtype: str = "float32") -> Path:
-    """One ``.gguf`` file (weights + hyperparameters + BPE tokenizer + chat template).
-
-    Dense models only: ``qwen3`` architecture with QK-norm (NEOX-style half rotation, weights as
-    they are), ``llama`` without (interleaved RoPE, so q/k rows are permuted, as llama.cpp's own
-    converter does). MoE and YaRN are refused: their llama.cpp semantics (top-k renormalisation,
-    YaRN attention factor) are not verified here. Norms stay float32 (llama.cpp expects it).
-    """
+    """One ``.gguf`` file (weights + hyperparameters + BPE tokenizer + chat template) for the
+    architecture ``gguf_arch`` picks. Norms and the router stay float32 (llama.cpp expects it)."""
     import gguf  # optional dependency, only for this export
     import numpy as np
 
     config = model.config
-    if config.use_moe:
-        raise ConversionError("GGUF export supports dense models only; export MoE models with "
-                              "`export` (transformers) and use llama.cpp's convert_hf_to_gguf.py")
-    if config.yarn_factor > 1.0:
-        raise ConversionError("GGUF export of a YaRN config is not supported; export the base model "
-                              "and enable YaRN at run time (llama.cpp --rope-scaling yarn)")
+    arch = gguf_arch(config)
     if dtype not in ("float32", "float16"):
         raise ConversionError(f"GGUF dtype must be float32 or float16, got {dtype!r}")
     tok_dir = find_tokenizer_dir(None) if tokenizer_dir is None else Path(tokenizer_dir)
@@ -92,25 +155,9 @@ def export_gguf(model: MiniMindLM, out_path: str | Path, tokenizer_dir: str | Pa
         raise ConversionError(f"{tok_dir}: only byte-level BPE tokenizers export to GGUF")
     pre = _gguf_pre_tokenizer(tok_json, str(tok_dir / "tokenizer.json"))
 
-    arch = "qwen3" if config.qk_norm else "llama"
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    sd = _float32(model.state_dict())
-    tensors: dict[str, torch.Tensor] = {"token_embd.weight": sd["model.embed_tokens.weight"],
-                                        "output_norm.weight": sd["model.norm.weight"]}
-    if not config.tie_word_embeddings:
-        tensors["output.weight"] = sd["lm_head.weight"]
-    for i in range(config.num_hidden_layers):
-        for ours, theirs in _GGUF_LAYER_NAMES.items():
-            key = f"model.layers.{i}.{ours}"
-            if key not in sd:
-                continue  # q_norm/k_norm only with QK-norm
-            w = sd[key]
-            if arch == "llama" and ours == "self_attn.q_proj.weight":
-                w = rope_halves_to_interleaved(w, config.num_attention_heads)
-            elif arch == "llama" and ours == "self_attn.k_proj.weight":
-                w = rope_halves_to_interleaved(w, config.num_key_value_heads)
-            tensors[f"blk.{i}.{theirs}"] = w
+    tensors = gguf_tensors(config, _float32(model.state_dict()), arch)
 
     vocab = {**tok_json["model"]["vocab"], **{t["content"]: t["id"] for t in tok_json["added_tokens"]}}
     if sorted(vocab.values()) != list(range(len(vocab))):
@@ -130,18 +177,7 @@ def export_gguf(model: MiniMindLM, out_path: str | Path, tokenizer_dir: str | Pa
     with atomic_path(out_path) as tmp:  # a crash never leaves a half-written .gguf
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(out_path.stem)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(config.num_key_value_heads)
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
+        _add_hparams(writer, config)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32"
                              else gguf.LlamaFileType.MOSTLY_F16)
         writer.add_tokenizer_model("gpt2")
@@ -156,7 +192,7 @@ def export_gguf(model: MiniMindLM, out_path: str | Path, tokenizer_dir: str | Pa
         if tok_cfg.get("chat_template"):
             writer.add_chat_template(tok_cfg["chat_template"])
         for name, w in tensors.items():
-            as_f16 = dtype == "float16" and w.ndim == 2
+            as_f16 = dtype == "float16" and w.ndim >= 2 and "ffn_gate_inp" not in name
             writer.add_tensor(name, w.numpy().astype(np.float16 if as_f16 else np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -94,6 +94,58 @@ def test_gguf_export_reads_back(tmp_path, qk_norm):
     assert list(tensors["blk.0.ffn_down.weight"].shape) == [192, 64]  # ggml order: (in, out)
 
 
-def test_gguf_refuses_moe(tmp_path):
-    with pytest.raises(ConversionError, match="dense models only"):
-        export_gguf(tiny(**MOE), tmp_path / "x.gguf")
+def _arch_tensor_names(arch: str, n_layers: int) -> set[str]:
+    """Every tensor name llama.cpp's architecture knows, from the gguf package's own tables."""
+    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+    (key,) = [k for k, v in MODEL_ARCH_NAMES.items() if v == arch]
+    return {TENSOR_NAMES[t].format(bid=i) + ".weight"
+            for t in MODEL_TENSORS[key] for i in range(n_layers)}
+
+
+@pytest.mark.parametrize("qk_norm, arch", [(True, "qwen3moe"), (False, "llama")])
+def test_moe_export_stacks_experts_as_llama_cpp_expects(tmp_path, qk_norm, arch):
+    gguf = pytest.importorskip("gguf")
+    model = tiny(**MOE, qk_norm=qk_norm)
+    r = gguf.GGUFReader(str(export_gguf(model, tmp_path / "m.gguf")))
+
+    def field(name):
+        return r.fields[name].contents()
+
+    assert field("general.architecture") == arch
+    assert (field(f"{arch}.expert_count"), field(f"{arch}.expert_used_count"),
+            field(f"{arch}.expert_feed_forward_length")) == (4, 2, 96)
+    tensors = {t.name: t for t in r.tensors}
+    assert set(tensors) <= _arch_tensor_names(arch, 2)      # names llama.cpp's arch declares
+    moe = {f"blk.{i}.{n}.weight" for i in range(2)
+           for n in ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")}
+    assert moe <= set(tensors) and not any("ffn_gate.weight" in n for n in tensors)
+    # ggml lists dims innermost first: [D, I, E] for gate/up, [I, D, E] for down, [D, E] router
+    assert list(tensors["blk.1.ffn_up_exps.weight"].shape) == [64, 96, 4]
+    assert list(tensors["blk.1.ffn_down_exps.weight"].shape) == [96, 64, 4]
+    assert list(tensors["blk.1.ffn_gate_inp.weight"].shape) == [64, 4]
+    layer = model.model.layers[1].mlp
+    for e in range(4):   # expert e of the stack is our expert e, value for value
+        got = torch.from_numpy(tensors["blk.1.ffn_down_exps.weight"].data[e].copy())
+        assert torch.equal(got, layer.experts[e].down_proj.weight.detach())
+    router = torch.from_numpy(tensors["blk.1.ffn_gate_inp.weight"].data.copy())
+    assert torch.equal(router, layer.gate.weight.detach())
+
+
+def test_moe_export_in_float16_keeps_the_router_float32(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    r = gguf.GGUFReader(str(export_gguf(tiny(**MOE, qk_norm=True), tmp_path / "m.gguf",
+                                        dtype="float16")))
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["blk.0.ffn_up_exps.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["blk.0.ffn_gate_inp.weight"] == gguf.GGMLQuantizationType.F32
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(n_shared_experts=1), "shared experts"),
+    (dict(norm_topk_prob=False), "renormalise"),
+    (dict(yarn_factor=4.0, yarn_original_max_position_embeddings=128), "YaRN"),
+])
+def test_unfaithful_gguf_exports_are_refused(tmp_path, overrides, match):
+    with pytest.raises(ConversionError, match=match):
+        export_gguf(tiny(**{**MOE, **overrides}), tmp_path / "x.gguf")
