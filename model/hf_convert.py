@@ -48,11 +48,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import MiniMindConfig
 from .errors import ModelNotFoundError, UserError
-from .io import atomic_path, atomic_write_bytes, save_pretrained
+from .io import atomic_path, atomic_write_bytes, config_bytes, save_pretrained
+from .attention import yarn_mscale
 from .model import MiniMindLM
 from .precision import DTYPES, canonical_name
 
@@ -68,7 +70,11 @@ HF_ARCHITECTURES: dict[str, str] = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "granitemoeshared": "GraniteMoeSharedForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
+_DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 _DEFAULT_THETA = {"mixtral": 1e6}  # transformers' per-class default when a config omits it
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Non-parameter entries that some checkpoints carry and that our model recomputes.
@@ -79,6 +85,25 @@ _IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)rotary\.(cos|sin)$
 
 def choose_hf_model_type(config: MiniMindConfig) -> str:
     """The HF ``model_type`` whose maths equals ``config``'s; raises ``ConversionError`` if none."""
+    if config.use_mla:
+        return _choose_deepseek(config)
+    if config.shared_expert_gate:
+        if config.qk_norm or config.topk_method != "greedy" or config.routed_scaling_factor != 1:
+            raise ConversionError(
+                "a gated shared expert maps onto Qwen2-MoE only, which has no QK-norm, greedy "
+                "softmax top-k routing and no routed_scaling_factor")
+        return "qwen2_moe"
+    if config.attention_bias:
+        raise ConversionError("q/k/v biases export only as Qwen2-MoE (shared_expert_gate) or "
+                              "DeepSeek; no other supported class has them")
+    if config.use_moe and (config.topk_method != "greedy" or config.routed_scaling_factor != 1):
+        raise ConversionError(f"topk_method {config.topk_method!r} / routed_scaling_factor "
+                              f"{config.routed_scaling_factor} without MLA: no transformers class "
+                              "has DeepSeek routing with grouped-query attention")
+    if config.first_k_dense_replace and not (config.use_moe and config.qk_norm
+                                             and config.n_shared_experts == 0):
+        raise ConversionError("first_k_dense_replace without MLA maps only onto Qwen3-MoE "
+                              "(mlp_only_layers): needs QK-norm and no shared experts")
     if not config.use_moe:
         return "qwen3" if config.qk_norm else "llama"
     if config.n_shared_experts == 0:
@@ -102,6 +127,26 @@ def choose_hf_model_type(config: MiniMindConfig) -> str:
     return "granitemoeshared"
 
 
+def _choose_deepseek(config: MiniMindConfig) -> str:
+    """DeepSeek-V3 for sigmoid ``noaux_tc`` routing (or a dense MLA model), DeepSeek-V2 for
+    softmax routing; transformers' V2 always uses interleaved RoPE and never renormalises."""
+    if config.use_moe and config.n_shared_experts == 0:
+        raise ConversionError("DeepSeek-V2/V3 in transformers always have shared experts; this "
+                              "MLA model has n_shared_experts=0")
+    if config.shared_expert_gate:
+        raise ConversionError("DeepSeek has no gated shared expert (that is Qwen2-MoE)")
+    if config.num_key_value_heads != config.num_attention_heads:
+        raise ConversionError("MLA exports need num_key_value_heads == num_attention_heads")
+    if not config.use_moe or config.topk_method == "noaux_tc":
+        return "deepseek_v3"
+    if not config.rope_interleave or config.norm_topk_prob:
+        raise ConversionError(
+            f"topk_method {config.topk_method!r} maps onto DeepSeek-V2, whose transformers class "
+            "always uses interleaved RoPE (rope_interleave=True) and never renormalises the top-k "
+            "weights (norm_topk_prob=False)")
+    return "deepseek_v2"
+
+
 # --- configs ---------------------------------------------------------------------------------------
 
 def _rope_parameters(config: MiniMindConfig) -> dict[str, Any]:
@@ -111,7 +156,9 @@ def _rope_parameters(config: MiniMindConfig) -> dict[str, Any]:
                 "original_max_position_embeddings": config.yarn_original_max_position_embeddings,
                 "beta_fast": config.yarn_beta_fast, "beta_slow": config.yarn_beta_slow,
                 # explicit: transformers' default would be 0.1·ln(factor) + 1
-                "attention_factor": config.yarn_attention_factor, "truncate": True}
+                "attention_factor": config.yarn_attention_factor, "truncate": True,
+                **({"mscale_all_dim": config.yarn_mscale_all_dim} if config.yarn_mscale_all_dim
+                   else {})}
     return {"rope_type": "default", "rope_theta": config.rope_theta}
 
 
@@ -152,14 +199,36 @@ def hf_config_from_ours(config: MiniMindConfig, dtype: str = "float32") -> dict[
         hf.update(use_sliding_window=False, sliding_window=None,
                   max_window_layers=config.num_hidden_layers,
                   layer_types=["full_attention"] * config.num_hidden_layers)
+    elif model_type in _DEEPSEEK:
+        dense = config.num_hidden_layers if not config.use_moe else config.first_k_dense_replace
+        hf.update(kv_lora_rank=config.kv_lora_rank, q_lora_rank=config.q_lora_rank or None,
+                  qk_nope_head_dim=config.qk_nope_head_dim,
+                  qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim,
+                  head_dim=config.qk_rope_head_dim, first_k_dense_replace=dense,
+                  n_routed_experts=config.num_experts, n_shared_experts=config.n_shared_experts,
+                  moe_intermediate_size=config.moe_intermediate_size,
+                  num_experts_per_tok=config.num_experts_per_tok, n_group=config.n_group,
+                  topk_group=config.topk_group, norm_topk_prob=config.norm_topk_prob,
+                  routed_scaling_factor=config.routed_scaling_factor,
+                  aux_loss_alpha=config.aux_loss_coef, seq_aux=config.aux_loss_kind == "sequence")
+        if model_type == "deepseek_v2":
+            hf.update(topk_method=config.topk_method)
+        else:
+            hf.update(topk_method="noaux_tc", rope_interleave=config.rope_interleave)
     else:  # MoE
         hf.update(num_experts_per_tok=config.num_experts_per_tok,
                   router_aux_loss_coef=config.aux_loss_coef, output_router_logits=False)
-        if model_type == "qwen3_moe":
+        if model_type in ("qwen3_moe", "qwen2_moe"):
             hf.update(num_experts=config.num_experts,
                       moe_intermediate_size=config.moe_intermediate_size,
                       norm_topk_prob=config.norm_topk_prob, decoder_sparse_step=1,
-                      mlp_only_layers=[], use_sliding_window=False, sliding_window=None)
+                      mlp_only_layers=list(range(config.first_k_dense_replace)),
+                      use_sliding_window=False, sliding_window=None)
+        if model_type == "qwen2_moe":
+            hf.update(qkv_bias=config.attention_bias,
+                      shared_expert_intermediate_size=config.shared_expert_intermediate_size,
+                      max_window_layers=config.num_hidden_layers,
+                      layer_types=["full_attention"] * config.num_hidden_layers)
         elif model_type == "mixtral":
             hf.update(num_local_experts=config.num_experts,
                       intermediate_size=config.moe_intermediate_size, sliding_window=None,
@@ -198,20 +267,59 @@ def _hf_rope(hf: dict[str, Any], model_type: str, source: str) -> dict[str, Any]
     if kind == "default":
         return out
     _need(kind == "yarn", source, f"rope_type {kind!r} is not supported (only default and yarn)")
-    _need(not (rp.get("mscale") or rp.get("mscale_all_dim")), source,
-          "YaRN mscale/mscale_all_dim (DeepSeek style) are not supported")
     _need(rp.get("truncate", True) is not False, source,
           "YaRN with truncate=false is not supported (our correction range is floored/ceiled)")
     factor = float(rp["factor"])
     original = int(rp.get("original_max_position_embeddings") or hf["max_position_embeddings"])
     attention = rp.get("attention_factor")
+    mscale, mscale_all_dim = rp.get("mscale"), rp.get("mscale_all_dim")
     if attention is None:  # transformers' default, made explicit in our config
-        attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                     if mscale and mscale_all_dim else yarn_mscale(factor))
+    if model_type in _DEEPSEEK and mscale_all_dim:  # DeepSeek's attention also rescales softmax
+        out["yarn_mscale_all_dim"] = float(mscale_all_dim)
     out.update(yarn_factor=factor, yarn_original_max_position_embeddings=original,
                yarn_beta_fast=float(rp.get("beta_fast") or 32.0),
                yarn_beta_slow=float(rp.get("beta_slow") or 1.0),
                yarn_attention_factor=float(attention))
     return out
+
+
+def _deepseek_fields(hf: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """MLA and DeepSeekMoE fields of a DeepSeek-V2/V3 config (``first_k_dense_replace`` equal to
+    the layer count gives a dense model)."""
+    heads = int(hf["num_attention_heads"])
+    _need(int(hf.get("num_key_value_heads") or heads) == heads, source,
+          "MLA with num_key_value_heads != num_attention_heads is not supported")
+    _need(not hf.get("n_shared_experts") is None and int(hf["n_shared_experts"]) > 0, source,
+          "DeepSeek without shared experts (n_shared_experts 0/null) is not supported")
+    method = "noaux_tc" if model_type == "deepseek_v3" else hf.get("topk_method") or "greedy"
+    _need(method in ("greedy", "group_limited_greedy", "noaux_tc"), source,
+          f"topk_method {method!r} is not supported")
+    _need(model_type == "deepseek_v3" or not hf.get("norm_topk_prob"), source,
+          "DeepSeek-V2 with norm_topk_prob=true: transformers' DeepseekV2 ignores it (never "
+          "renormalises) while DeepSeek's own code renormalises; refusing the ambiguity")
+    layers, dense = int(hf["num_hidden_layers"]), int(hf.get("first_k_dense_replace") or 0)
+    n_group = int(hf.get("n_group") or 1)
+    use_moe = dense < layers
+    return dict(
+        head_dim=int(hf["qk_rope_head_dim"]), num_key_value_heads=heads,
+        kv_lora_rank=int(hf["kv_lora_rank"]), q_lora_rank=int(hf.get("q_lora_rank") or 0),
+        qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
+        v_head_dim=int(hf["v_head_dim"]),
+        rope_interleave=bool(hf.get("rope_interleave", True)) if model_type == "deepseek_v3" else True,
+        use_moe=use_moe, first_k_dense_replace=dense if use_moe else 0,
+        num_experts=int(hf["n_routed_experts"]),
+        num_experts_per_tok=int(hf["num_experts_per_tok"]),
+        n_shared_experts=int(hf["n_shared_experts"]),
+        moe_intermediate_size=int(hf["moe_intermediate_size"]),
+        topk_method=method, n_group=n_group if method != "greedy" else 1,
+        topk_group=int(hf.get("topk_group") or 1) if method != "greedy" else 1,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)) and model_type == "deepseek_v3",
+        # DeepSeek's sequence-wise balance loss (seq_aux); V3's noaux_tc barely needs one.
+        aux_loss_coef=float(hf.get("aux_loss_alpha", 0.001)),
+        aux_loss_kind="sequence" if hf.get("seq_aux", True) else "token")
 
 
 def _first_id(value: Any, default: int) -> int:
@@ -229,10 +337,13 @@ def our_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> MiniM
     _need(hf.get("hidden_act", "silu") == "silu", source,
           f"hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
     _need(not hf.get("attention_bias", False), source, "attention biases are not supported")
+    _need(model_type != "qwen2_moe" or not hf.get("use_sliding_window", False), source,
+          "sliding-window attention is not supported")
     _need(not hf.get("mlp_bias", False), source, "MLP biases are not supported")
     _need(hf.get("pretraining_tp", 1) in (1, None), source, "pretraining_tp > 1 is not supported")
     _need(not hf.get("use_sliding_window", False) and
-          (model_type in ("qwen3", "qwen3_moe") or hf.get("sliding_window") is None), source,
+          (model_type in ("qwen3", "qwen3_moe", "qwen2_moe") or hf.get("sliding_window") is None),
+          source,
           "sliding-window attention is not supported")
     heads = int(hf["num_attention_heads"])
     fields: dict[str, Any] = dict(
@@ -250,18 +361,26 @@ def our_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> MiniM
         bos_token_id=_first_id(hf.get("bos_token_id"), 1),
         eos_token_id=_first_id(hf.get("eos_token_id"), 2),
         **_hf_rope(hf, model_type, source))
-    if model_type in ("qwen3_moe", "mixtral", "granitemoeshared"):
+    if model_type in _DEEPSEEK:
+        fields.update(_deepseek_fields(hf, model_type, source))
+    elif model_type in ("qwen3_moe", "mixtral", "granitemoeshared", "qwen2_moe"):
         experts = hf.get("num_experts", hf.get("num_local_experts"))
         fields.update(use_moe=True, num_experts=int(experts),
                       num_experts_per_tok=int(hf["num_experts_per_tok"]),
                       aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
                       aux_loss_kind="token")  # transformers' balance loss pools the whole batch
-    if model_type == "qwen3_moe":
-        _need(int(hf.get("decoder_sparse_step", 1)) == 1 and not hf.get("mlp_only_layers"), source,
-              "dense layers mixed into a Qwen3-MoE (decoder_sparse_step/mlp_only_layers) are "
-              "not supported: every layer of our MoE model is sparse")
+    if model_type in ("qwen3_moe", "qwen2_moe"):
+        dense = sorted(int(i) for i in hf.get("mlp_only_layers") or [])
+        _need(int(hf.get("decoder_sparse_step", 1)) == 1 and dense == list(range(len(dense))),
+              source, f"dense layers {dense} / decoder_sparse_step "
+              f"{hf.get('decoder_sparse_step')} are not supported: only the first k layers may be "
+              "dense (mlp_only_layers = [0, …, k-1], as DeepSeek's first_k_dense_replace)")
         fields.update(moe_intermediate_size=int(hf["moe_intermediate_size"]),
-                      norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+                      norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                      first_k_dense_replace=len(dense))
+    if model_type == "qwen2_moe":
+        fields.update(attention_bias=bool(hf.get("qkv_bias", True)), shared_expert_gate=True,
+                      shared_expert_intermediate_size=int(hf["shared_expert_intermediate_size"]))
     elif model_type == "mixtral":
         fields.update(moe_intermediate_size=fields["intermediate_size"], norm_topk_prob=True)
     elif model_type == "granitemoeshared":
@@ -311,8 +430,9 @@ def hf_state_dict_from_ours(config: MiniMindConfig, sd: dict[str, torch.Tensor]
                             ) -> dict[str, torch.Tensor]:
     """Our parameter names → the on-disk Hub names of ``choose_hf_model_type(config)``.
 
-    Dense models and Qwen3-MoE already share our names; Mixtral renames the MoE block, Granite
-    stacks the experts into 3-D tensors. A tied ``lm_head`` is left out, as Hub checkpoints do.
+    Dense models, Qwen3-MoE and Qwen2-MoE already share our names; Mixtral renames the MoE block,
+    Granite stacks the experts into 3-D tensors, DeepSeek concatenates the shared experts into one
+    MLP. A tied ``lm_head`` is left out, as Hub checkpoints do.
     """
     model_type = choose_hf_model_type(config)
     _check_our_keys(config, sd)
@@ -323,11 +443,18 @@ def hf_state_dict_from_ours(config: MiniMindConfig, sd: dict[str, torch.Tensor]
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
         m = _LAYER_MLP.match(key)
-        if not m or model_type in ("llama", "qwen3", "qwen3_moe"):
+        if not m or model_type in ("llama", "qwen3", "qwen3_moe", "qwen2_moe"):
             out[key] = value
             continue
         layer, rest = int(m.group(1)), m.group(2)
-        if model_type == "mixtral":
+        if model_type in _DEEPSEEK:
+            e = re.match(r"^shared_experts\.(\d+)\.(gate|up|down)_proj\.weight$", rest)
+            if e is None:
+                out[key] = value
+                continue
+            shared.setdefault(layer, {}).setdefault(e.group(2), [None] * config.n_shared_experts
+                                                    )[int(e.group(1))] = value
+        elif model_type == "mixtral":
             rest = re.sub(r"^experts\.(\d+)\.(gate|up|down)_proj\.",
                           lambda e: f"experts.{e.group(1)}.{_MIXTRAL_NAMES[e.group(2)]}.", rest)
             out[f"model.layers.{layer}.block_sparse_moe.{rest}"] = value
@@ -348,19 +475,69 @@ def hf_state_dict_from_ours(config: MiniMindConfig, sd: dict[str, torch.Tensor]
         out[prefix + "output_linear.weight"] = torch.stack(w["down"])
     for layer, w in shared.items():
         # Σ_k down_k(silu(gate_k x)·up_k x) = one SwiGLU whose hidden units are all k experts'.
+        if model_type in _DEEPSEEK:
+            prefix = f"model.layers.{layer}.mlp.shared_experts."
+            for proj in ("gate", "up"):
+                out[f"{prefix}{proj}_proj.weight"] = torch.cat(w[proj])
+            out[prefix + "down_proj.weight"] = torch.cat(w["down"], dim=1)
+            continue
         prefix = f"model.layers.{layer}.shared_mlp."
         out[prefix + "input_linear.weight"] = torch.cat([*w["gate"], *w["up"]])
         out[prefix + "output_linear.weight"] = torch.cat(w["down"], dim=1)
     return out
 
 
-def _unstack(out: dict, prefix: str, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-    """[E, 2I, D] gate|up and [E, D, I] → per-expert ``{prefix}{e}.{gate,up,down}_proj.weight``."""
-    for e in range(gate_up.shape[0]):
-        gate, up = gate_up[e].chunk(2, dim=0)
-        out[f"{prefix}{e}.gate_proj.weight"] = gate
-        out[f"{prefix}{e}.up_proj.weight"] = up
-        out[f"{prefix}{e}.down_proj.weight"] = down[e]
+def _split_shared(out: dict, prefix: str, proj: str, value: torch.Tensor, size: int) -> None:
+    """One shared MLP of k·I hidden units (HF) → k shared experts of I units (ours): gate/up split
+    by rows, down by columns."""
+    for k, part in enumerate(value.split(size, dim=1 if proj == "down" else 0)):
+        out[f"{prefix}shared_experts.{k}.{proj}_proj.weight"] = part
+
+
+def hf_tensor_to_ours(config: MiniMindConfig, model_type: str, key: str, value: torch.Tensor
+                      ) -> dict[str, torch.Tensor]:
+    """One HF tensor → our tensors (names → fp32 values), independent of every other tensor, so
+    a sharded checkpoint converts shard by shard (works on meta tensors for planning).
+
+    Renamed: Mixtral's ``block_sparse_moe.experts.E.w1/w2/w3``; Granite's ``router.layer`` and
+    ``input_linear``/``output_linear``; transformers 5's fused ``experts.gate_up_proj`` /
+    ``experts.down_proj``; DeepSeek's single ``shared_experts.{gate,up,down}_proj`` (k·I units)
+    → our ``shared_experts.N``. Everything else (MLA, Qwen2-MoE's ``shared_expert`` and
+    ``shared_expert_gate``, DeepSeek's ``gate.e_score_correction_bias``) already has our name.
+    A key that maps to nothing keeps its name for the strict load to report.
+    """
+    if _IGNORED_KEY.search(key):
+        return {}
+    value = value.to(torch.float32) if value.device.type == "meta" else _float32({"": value})[""]
+    m = re.match(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp|shared_mlp)\.(.+)$", key)
+    if not m or (m.group(2) == "mlp" and not config.is_moe_layer(int(m.group(1)))):
+        return {key: value}
+    p = f"model.layers.{m.group(1)}.mlp."
+    block, rest = m.group(2), m.group(3)
+    out: dict[str, torch.Tensor] = {}
+    if rest in ("experts.gate_up_proj", "input_linear.weight") and block != "shared_mlp":
+        for e, (gate, up) in enumerate(v.chunk(2, dim=0) for v in value):  # [E, 2I, D]
+            out[f"{p}experts.{e}.gate_proj.weight"] = gate
+            out[f"{p}experts.{e}.up_proj.weight"] = up
+    elif rest in ("experts.down_proj", "output_linear.weight") and block != "shared_mlp":
+        for e, down in enumerate(value):  # [E, D, I]
+            out[f"{p}experts.{e}.down_proj.weight"] = down
+    elif rest in ("gate.weight", "router.weight", "router.layer.weight"):
+        out[p + "gate.weight"] = value
+    elif block == "shared_mlp" and rest == "input_linear.weight":  # Granite: [gate; up] rows
+        gate, up = value.chunk(2, dim=0)
+        _split_shared(out, p, "gate", gate, config.moe_intermediate_size)
+        _split_shared(out, p, "up", up, config.moe_intermediate_size)
+    elif block == "shared_mlp" and rest == "output_linear.weight":
+        _split_shared(out, p, "down", value, config.moe_intermediate_size)
+    elif (s := re.match(r"^shared_experts\.(gate|up|down)_proj\.weight$", rest)):  # DeepSeek
+        _split_shared(out, p, s.group(1), value, config.moe_intermediate_size)
+    elif (e := re.match(r"^experts\.(\d+)\.(w1|w2|w3)\.weight$", rest)):  # Mixtral's Hub names
+        name = {w: ours for ours, w in _MIXTRAL_NAMES.items()}[e.group(2)]
+        out[f"{p}experts.{e.group(1)}.{name}_proj.weight"] = value
+    else:
+        out[p + rest if block != "shared_mlp" else key] = value
+    return out
 
 
 def our_state_dict_from_hf(config: MiniMindConfig, model_type: str, sd: dict[str, torch.Tensor]
@@ -371,43 +548,8 @@ def our_state_dict_from_hf(config: MiniMindConfig, model_type: str, sd: dict[str
     silently; only recomputed RoPE buffers (``rotary_emb.inv_freq``) are skipped.
     """
     out: dict[str, torch.Tensor] = {}
-    sd = _float32({k: v for k, v in sd.items() if not _IGNORED_KEY.search(k)})
     for key, value in sd.items():
-        m = re.match(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp|shared_mlp)\.(.+)$", key)
-        if not m or (model_type in ("llama", "qwen3") and m.group(2) == "mlp"):
-            out[key] = value
-            continue
-        p = f"model.layers.{m.group(1)}.mlp."
-        block, rest = m.group(2), m.group(3)
-        if rest in ("experts.gate_up_proj", "input_linear.weight") and block != "shared_mlp":
-            down = sd.get(key.replace(rest, "experts.down_proj" if rest.startswith("experts")
-                                      else "output_linear.weight"))
-            if down is None:
-                raise ConversionError(f"{key} has no matching down projection")
-            _unstack(out, p + "experts.", value, down)
-        elif rest in ("experts.down_proj", "output_linear.weight") and block != "shared_mlp":
-            continue  # consumed with its gate_up partner
-        elif rest in ("gate.weight", "router.weight", "router.layer.weight"):
-            out[p + "gate.weight"] = value
-        elif block == "shared_mlp":
-            if rest == "input_linear.weight":
-                gate, up = value.chunk(2, dim=0)
-                for k, (g, u) in enumerate(zip(gate.split(config.moe_intermediate_size),
-                                               up.split(config.moe_intermediate_size))):
-                    out[f"{p}shared_experts.{k}.gate_proj.weight"] = g
-                    out[f"{p}shared_experts.{k}.up_proj.weight"] = u
-            elif rest == "output_linear.weight":
-                for k, d in enumerate(value.split(config.moe_intermediate_size, dim=1)):
-                    out[f"{p}shared_experts.{k}.down_proj.weight"] = d
-            else:
-                out[key] = value  # unknown: left for the strict load to report
-        else:
-            e = re.match(r"^experts\.(\d+)\.(w1|w2|w3)\.weight$", rest)
-            if e:  # Mixtral's Hub names
-                name = {w: ours for ours, w in _MIXTRAL_NAMES.items()}[e.group(2)]
-                out[f"{p}experts.{e.group(1)}.{name}_proj.weight"] = value
-            else:
-                out[p + rest] = value
+        out.update(hf_tensor_to_ours(config, model_type, key, value))
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)  # restored from embed_tokens by the loader below
     return {k: v.contiguous() for k, v in out.items()}
@@ -459,9 +601,13 @@ def find_tokenizer_dir(model_dir: str | Path | None) -> Path:
 
 
 def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-              dtype: str = "float32") -> Path:
+              dtype: str = "float32", max_shard_bytes: int | None = None) -> Path:
     """Writes ``model.safetensors`` + ``config.json`` + ``generation_config.json`` + the tokenizer
-    files, loadable offline by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``."""
+    files, loadable offline by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
+
+    ``max_shard_bytes`` splits the weights into Hub-style ``model-0000i-of-0000n.safetensors``
+    shards (each tensor whole, in state-dict order, each shard converted to ``dtype`` only while
+    it is written) plus ``model.safetensors.index.json``, written last."""
     if dtype not in _HF_NAMES:
         raise ConversionError(f"dtype {dtype!r} is not one of {list(_HF_NAMES)}")
     config = model.config
@@ -470,13 +616,11 @@ def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path 
     for f in _TOKENIZER_FILES:
         if not (tok_dir / f).is_file():
             raise ConversionError(f"{tok_dir / f}: tokenizer file not found")
-    sd = hf_state_dict_from_ours(config, _float32(model.state_dict()))
+    sd = hf_state_dict_from_ours(config, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     weight_dtype = DTYPES[canonical_name(dtype)]
-    sd = {k: v.to(weight_dtype).contiguous() for k, v in sd.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "model.safetensors") as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt"})
+    _write_hf_weights(sd, out_dir, weight_dtype, max_shard_bytes)
     atomic_write_bytes(out_dir / "config.json", _json_bytes(hf_config))
     atomic_write_bytes(out_dir / "generation_config.json",
                        _json_bytes(generation_config_from_ours(config)))
@@ -484,6 +628,43 @@ def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path 
         with atomic_path(out_dir / f) as tmp:
             shutil.copyfile(tok_dir / f, tmp)
     return out_dir
+
+
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def _write_hf_weights(sd: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype,
+                      max_shard_bytes: int | None) -> None:
+    """One ``model.safetensors``, or shards + index; leftovers of an earlier export with another
+    layout are removed afterwards so loaders never pick a stale file."""
+    itemsize = torch.finfo(dtype).bits // 8
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, value in sd.items():
+        nbytes = value.numel() * itemsize
+        if max_shard_bytes and groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    names = (["model.safetensors"] if not max_shard_bytes else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    for name, keys in zip(names, groups):
+        shard = {k: sd[k].to(dtype).contiguous() for k in keys}  # this shard's copies only
+        with atomic_path(out_dir / name) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+        del shard
+    index = out_dir / "model.safetensors.index.json"
+    if max_shard_bytes:
+        total = sum(v.numel() for v in sd.values()) * itemsize
+        atomic_write_bytes(index, _json_bytes({
+            "metadata": {"total_size": total},
+            "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}}))
+    stale = [f for f in out_dir.iterdir() if f.name not in names and (
+        _SHARD_NAME.match(f.name) or f.name == "model.safetensors"
+        or (f == index and not max_shard_bytes))]
+    for f in stale:
+        f.unlink()
 
 
 def _json_bytes(data: dict) -> bytes:
@@ -520,10 +701,98 @@ def import_hf(hf_dir: str | Path) -> MiniMindLM:
     return load_into_model(config, sd, str(hf_dir))
 
 
+def _hf_weight_files(hf_dir: Path) -> list[Path] | None:
+    """The safetensors files of an HF folder (one, or the shards its index names); None if it has
+    only ``pytorch_model.bin``."""
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ConversionError(f"{index}: not a safetensors index ({e})") from None
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise ModelNotFoundError(f"{f}: shard named by {index.name} not found")
+        return files
+    return None
+
+
+def _write_streamed(config: MiniMindConfig, model_type: str, files: list[Path], out: Path,
+                    source: str) -> None:
+    """Our ``model.safetensors`` from HF safetensors files, one input tensor at a time.
+
+    Pass 1 reads only the headers and maps meta tensors (``hf_tensor_to_ours``) to get every
+    output name and shape; they are checked against the model the config builds (the strict
+    load, without building it). Pass 2 writes the safetensors header for those shapes, then each
+    converted tensor at its offset as its shard is read: peak memory is one input shard's pages
+    plus one converted tensor, whatever the checkpoint's size. The file equals
+    ``save_pretrained``'s: fp32 tensors, a tied ``lm_head`` stored once under its embedding name.
+    """
+    planned: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                meta = torch.empty(fh.get_slice(key).get_shape(), device="meta")
+                for name, t in hf_tensor_to_ours(config, model_type, key, meta).items():
+                    planned[name] = tuple(t.shape)
+    tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.tie_word_embeddings else {}
+    for alias in tied:
+        planned.pop(alias, None)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MiniMindLM(config).state_dict().items()
+                    if k not in tied}
+    missing, unexpected = sorted(set(expected) - set(planned)), sorted(set(planned) - set(expected))
+    if missing or unexpected:
+        raise ConversionError(f"{source}: weights do not match the config: missing "
+                              f"{_few(missing)}; unexpected {_few(unexpected)}")
+    bad = [f"{k} {planned[k]} != {v}" for k, v in expected.items() if planned[k] != v]
+    if bad:
+        raise ConversionError(f"{source}: shape mismatch: {_few(bad)}")
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "tied": json.dumps(tied)}}
+    offset = 0
+    for name, shape in planned.items():
+        end = offset + 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data must start 8-byte aligned
+    start = 8 + len(head)
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh_out:
+        fh_out.write(len(head).to_bytes(8, "little") + head)
+        fh_out.truncate(start + offset)
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    for name, t in hf_tensor_to_ours(config, model_type, key,
+                                                     fh.get_tensor(key)).items():
+                        if name in header:
+                            fh_out.seek(start + header[name]["data_offsets"][0])
+                            fh_out.write(t.contiguous().numpy().data)
+
+
 def import_hf_to_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
-    """``import_hf`` + ``save_pretrained``; copies the tokenizer files when the folder has them."""
-    model = import_hf(hf_dir)
-    save_pretrained(model, out_dir)
+    """An HF folder → our model folder; copies the tokenizer files when the folder has them.
+
+    Safetensors checkpoints, single or sharded, are converted tensor by tensor
+    (``_write_streamed``): a 16 GB DeepSeek-V2-Lite never sits in memory whole.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    files = _hf_weight_files(hf_dir) if hf_dir.is_dir() else None
+    if files is None:  # pytorch_model.bin (or an error naming what is missing)
+        save_pretrained(import_hf(hf_dir), out_dir)
+    else:
+        cfg_path = hf_dir / "config.json"
+        if not cfg_path.is_file():
+            raise ModelNotFoundError(f"{cfg_path}: not found (is {hf_dir} a Hugging Face model "
+                                     "folder?)")
+        hf = json.loads(cfg_path.read_text())
+        config = our_config_from_hf(hf, str(cfg_path))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_streamed(config, hf["model_type"], files, out_dir / "model.safetensors", str(hf_dir))
+        atomic_write_bytes(out_dir / "config.json", config_bytes(config))
     for f in _TOKENIZER_FILES:
         if (Path(hf_dir) / f).is_file():
             with atomic_path(Path(out_dir) / f) as tmp:

@@ -16,7 +16,8 @@ Targets: ``"all"`` = every ``nn.Linear`` except ``lm_head`` (tied to ``embed_tok
 it would move the input embeddings too, and a vocab-sized adapter is large) and the MoE router
 ``mlp.gate`` (an adapter there shifts discrete top-k routing against the balance loss, and the
 router is only D×E, so a rank-r adapter is nearly as large as the weight: train it fully if
-needed). ``"all_attention"`` = q/k/v/o. Otherwise leaf names or dotted suffixes
+needed). ``"all_attention"`` = q/k/v/o, or MLA's q_proj / q_a_proj / q_b_proj / kv_a_proj_with_mqa /
+kv_b_proj / o_proj. Otherwise leaf names or dotted suffixes
 (``q_proj``, ``experts.0.up_proj``), comma-separated or as a list; keywords and names combine.
 
 Other layer types (an expert backend that keeps experts outside ``nn.Linear``) join through the
@@ -50,9 +51,12 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_FORMAT = "minimind-lora"
 ADAPTER_FORMAT_VERSION = 1
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Grouped-query attention's q/k/v/o and multi-head latent attention's (DeepSeek) projections.
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj",
+                     "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 # Leaf names never adapted, with the reason shown in errors (see the module docstring).
-NEVER_ADAPTED = {"lm_head": "output head", "gate": "MoE router"}
+NEVER_ADAPTED = {"lm_head": "output head", "gate": "MoE router",
+                 "shared_expert_gate": "Qwen2-MoE shared-expert gate (a router, 1 output)"}
 # Config fields that do not change what the weights compute; left out of the base fingerprint so an
 # adapter trained with dropout 0.1 still loads for inference with dropout 0.
 RUNTIME_CONFIG_FIELDS = frozenset({"dropout", "initializer_range", "aux_loss_coef", "aux_loss_kind",

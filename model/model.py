@@ -1,10 +1,12 @@
 """MiniMindLM: a decoder-only transformer in one file.
 
-config → RMSNorm / RoPE (+YaRN) → grouped-query attention → SwiGLU or MoE → block → model.
+config → RMSNorm / RoPE (+YaRN) and attention (model/attention.py: grouped-query or DeepSeek's
+multi-head latent attention) → SwiGLU or MoE (model/moe.py) → block → model.
 
-Parameter names follow MiniMind/Qwen3 (``model.layers.N.self_attn.q_proj.weight`` …) so upstream
-MiniMind state dicts load with ``strict=True`` and dense/MoE checkpoints map onto transformers'
-Qwen3 / Qwen3-MoE. Transforms (LoRA, expert offload, compile, DDP) are applied from outside.
+Parameter names follow MiniMind/Qwen3 (``model.layers.N.self_attn.q_proj.weight`` …) and, for MLA
+and DeepSeek/Qwen2 MoE, transformers' own, so upstream MiniMind state dicts load with
+``strict=True`` and checkpoints map onto transformers' Qwen3(-MoE) / Qwen2-MoE / DeepSeek-V2/V3.
+Transforms (LoRA, expert offload, compile, DDP) are applied from outside.
 
 Shape legend: B batch, S new positions, P cached (past) positions, H query heads, G key/value
 heads, D head_dim, V vocab.
@@ -19,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import (Attention, MLAttention, RMSNorm, RotaryEmbedding,  # noqa: F401
+                        apply_rope, rope_inv_freq)
 from .config import MiniMindConfig
 from .moe import FeedForward, MoEFeedForward
 
@@ -26,92 +30,41 @@ from .moe import FeedForward, MoEFeedForward
 IGNORE_INDEX = -100
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (bf16 sums of squares lose too much), scale in the input dtype as
-        # transformers' Qwen3RMSNorm does, so exported models give the same logits.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+def kv_widths(config: MiniMindConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(heads, width) of the two cached tensors per layer: keys and values [G, D] for GQA, the
+    latent [1, R] and the shared rope key [1, Dr] for MLA."""
+    if config.use_mla:
+        return (1, config.kv_lora_rank), (1, config.qk_rope_head_dim)
+    return (config.num_key_value_heads, config.head_dim), (config.num_key_value_heads, config.head_dim)
 
 
-def rope_inv_freq(config: MiniMindConfig, device: torch.device | None = None) -> torch.Tensor:
-    """RoPE inverse frequencies θ^(-2i/D), with YaRN's per-frequency interpolation if enabled.
-
-    YaRN (Peng et al. 2023, §3.2): frequencies whose wavelength fits many times into the original
-    context keep their value, those that fit less than once are divided by the factor, and a
-    linear ramp between dimensions ``low`` and ``high`` blends the two.
-    """
-    dim, base = config.head_dim, config.rope_theta
-    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim)
-    if config.yarn_factor > 1.0:
-        orig = config.yarn_original_max_position_embeddings
-
-        def correction_dim(n_rotations: float) -> float:
-            return dim * math.log(orig / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
-
-        low = max(math.floor(correction_dim(config.yarn_beta_fast)), 0)
-        high = min(math.ceil(correction_dim(config.yarn_beta_slow)), dim - 1)
-        ramp = ((torch.arange(dim // 2, device=device, dtype=torch.float64) - low)
-                / max(high - low, 1e-3)).clamp(0, 1)
-        inv_freq = inv_freq * (1 - ramp) + inv_freq / config.yarn_factor * ramp
-    return inv_freq.float()
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once and kept in fp32."""
-
-    def __init__(self, config: MiniMindConfig):
-        super().__init__()
-        self.config = config
-        self._build(torch.device("cpu"))
-
-    def _build(self, device: torch.device) -> None:
-        inv_freq = rope_inv_freq(self.config, device)
-        t = torch.arange(self.config.max_position_embeddings, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)  # half-rotation convention (MiniMind, Qwen3)
-        scale = self.config.yarn_attention_factor
-        self.register_buffer("cos", emb.cos() * scale, persistent=False)
-        self.register_buffer("sin", emb.sin() * scale, persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) would round the tables; rebuild them in fp32 on the new device.
-        super()._apply(fn, recurse)
-        if self.cos.dtype != torch.float32:
-            self._build(self.cos.device)
-        return self
-
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        return self.cos[position_ids].to(dtype), self.sin[position_ids].to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, heads, D]; cos/sin: [S, D] or [B, S, D]."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def kv_bytes_per_token(config: MiniMindConfig, dtype: torch.dtype, expanded: bool = False) -> int:
+    """Cache bytes one token costs over all layers; ``expanded`` = MLA's K/V as a GQA cache would
+    hold them (H heads of Dn+Dr keys and Dv values)."""
+    if expanded and config.use_mla:
+        per_head = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
+        width = config.num_attention_heads * per_head
+    else:
+        width = sum(g * d for g, d in kv_widths(config))
+    return config.num_hidden_layers * width * torch.finfo(dtype).bits // 8
 
 
 class KVCache:
-    """Preallocated key/value cache for all layers: [layers, B, G, max_len, D] each.
+    """Preallocated cache for all layers: ``k`` [layers, B, G, max_len, D] and ``v`` alike for GQA;
+    for MLA ``k`` holds the latents [layers, B, 1, max_len, R] and ``v`` the rope keys
+    [layers, B, 1, max_len, Dr] (``kv_widths``).
 
-    ``pos`` counts the cached positions. The model writes each layer's new keys/values in place
+    ``pos`` counts the cached positions. The model writes each layer's new entries in place
     and advances ``pos`` once per forward, so decoding never reallocates (MiniMind grows its cache
     with ``torch.cat`` every token).
     """
 
     def __init__(self, config: MiniMindConfig, batch_size: int, max_len: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len,
-                 config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        (ga, da), (gb, db) = kv_widths(config)
+        L = config.num_hidden_layers
+        self.k = torch.zeros((L, batch_size, ga, max_len, da), dtype=dtype, device=device)
+        self.v = torch.zeros((L, batch_size, gb, max_len, db), dtype=dtype, device=device)
         self.max_len = max_len
         self.pos = 0
 
@@ -124,51 +77,14 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-class Attention(nn.Module):
-    def __init__(self, config: MiniMindConfig):
-        super().__init__()
-        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.head_dim
-        self.dropout = config.dropout
-        h, d = config.hidden_size, config.head_dim
-        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
-        if config.qk_norm:
-            self.q_norm = RMSNorm(d, config.rms_norm_eps)
-            self.k_norm = RMSNorm(d, config.rms_norm_eps)
-        else:
-            self.q_norm = self.k_norm = nn.Identity()
-
-    def forward(self, x, cos, sin, attn_mask, is_causal, kv_cache=None, layer_idx=0):
-        B, S, _ = x.shape
-        q_BSHD = self.q_norm(self.q_proj(x).view(B, S, self.n_heads, self.head_dim))
-        k_BSGD = self.k_norm(self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim))
-        v_BSGD = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
-        q = apply_rope(q_BSHD, cos, sin).transpose(1, 2)
-        k = apply_rope(k_BSGD, cos, sin).transpose(1, 2)
-        v = v_BSGD.transpose(1, 2)
-        if kv_cache is not None:
-            k, v = kv_cache.update(layer_idx, k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        # enable_gqa lets SDPA broadcast the G key/value heads over H query heads without
-        # materialising repeated copies (MiniMind's repeat_kv).
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_heads != self.n_kv_heads)
-        out = out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
-        return F.dropout(self.o_proj(out), self.dropout, self.training)
-
-
 class Block(nn.Module):
-    def __init__(self, config: MiniMindConfig):
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = MLAttention(config) if config.use_mla else Attention(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = (MoEFeedForward(config) if config.use_moe
+        # DeepSeek's first_k_dense_replace layers keep a dense FFN of intermediate_size.
+        self.mlp = (MoEFeedForward(config) if config.is_moe_layer(layer_idx)
                     else FeedForward(config.hidden_size, config.intermediate_size))
 
     def forward(self, x, cos, sin, attn_mask, is_causal, kv_cache, layer_idx, token_mask):
@@ -188,7 +104,7 @@ class Backbone(nn.Module):
     def __init__(self, config: MiniMindConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
 
@@ -292,7 +208,8 @@ def init_weights(model: MiniMindLM) -> None:
       ``initializer_range`` (0.02, as MiniMind/transformers);
     - o_proj and down_proj, which write into the residual stream: N(0, σ/√(2·layers)) (GPT-2 §2.3),
       so the residual variance does not grow with depth;
-    - an untied lm_head: N(0, σ); RMSNorm weights: 1.
+    - an untied lm_head: N(0, σ); RMSNorm weights: 1; biases and the router's
+      ``e_score_correction_bias``: 0.
     """
     std = model.config.initializer_range
     residual_std = std / math.sqrt(2 * model.config.num_hidden_layers)
@@ -300,6 +217,8 @@ def init_weights(model: MiniMindLM) -> None:
         if isinstance(module, nn.Linear):
             is_residual = name.endswith("o_proj") or name.endswith("down_proj")
             nn.init.normal_(module.weight, 0.0, residual_std if is_residual else std)
+            if module.bias is not None:  # q/k/v biases (attention_bias) start at 0
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, 0.0, std)
         elif isinstance(module, RMSNorm):

@@ -3,8 +3,9 @@
 Shape legend: T tokens (batch × sequence, flattened), D hidden, E routed experts, K experts per
 token, I expert FFN size.
 
-The router (softmax, top-k, optional renormalisation, load-balancing loss) always runs in PyTorch
-where the rest of the model runs. The experts are a separate module with one contract,
+The router (softmax or DeepSeek-V3 sigmoid scores, plain or group-limited top-k, optional
+renormalisation and scaling, load-balancing loss: ``route``) always runs in PyTorch where the rest
+of the model runs. The experts are a separate module with one contract,
 ``experts(x_TD, expert_ids_TK, weights_TK) -> y_TD``, so a backend that keeps them elsewhere (CPU
 memory, kt-kernel) replaces ``mlp.experts`` from outside without touching this file.
 
@@ -98,37 +99,86 @@ def load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, batch
     return coef * E * (f * p).sum(-1).mean()
 
 
+def route(config: MiniMindConfig, logits_TE: torch.Tensor, score_bias_E: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scores_TE, ids_TK, weights_TK) from router logits, by ``config.topk_method``:
+
+    - greedy: softmax, top-k;
+    - group_limited_greedy (DeepSeek-V2): softmax; the experts are split into ``n_group`` groups
+      scored by their best expert; top-k among the ``topk_group`` best groups;
+    - noaux_tc (DeepSeek-V3 §2.1.2): sigmoid scores; choice by score + correction bias, groups
+      scored by the sum of their two best biased scores; weights = the unbiased scores.
+
+    Then optional renormalisation of the k weights (``norm_topk_prob``) and the
+    ``routed_scaling_factor``. ``scores_TE`` (fp32) feed the load-balancing loss.
+    """
+    K, E, G = config.num_experts_per_tok, config.num_experts, config.n_group
+    logits_TE = logits_TE.float()
+    scores_TE = logits_TE.sigmoid() if config.topk_method == "noaux_tc" else logits_TE.softmax(-1)
+    choice_TE = scores_TE if score_bias_E is None else scores_TE + score_bias_E.float()
+    if config.topk_method == "greedy" or G == 1:
+        masked_TE = choice_TE
+    else:
+        grouped_TGe = choice_TE.view(-1, G, E // G)
+        group_score_TG = (grouped_TGe.max(-1).values if config.topk_method == "group_limited_greedy"
+                          else grouped_TGe.topk(2, dim=-1).values.sum(-1))
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(
+            1, group_score_TG.topk(config.topk_group, dim=-1).indices, True)
+        keep_TE = keep_TG.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
+        # V2 zeroes the dropped groups' (positive) probabilities, V3 sets them to -inf; both only
+        # differ when k exceeds the kept experts, which validate() refuses.
+        masked_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+    ids_TK = masked_TE.topk(K, dim=-1).indices
+    weights_TK = scores_TE.gather(1, ids_TK)
+    if config.norm_topk_prob:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return scores_TE, ids_TK, weights_TK * config.routed_scaling_factor
+
+
 class MoEFeedForward(nn.Module):
-    """Softmax router → top-k experts (+ shared experts). Returns ``(y, aux_loss)``."""
+    """Router → top-k experts, plus shared experts: ``shared_experts.N`` (MiniMind, DeepSeek: added
+    as they are) or Qwen2-MoE's ``shared_expert`` scaled by ``sigmoid(shared_expert_gate(x))``.
+    Returns ``(y, aux_loss)``."""
 
     def __init__(self, config: MiniMindConfig):
         super().__init__()
         self.config = config
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        if config.topk_method == "noaux_tc":
+            # DeepSeek-V3's bias shifts which experts are chosen, not their weights. A persistent
+            # buffer, as in transformers (``mlp.gate.e_score_correction_bias``): DeepSeek updates
+            # it by a load rule, not by gradient, and fine-tuning keeps it fixed.
+            self.gate.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
         self.experts = Experts(config)
         self.shared_experts = nn.ModuleList(
             FeedForward(config.hidden_size, config.moe_intermediate_size)
             for _ in range(config.n_shared_experts))
+        if config.shared_expert_gate:
+            self.shared_expert = FeedForward(config.hidden_size,
+                                             config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router probabilities (fp32), top-k expert ids and their routing weights."""
-        probs_TE = self.gate(x_TD).float().softmax(dim=-1)
-        weights_TK, ids_TK = probs_TE.topk(self.config.num_experts_per_tok, dim=-1)
-        if self.config.norm_topk_prob:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return probs_TE, ids_TK, weights_TK
+        """Router scores (fp32), top-k expert ids and their routing weights."""
+        return route(self.config, self.gate(x_TD),
+                     getattr(self.gate, "e_score_correction_bias", None))
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, D = x.shape
         x_TD = x.reshape(-1, D)
-        probs_TE, ids_TK, weights_TK = self.route(x_TD)
+        scores_TE, ids_TK, weights_TK = self.route(x_TD)
         y_TD = self.experts(x_TD, ids_TK, weights_TK).to(x.dtype)
         for shared in self.shared_experts:
             y_TD = y_TD + shared(x_TD)
+        if self.config.shared_expert_gate:
+            y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
         if self.config.aux_loss_coef > 0:
+            # Sigmoid scores are normalised per token first (DeepSeek-V3's sequence-wise loss).
+            probs_TE = (scores_TE / scores_TE.sum(-1, keepdim=True)
+                        if self.config.topk_method == "noaux_tc" else scores_TE)
             aux = load_balance_loss(probs_TE, ids_TK, B, self.config.aux_loss_coef,
                                     self.config.aux_loss_kind, token_mask)
         else:
-            aux = probs_TE.new_zeros(())
+            aux = scores_TE.new_zeros(())
         return y_TD.view(B, S, D), aux

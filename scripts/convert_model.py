@@ -3,14 +3,16 @@
 Scope: the command line over ``model/hf_convert.py`` (all mappings and their reasons live there).
 
     python scripts/convert_model.py export --model out/sft --out hf_out \
-        [--lora out/lora] [--dtype bfloat16]
+        [--lora out/lora] [--dtype bfloat16] [--max_shard_size 5GB]
     python scripts/convert_model.py import --hf hf_dir --out out/imported
     python scripts/convert_model.py import-minimind --pth full_sft_512.pth \
         --preset minimind2-small --out out/mm
     python scripts/convert_model.py gguf --model out/sft --out model.gguf [--lora out/lora]
 
 ``export`` picks the transformers class whose maths equals the config (Llama, Qwen3, Qwen3-MoE,
-Mixtral or GraniteMoeShared) and refuses, naming the reason, when none does.
+Qwen2-MoE, Mixtral, GraniteMoeShared, DeepSeek-V2 or DeepSeek-V3) and refuses, naming the reason,
+when none does. ``import`` converts single-file and sharded safetensors checkpoints tensor by
+tensor, so memory stays at about one shard whatever the checkpoint's size.
 """
 
 from __future__ import annotations
@@ -36,9 +38,30 @@ def _load(model_dir: str, lora_dir: str | None) -> MiniMindLM:
 def cmd_export(args: argparse.Namespace) -> None:
     model = _load(args.model, args.lora)
     tok = args.tokenizer or find_tokenizer_dir(args.model)
-    out = export_hf(model, args.out, tokenizer_dir=tok, dtype=args.dtype)
+    out = export_hf(model, args.out, tokenizer_dir=tok, dtype=args.dtype,
+                    max_shard_bytes=parse_size(args.max_shard_size))
     arch = json.loads((Path(out) / "config.json").read_text())["architectures"][0]
     print(f"wrote {out} ({arch}, tokenizer from {tok})")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30}
+
+
+def parse_size(text: str | None) -> int | None:
+    """'5GB', '500MB', '2GiB' or a byte count → bytes (None stays None: one file)."""
+    if text is None:
+        return None
+    number = text.strip().upper().rstrip("BIGKM") or "0"
+    unit = text.strip().upper()[len(number):]
+    try:
+        size = int(float(number) * _UNITS[unit])
+    except (ValueError, KeyError):
+        raise ValueError(f"--max_shard_size {text!r}: expected a size such as 5GB, 500MB or 2GiB"
+                         ) from None
+    if size <= 0:
+        raise ValueError(f"--max_shard_size {text!r} must be positive")
+    return size
 
 
 def cmd_import(args: argparse.Namespace) -> None:
@@ -73,10 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the written weights (default float32)")
     p.add_argument("--tokenizer", help="tokenizer folder to copy (default: the model folder's own "
                                        "tokenizer files, else the shipped model/tokenizer)")
+    p.add_argument("--max_shard_size", help="split the weights into Hub-style shards of at most "
+                                            "this size (e.g. 5GB) plus an index.json")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("import", help="transformers folder (Llama, Qwen3, Qwen3-MoE, Mixtral, "
-                                      "GraniteMoeShared) → our folder")
+    p = sub.add_parser("import", help="transformers folder (Llama, Qwen3, Qwen3-MoE, Qwen2-MoE, "
+                                      "Mixtral, GraniteMoeShared, DeepSeek-V2/V3; single or "
+                                      "sharded safetensors) → our folder")
     p.add_argument("--hf", required=True, help="transformers model folder (config.json + weights)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_import)

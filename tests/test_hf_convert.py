@@ -292,7 +292,7 @@ def test_minimind3_moe_maps_and_minimind2_moe_goes_to_granite():
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
      "rope_type 'llama3'"),
-    (dict(model_type="qwen3_moe", mlp_only_layers=[0], num_experts=4, num_experts_per_tok=2,
+    (dict(model_type="qwen3_moe", mlp_only_layers=[1], num_experts=4, num_experts_per_tok=2,
           moe_intermediate_size=32), "mlp_only_layers"),
 ])
 def test_unsupported_hf_configs_are_refused(change, match):
@@ -306,3 +306,102 @@ def test_granite_with_non_neutral_multipliers_is_refused(tmp_path):
     cfg.attention_multiplier = 1.0  # Granite's default; our attention always scales by 1/√D
     with pytest.raises(ConversionError, match="attention_multiplier"):
         our_config_from_hf(cfg.to_dict())
+
+
+# --- DeepSeek-V2 / DeepSeek-V3 / Qwen2-MoE: checkpoints made by transformers ------------------------
+
+_SMALL = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+              max_position_embeddings=256)
+_MLA = dict(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+            first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2)
+FAMILIES = {  # name → (transformers config class, its fields)
+    # V3 as released: q_lora, sigmoid noaux_tc over groups, YaRN with DeepSeek's mscale
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        _SMALL, **_MLA, q_lora_rank=24, n_shared_experts=1, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "beta_fast": 32,
+            "beta_slow": 1, "original_max_position_embeddings": 16, "mscale": 1.0,
+            "mscale_all_dim": 0.707})),
+    # V2-Lite's shape: no q_lora, 2 shared experts; group-limited greedy and a scaling factor
+    "deepseek_v2": ("DeepseekV2Config", dict(
+        _SMALL, **_MLA, q_lora_rank=None, n_shared_experts=2, topk_method="group_limited_greedy",
+        n_group=4, topk_group=2, routed_scaling_factor=1.5)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(
+        _SMALL, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+        shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[0])),
+}
+
+
+def hf_family(name: str, path) -> torch.nn.Module:
+    """A transformers model of ``name`` with random weights (norms, biases and DeepSeek-V3's
+    correction bias too), saved to ``path``."""
+    config_cls, fields = FAMILIES[name]
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(getattr(transformers, config_cls)(**fields)).eval()
+    with torch.no_grad():
+        for pname, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in pname else 0.0))
+        for bname, b in hf.named_buffers():
+            if "e_score_correction_bias" in bname:
+                b.copy_(torch.randn_like(b) * 0.1)
+    hf.save_pretrained(path)
+    return hf
+
+
+def routed_experts(model: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each MoE layer's chosen expert ids (sorted per token) during ``model(ids)``."""
+    found: list[torch.Tensor] = []
+
+    def hook(_module, _args, out):  # transformers' routers: (logits, weights, indices)
+        found.append(out[2].sort(-1).values)
+
+    def ours_hook(module, args, _out):
+        found.append(module.route(args[0].reshape(-1, args[0].shape[-1]))[1].sort(-1).values)
+
+    handles = [m.register_forward_hook(ours_hook if hasattr(m, "route") else hook)
+               for n, m in model.named_modules()
+               if n.endswith(".mlp") and hasattr(m, "route") or n.endswith("mlp.gate")
+               and not isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return found
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_import_export_match_transformers(tmp_path, name):
+    hf = hf_family(name, tmp_path / "hf")
+    ours = import_hf(tmp_path / "hf")
+    ids = torch.randint(0, 160, (2, 24))  # 24 > YaRN's original 16 positions
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert max_diff(ours(ids).logits, ref) < TOL
+    chosen = routed_experts(ours, ids)
+    assert len(chosen) == 2 and all(torch.equal(a, b)
+                                    for a, b in zip(chosen, routed_experts(hf, ids)))
+    export_hf(ours, tmp_path / "out")
+    back = load_hf(tmp_path / "out")
+    assert type(back).__name__ == type(hf).__name__
+    with torch.no_grad():
+        assert max_diff(back(ids).logits, ref) < TOL
+    prompt = ids[:1, :7]
+    theirs = back.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                           max_new_tokens=8)[0].tolist()
+    assert our_greedy(ours, prompt, 8, ours.config.eos_token_id) == theirs
+
+
+def test_family_refusals_name_the_reason():
+    hf = hf_config_from_ours(MiniMindLM(MiniMindConfig.from_preset("tiny-mla-moe")).config)
+    assert hf["model_type"] == "deepseek_v3" and hf["head_dim"] == 8 * 2
+    with pytest.raises(ConversionError, match="norm_topk_prob"):
+        our_config_from_hf({**hf, "model_type": "deepseek_v2", "topk_method": "greedy",
+                            "norm_topk_prob": True})
+    with pytest.raises(ConversionError, match="num_key_value_heads"):
+        our_config_from_hf({**hf, "num_key_value_heads": 2})
+    with pytest.raises(ConversionError, match="always have shared experts"):
+        choose_hf_model_type(MiniMindConfig.from_preset("tiny-mla-moe", n_shared_experts=0))
+    with pytest.raises(ConversionError, match="interleaved RoPE"):
+        choose_hf_model_type(MiniMindConfig.from_preset(
+            "tiny-mla-moe", topk_method="greedy", rope_interleave=False, norm_topk_prob=False))
