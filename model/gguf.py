@@ -28,6 +28,11 @@ _GGUF_LAYER_NAMES = {
     "self_attn.o_proj.weight": "attn_output.weight",
     "self_attn.q_norm.weight": "attn_q_norm.weight",
     "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "self_attn.q_a_proj.weight": "attn_q_a.weight",               # latent attention (DeepSeek)
+    "self_attn.q_a_layernorm.weight": "attn_q_a_norm.weight",
+    "self_attn.q_b_proj.weight": "attn_q_b.weight",
+    "self_attn.kv_a_proj_with_mqa.weight": "attn_kv_a_mqa.weight",
+    "self_attn.kv_a_layernorm.weight": "attn_kv_a_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
@@ -65,28 +70,84 @@ def _gguf_pre_tokenizer(tokenizer_json: dict, source: str) -> str:
                           "GGUF with a guessed one would tokenize some inputs differently")
 
 
+def _refuse(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConversionError(f"GGUF export: {msg}")
+
+
 def gguf_arch(config: MiniMindConfig) -> str:
     """The llama.cpp architecture whose maths equals the config's, or a ``ConversionError``.
 
-    ``qwen3`` / ``qwen3moe`` with QK-norm (NEOX-style half rotation, weights as they are),
-    ``llama`` without (interleaved RoPE: q/k rows permuted, as llama.cpp's own converter does;
-    with experts it is llama.cpp's Mixtral). llama.cpp's routing for these is softmax → top-k →
-    renormalise, with no shared experts, so only ``norm_topk_prob`` configs without shared
-    experts map. YaRN is refused (its attention factor is not verified here).
+    ==========================================  ==========  =====================================
+    our config                                  llama.cpp   its maths, as llama.cpp computes it
+    ==========================================  ==========  =====================================
+    dense, QK-norm                              qwen3       NEOX (half) RoPE: weights as they are
+    dense / MoE without shared, no QK-norm      llama       interleaved RoPE: q/k rows permuted;
+                                                            MoE = Mixtral: softmax, top-k, renorm
+    MoE, QK-norm, no shared experts             qwen3moe    softmax → top-k → renormalise
+    MoE + sigmoid-gated shared expert (Qwen2)   qwen2moe    softmax → top-k, never renormalised
+    latent attention (DeepSeek-V2/V3)           deepseek2   MQA over the latent (k_b/v_b split),
+                                                            interleaved RoPE on the rope dims,
+                                                            softmax or sigmoid + bias, groups
+                                                            scored by their top-2 sum, renorm as
+                                                            configured, then routed scaling
+    ==========================================  ==========  =====================================
+
+    Refused (llama.cpp would compute something else): YaRN (its attention factor is not verified
+    here), dense leading layers outside deepseek2, routed scaling outside deepseek2, DeepSeek-V2's
+    group-limited greedy routing over several groups (llama.cpp scores groups by their top-2 sum,
+    V2 by their maximum), attention biases outside qwen2moe.
     """
-    if config.yarn_factor > 1.0:
-        raise ConversionError("GGUF export of a YaRN config is not supported; export the base model "
-                              "and enable YaRN at run time (llama.cpp --rope-scaling yarn)")
+    _refuse(config.yarn_factor <= 1.0, "a YaRN config is not supported; export the base model and "
+            "enable YaRN at run time (llama.cpp --rope-scaling yarn)")
+    if config.use_mla:
+        _refuse(config.rope_interleave, "latent attention with half-rotation RoPE has no "
+                "llama.cpp equivalent (deepseek2 rotates adjacent pairs)")
+        _refuse(config.use_moe and config.n_shared_experts > 0 and not config.shared_expert_gate,
+                "llama.cpp's deepseek2 is MoE with ungated shared experts; this config is not")
+        _refuse(config.topk_method != "group_limited_greedy"
+                or config.topk_group >= config.n_group,
+                "DeepSeek-V2's group-limited greedy routing over several groups (llama.cpp scores "
+                "groups by their top-2 sum, not their maximum)")
+        _refuse(not config.attention_bias, "deepseek2 has no attention biases")
+        return "deepseek2"
+    _refuse(config.first_k_dense_replace == 0 or not config.use_moe,
+            "dense leading layers (first_k_dense_replace) exist in llama.cpp's deepseek2 only")
+    if config.use_moe:
+        _refuse(config.routed_scaling_factor == 1.0 and config.topk_method == "greedy",
+                "routed scaling and group-limited routing exist in llama.cpp's deepseek2 only")
+    if config.use_moe and config.shared_expert_gate:
+        _refuse(not config.qk_norm, "qwen2moe has no QK-norm")
+        _refuse(not config.norm_topk_prob, "llama.cpp's qwen2moe never renormalises the top-k "
+                "routing weights; this config does")
+        _refuse(config.num_attention_heads * config.head_dim == config.hidden_size,
+                "qwen2moe needs num_attention_heads * head_dim == hidden_size")
+        return "qwen2moe"
+    _refuse(not config.attention_bias, "attention biases export to qwen2moe only")
     if not config.use_moe:
         return "qwen3" if config.qk_norm else "llama"
-    if config.n_shared_experts:
-        raise ConversionError("GGUF export: MoE with shared experts has no llama.cpp architecture "
-                              "with the same maths (qwen2moe gates its shared expert by a learned "
-                              "sigmoid, deepseek2 needs latent attention)")
-    if not config.norm_topk_prob:
-        raise ConversionError("GGUF export: llama.cpp's qwen3moe / llama MoE always renormalise the "
-                              "top-k routing weights; this config (norm_topk_prob false) does not")
+    _refuse(config.n_shared_experts == 0, "MoE with ungated shared experts has no llama.cpp "
+            "architecture with the same maths (qwen2moe gates its shared expert by a learned "
+            "sigmoid, deepseek2 needs latent attention)")
+    _refuse(config.norm_topk_prob, "llama.cpp's qwen3moe / llama MoE always renormalise the top-k "
+            "routing weights; this config (norm_topk_prob false) does not")
     return "qwen3moe" if config.qk_norm else "llama"
+
+
+def _split_kv_b(w: torch.Tensor, config: MiniMindConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_b_proj [H·(nope+v), r] → llama.cpp's absorbed-MLA pair: k_b [H, r, nope] (transposed,
+    it multiplies the query) and v_b [H, v, r], as convert_hf_to_gguf splits it."""
+    kv_b = w.view(config.num_attention_heads, config.qk_nope_head_dim + config.v_head_dim, -1)
+    k_b, v_b = kv_b.split([config.qk_nope_head_dim, config.v_head_dim], dim=1)
+    return k_b.transpose(1, 2).contiguous(), v_b.contiguous()
+
+
+def _stack_mlps(sd: dict[str, torch.Tensor], prefix: str, n: int) -> dict[str, torch.Tensor]:
+    """k shared SwiGLU experts of width I = one of width k·I (their sum): gate/up rows and
+    down columns concatenated."""
+    return {"gate": torch.cat([sd[f"{prefix}.{e}.gate_proj.weight"] for e in range(n)]),
+            "up": torch.cat([sd[f"{prefix}.{e}.up_proj.weight"] for e in range(n)]),
+            "down": torch.cat([sd[f"{prefix}.{e}.down_proj.weight"] for e in range(n)], dim=1)}
 
 
 def gguf_tensors(config: MiniMindConfig, sd: dict[str, torch.Tensor], arch: str
@@ -96,45 +157,89 @@ def gguf_tensors(config: MiniMindConfig, sd: dict[str, torch.Tensor], arch: str
     ``ffn_down_exps`` [E, D, I], the router ``ffn_gate_inp`` [E, D], as convert_hf_to_gguf does."""
     tensors = {"token_embd.weight": sd["model.embed_tokens.weight"],
                "output_norm.weight": sd["model.norm.weight"]}
-    if not config.tie_word_embeddings:
+    if not config.tie_word_embeddings or arch == "qwen2moe":  # llama.cpp's qwen2moe needs output
         tensors["output.weight"] = sd["lm_head.weight"]
     for i in range(config.num_hidden_layers):
-        layer = f"model.layers.{i}."
+        layer, blk = f"model.layers.{i}.", f"blk.{i}."
         for ours, theirs in _GGUF_LAYER_NAMES.items():
-            if layer + ours not in sd:
-                continue  # q_norm/k_norm only with QK-norm; the dense FFN only without MoE
-            w = sd[layer + ours]
-            if arch == "llama" and ours == "self_attn.q_proj.weight":
-                w = rope_halves_to_interleaved(w, config.num_attention_heads)
-            elif arch == "llama" and ours == "self_attn.k_proj.weight":
-                w = rope_halves_to_interleaved(w, config.num_key_value_heads)
-            tensors[f"blk.{i}.{theirs}"] = w
-        if config.use_moe:
-            tensors[f"blk.{i}.ffn_gate_inp.weight"] = sd[layer + "mlp.gate.weight"]
-            for proj in ("gate", "up", "down"):
-                tensors[f"blk.{i}.ffn_{proj}_exps.weight"] = torch.stack(
-                    [sd[f"{layer}mlp.experts.{e}.{proj}_proj.weight"]
-                     for e in range(config.num_experts)])
+            for kind in ("weight", "bias"):
+                key = f"{layer}{ours[:-len('weight')]}{kind}"
+                if key not in sd:
+                    continue  # q/k norms, biases, the dense FFN: only where the config has them
+                w = sd[key]
+                if arch == "llama" and ours == "self_attn.q_proj.weight":
+                    w = rope_halves_to_interleaved(w, config.num_attention_heads)
+                elif arch == "llama" and ours == "self_attn.k_proj.weight":
+                    w = rope_halves_to_interleaved(w, config.num_key_value_heads)
+                tensors[f"{blk}{theirs[:-len('weight')]}{kind}"] = w
+        if arch == "deepseek2":
+            tensors[f"{blk}attn_k_b.weight"], tensors[f"{blk}attn_v_b.weight"] = _split_kv_b(
+                sd[layer + "self_attn.kv_b_proj.weight"], config)
+        if not config.is_moe_layer(i):
+            continue
+        tensors[f"{blk}ffn_gate_inp.weight"] = sd[layer + "mlp.gate.weight"]
+        if layer + "mlp.gate.e_score_correction_bias" in sd:
+            tensors[f"{blk}exp_probs_b.bias"] = sd[layer + "mlp.gate.e_score_correction_bias"]
+        for proj in ("gate", "up", "down"):
+            tensors[f"{blk}ffn_{proj}_exps.weight"] = torch.stack(
+                [sd[f"{layer}mlp.experts.{e}.{proj}_proj.weight"] for e in range(config.num_experts)])
+        if arch == "qwen2moe":
+            shared = {p: sd[f"{layer}mlp.shared_expert.{p}_proj.weight"] for p in ("gate", "up", "down")}
+            tensors[f"{blk}ffn_gate_inp_shexp.weight"] = sd[layer + "mlp.shared_expert_gate.weight"][0]
+        elif config.n_shared_experts:
+            shared = _stack_mlps(sd, layer + "mlp.shared_experts", config.n_shared_experts)
+        else:
+            shared = {}
+        for proj, w in shared.items():
+            tensors[f"{blk}ffn_{proj}_shexp.weight"] = w
     return tensors
 
 
-def _add_hparams(writer, config: MiniMindConfig) -> None:
+def _add_hparams(writer, config: MiniMindConfig, arch: str) -> None:
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    if config.use_moe:
-        writer.add_expert_count(config.num_experts)
-        writer.add_expert_used_count(config.num_experts_per_tok)
-        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if arch == "deepseek2":
+        # llama.cpp runs MLA as multi-query attention over the latent (+ the shared rope key),
+        # then decompresses with v_b: one kv head, key = r + rope dims, value = r.
+        nope, rope, r = config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank
+        writer.add_head_count_kv(1)
+        writer.add_key_length(r + rope)
+        writer.add_value_length(r)
+        writer.add_key_length_mla(nope + rope)
+        writer.add_value_length_mla(config.v_head_dim)
+        writer.add_rope_dimension_count(rope)
+        writer.add_q_lora_rank(config.q_lora_rank)      # 0 = one q_proj (V2-Lite)
+        writer.add_kv_lora_rank(r)
+        writer.add_leading_dense_block_count(config.first_k_dense_replace)
+    else:
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_rope_dimension_count(config.head_dim)
+    if not config.use_moe:
+        return
+    writer.add_expert_count(config.num_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if arch == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    if arch == "deepseek2":
+        import gguf
+        writer.add_expert_shared_count(config.n_shared_experts)
+        writer.add_expert_weights_scale(config.routed_scaling_factor)
+        writer.add_expert_weights_norm(config.norm_topk_prob)
+        sigmoid = config.topk_method == "noaux_tc"
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid
+                                      else gguf.ExpertGatingFuncType.SOFTMAX)
+        if config.n_group > 1 and config.topk_group < config.n_group:
+            writer.add_expert_group_count(config.n_group)
+            writer.add_expert_group_used_count(config.topk_group)
 
 
 def export_gguf(model: MiniMindLM, out_path: str | Path, tokenizer_dir: str | Path | None = None,
@@ -177,7 +282,7 @@ def export_gguf(model: MiniMindLM, out_path: str | Path, tokenizer_dir: str | Pa
     with atomic_path(out_path) as tmp:  # a crash never leaves a half-written .gguf
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(out_path.stem)
-        _add_hparams(writer, config)
+        _add_hparams(writer, config, arch)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32"
                              else gguf.LlamaFileType.MOSTLY_F16)
         writer.add_tokenizer_model("gpt2")

@@ -30,6 +30,9 @@ from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 
 PROMPT = "<|im_start|>user\nWhat is 12 plus 30?<|im_end|>\n<|im_start|>assistant\n"
+_MLA = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            num_key_value_heads=4, first_k_dense_replace=1, n_shared_experts=2)
 # name → overrides of the "tiny" preset (one per llama.cpp architecture we export)
 CASES = {
     "qwen3 (dense, QK-norm)": dict(qk_norm=True),
@@ -38,6 +41,13 @@ CASES = {
                      moe_intermediate_size=96),
     "llama MoE (Mixtral)": dict(use_moe=True, num_experts=4, num_experts_per_tok=2,
                                 moe_intermediate_size=96),
+    "qwen2moe": dict(use_moe=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     shared_expert_gate=True, shared_expert_intermediate_size=48,
+                     attention_bias=True, norm_topk_prob=False),
+    "deepseek2 (V2-Lite shape)": dict(_MLA, norm_topk_prob=False),
+    "deepseek2 (V3: q-LoRA, sigmoid + bias, groups)": dict(
+        _MLA, q_lora_rank=24, topk_method="noaux_tc", n_group=2, topk_group=1,
+        routed_scaling_factor=2.5),
 }
 
 
@@ -46,10 +56,13 @@ def tiny_model(overrides: dict, seed: int = 0) -> MiniMindLM:
     model = MiniMindLM(MiniMindConfig.from_preset("tiny", dropout=0.0, **overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.2)
             elif p.ndim >= 2:
                 p.mul_(3.0)   # peaked logits: greedy choices with clear margins
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(torch.randn_like(b) * 0.1)   # the aux-free bias changes the choice
     return model
 
 

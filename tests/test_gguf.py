@@ -141,10 +141,78 @@ def test_moe_export_in_float16_keeps_the_router_float32(tmp_path):
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
 
 
+MLA = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+           kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+           num_key_value_heads=4, first_k_dense_replace=1, n_shared_experts=2)
+FAMILIES = {  # name → (overrides of "tiny", llama.cpp arch, hparams it must carry)
+    "deepseek_v3": (dict(MLA, q_lora_rank=24, topk_method="noaux_tc", n_group=2, topk_group=1,
+                         routed_scaling_factor=2.5), "deepseek2",
+                    {"attention.head_count_kv": 1, "attention.key_length": 40,
+                     "attention.value_length": 32, "attention.key_length_mla": 24,
+                     "attention.value_length_mla": 16, "rope.dimension_count": 8,
+                     "attention.q_lora_rank": 24, "attention.kv_lora_rank": 32,
+                     "leading_dense_block_count": 1, "expert_shared_count": 2,
+                     "expert_weights_scale": 2.5, "expert_weights_norm": True,
+                     "expert_gating_func": 2, "expert_group_count": 2,
+                     "expert_group_used_count": 1}),
+    "deepseek_v2_lite": (dict(MLA, norm_topk_prob=False), "deepseek2",
+                         {"attention.q_lora_rank": 0, "expert_gating_func": 1,
+                          "expert_weights_norm": False, "expert_weights_scale": 1.0}),
+    "qwen2_moe": (dict(MOE, moe_intermediate_size=32, shared_expert_gate=True,
+                       shared_expert_intermediate_size=48, attention_bias=True,
+                       norm_topk_prob=False), "qwen2moe",
+                  {"expert_shared_feed_forward_length": 48, "attention.head_count_kv": 2}),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_deepseek_and_qwen2_moe_exports_are_what_llama_cpp_loads(tmp_path, name):
+    """Names from llama.cpp's tables, its hparams (MLA as MQA over the latent), kv_b split into
+    the absorbed k_b/v_b pair, shared experts concatenated into one, biases kept."""
+    gguf = pytest.importorskip("gguf")
+    overrides, arch, hparams = FAMILIES[name]
+    model = tiny(**overrides)
+    with torch.no_grad():   # non-zero biases, so a dropped one shows
+        for n, b in model.named_buffers():
+            if "e_score_correction_bias" in n:
+                b.normal_()
+    r = gguf.GGUFReader(str(export_gguf(model, tmp_path / "m.gguf")))
+    assert r.fields["general.architecture"].contents() == arch
+    for key, want in hparams.items():
+        assert r.fields[f"{arch}.{key}"].contents() == pytest.approx(want), key
+    t = {x.name: torch.from_numpy(x.data.copy()) for x in r.tensors}
+    assert {n.rsplit(".", 1)[0] for n in t} <= {n.rsplit(".", 1)[0]
+                                                for n in _arch_tensor_names(arch, 2)}
+    sd = model.state_dict()
+    if arch == "deepseek2":
+        assert "blk.0.ffn_gate.weight" in t and "blk.0.ffn_gate_inp.weight" not in t  # dense lead
+        kv_b = sd["model.layers.1.self_attn.kv_b_proj.weight"]               # [H·(16+16), 32]
+        for h in range(4):
+            rows = kv_b[h * 32:(h + 1) * 32]
+            assert torch.equal(t["blk.1.attn_k_b.weight"][h], rows[:16].T)   # [r, nope]
+            assert torch.equal(t["blk.1.attn_v_b.weight"][h], rows[16:])     # [v, r]
+        down = t["blk.1.ffn_down_shexp.weight"]                              # two experts' sum
+        assert torch.equal(down, torch.cat([sd[f"model.layers.1.mlp.shared_experts.{e}.down_proj"
+                                               ".weight"] for e in range(2)], dim=1))
+        bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+        assert ("blk.1.exp_probs_b.bias" in t) == (bias in sd)
+        if bias in sd:
+            assert torch.equal(t["blk.1.exp_probs_b.bias"], sd[bias])
+    else:
+        assert torch.equal(t["blk.0.attn_q.bias"], sd["model.layers.0.self_attn.q_proj.bias"])
+        assert torch.equal(t["blk.0.ffn_gate_inp_shexp.weight"],
+                           sd["model.layers.0.mlp.shared_expert_gate.weight"][0])
+        assert "output.weight" in t             # llama.cpp's qwen2moe has no tied-output fallback
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(n_shared_experts=1), "shared experts"),
     (dict(norm_topk_prob=False), "renormalise"),
     (dict(yarn_factor=4.0, yarn_original_max_position_embeddings=128), "YaRN"),
+    (dict(MLA, topk_method="group_limited_greedy", n_group=2, topk_group=1), "top-2 sum"),
+    (dict(MLA, rope_interleave=False), "half-rotation"),
+    (dict(first_k_dense_replace=1), "deepseek2 only"),
+    (dict(MOE, shared_expert_gate=True, shared_expert_intermediate_size=48), "never renormalises"),
 ])
 def test_unfaithful_gguf_exports_are_refused(tmp_path, overrides, match):
     with pytest.raises(ConversionError, match=match):
