@@ -305,17 +305,21 @@ def resolve_resume(resume: str, out_dir: str | os.PathLike, log=print) -> Path |
 
 
 def load_checkpoint(ckpt: str | os.PathLike, model: nn.Module, verify: bool = True,
-                    base_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                    base_dir: str | os.PathLike | None = None,
+                    verify_base: bool = True) -> dict[str, Any]:
     """Load weights into `model` and return the trainer state (tensors on CPU).
 
     A checkpoint without base weights needs `model` to hold its base already (loaded from
-    `base_dir`, whose fingerprint must match) and refills only the trainable part.
+    `base_dir`, whose fingerprint must match: `verify_base`, which other ranks than the main one
+    skip, so a 60 GB base is hashed by the main process alone) and refills only the
+    trainable part.
     """
     ckpt = Path(ckpt)
     if verify:
         verify_checkpoint(ckpt)
     if (ckpt / BASE_NAME).exists():
-        check_base(ckpt, base_dir)
+        if verify_base:
+            check_base(ckpt, base_dir)
         _load_trainable(ckpt, model)
     else:
         load_weights(ckpt, model)

@@ -215,7 +215,8 @@ def setup(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainCo
                                         if env.is_main else None)
     if resume_from is not None:
         state = ckpt_io.load_checkpoint(resume_from, model, verify=False,  # main rank verified it
-                                        base_dir=base_dir or cfg.init_from or None)
+                                        base_dir=base_dir or cfg.init_from or None,
+                                        verify_base=env.is_main)
         restore(state, optimizer, schedule, scaler, env, global_batch, log)
         step, samples = state["step"], state["samples"]
         best_val, wandb_id = state["best_val_loss"], state["wandb_id"]
