@@ -4,8 +4,9 @@ Each recipe trains (a couple of steps) with every option as written except sizes
 real checkpoint is replaced by scripts/make_moe_standins.py's transformers-saved stand-in,
 imported through scripts/convert_model.py; the data by a few records of each of the eight sets
 from ../shared/data, converted by the recipe's own converter. Then the recipe's Evaluate command
-scores every set. The `_kt` twins run in a subprocess (a native crash fails one test) and skip
-with kt_status's reason where the CPU variant has no training kernels.
+scores every set, in the recipe's mode (torch experts, or kt-kernel's for the `_kt` twins, which
+train and evaluate in one subprocess: a native crash fails those tests, not the run). The twins
+skip with kt_status's reason where the CPU variant has no training kernels.
 """
 from __future__ import annotations
 
@@ -104,22 +105,37 @@ def train_args(path: Path, work: Path, base: Path) -> list[str]:
             str(work / "data"), "--out_dir", str(work / path.stem), "--dtype", "bf16" if kt else "fp32"]
 
 
+def eval_args(path: Path, work: Path, base: Path) -> list[str]:
+    """The recipe's Evaluate command on the stand-in, its adapter and the tiny test sets."""
+    cmd = header_command(path, "Evaluate")
+    assert cmd[:2] == ["python", "eval_model.py"], cmd
+    out = work / path.stem
+    swap = {"--model": str(base), "--lora": str(out / "final"), "--out": str(out / "eval"),
+            "--data": f"commonsense={work / 'src'}"}
+    argv = [swap.get(prev, a) for prev, a in zip(cmd[1:], cmd[2:])]
+    return [*argv, "--limit", "1", "--max_new_tokens", "8", "--device", "cpu"]
+
+
 @pytest.fixture(scope="module")
 def kt_runs(work) -> dict[str, str]:
-    """Every `_kt` recipe whose family imports, trained in ONE subprocess (a kt-kernel crash fails
-    these tests, not the run; one process saves an interpreter start per recipe): {stem: output}."""
+    """Every `_kt` recipe whose family imports, trained and evaluated (experts in kt-kernel both
+    times) in ONE subprocess: a kt-kernel crash fails these tests, not the run, and one process
+    saves an interpreter start per recipe. {stem: output}."""
     todo = [p for p in RECIPES if p.stem.endswith("_kt")
             and isinstance(import_standin(family(p), work), Path)]
     if not KT_OK or not todo:
         return {}
-    runs = [train_args(p, work, import_standin(family(p), work)) for p in todo]
-    code = ("import json, sys, train_full_sft\n"
-            "for argv in json.loads(sys.argv[1]):\n"
-            "    sys.argv = ['train_full_sft.py', *argv]\n"
-            "    train_full_sft.main()\n")
+    jobs = []
+    for p in todo:
+        base = import_standin(family(p), work)
+        jobs += [("train_full_sft", train_args(p, work, base)), ("eval_model", eval_args(p, work, base))]
+    code = ("import importlib, json, sys\n"
+            "for module, argv in json.loads(sys.argv[1]):\n"
+            "    sys.argv = [module + '.py', *argv]\n"
+            "    importlib.import_module(module).main()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MINIMIND_DATA_CACHE": str(work / "cache"),
            "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(runs)], env=env, cwd=REPO,
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(jobs)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {p.stem: proc.stdout for p in todo}
@@ -141,6 +157,9 @@ def test_recipe_trains_validates_and_scores_every_set(path, work, monkeypatch, r
     assert cfg.data_path == [f"{s}_train_sft" for s in SETS]        # the eight sets merged
     assert cfg.eval_data_path == [f"{s}_test_sft" for s in SETS]    # validated one by one
     assert "set init_from below to that folder" in path.read_text()  # where the real model goes
+    evaluate = header_command(path, "Evaluate")                     # scored in the recipe's mode
+    assert ("kt" if kt else "torch") == (evaluate[evaluate.index("--moe_backend") + 1]
+                                         if "--moe_backend" in evaluate else "torch")
 
     base = import_standin(family(path), work)
     if isinstance(base, str):
@@ -162,13 +181,8 @@ def test_recipe_trains_validates_and_scores_every_set(path, work, monkeypatch, r
         with safe_open(str(ckpt / "trainable.safetensors"), "pt") as f:
             assert any(".experts." in k and ".lora_" in k for k in f.keys())
 
-    cmd = header_command(path, "Evaluate")
-    assert cmd[:2] == ["python", "eval_model.py"], cmd
-    swap = {"--model": str(base), "--lora": str(out / "final"), "--out": str(out / "eval"),
-            "--data": f"commonsense={work / 'src'}"}
-    argv = [swap.get(prev, a) for prev, a in zip(cmd[1:], cmd[2:])]
-    eval_model.main([*argv, "--limit", "1", "--max_new_tokens", "8", "--device", "cpu",
-                     "--dtype", "fp32"])
+    if not kt:
+        eval_model.main([*eval_args(path, work, base), "--dtype", "fp32"])
     summary = json.loads((out / "eval" / "commonsense.summary.json").read_text())
     assert set(summary["per_category"]) == set(SETS)                # accuracy per set
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in summary["per_category"].values())
