@@ -199,7 +199,9 @@ def _add_hparams(writer, config: MiniMindConfig, arch: str) -> None:
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    # llama.cpp's llama arch sizes Mixtral's experts by feed_forward_length (it has no other FFN)
+    mixtral = arch == "llama" and config.use_moe
+    writer.add_feed_forward_length(config.moe_intermediate_size if mixtral else config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)

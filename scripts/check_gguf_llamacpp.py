@@ -103,7 +103,12 @@ def check(name: str, model: MiniMindLM, tok: Tokenizer, tok_dir: Path | None, st
     path = export_gguf(model, work / f"{len(list(work.iterdir()))}.gguf", tokenizer_dir=tok_dir)
     ids = tok.encode(PROMPT)
     ours, our_logits = our_run(model, ids, steps)
-    theirs, their_logits, their_ids = llama_cpp_run(path, ids, steps, threads)
+    try:
+        theirs, their_logits, their_ids = llama_cpp_run(path, ids, steps, threads)
+    except ValueError as e:   # llama.cpp refused the file (its log says why: rerun with -v)
+        return {"model": name, "arch": gguf_arch(model.config), "tokenizer": False,
+                "same": False, "first_diff": f"load failed: {e}", "steps": steps,
+                "max_logit_diff": float("nan")}
     differ = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
     return {"model": name, "arch": gguf_arch(model.config), "tokenizer": their_ids == ids,
             "same": differ is None, "first_diff": differ, "steps": steps,

@@ -114,6 +114,8 @@ def test_moe_export_stacks_experts_as_llama_cpp_expects(tmp_path, qk_norm, arch)
     assert field("general.architecture") == arch
     assert (field(f"{arch}.expert_count"), field(f"{arch}.expert_used_count"),
             field(f"{arch}.expert_feed_forward_length")) == (4, 2, 96)
+    # llama.cpp's llama arch sizes Mixtral experts by feed_forward_length (it has no dense FFN)
+    assert field(f"{arch}.feed_forward_length") == (192 if arch == "qwen3moe" else 96)
     tensors = {t.name: t for t in r.tensors}
     assert set(tensors) <= _arch_tensor_names(arch, 2)      # names llama.cpp's arch declares
     moe = {f"blk.{i}.{n}.weight" for i in range(2)
