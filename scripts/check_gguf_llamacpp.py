@@ -83,8 +83,9 @@ def llama_cpp_run(path: Path, ids: list[int], steps: int, threads: int
                   ) -> tuple[list[int], torch.Tensor, list[int]]:
     """(greedy continuation, logits over the prompt, llama.cpp's tokens of PROMPT)."""
     from llama_cpp import Llama
+    # f32 KV cache (ggml type 0): llama.cpp's default f16 cache alone moves the logits by ~1e-3
     llm = Llama(model_path=str(path), n_ctx=len(ids) + steps + 8, logits_all=True, verbose=False,
-                n_threads=threads, n_batch=512)
+                n_threads=threads, n_batch=512, type_k=0, type_v=0)
     tokens = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
     llm.reset()
     llm.eval(ids)
