@@ -4,7 +4,8 @@
   optional);
 - ``MLAttention``: DeepSeek-V2/V3 multi-head latent attention. Keys and values are expanded from a
   per-token latent (``kv_lora_rank`` wide) by ``kv_b_proj``; a single ``qk_rope_head_dim`` rope key
-  is shared by all heads. The KV cache stores only the latent and the rope key.
+  is shared by all heads. The KV cache stores only the latent and the rope key; decoding attends
+  in latent space (weight absorption) when that is cheaper than expanding the cache.
 
 Both take ``(x, cos, sin, attn_mask, is_causal, kv_cache, layer_idx)``: the mask and RoPE tables
 are built once per forward by the model (``model.attention_mask_for``) and both call
@@ -197,11 +198,47 @@ class MLAttention(nn.Module):
                 layer_idx, latent_B1SR.to(kv_cache.k.dtype), k_rot_B1SDr.to(kv_cache.v.dtype))
             latent_B1SR, k_rot_B1SDr = latent_B1SR.to(q.dtype), k_rot_B1SDr.to(q.dtype)
         T = latent_B1SR.shape[2]
-        kv = self.kv_b_proj(latent_B1SR.squeeze(1)).view(B, T, H, self.nope + self.v_dim)
-        k_nope, v = kv.transpose(1, 2).split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_rot_B1SDr.expand(B, H, T, self.rope)], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q_BHSD, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+        if self._absorb(S, T):
+            out = self._absorbed(q_BHSD, latent_B1SR, k_rot_B1SDr, attn_mask, is_causal)
+        else:
+            kv = self.kv_b_proj(latent_B1SR.squeeze(1)).view(B, T, H, self.nope + self.v_dim)
+            k_nope, v = kv.transpose(1, 2).split([self.nope, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_rot_B1SDr.expand(B, H, T, self.rope)], dim=-1)
+            out = F.scaled_dot_product_attention(
+                q_BHSD, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         out = out.transpose(1, 2).reshape(B, S, H * self.v_dim)
         return F.dropout(self.o_proj(out), self.dropout, self.training)
+
+    def _absorb(self, S: int, T: int) -> bool:
+        """Attend in latent space when it costs fewer multiply-adds than expanding all T cached
+        latents (decoding: S ≪ T). Only for a plain ``kv_b_proj`` outside training: a LoRA or
+        quantised wrapper's effective weight is not ``.weight``."""
+        if self.training or type(self.kv_b_proj) is not nn.Linear:
+            return False
+        R, Dn, Dr, Dv = self.rank, self.nope, self.rope, self.v_dim
+        expanded = T * R * (Dn + Dv) + S * T * (Dn + Dr + Dv)
+        absorbed = S * R * (Dn + Dv) + S * T * (2 * R + Dr)
+        return absorbed < expanded
+
+    def _absorbed(self, q_BHSD, latent_B1TR, k_rot_B1TDr, attn_mask, is_causal):
+        """DeepSeek-V2 §2.1.3's weight absorption: q_nope·(W_UK·c) = (W_UKᵀ·q_nope)·c, and
+        Σ p·(W_UV·c) = W_UV·(Σ p·c), so all heads attend to the shared [latent | rope key] of
+        width R + Dr as one key/value head and only the S outputs are expanded. Same maths as the
+        expanded path (the decode test compares both with the full forward)."""
+        W = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)
+        W_UK, W_UV = W.split([self.nope, self.v_dim], dim=1)  # [H, Dn, R], [H, Dv, R]
+        q_nope, q_rot = q_BHSD.split([self.nope, self.rope], dim=-1)
+        B, H, S, _ = q_BHSD.shape
+        T = latent_B1TR.shape[2]
+        q = torch.cat([torch.einsum("bhsn,hnr->bhsr", q_nope, W_UK), q_rot], dim=-1)
+        k = torch.cat([latent_B1TR, k_rot_B1TDr], dim=-1)
+        # One key/value head for all: fold the heads into the query axis, so SDPA never copies
+        # the shared latents H times (its enable_gqa CPU path does).
+        if is_causal:
+            attn_mask = torch.ones(S, T, dtype=torch.bool, device=q.device).tril(T - S)
+        if attn_mask is not None:
+            attn_mask = attn_mask.broadcast_to(B, H, S, T).reshape(B, 1, H * S, T)
+        out = F.scaled_dot_product_attention(q.reshape(B, 1, H * S, -1), k, latent_B1TR,
+                                             attn_mask=attn_mask, scale=self.scale)
+        return torch.einsum("bhsr,hvr->bhsv", out.view(B, H, S, self.rank), W_UV)

@@ -96,11 +96,13 @@ def gguf_arch(config: MiniMindConfig) -> str:
     Refused (llama.cpp would compute something else): YaRN (its attention factor is not verified
     here), dense leading layers outside deepseek2, routed scaling outside deepseek2, DeepSeek-V2's
     group-limited greedy routing over several groups (llama.cpp scores groups by their top-2 sum,
-    V2 by their maximum), attention biases outside qwen2moe.
+    V2 by their maximum), attention biases outside qwen2moe, dense MLA.
     """
     _refuse(config.yarn_factor <= 1.0, "a YaRN config is not supported; export the base model and "
             "enable YaRN at run time (llama.cpp --rope-scaling yarn)")
     if config.use_mla:
+        _refuse(config.use_moe, "dense MLA (latent attention without experts): llama.cpp's "
+                "deepseek2 expects expert tensors in every layer past the dense lead")
         _refuse(config.rope_interleave, "latent attention with half-rotation RoPE has no "
                 "llama.cpp equivalent (deepseek2 rotates adjacent pairs)")
         _refuse(config.use_moe and config.n_shared_experts > 0 and not config.shared_expert_gate,

@@ -293,6 +293,12 @@ def _deepseek_fields(hf: dict[str, Any], model_type: str, source: str) -> dict[s
           "MLA with num_key_value_heads != num_attention_heads is not supported")
     _need(not hf.get("n_shared_experts") is None and int(hf["n_shared_experts"]) > 0, source,
           "DeepSeek without shared experts (n_shared_experts 0/null) is not supported")
+    _need(int(hf.get("moe_layer_freq", 1)) == 1, source,
+          f"moe_layer_freq={hf.get('moe_layer_freq')} is not supported: after "
+          "first_k_dense_replace every layer is sparse (as in every released DeepSeek)")
+    scoring = "sigmoid" if model_type == "deepseek_v3" else "softmax"
+    _need(hf.get("scoring_func", scoring) == scoring, source,
+          f"scoring_func {hf.get('scoring_func')!r}: transformers' {model_type} uses {scoring}")
     method = "noaux_tc" if model_type == "deepseek_v3" else hf.get("topk_method") or "greedy"
     _need(method in ("greedy", "group_limited_greedy", "noaux_tc"), source,
           f"topk_method {method!r} is not supported")
@@ -334,6 +340,9 @@ def our_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> MiniM
     _need(model_type in HF_ARCHITECTURES, source,
           f"unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "
           f"supported: {sorted(HF_ARCHITECTURES)}")
+    _need(not hf.get("quantization_config"), source,
+          f"quantized checkpoint ({(hf.get('quantization_config') or {}).get('quant_method')}): "
+          "dequantize it to bf16/fp32 first (DeepSeek-V3's release is fp8)")
     _need(hf.get("hidden_act", "silu") == "silu", source,
           f"hidden_act {hf.get('hidden_act')!r} is not supported (SwiGLU with silu only)")
     _need(not hf.get("attention_bias", False), source, "attention biases are not supported")
@@ -508,6 +517,9 @@ def hf_tensor_to_ours(config: MiniMindConfig, model_type: str, key: str, value: 
     """
     if _IGNORED_KEY.search(key):
         return {}
+    layer = re.match(r"^model\.layers\.(\d+)\.", key)
+    if model_type in _DEEPSEEK and layer and int(layer.group(1)) >= config.num_hidden_layers:
+        return {}  # DeepSeek-V3's multi-token-prediction layers: transformers drops them too
     value = value.to(torch.float32) if value.device.type == "meta" else _float32({"": value})[""]
     m = re.match(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp|shared_mlp)\.(.+)$", key)
     if not m or (m.group(2) == "mlp" and not config.is_moe_layer(int(m.group(1)))):

@@ -76,7 +76,7 @@ def cmd_import_minimind(args: argparse.Namespace) -> None:
 
 
 def cmd_gguf(args: argparse.Namespace) -> None:
-    model = _load(args.model, args.lora)
+    model = _load(args.model, args.lora)   # model.gguf.gguf_arch refuses what llama.cpp can't run
     tok = args.tokenizer or find_tokenizer_dir(args.model)
     print(f"wrote {export_gguf(model, args.out, tokenizer_dir=tok, dtype=args.dtype)}")
 

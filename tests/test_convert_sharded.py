@@ -89,3 +89,40 @@ def test_a_shard_missing_from_the_index_is_named(tmp_path, hf_model):
     with pytest.raises(ModelNotFoundError, match=victim.name):
         import_hf_to_folder(tmp_path / "hf", tmp_path / "ours")
     assert not (tmp_path / "ours" / "model.safetensors").exists()
+
+
+
+def test_deepseek_v3_mtp_layers_are_dropped_as_transformers_does(tmp_path):
+    """DeepSeek-V3 ships its multi-token-prediction block as layer ``num_hidden_layers``."""
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16,
+        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
+        topk_group=1)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "hf")
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    sd["model.layers.1.eh_proj.weight"] = torch.zeros(32, 64)
+    save_file(sd, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    import_hf_to_folder(tmp_path / "hf", tmp_path / "ours")
+    assert not any(k.startswith("model.layers.1.") for k in weights(tmp_path / "ours")[0])
+
+
+def test_streamed_import_is_strict_before_writing(tmp_path, hf_model):
+    """An unknown tensor or a wrong shape is named, and no weights file is left behind."""
+    from safetensors.torch import load_file, save_file
+
+    from model.hf_convert import ConversionError
+    hf_model.float().save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    sd = load_file(str(path))
+    save_file({**sd, "model.layers.0.self_attn.extra.weight": torch.zeros(2)}, str(path))
+    with pytest.raises(ConversionError, match="unexpected .*self_attn.extra.weight"):
+        import_hf_to_folder(tmp_path / "hf", tmp_path / "ours")
+    sd["model.layers.0.self_attn.kv_b_proj.weight"] = torch.zeros(3, 16)
+    save_file(sd, str(path))
+    with pytest.raises(ConversionError, match=r"kv_b_proj.weight \(3, 16\)"):
+        import_hf_to_folder(tmp_path / "hf", tmp_path / "ours")
+    assert not (tmp_path / "ours" / "model.safetensors").exists()

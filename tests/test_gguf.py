@@ -213,6 +213,7 @@ def test_deepseek_and_qwen2_moe_exports_are_what_llama_cpp_loads(tmp_path, name)
     (dict(yarn_factor=4.0, yarn_original_max_position_embeddings=128), "YaRN"),
     (dict(MLA, topk_method="group_limited_greedy", n_group=2, topk_group=1), "top-2 sum"),
     (dict(MLA, rope_interleave=False), "half-rotation"),
+    (dict(MLA, use_moe=False), "dense MLA"),
     (dict(first_k_dense_replace=1), "deepseek2 only"),
     (dict(MOE, shared_expert_gate=True, shared_expert_intermediate_size=48), "never renormalises"),
 ])

@@ -400,8 +400,28 @@ def test_family_refusals_name_the_reason():
                             "norm_topk_prob": True})
     with pytest.raises(ConversionError, match="num_key_value_heads"):
         our_config_from_hf({**hf, "num_key_value_heads": 2})
+    with pytest.raises(ConversionError, match="moe_layer_freq"):
+        our_config_from_hf({**hf, "moe_layer_freq": 2})
+    with pytest.raises(ConversionError, match="fp8"):
+        our_config_from_hf({**hf, "quantization_config": {"quant_method": "fp8"}})
+    # DeepSeek-V2-Lite's own rope_scaling (transformers 4 form): YaRN ×40, mscale 0.707 twice.
+    lite = our_config_from_hf({**hf, "rope_parameters": None, "rope_theta": 1e4,
+                               "max_position_embeddings": 1024, "rope_scaling": {
+                                   "type": "yarn", "factor": 40, "mscale": 0.707,
+                                   "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
+                                   "original_max_position_embeddings": 64}})
+    assert (lite.yarn_factor, lite.yarn_attention_factor, lite.yarn_mscale_all_dim) == (
+        40.0, 1.0, 0.707)
     with pytest.raises(ConversionError, match="always have shared experts"):
         choose_hf_model_type(MiniMindConfig.from_preset("tiny-mla-moe", n_shared_experts=0))
     with pytest.raises(ConversionError, match="interleaved RoPE"):
         choose_hf_model_type(MiniMindConfig.from_preset(
             "tiny-mla-moe", topk_method="greedy", rope_interleave=False, norm_topk_prob=False))
+
+
+def test_gguf_cli_refuses_mla_instead_of_writing_a_broken_file(tmp_path):
+    save_pretrained(MiniMindLM(MiniMindConfig.from_preset("tiny-mla-moe", use_moe=False)),
+                    tmp_path / "m")
+    with pytest.raises(SystemExit, match="MLA"):
+        cli(["gguf", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "m.gguf")])
+    assert not (tmp_path / "m.gguf").exists()

@@ -2,18 +2,29 @@
 
 Parity with transformers' DeepSeek-V2/V3 attention is checked model-wide in test_hf_convert.py;
 here: decoding from the latent cache equals the full forward, the cache holds latents (sizes by
-hand against the expanded K/V), the YaRN softmax scale equals DeepSeek's formula, and LoRA's
-``all_attention`` reaches every MLA projection.
+hand against the expanded K/V), the YaRN softmax scale equals DeepSeek's formula, LoRA's
+``all_attention`` reaches every MLA projection, and a DeepSeek-V3-style model (dense first layer,
+sigmoid group routing, shared expert) runs its routed experts on the cpu and kt backends.
+``python tests/test_mla.py kt`` is the kt check's own process (a kt-kernel crash kills only it).
 """
 
+import copy
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from model.config import MiniMindConfig
 from model.lora import apply_lora, resolve_lora_targets
+from model.lora import lora_parameters
 from model.model import KVCache, MiniMindLM, kv_bytes_per_token
+from model.offload import kt_status, offload_experts
+
+KT_OK, KT_WHY = kt_status()
 
 
 def mla_model(**overrides) -> MiniMindLM:
@@ -47,6 +58,26 @@ def test_decoding_from_the_latent_cache_equals_the_full_forward(overrides):
     model(ids[:, :8], attention_mask=mask[:, :8], kv_cache=cache)
     last = model(ids[:, 8:9], attention_mask=mask[:, :9], kv_cache=cache).logits[0, -1]
     torch.testing.assert_close(last, model(ids[:1, 3:9]).logits[0, -1], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_latent_space_attention_equals_the_expanded_keys_and_values(monkeypatch):
+    """Weight absorption (chosen for decoding by cost) against expanding every cached latent, on
+    a prefill (is_causal), a chunk appended to the cache (explicit mask) and one padded token."""
+    from model.attention import MLAttention
+    model = mla_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :2] = 0
+    runs = {}
+    for absorb in (True, False):
+        monkeypatch.setattr(MLAttention, "_absorb", lambda self, S, T, a=absorb: a)
+        cache = KVCache(model.config, batch_size=2, max_len=9)
+        runs[absorb] = [model(ids[:, :5], kv_cache=cache).logits,
+                        model(ids[:, 5:8], kv_cache=cache).logits,
+                        model(ids[:, 8:], attention_mask=mask, kv_cache=cache).logits]
+    for a, b in zip(runs[True], runs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_the_cache_holds_latent_and_rope_key_not_expanded_kv():
@@ -90,3 +121,53 @@ def test_all_attention_lora_covers_every_mla_projection():
         base = model(ids).logits
         apply_lora(model, "all", rank=4, alpha=8)
         torch.testing.assert_close(model(ids).logits, base)  # B = 0: step 0 is the base model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def lora_model_pair(backend: str, **kt) -> dict:
+    """LoRA (non-zero B) on everything of tiny-mla-moe; routed experts on ``backend`` vs torch:
+    relative error of the logits and of the expert / other LoRA gradients of one backward."""
+    model = mla_model()
+    apply_lora(model, "all", rank=8, alpha=16)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(0.05 * torch.randn_like(p))
+    ref = copy.deepcopy(model)
+    offload_experts(model, backend, **kt)
+    ids = torch.randint(3, model.config.vocab_size, (2, 24))
+    out, grads = {}, {}
+    for tag, m in (("got", model), ("ref", ref)):
+        result = m(ids, labels=ids)
+        result.loss.backward()
+        out[tag] = result.logits
+        for n, p in m.named_parameters():
+            if p.grad is not None:
+                grads.setdefault((tag, ".experts." in n), []).append(p.grad.flatten())
+    return {"y": rel(out["got"], out["ref"]),
+            "grad_experts": rel(torch.cat(grads["got", True]), torch.cat(grads["ref", True])),
+            "grad_other": rel(torch.cat(grads["got", False]), torch.cat(grads["ref", False]))}
+
+
+def test_cpu_backend_runs_the_routed_experts_exactly():
+    err = lora_model_pair("cpu")
+    assert max(err.values()) < 1e-6, err
+
+
+@pytest.mark.skipif(not KT_OK, reason=f"kt backend unavailable: {KT_WHY}")
+def test_kt_backend_meets_the_precision_bars():
+    proc = subprocess.run([sys.executable, __file__, "kt"], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KT_RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-3000:]
+    err = json.loads(lines[-1].removeprefix("KT_RESULT "))
+    assert err["y"] < 0.05 and err["grad_experts"] < 0.10 and err["grad_other"] < 0.10, err
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["kt"]:
+    torch.set_num_threads(1)
+    result = lora_model_pair("kt", kt_num_threads=1)
+    sys.stdout.flush()
+    print("KT_RESULT " + json.dumps(result), flush=True)
