@@ -159,6 +159,19 @@ def test_lora_checkpoint_references_the_base_and_refills_the_adapters(tmp_path, 
     for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), k
 
+    # beside the adapter files (the LoRA on_save), the adapters are stored once: in those
+    from trainer.adapters import adapter_files
+    lean = ck.save_checkpoint(tmp_path / "lean", 3, model, {"step": 3}, 10,
+                              extra_files=adapter_files(model, None), base_dir=base)
+    with safe_open(str(lean / "trainable.safetensors"), "pt") as fh:
+        assert list(fh.keys()) == []
+    assert json.loads((lean / "base.json").read_text())["trainable_elsewhere"] == {
+        k: "adapter_model.safetensors" for k in keys}
+    third = lora_on(base, seed=3)
+    ck.load_checkpoint(lean, third, base_dir=base)
+    for (k, a), b in zip(model.state_dict().items(), third.state_dict().values()):
+        assert torch.equal(a, b), k
+
     # the fingerprint is hashed once per process, then reused while size and mtime stand
     calls = []
     monkeypatch.setattr(ck, "_file_sha256", lambda p, chunk=0: calls.append(p) or "x")

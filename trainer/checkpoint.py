@@ -15,7 +15,10 @@ A run that trains a subset of a frozen base loaded from a folder (LoRA: fit's `t
 `init_from`) writes no copy of the base: in place of the model folder,
 
         trainable.safetensors   the trainable parameters and the persistent buffers (fp32)
-        base.json               {path, sha256, files, config}: the frozen base it applies to
+                                that no other file of the checkpoint holds (the LoRA adapter
+                                file does hold the adapters: they are stored once, there)
+        base.json               {path, sha256, files, config, trainable_elsewhere}: the frozen
+                                base it applies to, and which file holds which trainable tensor
 
 and resume reloads the base from its folder (the stage's build_model does) after checking that
 the folder still hashes to `sha256`. The hash reads every byte of the base's weights and
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
@@ -152,9 +156,26 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
                                      else state[n].dtype).contiguous() for n in names}
 
 
-def _load_trainable(ckpt: Path, model: nn.Module) -> None:
+def _split_trainable(state: dict[str, torch.Tensor], extra_files: dict[str, bytes]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(what trainable.safetensors must hold, {name: other file}): a trainable tensor that another
+    safetensors file of the checkpoint already holds under its name with the same values (the
+    LoRA adapter file) is stored there only, not twice."""
+    elsewhere: dict[str, str] = {}
+    for fname, data in extra_files.items():
+        if fname.endswith(".safetensors"):
+            for name, t in safetensors_load(data).items():
+                if name in state and name not in elsewhere and torch.equal(t, state[name]):
+                    elsewhere[name] = fname
+    return {k: v for k, v in state.items() if k not in elsewhere}, elsewhere
+
+
+def _load_trainable(ckpt: Path, model: nn.Module, elsewhere: dict[str, str]) -> None:
     file = ckpt / TRAINABLE_NAME
     state = load_state_dict_file(file)
+    for fname in sorted(set(elsewhere.values())):
+        held = load_state_dict_file(ckpt / fname)
+        state.update({k: held[k] for k, f in elsewhere.items() if f == fname and k in held})
     want = trainable_state(model)
     if state.keys() != want.keys():
         missing, unexpected = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
@@ -190,8 +211,10 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, tra
     if base_dir is None:
         files = {WEIGHTS_NAME: weights_bytes(model), CONFIG_NAME: config_bytes(model.config)}
     else:
-        files = {TRAINABLE_NAME: safetensors_bytes(trainable_state(model), metadata={"format": "pt"}),
-                 BASE_NAME: json.dumps(base_reference(base_dir, model), indent=2).encode()}
+        own, elsewhere = _split_trainable(trainable_state(model), extra_files or {})
+        ref = {**base_reference(base_dir, model), "trainable_elsewhere": elsewhere}
+        files = {TRAINABLE_NAME: safetensors_bytes(own, metadata={"format": "pt"}),
+                 BASE_NAME: json.dumps(ref, indent=2).encode()}
     files[STATE_NAME] = buf.getvalue()
     files.update(extra_files or {})
     manifest = {}
@@ -320,7 +343,8 @@ def load_checkpoint(ckpt: str | os.PathLike, model: nn.Module, verify: bool = Tr
     if (ckpt / BASE_NAME).exists():
         if verify_base:
             check_base(ckpt, base_dir)
-        _load_trainable(ckpt, model)
+        ref = json.loads((ckpt / BASE_NAME).read_text())
+        _load_trainable(ckpt, model, ref.get("trainable_elsewhere", {}))
     else:
         load_weights(ckpt, model)
     state_file = ckpt / STATE_NAME
