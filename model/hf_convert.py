@@ -57,7 +57,6 @@ from .io import atomic_path, atomic_write_bytes, config_bytes, save_pretrained
 from .attention import yarn_mscale
 from .model import MiniMindLM
 from .precision import DTYPES, canonical_name
-from .tokenizer import PRETOKENIZE_REGEX
 
 
 class ConversionError(UserError, ValueError):
@@ -849,151 +848,10 @@ def resolve_config(preset: str | None = None, config_json: str | Path | None = N
     return MiniMindConfig.from_dict({**data, **overrides}, source=str(config_json))
 
 
-
-# --- GGUF (llama.cpp / Ollama) ---------------------------------------------------------------------
-
-# Our parameter name (after ``model.layers.N.``) → llama.cpp tensor name (after ``blk.N.``).
-_GGUF_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-
-
-def rope_halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorders the output rows of a q/k projection from half-rotation RoPE to interleaved RoPE.
-
-    We (and HF, Qwen3) rotate the pairs (i, i + D/2); llama.cpp's ``llama`` architecture rotates
-    adjacent pairs (2i, 2i+1). Putting row i of each head at 2i and row i + D/2 at 2i+1 makes the
-    two conventions compute the same scores (q·k is invariant to a shared permutation of D).
-    """
-    out_features, d_in = w.shape
-    d = out_features // n_heads
-    return w.view(n_heads, 2, d // 2, d_in).transpose(1, 2).reshape(out_features, d_in)
-
-
-def _gguf_pre_tokenizer(tokenizer_json: dict, source: str) -> str:
-    """The llama.cpp pre-tokenizer name equal to the tokenizer's, or a ``ConversionError``."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex", True),
-              s.get("add_prefix_space", False)) for s in steps]
-    byte_level = ("ByteLevel", None, True, False)
-    if kinds == [byte_level]:
-        return "gpt-2"
-    if kinds == [("Digits", True, True, False), byte_level]:
-        return "starcoder"  # llama.cpp: split every digit, then the GPT-2 regex
-    split = steps[0].get("pattern", {}).get("Regex") if steps[0].get("type") == "Split" else None
-    if split == PRETOKENIZE_REGEX and kinds[1:] == [("ByteLevel", None, False, False)]:
-        return "qwen2"  # llama.cpp's qwen2 pre-tokenizer is this very pattern
-    raise ConversionError(f"{source}: pre-tokenizer {kinds} has no exact llama.cpp equivalent; a "
-                          "GGUF with a guessed one would tokenize some inputs differently")
-
-
-def export_gguf(model: MiniMindLM, out_path: str | Path, tokenizer_dir: str | Path | None = None,
-                dtype: str = "float32") -> Path:
-    """One ``.gguf`` file (weights + hyperparameters + BPE tokenizer + chat template).
-
-    Dense models only: ``qwen3`` architecture with QK-norm (NEOX-style half rotation, weights as
-    they are), ``llama`` without (interleaved RoPE, so q/k rows are permuted, as llama.cpp's own
-    converter does). MoE and YaRN are refused: their llama.cpp semantics (top-k renormalisation,
-    YaRN attention factor) are not verified here. Norms stay float32 (llama.cpp expects it).
-    """
-    import gguf  # optional dependency, only for this export
-    import numpy as np
-
-    config = model.config
-    if config.use_moe:
-        raise ConversionError("GGUF export supports dense models only; export MoE models with "
-                              "`export` (transformers) and use llama.cpp's convert_hf_to_gguf.py")
-    if config.yarn_factor > 1.0:
-        raise ConversionError("GGUF export of a YaRN config is not supported; export the base model "
-                              "and enable YaRN at run time (llama.cpp --rope-scaling yarn)")
-    if dtype not in ("float32", "float16"):
-        raise ConversionError(f"GGUF dtype must be float32 or float16, got {dtype!r}")
-    tok_dir = find_tokenizer_dir(None) if tokenizer_dir is None else Path(tokenizer_dir)
-    tok_json = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    tok_cfg = json.loads((tok_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    if tok_json.get("model", {}).get("type") != "BPE":
-        raise ConversionError(f"{tok_dir}: only byte-level BPE tokenizers export to GGUF")
-    pre = _gguf_pre_tokenizer(tok_json, str(tok_dir / "tokenizer.json"))
-
-    arch = "qwen3" if config.qk_norm else "llama"
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    sd = _float32(model.state_dict())
-    tensors: dict[str, torch.Tensor] = {"token_embd.weight": sd["model.embed_tokens.weight"],
-                                        "output_norm.weight": sd["model.norm.weight"]}
-    if not config.tie_word_embeddings:
-        tensors["output.weight"] = sd["lm_head.weight"]
-    for i in range(config.num_hidden_layers):
-        for ours, theirs in _GGUF_LAYER_NAMES.items():
-            key = f"model.layers.{i}.{ours}"
-            if key not in sd:
-                continue  # q_norm/k_norm only with QK-norm
-            w = sd[key]
-            if arch == "llama" and ours == "self_attn.q_proj.weight":
-                w = rope_halves_to_interleaved(w, config.num_attention_heads)
-            elif arch == "llama" and ours == "self_attn.k_proj.weight":
-                w = rope_halves_to_interleaved(w, config.num_key_value_heads)
-            tensors[f"blk.{i}.{theirs}"] = w
-
-    vocab = {**tok_json["model"]["vocab"], **{t["content"]: t["id"] for t in tok_json["added_tokens"]}}
-    if sorted(vocab.values()) != list(range(len(vocab))):
-        raise ConversionError(f"{tok_dir}: token ids are not contiguous from 0")
-    if len(vocab) > config.vocab_size:
-        raise ConversionError(f"tokenizer has {len(vocab)} tokens, the model only {config.vocab_size}")
-    tokens = [""] * config.vocab_size
-    types = [int(gguf.TokenType.UNUSED)] * config.vocab_size
-    for text, tid in vocab.items():
-        tokens[tid], types[tid] = text, int(gguf.TokenType.NORMAL)
-    for t in tok_json["added_tokens"]:
-        types[t["id"]] = int(gguf.TokenType.CONTROL if t["special"] else gguf.TokenType.USER_DEFINED)
-    for tid in range(len(vocab), config.vocab_size):  # embedding rows past the tokenizer
-        tokens[tid] = f"[PAD{tid}]"
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
-
-    with atomic_path(out_path) as tmp:  # a crash never leaves a half-written .gguf
-        writer = gguf.GGUFWriter(str(tmp), arch)
-        writer.add_name(out_path.stem)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(config.num_key_value_heads)
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32"
-                             else gguf.LlamaFileType.MOSTLY_F16)
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        writer.add_bos_token_id(config.bos_token_id)
-        writer.add_eos_token_id(config.eos_token_id)
-        writer.add_pad_token_id(config.pad_token_id)
-        writer.add_add_bos_token(False)  # our prompts carry <|im_start|> from the chat template
-        if tok_cfg.get("chat_template"):
-            writer.add_chat_template(tok_cfg["chat_template"])
-        for name, w in tensors.items():
-            as_f16 = dtype == "float16" and w.ndim == 2
-            writer.add_tensor(name, w.numpy().astype(np.float16 if as_f16 else np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return out_path
+def __getattr__(name: str) -> Any:
+    """The GGUF export moved to ``model/gguf.py``; old imports from here keep working (lazily:
+    model.gguf imports this module)."""
+    if name in ("export_gguf", "rope_halves_to_interleaved"):
+        from . import gguf
+        return getattr(gguf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,9 +21,10 @@ import argparse
 import json
 from pathlib import Path
 
-from model.hf_convert import (ConversionError, export_gguf, export_hf, find_tokenizer_dir,
-                              import_hf_to_folder, load_minimind_pth, resolve_config)
 from model.errors import UserError, run_cli
+from model.gguf import export_gguf
+from model.hf_convert import (export_hf, find_tokenizer_dir, import_hf_to_folder,
+                              load_minimind_pth, resolve_config)
 from model.io import load_for_inference, save_pretrained
 from model.model import MiniMindLM
 
@@ -75,13 +76,7 @@ def cmd_import_minimind(args: argparse.Namespace) -> None:
 
 
 def cmd_gguf(args: argparse.Namespace) -> None:
-    model = _load(args.model, args.lora)
-    # export_gguf maps llama/qwen3 attention tensors by name and would drop MLA's and the q/k/v
-    # biases without a word: refuse here until the GGUF writer knows these layouts.
-    if model.config.use_mla or model.config.attention_bias:
-        raise ConversionError("GGUF export supports grouped-query attention without q/k/v biases "
-                              "only; export MLA / Qwen2-MoE models with `export` (transformers) "
-                              "and use llama.cpp's convert_hf_to_gguf.py")
+    model = _load(args.model, args.lora)   # model.gguf.gguf_arch refuses what llama.cpp can't run
     tok = args.tokenizer or find_tokenizer_dir(args.model)
     print(f"wrote {export_gguf(model, args.out, tokenizer_dir=tok, dtype=args.dtype)}")
 
@@ -121,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import_minimind)
 
     p = sub.add_parser("gguf", help="our folder → one .gguf file for llama.cpp / Ollama "
-                                    "(dense models: llama or qwen3 architecture)")
+                                    "(llama, qwen3, qwen3moe, qwen2moe, deepseek2 architectures)")
     p.add_argument("--model", required=True, help="our model folder")
     p.add_argument("--out", required=True, help="output .gguf file")
     p.add_argument("--lora", help="LoRA adapter folder to merge before export")

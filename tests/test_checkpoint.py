@@ -119,3 +119,79 @@ def test_checkpoint_errors_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match="incomplete checkpoint"):
         ck.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
     assert issubclass(ck.CheckpointError, RuntimeError)   # old callers' except clauses still hold
+
+
+# ---------------------------------------------------------------------- LoRA: no base weights
+def lora_on(base_dir, seed=1) -> MiniMindLM:
+    from model.lora import apply_lora
+    model = load_pretrained(base_dir)
+    apply_lora(model, "all", 4, 8.0, 0.0, False)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()                                # B = 0 would not show a lost adapter
+    return model
+
+
+def test_lora_checkpoint_references_the_base_and_refills_the_adapters(tmp_path, monkeypatch):
+    from model.io import save_pretrained
+    torch.manual_seed(0)
+    base = save_pretrained(tiny(), tmp_path / "base")
+    model = lora_on(base)
+    path = ck.save_checkpoint(tmp_path, 3, model, {"step": 3}, 10, base_dir=base)
+    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "base.json", "trainable.safetensors",
+                                                    "trainer_state.pt"]
+    ref = json.loads((path / "base.json").read_text())
+    import hashlib
+    want = {n: {"bytes": (base / n).stat().st_size,
+                "sha256": hashlib.sha256((base / n).read_bytes()).hexdigest()}
+            for n in ("config.json", "model.safetensors")}
+    assert ref["path"] == str(base.resolve()) and ref["files"] == want
+    from safetensors import safe_open
+    with safe_open(str(path / "trainable.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+    assert keys and all(".lora_" in k for k in keys)        # adapters only, no base tensor
+    assert (path / "trainable.safetensors").stat().st_size < (base / "model.safetensors").stat().st_size / 4
+
+    other = lora_on(base, seed=2)                             # same base, other adapter values
+    assert ck.load_checkpoint(path, other, base_dir=base) == {"step": 3}
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+
+    # beside the adapter files (the LoRA on_save), the adapters are stored once: in those
+    from trainer.adapters import adapter_files
+    lean = ck.save_checkpoint(tmp_path / "lean", 3, model, {"step": 3}, 10,
+                              extra_files=adapter_files(model, None), base_dir=base)
+    with safe_open(str(lean / "trainable.safetensors"), "pt") as fh:
+        assert list(fh.keys()) == []
+    assert json.loads((lean / "base.json").read_text())["trainable_elsewhere"] == {
+        k: "adapter_model.safetensors" for k in keys}
+    third = lora_on(base, seed=3)
+    ck.load_checkpoint(lean, third, base_dir=base)
+    for (k, a), b in zip(model.state_dict().items(), third.state_dict().values()):
+        assert torch.equal(a, b), k
+
+    # the fingerprint is hashed once per process, then reused while size and mtime stand
+    calls = []
+    monkeypatch.setattr(ck, "_file_sha256", lambda p, chunk=0: calls.append(p) or "x")
+    ck.save_checkpoint(tmp_path, 4, model, {"step": 4}, 10, base_dir=base)
+    assert calls == []
+
+    monkeypatch.undo()
+    with pytest.raises(ck.CheckpointError, match="resume it with --init_from .*base"):
+        ck.load_checkpoint(path, other)
+    torch.manual_seed(5)
+    save_pretrained(tiny(), base)                             # the base changed under the run
+    with pytest.raises(ck.CheckpointError, match=r"base.*differs from the one .*step_000003.*"
+                                                 r"model\.safetensors"):
+        ck.load_checkpoint(path, other, base_dir=base)
+    from model.lora import apply_lora
+    fewer = load_pretrained(base)
+    apply_lora(fewer, "q_proj", 4, 8.0, 0.0, False)
+    ck._FINGERPRINTS.clear()
+    json_ref = json.loads((path / "base.json").read_text())
+    json_ref["sha256"] = ck.base_fingerprint(base)["sha256"]  # a matching base, other adapters
+    (path / "base.json").write_text(json.dumps(json_ref))
+    with pytest.raises(ck.CheckpointError, match="trainable tensors do not match"):
+        ck.load_checkpoint(path, fewer, verify=False, base_dir=base)

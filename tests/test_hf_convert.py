@@ -1,4 +1,4 @@
-"""Conversion to and from transformers / upstream MiniMind / GGUF (model/hf_convert.py).
+"""Conversion to and from transformers / upstream MiniMind (model/hf_convert.py).
 
 Parity is checked against transformers itself (built offline from configs, never downloaded):
 fp32 logits must agree to max |Δ| < 1e-4 and greedy decoding must pick the same tokens.
@@ -18,10 +18,9 @@ transformers = pytest.importorskip("transformers", reason="transformers is neede
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from model.config import MiniMindConfig  # noqa: E402
-from model.hf_convert import (ConversionError, choose_hf_model_type, export_gguf,  # noqa: E402
-                              export_hf, hf_config_from_ours, import_hf, load_minimind_pth,
-                              our_config_from_hf, our_state_dict_from_hf,
-                              rope_halves_to_interleaved)
+from model.hf_convert import (ConversionError, choose_hf_model_type, export_hf,  # noqa: E402
+                              hf_config_from_ours, import_hf, load_minimind_pth,
+                              our_config_from_hf, our_state_dict_from_hf)
 from model.io import load_pretrained, save_pretrained  # noqa: E402
 from model.model import MiniMindLM  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
@@ -314,78 +313,6 @@ def test_granite_with_non_neutral_multipliers_is_refused(tmp_path):
     cfg.attention_multiplier = 1.0  # Granite's default; our attention always scales by 1/√D
     with pytest.raises(ConversionError, match="attention_multiplier"):
         our_config_from_hf(cfg.to_dict())
-
-
-# --- GGUF --------------------------------------------------------------------------------------
-
-def _interleaved_rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """llama.cpp's ``llama`` RoPE: rotate adjacent pairs (2i, 2i+1). x: [S, D]."""
-    d = x.shape[-1]
-    ang = pos[:, None].float() * theta ** (-torch.arange(0, d, 2).float() / d)
-    a, b = x[:, 0::2], x[:, 1::2]
-    out = torch.empty_like(x)
-    out[:, 0::2], out[:, 1::2] = a * ang.cos() - b * ang.sin(), a * ang.sin() + b * ang.cos()
-    return out
-
-
-def test_rope_permutation_makes_interleaved_scores_equal():
-    from model.model import apply_rope
-    torch.manual_seed(0)
-    heads, d, d_in, S, theta = 2, 8, 16, 5, 1e4
-    wq, wk, x = torch.randn(heads * d, d_in), torch.randn(heads * d, d_in), torch.randn(S, d_in)
-    pos = torch.arange(S)
-    ang = pos[:, None].float() * theta ** (-torch.arange(0, d, 2).float() / d)
-    emb = torch.cat([ang, ang], -1)
-    q = apply_rope((x @ wq.T).view(1, S, heads, d), emb.cos(), emb.sin())[0]
-    k = apply_rope((x @ wk.T).view(1, S, heads, d), emb.cos(), emb.sin())[0]
-    qp = (x @ rope_halves_to_interleaved(wq, heads).T).view(S, heads, d)
-    kp = (x @ rope_halves_to_interleaved(wk, heads).T).view(S, heads, d)
-    for h in range(heads):
-        ours = q[:, h] @ k[:, h].T
-        theirs = _interleaved_rope(qp[:, h], pos, theta) @ _interleaved_rope(kp[:, h], pos, theta).T
-        assert max_diff(ours, theirs) < 1e-4
-
-
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_gguf_export_reads_back(tmp_path, qk_norm):
-    gguf = pytest.importorskip("gguf")
-    model = tiny(qk_norm=qk_norm, tie_word_embeddings=not qk_norm)
-    path = tmp_path / "m.gguf"
-    cli(["gguf", "--model", str(save_pretrained(model, tmp_path / "m")), "--out", str(path)])
-    r = gguf.GGUFReader(str(path))
-
-    def field(name):
-        f = r.fields[name]
-        return f.contents()
-
-    arch = "qwen3" if qk_norm else "llama"
-    assert field("general.architecture") == arch
-    assert field(f"{arch}.block_count") == 2 and field(f"{arch}.attention.head_count_kv") == 2
-    assert field(f"{arch}.rope.freq_base") == 1e6
-    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "qwen2"
-    tok = Tokenizer.from_dir()
-    tokens = field("tokenizer.ggml.tokens")
-    assert len(tokens) == 6400 and tokens[:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    assert field("tokenizer.ggml.token_type")[:4] == [3, 3, 3, 4]
-    assert field("tokenizer.ggml.eos_token_id") == tok.eos_id
-    assert field("tokenizer.chat_template") == tok.chat_template
-    tensors = {t.name: t for t in r.tensors}
-    expected = {"token_embd.weight", "output_norm.weight"} | {
-        f"blk.{i}.{n}.weight" for i in range(2) for n in
-        ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate",
-         "ffn_up", "ffn_down"] + (["attn_q_norm", "attn_k_norm"] if qk_norm else [])}
-    expected |= set() if not qk_norm else {"output.weight"}
-    assert set(tensors) == expected
-    q = model.model.layers[0].self_attn.q_proj.weight.detach()
-    want = q if qk_norm else rope_halves_to_interleaved(q, 4)  # llama arch: interleaved rows
-    got = torch.from_numpy(tensors["blk.0.attn_q.weight"].data.copy()).reshape(want.shape)
-    assert torch.equal(got, want)
-    assert list(tensors["blk.0.ffn_down.weight"].shape) == [192, 64]  # ggml order: (in, out)
-
-
-def test_gguf_refuses_moe(tmp_path):
-    with pytest.raises(ConversionError, match="dense models only"):
-        export_gguf(tiny(**MOE), tmp_path / "x.gguf")
 
 
 # --- DeepSeek-V2 / DeepSeek-V3 / Qwen2-MoE: checkpoints made by transformers ------------------------

@@ -89,3 +89,67 @@ def test_crash_inside_checkpoint_write_then_resume(tmp_path, reference):
     assert_identical(reference("fp32"), final_weights(crash))
     steps = [line for line in (crash / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 5                               # log_every 2 over 10 steps, no duplicates
+
+
+# ---------------------------------------------------------------------- LoRA: no base in checkpoints
+def _lora_run(work: Path, out: str, *extra: str, kt: bool, monkeypatch) -> str:
+    """train_lora.py for 6 steps, saving at 3 and 6: in this process for the torch experts
+    (faster), in its own process under kt (a native crash must fail one test, not the run)."""
+    args = ["--init_from", str(work / "base"), "--data_path", str(work / "sft.jsonl"),
+            "--out_dir", str(work / out), "--device", "cpu", "--no-progress", "--no-plot",
+            "--peak_tflops", "1", "--seq_len", "64", "--batch_size", "2", "--max_steps", "6",
+            "--save_every", "3", "--lora_rank", "4", "--lr", "1e-2", "--log_every", "3", *extra]
+    if not kt:
+        import train_lora
+        monkeypatch.setattr(sys, "argv", ["train_lora.py", "--dtype", "fp32",
+                                          "--lora_dropout", "0.1", *args])  # dropout: RNG restored
+        train_lora.main()
+        return ""
+    args += ["--use_kt", "--kt_num_threads", "1", "--dtype", "bf16",   # kt runs no adapter dropout
+             "--lora_target", "q_proj,gate_proj,up_proj,down_proj"]    # expert adapters in the kernel
+    env = {**env_one_thread(), "MINIMIND_DATA_CACHE": str(work / "cache")}
+    proc = subprocess.run([sys.executable, str(REPO / "train_lora.py"), *args], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _kt_ok() -> tuple[bool, str]:
+    from model.offload import kt_status
+    return kt_status()
+
+
+# kt costs ~15 s here, over this suite's budget: MINIMIND_TEST_KT_RESUME=1 adds it (the kt
+# recipes in test_commonsense_recipes.py check that their checkpoints hold the expert adapters).
+@pytest.mark.parametrize("kt", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not _kt_ok()[0] or not os.environ.get("MINIMIND_TEST_KT_RESUME"),
+    reason=f"opt-in (MINIMIND_TEST_KT_RESUME=1); kt: {_kt_ok()[1]}"))], ids=["torch", "kt"])
+def test_lora_checkpoint_holds_no_base_and_resumes_bit_identical(tmp_path, kt, monkeypatch,
+                                                                 one_thread_private_cache):
+    """A LoRA checkpoint is the adapters + optimizer + resume state + a fingerprinted reference
+    to the base; resuming it from step 3 ends bit-identical to the uninterrupted 6 steps."""
+    from dataset import synthetic
+    from model.config import MiniMindConfig
+    from model.io import save_pretrained
+    from model.model import MiniMindLM
+    synthetic.write_jsonl(synthetic.sft_conversations(16, seed=0), tmp_path / "sft.jsonl")
+    torch.manual_seed(0)
+    base = save_pretrained(MiniMindLM(MiniMindConfig.from_preset("tiny-moe" if kt else "tiny")),
+                           tmp_path / "base")
+    _lora_run(tmp_path, "full", kt=kt, monkeypatch=monkeypatch)
+    ckpt = tmp_path / "full" / "checkpoints" / "step_000003"
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == ["COMPLETE", "adapter_config.json", "adapter_model.safetensors", "base.json",
+                     "trainable.safetensors", "trainer_state.pt"]
+    size = sum(p.stat().st_size for p in ckpt.iterdir())
+    assert size < (base / "model.safetensors").stat().st_size / 2
+
+    _lora_run(tmp_path, "resumed", "--resume", str(ckpt), kt=kt, monkeypatch=monkeypatch)
+    resumed = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step_*"))
+    assert resumed == ["step_000006"]                     # it started at step 3, not from scratch
+    a = safetensors.torch.load_file(str(tmp_path / "full" / "final" / "adapter_model.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "resumed" / "final" / "adapter_model.safetensors"))
+    assert_identical(a, b)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)   # it trained
+    if kt:
+        assert any(".experts." in k for k in a)

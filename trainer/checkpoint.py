@@ -10,6 +10,19 @@ what is written here is the resume state, the checksums, the marker and the rota
                             step, wandb run id, best validation loss
         <extra files>       e.g. adapter weights from a stage's on_save callback
         COMPLETE            written last: JSON with the step and the sha256 + size of every file
+
+A run that trains a subset of a frozen base loaded from a folder (LoRA: fit's `trainable` with
+`init_from`) writes no copy of the base: in place of the model folder,
+
+        trainable.safetensors   the trainable parameters and the persistent buffers (fp32)
+                                that no other file of the checkpoint holds (the LoRA adapter
+                                file does hold the adapters: they are stored once, there)
+        base.json               {path, sha256, files, config, trainable_elsewhere}: the frozen
+                                base it applies to, and which file holds which trainable tensor
+
+and resume reloads the base from its folder (the stage's build_model does) after checking that
+the folder still hashes to `sha256`. The hash reads every byte of the base's weights and
+config once per process (cached by path, size and mtime), not once per save.
     out_dir/checkpoints/latest   name of the newest complete checkpoint (pointer file)
     out_dir/checkpoints/best     JSON {name, val_loss} of the best one by validation loss
 
@@ -33,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from model.atomic import atomic_path, fsync_dir
@@ -41,10 +56,13 @@ from model.errors import UserError
 # lm_head stored once, strict loading, clear errors). load_weights and weights_bytes are
 # re-exported: trainer/loop.py, trainer/adapters.py and train_dpo.py import them from here.
 from model.io import CONFIG_NAME, WEIGHTS_NAME, config_bytes, load_weights, weights_bytes  # noqa: F401
+from model.io import load_state_dict_file
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
 STATE_NAME = "trainer_state.pt"
+BASE_NAME = "base.json"
+TRAINABLE_NAME = "trainable.safetensors"
 FAULT_ENV = "MINIMIND_CKPT_FAULT"
 
 
@@ -77,6 +95,99 @@ def atomic_write(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+# ---------------------------------------------------------------------- the frozen base
+_FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
+
+
+def _file_sha256(path: Path, chunk: int = 64 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_fingerprint(base_dir: str | os.PathLike) -> dict[str, Any]:
+    """{path, sha256, files}: the content hash of a base model folder (config.json and every
+    *.safetensors file). Hashed once per process: later calls reuse it while no file's size or
+    mtime changed (sha256 reads ~0.8 GB/s on one core: ~80 s for a 60 GB base, once)."""
+    base = Path(base_dir).resolve()
+    names = sorted(p.name for p in base.glob("*.safetensors")) + [CONFIG_NAME]
+    stats = []
+    for name in names:
+        try:
+            st = (base / name).stat()
+        except FileNotFoundError:
+            raise CheckpointError(f"{base / name}: base model file not found") from None
+        stats.append((name, st.st_size, st.st_mtime_ns))
+    key = (str(base), tuple(stats))
+    if key not in _FINGERPRINTS:
+        files = {name: {"bytes": size, "sha256": _file_sha256(base / name)} for name, size, _ in stats}
+        combined = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        _FINGERPRINTS[key] = {"path": str(base), "sha256": combined, "files": files}
+    return _FINGERPRINTS[key]
+
+
+def base_reference(base_dir: str | os.PathLike, model: nn.Module) -> dict[str, Any]:
+    """What base.json holds: the base folder's fingerprint and the model config."""
+    return {**base_fingerprint(base_dir), "config": model.config.to_dict()}
+
+
+def check_base(ckpt: Path, base_dir: str | os.PathLike | None) -> None:
+    """A checkpoint without base weights resumes only onto the very base it was trained on."""
+    ref = json.loads((ckpt / BASE_NAME).read_text())
+    if base_dir is None:
+        raise CheckpointError(f"{ckpt}: holds no base weights; resume it with --init_from "
+                              f"{ref['path']} (the base it was trained on)")
+    have = base_fingerprint(base_dir)
+    if have["sha256"] != ref["sha256"]:
+        changed = sorted(n for n in set(ref["files"]) | set(have["files"])
+                         if ref["files"].get(n) != have["files"].get(n))
+        raise CheckpointError(f"{have['path']}: base model differs from the one {ckpt} was trained "
+                              f"on ({ref['path']}; changed: {', '.join(changed)})")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The part of the state a run changes: parameters with requires_grad and persistent buffers."""
+    state = model.state_dict()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    names += [n for n, _ in model.named_buffers() if n in state]
+    return {n: state[n].detach().to("cpu", torch.float32 if state[n].is_floating_point()
+                                     else state[n].dtype).contiguous() for n in names}
+
+
+def _split_trainable(state: dict[str, torch.Tensor], extra_files: dict[str, bytes]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(what trainable.safetensors must hold, {name: other file}): a trainable tensor that another
+    safetensors file of the checkpoint already holds under its name with the same values (the
+    LoRA adapter file) is stored there only, not twice."""
+    elsewhere: dict[str, str] = {}
+    for fname, data in extra_files.items():
+        if fname.endswith(".safetensors"):
+            for name, t in safetensors_load(data).items():
+                if name in state and name not in elsewhere and torch.equal(t, state[name]):
+                    elsewhere[name] = fname
+    return {k: v for k, v in state.items() if k not in elsewhere}, elsewhere
+
+
+def _load_trainable(ckpt: Path, model: nn.Module, elsewhere: dict[str, str]) -> None:
+    file = ckpt / TRAINABLE_NAME
+    state = load_state_dict_file(file)
+    for fname in sorted(set(elsewhere.values())):
+        held = load_state_dict_file(ckpt / fname)
+        state.update({k: held[k] for k, f in elsewhere.items() if f == fname and k in held})
+    want = trainable_state(model)
+    if state.keys() != want.keys():
+        missing, unexpected = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
+        raise CheckpointError(f"{file}: trainable tensors do not match the model (other LoRA "
+                              f"settings?): missing {missing[:3]}, unexpected {unexpected[:3]}")
+    bad = [n for n in state if state[n].shape != want[n].shape]
+    if bad:
+        raise CheckpointError(f"{file}: {bad[0]} has shape {tuple(state[bad[0]].shape)}, the model "
+                              f"{tuple(want[bad[0]].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
 # ---------------------------------------------------------------------- save
 def checkpoint_root(out_dir: str | os.PathLike) -> Path:
     return Path(out_dir) / "checkpoints"
@@ -84,10 +195,12 @@ def checkpoint_root(out_dir: str | os.PathLike) -> Path:
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, trainer_state: dict[str, Any],
                     keep_last: int, val_loss: float | None = None,
-                    extra_files: dict[str, bytes] | None = None) -> Path:
+                    extra_files: dict[str, bytes] | None = None,
+                    base_dir: str | os.PathLike | None = None) -> Path:
     """Write a complete checkpoint for `step`, update the pointers, prune old ones; returns its folder.
 
-    Call on the main rank only, with the plain (unwrapped) model.
+    Call on the main rank only, with the plain (unwrapped) model. `base_dir`: the folder the
+    frozen parameters were loaded from; they are then referenced (base.json), not written.
     """
     root = checkpoint_root(out_dir)
     ckpt = root / f"step_{step:06d}"
@@ -95,8 +208,14 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, tra
     (ckpt / MARKER).unlink(missing_ok=True)      # re-saving a step: mark it incomplete first
     buf = io.BytesIO()
     torch.save(trainer_state, buf)
-    files = {WEIGHTS_NAME: weights_bytes(model), CONFIG_NAME: config_bytes(model.config),
-             STATE_NAME: buf.getvalue()}
+    if base_dir is None:
+        files = {WEIGHTS_NAME: weights_bytes(model), CONFIG_NAME: config_bytes(model.config)}
+    else:
+        own, elsewhere = _split_trainable(trainable_state(model), extra_files or {})
+        ref = {**base_reference(base_dir, model), "trainable_elsewhere": elsewhere}
+        files = {TRAINABLE_NAME: safetensors_bytes(own, metadata={"format": "pt"}),
+                 BASE_NAME: json.dumps(ref, indent=2).encode()}
+    files[STATE_NAME] = buf.getvalue()
     files.update(extra_files or {})
     manifest = {}
     for name, data in files.items():
@@ -208,12 +327,26 @@ def resolve_resume(resume: str, out_dir: str | os.PathLike, log=print) -> Path |
     return Path(resume)
 
 
-def load_checkpoint(ckpt: str | os.PathLike, model: nn.Module, verify: bool = True) -> dict[str, Any]:
-    """Load weights into `model` and return the trainer state (tensors on CPU)."""
+def load_checkpoint(ckpt: str | os.PathLike, model: nn.Module, verify: bool = True,
+                    base_dir: str | os.PathLike | None = None,
+                    verify_base: bool = True) -> dict[str, Any]:
+    """Load weights into `model` and return the trainer state (tensors on CPU).
+
+    A checkpoint without base weights needs `model` to hold its base already (loaded from
+    `base_dir`, whose fingerprint must match: `verify_base`, which other ranks than the main one
+    skip, so a 60 GB base is hashed by the main process alone) and refills only the
+    trainable part.
+    """
     ckpt = Path(ckpt)
     if verify:
         verify_checkpoint(ckpt)
-    load_weights(ckpt, model)
+    if (ckpt / BASE_NAME).exists():
+        if verify_base:
+            check_base(ckpt, base_dir)
+        ref = json.loads((ckpt / BASE_NAME).read_text())
+        _load_trainable(ckpt, model, ref.get("trainable_elsewhere", {}))
+    else:
+        load_weights(ckpt, model)
     state_file = ckpt / STATE_NAME
     if not state_file.exists():
         return {}

@@ -165,6 +165,7 @@ class Run:
     loss_sum: torch.Tensor
     first_bad: torch.Tensor          # first non-finite step, -1 = none
     gnorm: torch.Tensor
+    base_dir: str | None = None      # frozen base folder: checkpoints reference it, not copy it
     lr: float = 0.0
     metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     weight_sum: float = 0.0
@@ -204,12 +205,18 @@ def setup(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainCo
     log(f"[train] {precision.describe()}")
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision.name == "fp16")
 
+    # A stage that trains a subset (LoRA) of a base loaded from init_from: the frozen rest is
+    # that folder's weights, so checkpoints refer to it instead of writing a copy every save.
+    frozen = any(not p.requires_grad for p in model.parameters())
+    base_dir = cfg.init_from if trainable is not None and cfg.init_from and frozen else None
     step, samples, best_val, wandb_id = 0, 0, None, None
     seed_everything(cfg.seed + env.rank)   # different dropout masks per rank, same data order
     resume_from = dist.broadcast_object(ckpt_io.resolve_resume(cfg.resume, cfg.out_dir, log)
                                         if env.is_main else None)
     if resume_from is not None:
-        state = ckpt_io.load_checkpoint(resume_from, model, verify=False)  # main rank verified it
+        state = ckpt_io.load_checkpoint(resume_from, model, verify=False,  # main rank verified it
+                                        base_dir=base_dir or cfg.init_from or None,
+                                        verify_base=env.is_main)
         restore(state, optimizer, schedule, scaler, env, global_batch, log)
         step, samples = state["step"], state["samples"]
         best_val, wandb_id = state["best_val_loss"], state["wandb_id"]
@@ -239,7 +246,7 @@ def setup(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainCo
                FitResult(step=step, samples_seen=samples, best_val_loss=best_val), resume_from,
                loss_sum=torch.zeros((), device=dev),
                first_bad=torch.full((), -1, device=dev, dtype=torch.long),
-               gnorm=torch.zeros((), device=dev))
+               gnorm=torch.zeros((), device=dev), base_dir=base_dir)
 
 
 def forward_backward(run: Run, micro: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
@@ -350,7 +357,8 @@ def evaluate_now(run: Run) -> float | None:
 
 
 def save(run: Run, val_loss: float | None) -> None:
-    """A complete checkpoint (weights, optimizer, schedule, scaler, every rank's RNG, data position)."""
+    """A complete checkpoint (weights, optimizer, schedule, scaler, every rank's RNG, data position);
+    with a frozen base (`run.base_dir`), only the trainable weights plus a reference to the base."""
     check_finite(run)
     t0 = time.perf_counter()
     rngs = dist.all_gather_object(rng_state())
@@ -364,7 +372,7 @@ def save(run: Run, val_loss: float | None) -> None:
                  "config": run.cfg.to_dict()}
         extra = run.on_save(run.model, res.step) if run.on_save is not None else None
         path = ckpt_io.save_checkpoint(run.cfg.out_dir, res.step, run.model, state,
-                                       run.cfg.keep_last, val_loss, extra)
+                                       run.cfg.keep_last, val_loss, extra, base_dir=run.base_dir)
         run.logger.message(f"[checkpoint] saved {path}")
     dist.barrier()
     run.last_saved = run.result.checkpoint = dist.broadcast_object(path)

@@ -1,0 +1,155 @@
+r"""Load our GGUF exports in llama.cpp itself and compare its greedy tokens and logits with ours.
+
+    python scripts/check_gguf_llamacpp.py                    # tiny random models of each arch
+    python scripts/check_gguf_llamacpp.py --model out/sft/final --model out/sft_moe/final
+
+Needs llama-cpp-python (``pip install llama-cpp-python``: it compiles llama.cpp, 10-30 minutes
+on two cores), so it is kept out of the test suite; tests/test_gguf.py checks the file's names,
+shapes and values with the gguf package's reader instead.
+
+For each model: export with ``model.gguf.export_gguf``, tokenize a prompt both ways, run greedy
+decoding both ways (llama.cpp: one ``eval`` per token, argmax of its fp32 logits, no sampler),
+and report the first differing step and the largest logit difference over the prompt. The tiny
+models' norms are perturbed away from 1 (a dropped RMSNorm would show) and their weights scaled
+up so the logits are peaked: near-ties would make token agreement a coin toss.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model.config import MiniMindConfig
+from model.errors import UserError, run_cli
+from model.gguf import export_gguf, gguf_arch
+from model.io import load_for_inference
+from model.model import MiniMindLM
+from model.tokenizer import Tokenizer
+
+PROMPT = "<|im_start|>user\nWhat is 12 plus 30?<|im_end|>\n<|im_start|>assistant\n"
+_MLA = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            num_key_value_heads=4, first_k_dense_replace=1, n_shared_experts=2)
+# name → overrides of the "tiny" preset (one per llama.cpp architecture we export)
+CASES = {
+    "qwen3 (dense, QK-norm)": dict(qk_norm=True),
+    "llama (dense)": dict(tie_word_embeddings=False),
+    "qwen3moe": dict(qk_norm=True, use_moe=True, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=96),
+    "llama MoE (Mixtral)": dict(use_moe=True, num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=96),
+    "qwen2moe": dict(use_moe=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     shared_expert_gate=True, shared_expert_intermediate_size=48,
+                     attention_bias=True, norm_topk_prob=False),
+    "deepseek2 (V2-Lite shape)": dict(_MLA, norm_topk_prob=False),
+    "deepseek2 (V3: q-LoRA, sigmoid + bias, groups)": dict(
+        _MLA, q_lora_rank=24, topk_method="noaux_tc", n_group=2, topk_group=1,
+        routed_scaling_factor=2.5),
+}
+
+
+def tiny_model(overrides: dict, seed: int = 0) -> MiniMindLM:
+    torch.manual_seed(seed)
+    model = MiniMindLM(MiniMindConfig.from_preset("tiny", dropout=0.0, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+            elif p.ndim >= 2:
+                p.mul_(3.0)   # peaked logits: greedy choices with clear margins
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.copy_(torch.randn_like(b) * 0.1)   # the aux-free bias changes the choice
+    return model
+
+
+@torch.no_grad()
+def our_run(model: MiniMindLM, ids: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """(greedy continuation, fp32 logits over the prompt) from our model, no KV cache."""
+    x = torch.tensor([ids])
+    prompt_logits = model(x).logits[0].float()
+    out = []
+    for _ in range(steps):
+        nxt = int(model(x).logits[0, -1].argmax())
+        out.append(nxt)
+        x = torch.cat([x, torch.tensor([[nxt]])], 1)
+    return out, prompt_logits
+
+
+def llama_cpp_run(path: Path, ids: list[int], steps: int, threads: int
+                  ) -> tuple[list[int], torch.Tensor, list[int]]:
+    """(greedy continuation, logits over the prompt, llama.cpp's tokens of PROMPT)."""
+    from llama_cpp import Llama
+    # f32 KV cache (ggml type 0): llama.cpp's default f16 cache alone moves the logits by ~1e-3
+    llm = Llama(model_path=str(path), n_ctx=len(ids) + steps + 8, logits_all=True, verbose=False,
+                n_threads=threads, n_batch=512, type_k=0, type_v=0)
+    tokens = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
+    llm.reset()
+    llm.eval(ids)
+    prompt_logits = torch.tensor(llm.scores[: len(ids)]).float()
+    out = []
+    for _ in range(steps):
+        nxt = int(torch.tensor(llm.scores[llm.n_tokens - 1]).argmax())
+        out.append(nxt)
+        llm.eval([nxt])
+    llm.close()
+    return out, prompt_logits, tokens
+
+
+def check(name: str, model: MiniMindLM, tok: Tokenizer, tok_dir: Path | None, steps: int,
+          threads: int, work: Path) -> dict:
+    path = export_gguf(model, work / f"{len(list(work.iterdir()))}.gguf", tokenizer_dir=tok_dir)
+    ids = tok.encode(PROMPT)
+    ours, our_logits = our_run(model, ids, steps)
+    try:
+        theirs, their_logits, their_ids = llama_cpp_run(path, ids, steps, threads)
+    except ValueError as e:   # llama.cpp refused the file (its log says why: rerun with -v)
+        return {"model": name, "arch": gguf_arch(model.config), "tokenizer": False,
+                "same": False, "first_diff": f"load failed: {e}", "steps": steps,
+                "max_logit_diff": float("nan")}
+    differ = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    return {"model": name, "arch": gguf_arch(model.config), "tokenizer": their_ids == ids,
+            "same": differ is None, "first_diff": differ, "steps": steps,
+            "max_logit_diff": float((our_logits[:, : their_logits.shape[1]] - their_logits).abs().max())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", action="append", default=[],
+                   help="our model folder (repeatable); default: tiny random model per arch")
+    p.add_argument("--steps", type=int, default=24, help="greedy tokens to compare")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise UserError("llama-cpp-python is not installed: pip install llama-cpp-python") from None
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model:
+            for folder in args.model:
+                model, tok = load_for_inference(folder, device="cpu", dtype="fp32")
+                has_tok = (Path(folder) / "tokenizer.json").is_file()
+                rows.append(check(folder, model, tok, Path(folder) if has_tok else None,
+                                  args.steps, args.threads, Path(tmp)))
+        else:
+            tok = Tokenizer.from_dir()
+            for name, overrides in CASES.items():
+                rows.append(check(name, tiny_model(overrides), tok, None, args.steps,
+                                  args.threads, Path(tmp)))
+    print(f"| model | llama.cpp arch | same prompt tokens | greedy tokens equal ({args.steps}) "
+          "| max abs logit diff (prompt) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        same = "yes" if r["same"] else f"no (first differs at {r['first_diff']})"
+        print(f"| {r['model']} | {r['arch']} | {'yes' if r['tokenizer'] else 'NO'} | {same} "
+              f"| {r['max_logit_diff']:.2e} |")
+    if not all(r["same"] and r["tokenizer"] for r in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
