@@ -377,6 +377,15 @@ def peft_incompatibility(model: nn.Module) -> str | None:
     return None
 
 
+def native_lora_key(key: str) -> str:
+    """Our parameter name for an adapter tensor key in either file format: PEFT's
+    ``base_model.model.<name>.lora_A.weight`` becomes ``<name>.lora_A``; a native key is returned
+    as it is. Checkpoints use it to find the trainable tensors an adapter file already holds."""
+    if key.startswith(_PEFT_PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight")):
+        return key[len(_PEFT_PREFIX):].removesuffix(".weight")
+    return key
+
+
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | Path | None = None,
                  peft_format: bool = False) -> Path:
     """Writes ``adapter_model.safetensors`` (fp32, adapter tensors only) + ``adapter_config.json``.

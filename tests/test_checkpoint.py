@@ -159,10 +159,11 @@ def test_lora_checkpoint_references_the_base_and_refills_the_adapters(tmp_path, 
     for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), k
 
-    # beside the adapter files (the LoRA on_save), the adapters are stored once: in those
+    # beside the adapter files (the LoRA on_save, in PEFT's key format as the CLI writes them),
+    # the adapters are stored once: in those
     from trainer.adapters import adapter_files
     lean = ck.save_checkpoint(tmp_path / "lean", 3, model, {"step": 3}, 10,
-                              extra_files=adapter_files(model, None), base_dir=base)
+                              extra_files=adapter_files(model, None, peft_format=True), base_dir=base)
     with safe_open(str(lean / "trainable.safetensors"), "pt") as fh:
         assert list(fh.keys()) == []
     assert json.loads((lean / "base.json").read_text())["trainable_elsewhere"] == {

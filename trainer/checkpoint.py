@@ -57,6 +57,7 @@ from model.errors import UserError
 # re-exported: trainer/loop.py, trainer/adapters.py and train_dpo.py import them from here.
 from model.io import CONFIG_NAME, WEIGHTS_NAME, config_bytes, load_weights, weights_bytes  # noqa: F401
 from model.io import load_state_dict_file
+from model.lora import native_lora_key
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
@@ -164,7 +165,8 @@ def _split_trainable(state: dict[str, torch.Tensor], extra_files: dict[str, byte
     elsewhere: dict[str, str] = {}
     for fname, data in extra_files.items():
         if fname.endswith(".safetensors"):
-            for name, t in safetensors_load(data).items():
+            for key, t in safetensors_load(data).items():
+                name = native_lora_key(key)
                 if name in state and name not in elsewhere and torch.equal(t, state[name]):
                     elsewhere[name] = fname
     return {k: v for k, v in state.items() if k not in elsewhere}, elsewhere
@@ -174,7 +176,7 @@ def _load_trainable(ckpt: Path, model: nn.Module, elsewhere: dict[str, str]) -> 
     file = ckpt / TRAINABLE_NAME
     state = load_state_dict_file(file)
     for fname in sorted(set(elsewhere.values())):
-        held = load_state_dict_file(ckpt / fname)
+        held = {native_lora_key(k): v for k, v in load_state_dict_file(ckpt / fname).items()}
         state.update({k: held[k] for k, f in elsewhere.items() if f == fname and k in held})
     want = trainable_state(model)
     if state.keys() != want.keys():
