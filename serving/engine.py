@@ -449,6 +449,7 @@ class Engine:
                                                                   r.handle.prompt_logprobs)
                 self._deliver(r.handle, TokenLogprobs(entries, prompt=True))
         reason = {id(r): None if r.budget > 0 else "length" for r in live}
+        generated: dict[int, list[int]] = {id(r): [] for r in live}
         for r in [r for r in live if r.budget <= 0]:
             live.remove(r)
             self._finish(r, "length")
@@ -469,6 +470,7 @@ class Engine:
                 if tok is None or reason[id(row)] is not None:
                     continue
                 row.produced += 1
+                generated[id(row)].append(tok)
                 with self._cond:
                     self._stats.tokens_generated += 1
                 if row.handle.cancelled:
@@ -487,6 +489,15 @@ class Engine:
                 break
         steps.close()
         for row in live:
+            gen = generated[id(row)]
+            if row.handle.logprobs is not None and gen:
+                # generate_tokens does not hand out logits; one forward over the finished
+                # sequence gives the same raw log-probs
+                ids = row.handle.prompt_ids + gen
+                logits = self.model(torch.tensor([ids], device=row.seen.device)).logits[0]
+                start = len(row.handle.prompt_ids) - 1
+                self._deliver(row.handle, TokenLogprobs(_logprob_entries(
+                    logits[start:start + len(gen)], gen, row.handle.logprobs)))
             self._finish(row, reason[id(row)] or ("cancelled" if row.handle.cancelled
                                                    else "length"))
 
