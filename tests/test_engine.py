@@ -68,7 +68,7 @@ def run(engine, prompt, n, **kw):
 def test_requests_join_and_leave_a_running_batch(model):
     engine = Engine(model, ByteTokenizer(), max_batch_size=4, prefill_chunk=8).start()
     try:
-        first = run(engine, [10, 11, 12], 60)
+        first = run(engine, [10, 11, 12], 45)
         while len(first.tokens()) < 5:  # running before the others arrive
             time.sleep(0.001)
         later = [run(engine, list(range(20, 20 + n)), k) for n, k in ((30, 10), (3, 25), (17, 5))]
@@ -76,7 +76,7 @@ def test_requests_join_and_leave_a_running_batch(model):
             assert sink.done.wait(30)
     finally:
         engine.shutdown()
-    assert first.tokens() == greedy_reference(model, [10, 11, 12], 60)
+    assert first.tokens() == greedy_reference(model, [10, 11, 12], 45)
     for sink, (n, k) in zip(later, ((30, 10), (3, 25), (17, 5))):
         assert sink.tokens() == greedy_reference(model, list(range(20, 20 + n)), k)
         assert sink.events[-1].finish_reason == "length"

@@ -156,13 +156,13 @@ def varied_model(preset: str) -> MiniMindLM:
 def test_fast_path_greedy_equals_eager_and_no_cache_reference(preset):
     model = varied_model(preset)
     prompts = [[7, 8, 9, 10, 11, 12, 13], [200], [31, 32, 33]]
-    params = SamplingParams(max_new_tokens=16, stop_token_ids=())
+    params = SamplingParams(max_new_tokens=10, stop_token_ids=())
     fast = generate_tokens(model, prompts, params, fast=True, compile=False)
     eager = generate_tokens(model, prompts, params, fast=False)
     fast_rows, eager_rows = list(zip(*fast)), list(zip(*eager))
     assert fast_rows == eager_rows
     for prompt, row in zip(prompts, fast_rows):
-        assert list(row) == greedy_reference(model, prompt, 16)
+        assert list(row) == greedy_reference(model, prompt, 10)
     assert len(set(fast_rows[0])) > 3  # the sequences are not one repeated token
 
 
