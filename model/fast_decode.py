@@ -54,7 +54,7 @@ class _SlotView(KVCache):
 
 
 def fast_path_reason(model: MiniMindLM) -> str | None:
-    """None when the compiled step is correct for this model, else why not (one line)."""
+    """None when the static step is correct for this model, else why not (one line)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return f"{ENV_SWITCH}=0"
     if model.training:

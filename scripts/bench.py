@@ -252,7 +252,7 @@ def bench_serving(quick: bool, compile: bool = False) -> list[dict]:
     """The engine (no HTTP) at minimind2-small: 1 client after another vs 16 at once, latency
     percentiles, and the longest gap between two tokens of running streams while a new
     512-token prompt is prefilled, chunked (128) and in one piece."""
-    from serving.engine import Engine, Finished, TextDelta
+    from serving.engine import Engine, Finished
 
     class NullTokenizer:
         def decode(self, ids, skip_special_tokens=False):
@@ -450,6 +450,8 @@ def main() -> None:
     ap.add_argument("--upstream", default=os.environ.get("MINIMIND_UPSTREAM", ""),
                     help="upstream MiniMind source tree (has model/model_minimind.py) to compare "
                          "against; default $MINIMIND_UPSTREAM; skipped when absent")
+    ap.add_argument("--dtypes", default="", help="measure only these of the native dtypes "
+                    "(comma list, e.g. fp32)")
     ap.add_argument("--no_compile", action="store_true",
                     help="skip the compiled decode step (its compile takes ~1 min per shape)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -463,6 +465,8 @@ def main() -> None:
     auto = resolve_precision("auto", "cpu")
     # bf16 rows only where bf16 is native: emulated, one 2048^3 matmul alone takes seconds.
     dtypes = ["fp32", "bf16"] if auto.name == "bf16" else ["fp32"]
+    if args.dtypes:
+        dtypes = [d for d in args.dtypes.split(",") if d in dtypes]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; {auto.describe()}; measuring {', '.join(dtypes)}")
     peaks = {d: matmul_peak(DTYPES[d]) for d in dtypes}
