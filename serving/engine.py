@@ -8,10 +8,10 @@ as the step that made them ends.
 
 Scheduling is *continuous batching* at token granularity over ``model.fast_decode``'s static
 cache, one slot per request: a request joins the running batch as soon as its prompt is in the
-cache and leaves it the step it finishes, so nobody waits for a batch to drain. Prompts are
-prefilled in chunks of ``prefill_chunk`` tokens, one chunk between two decode steps, so a long
-new prompt delays the running streams by at most one chunk's forward per token (the benchmark
-reports that stall). Rows keep their own positions (no padding), so every request gets exactly
+cache and leaves it the step it finishes, so nobody waits for a batch to drain. Between two
+decode steps at most ``prefill_chunk`` prompt tokens are prefilled (the rest of one prompt, then
+the next queued ones), so a long new prompt delays the running streams by at most one chunk's
+forward per token (the benchmark reports that stall). Rows keep their own positions (no padding), so every request gets exactly
 the tokens it would get alone (greedy, or sampling with a seed). Models the static step cannot
 run (offloaded experts) are served one request at a time through ``generate_tokens``' eager path.
 
@@ -256,7 +256,14 @@ class Engine:
             try:
                 with torch.inference_mode():
                     if self.fast:
-                        self._prefill_chunk()
+                        # Up to prefill_chunk prompt tokens per step: the rest of one prompt,
+                        # then the next queued ones (short prompts join together).
+                        budget = self.prefill_chunk
+                        while budget > 0:
+                            used = self._prefill_chunk(budget)
+                            budget -= used
+                            if used == 0 or budget <= 0 or not self._admit(block=False):
+                                break
                         self._decode_step()
                     else:
                         self._eager_batch()
@@ -268,9 +275,9 @@ class Engine:
                 for row in rows:
                     self._deliver(row.handle, Failed(f"generation failed: {type(e).__name__}: {e}"))
 
-    def _admit(self) -> bool:
-        """Moves queued requests into free slots (one may be prefilling at a time); blocks while
-        there is nothing to do. False once the engine is closed."""
+    def _admit(self, block: bool = True) -> bool:
+        """Moves queued requests into free slots (one may be prefilling at a time); with
+        ``block``, waits while there is nothing to do. False once the engine is closed."""
         with self._cond:
             while True:
                 if self._closed:
@@ -293,8 +300,8 @@ class Engine:
                 if self.fast and self._pending and not prefilling and (
                         len(self._rows) < self.max_batch_size):
                     self._rows.append(self._new_row(self._pending.pop(0)))
-                if self._rows:
-                    self._busy = True
+                if self._rows or not block:
+                    self._busy = bool(self._rows)
                     return True
                 self._busy = False
                 if self._decoder is not None:
@@ -313,19 +320,20 @@ class Engine:
         return _Row(h, TextStream(self.tokenizer, p.stop_strings, p.stop_token_ids), budget,
                     make_generator(p.seed, device), seen)
 
-    def _prefill_chunk(self) -> None:
-        """One chunk of the prompt of the row being prefilled; on its last chunk the row samples
-        its first token and joins the decode batch."""
+    def _prefill_chunk(self, budget: int) -> int:
+        """Up to ``budget`` tokens of the prompt of the row being prefilled (the number done is
+        returned); on its last chunk the row samples its first token and joins the decode
+        batch."""
         slot = next((i for i, r in enumerate(self._rows) if r.prefilling), None)
         if slot is None:
-            return
+            return 0
         row = self._rows[slot]
         prompt = row.handle.prompt_ids
         if row.handle.cancelled:
             self._remove(slot, "cancelled")
-            return
+            return 0
         start = row.prefilled
-        chunk = prompt[start:start + self.prefill_chunk]
+        chunk = prompt[start:start + budget]
         self._decoder.ensure_capacity(start + len(chunk) + 1)
         want = row.handle.prompt_logprobs
         logits = self._decoder.prefill(slot, chunk, start, all_logits=want is not None)
@@ -339,11 +347,12 @@ class Engine:
             self._deliver(row.handle, TokenLogprobs(entries, prompt=True))
             logits = logits[-1]
         if row.prefilling:
-            return
+            return len(chunk)
         if row.budget <= 0:
             self._remove(slot, "length")
-            return
-        self._accept(slot, logits.unsqueeze(0))
+        else:
+            self._accept(slot, logits.unsqueeze(0))
+        return len(chunk)
 
     def _decode_step(self) -> None:
         n = sum(1 for r in self._rows if not r.prefilling)
