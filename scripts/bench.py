@@ -172,11 +172,19 @@ def load_transformers(ours: MiniMindLM, tmp: Path):
                                                 ).eval()
 
 
-def decode_rate(run, batch: int, new: int, repeat: int) -> float:
-    """Decode tokens/s with the prefill taken out: (t(new) - t(1)) over new - 1 steps."""
-    t_full = best_time(lambda: run(new), repeat)
-    t_one = best_time(lambda: run(1), repeat)
-    return batch * (new - 1) / max(t_full - t_one, 1e-9)
+def decode_rates(variants: dict, batch: int, new: int, repeat: int) -> dict[str, float]:
+    """Decode tokens/s per variant with the prefill taken out: (t(new) - t(1)) over new - 1
+    steps, best of ``repeat`` rounds; each round times every variant once, so a change in the
+    shared machine's load hits them all alike."""
+    full = {name: float("inf") for name in variants}
+    one = dict(full)
+    for _ in range(repeat):
+        for name, run in variants.items():
+            for n, best in ((new, full), (1, one)):
+                t0 = time.perf_counter()
+                run(n)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: batch * (new - 1) / max(full[name] - one[name], 1e-9) for name in variants}
 
 
 def bench_decode(bandwidth: float, dtypes: list[str], quick: bool, upstream_dir: str = "",
@@ -227,17 +235,19 @@ def bench_decode(bandwidth: float, dtypes: list[str], quick: bool, upstream_dir:
             kv_bytes = (2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * cfg.head_dim
                         * ctx * torch.tensor([], dtype=dtype).element_size())
             bound_tok_s = batch * bandwidth / (weight_bytes + kv_bytes)
-            measured = {}
+            same, setup = {}, {}
             for name, run in variants.items():
                 t0 = time.perf_counter()
-                same = bool(torch.equal(run(new).cpu(), reference))  # also warms up / compiles
-                setup = time.perf_counter() - t0
-                measured[name] = decode_rate(run, batch, new, repeat)
+                same[name] = bool(torch.equal(run(new).cpu(), reference))  # warms up, compiles
+                run(1)
+                setup[name] = time.perf_counter() - t0
+            measured = decode_rates(variants, batch, new, repeat)
+            for name in variants:
                 rows.append(dict(bench="greedy decode minimind2-small", variant=name,
                                  dtype=str(dtype)[6:], batch=batch,
                                  tokens_per_s=measured[name],
                                  bandwidth_bound_fraction=measured[name] / bound_tok_s,
-                                 same_tokens=same, first_call_s=setup))
+                                 same_tokens=same[name], first_call_s=setup[name]))
             for r in rows[-len(variants):]:
                 for ref in ("upstream MiniMind", "transformers"):
                     if ref in measured and r["variant"].startswith("ours"):
