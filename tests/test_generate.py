@@ -219,8 +219,9 @@ def test_fast_path_falls_back_where_it_is_not_correct():
                     reason="torch.compile of the step takes 15-50 s on 2 CPU cores; "
                            "MINIMIND_TEST_COMPILE=1 runs it")
 def test_compiled_step_gives_the_eager_tokens():
+    """One row (compiled on CPU too) and three (compiled on CUDA, padded to a width of 4)."""
     model = varied_model("tiny")
-    prompts = [[7, 8, 9, 10], [200, 3], [31, 32, 33]]  # 3 rows: the step pads to 4
     params = SamplingParams(max_new_tokens=12, stop_token_ids=())
-    compiled = list(generate_tokens(model, prompts, params, fast=True, compile=True))
-    assert compiled == list(generate_tokens(model, prompts, params, fast=False))
+    for prompts in ([[7, 8, 9, 10]], [[7, 8, 9, 10], [200, 3], [31, 32, 33]]):
+        compiled = list(generate_tokens(model, prompts, params, fast=True, compile=True))
+        assert compiled == list(generate_tokens(model, prompts, params, fast=False))
