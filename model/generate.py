@@ -2,9 +2,12 @@
 
 Layers, lowest first:
 - ``generate_tokens`` is the decoding loop. It takes a batch of prompts (token ids) with one
-  ``SamplingParams`` each, left-pads them, prefills once and yields, per step, the new token of
-  every row still running. Rows count positions from their own first token, so a prompt in a
-  batch gets exactly the tokens it gets alone (greedy; or sampling with the same seed).
+  ``SamplingParams`` each and yields, per step, the new token of every row still running. By
+  default each prompt is prefilled into its own slot of a static cache and decoded by the
+  fixed-shape step of ``model/fast_decode.py``; the eager path (left-padded batch through
+  ``MiniMindLM.forward``) remains for models that step cannot run (offloaded experts) and as the
+  reference. Rows count positions from their own first token, so a prompt in a batch gets
+  exactly the tokens it gets alone (greedy; or sampling with the same seed).
 - ``TextStream`` turns one row's tokens into text deltas: it never emits half of a multi-byte
   character and holds back text that could be the start of a stop string.
 - ``generate`` / ``stream`` are the convenience front ends the CLI, server and evaluation use.
@@ -12,12 +15,16 @@ Layers, lowest first:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .fast_decode import StaticDecoder, compile_by_default, fast_path_reason
 from .model import KVCache, MiniMindLM
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,16 +98,70 @@ def _choose_tokens(logits_BV, params: list[SamplingParams], seen_BV, generators)
     return torch.where(is_greedy, greedy, sampled)
 
 
+def use_fast_path(model: MiniMindLM, fast: bool | None = None) -> bool:
+    """Whether decoding takes the static-cache step (``model/fast_decode.py``): by default
+    wherever it is correct; ``fast=True`` insists (an error where it is not), ``False`` refuses.
+    The reason for a fallback is logged once per model, so a slow path is never silent."""
+    reason = fast_path_reason(model)
+    if fast and reason:
+        raise ValueError(f"the fast decode path is not available: {reason}")
+    if fast is None and reason and getattr(model, "_fast_path_logged", None) != reason:
+        log.info("decoding on the eager path: %s", reason)
+        model._fast_path_logged = reason
+    return reason is None if fast is None else fast
+
+
+def _eager_steps(model, prompts, longest, steps, device):
+    """The reference path: one left-padded batch through ``MiniMindLM.forward`` and its cache."""
+    B = len(prompts)
+    pad = model.config.pad_token_id
+    ids_BS = torch.full((B, longest), pad, dtype=torch.long)
+    mask_BS = torch.zeros(B, longest + steps, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids_BS[b, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask_BS[b, longest - len(p):] = 1
+    ids_BS, mask_BS = ids_BS.to(device), mask_BS.to(device)
+    padded = bool((mask_BS[:, :longest] == 0).any())
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.config, B, longest + steps, dtype=dtype, device=device)
+    first = model(ids_BS, attention_mask=mask_BS[:, :longest] if padded else None,
+                  kv_cache=cache, logits_to_keep=1).logits[:, -1]
+
+    def advance(next_B, step):
+        mask_BS[:, longest + step] = 1
+        return model(next_B.unsqueeze(-1), attention_mask=mask_BS[:, :longest + step + 1]
+                     if padded else None, kv_cache=cache).logits[:, -1]
+
+    return first, advance
+
+
+def _static_steps(model, prompts, longest, steps, device, compile):
+    """The fast path: each prompt prefilled into its own slot, then the fixed-shape step."""
+    decoder = StaticDecoder(model, len(prompts), longest + steps,
+                            compile=compile_by_default(device) if compile is None else compile)
+    first = torch.stack([decoder.prefill(b, list(p)) for b, p in enumerate(prompts)])
+    pos_B = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+
+    def advance(next_B, step):
+        return decoder.step(next_B, pos_B + step)
+
+    return first, advance
+
+
 @torch.inference_mode()
 def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
                     params: SamplingParams | Sequence[SamplingParams],
                     should_stop: Callable[[int], bool] | None = None,
+                    fast: bool | None = None, compile: bool | None = None,
                     ) -> Iterator[list[int | None]]:
     """Yields, after each decoding step, each row's new token id (None once a row has finished).
 
     A row finishes on a stop token (which is yielded, then the row goes quiet), on
     ``max_new_tokens``, or when ``should_stop(row)`` returns True (a stop string seen by the
     caller, a client gone). Stop strings are the caller's business (see ``TextStream``).
+    ``fast`` picks the static-cache step (default: wherever correct, see ``use_fast_path``) and
+    ``compile`` whether that step is compiled (default: ``compile_by_default``). Both paths give
+    the same greedy tokens.
     """
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
@@ -119,31 +180,19 @@ def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
     steps = max(budget)
     if steps == 0:
         return
-    pad = model.config.pad_token_id
-    ids_BS = torch.full((B, longest), pad, dtype=torch.long)
-    mask_BS = torch.zeros(B, longest + steps, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids_BS[b, longest - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask_BS[b, longest - len(p):] = 1
-    ids_BS, mask_BS = ids_BS.to(device), mask_BS.to(device)
-    padded = bool((mask_BS[:, :longest] == 0).any())
     V = model.config.vocab_size
     seen_BV = torch.zeros(B, V, dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):  # not the pads: a row must see what it would see alone
         seen_BV[b, torch.tensor(p, dtype=torch.long, device=device)] = True
-    generators = []
-    for p in params:
-        g = torch.Generator(device=device)
-        g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        generators.append(g)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(model.config, B, longest + steps, dtype=dtype, device=device)
+    generators = [make_generator(p.seed, device) for p in params]
     running = [True] * B
     produced = [0] * B
     stop_ids = [set(p.stop_token_ids) for p in params]
 
-    logits = model(ids_BS, attention_mask=mask_BS[:, :longest] if padded else None,
-                   kv_cache=cache, logits_to_keep=1).logits[:, -1]
+    if use_fast_path(model, fast):
+        logits, advance = _static_steps(model, prompts, longest, steps, device, compile)
+    else:
+        logits, advance = _eager_steps(model, prompts, longest, steps, device)
     for step in range(steps):
         next_B = _choose_tokens(logits, params, seen_BV, generators)
         tokens = next_B.tolist()
@@ -163,9 +212,14 @@ def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
         if not any(running) or step == steps - 1:
             return
         seen_BV.scatter_(1, next_B.unsqueeze(-1), True)
-        mask_BS[:, longest + step] = 1
-        logits = model(next_B.unsqueeze(-1), attention_mask=mask_BS[:, :longest + step + 1]
-                       if padded else None, kv_cache=cache).logits[:, -1]
+        logits = advance(next_B, step)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A row's own random stream: its samples do not depend on its batch neighbours."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    return g
 
 
 class TextStream:

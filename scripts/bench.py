@@ -8,8 +8,12 @@ run, as a ratio:
 - a training step (forward + backward + AdamW) at ``minimind2-small``, batch 4 × 512, in each
   measured dtype: tokens/s, MFU = model FLOPs / that dtype's measured matmul peak, and the auto
   dtype's speed as a fraction of the fastest;
-- greedy decoding at batch 1 and 8: tokens/s and the fraction of the bandwidth bound (bytes of
-  weights + KV cache read per step / measured bandwidth);
+- greedy decoding at batch 1 and 8: ours (eager path, static step, compiled static step),
+  upstream MiniMind (``--upstream DIR``) and transformers on the same weights and tokens:
+  tokens/s, ratios, and the fraction of the bandwidth bound (bytes of weights + KV cache read per
+  step / measured bandwidth);
+- the serving engine: 1 vs 16 concurrent clients (tokens/s, p50/p99 latency) and the longest
+  stall of running streams while a new 512-token prompt is prefilled, chunked and not;
 - an MoE layer forward + backward (8 experts, top-2): grouped dispatch vs MiniMind's naive loop;
 - an MoE model step (4 experts, top-1) vs the dense step with the same active parameters;
 - the real loop and data pipeline (fit on packed real text) vs the bare step, and packed vs
@@ -26,7 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -111,37 +117,215 @@ def bench_train(peaks: dict, auto: str, quick: bool) -> list[dict]:
     return rows
 
 
-def bench_decode(bandwidth: float, dtypes: list[str], quick: bool) -> list[dict]:
+def load_upstream(upstream_dir: str, ours: MiniMindLM):
+    """Upstream MiniMind's ``MiniMindForCausalLM`` from its source tree (``model/model_minimind.py``)
+    with our weights (same parameter names), or None with the reason printed."""
+    import importlib.util
+    import inspect
+
+    source = Path(upstream_dir) / "model" / "model_minimind.py"
+    if not upstream_dir or not source.is_file():
+        why = "not given" if not upstream_dir else f"{source} not found"
+        print(f"  upstream MiniMind skipped: source tree {why} (--upstream DIR or "
+              "MINIMIND_UPSTREAM=DIR)")
+        return None
+    spec = importlib.util.spec_from_file_location("model_minimind", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    accepted = inspect.signature(module.MiniMindConfig.__init__).parameters
+    fields = {k: v for k, v in ours.config.to_dict().items() if k in accepted}
+    up = module.MiniMindForCausalLM(module.MiniMindConfig(**fields)).eval()
+    missing, unexpected = up.load_state_dict(ours.state_dict(), strict=False)
+    missing = [k for k in missing if "rotary" not in k and "freqs" not in k]
+    if missing:
+        print(f"  upstream MiniMind: {len(missing)} weights not mapped (e.g. {missing[0]}); "
+              "its timing stands, its tokens will differ")
+    return up.to(next(ours.parameters()).dtype)
+
+
+@torch.inference_mode()
+def upstream_greedy(model, prompts: torch.Tensor, new: int) -> torch.Tensor:
+    """MiniMind's own decode: its forward with ``past_key_values`` (a cache grown by torch.cat)."""
+    out = model(prompts, use_cache=True)
+    past, tokens = out.past_key_values, []
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(new - 1):
+        tokens.append(nxt)
+        out = model(nxt, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    tokens.append(nxt)
+    return torch.cat(tokens, dim=1)
+
+
+def load_transformers(ours: MiniMindLM, tmp: Path):
+    """Our model exported with ``export_hf`` and loaded back by transformers, or None."""
+    try:
+        from transformers import AutoModelForCausalLM
+
+        from model.hf_convert import export_hf
+    except ImportError as e:
+        print(f"  transformers skipped: {e}")
+        return None
+    export_hf(ours, tmp / "hf")
+    return AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=next(ours.parameters()).dtype
+                                                ).eval()
+
+
+def decode_rates(variants: dict, batch: int, new: int, repeat: int) -> dict[str, float]:
+    """Decode tokens/s per variant with the prefill taken out: (t(new) - t(1)) over new - 1
+    steps, best of ``repeat`` rounds; each round times every variant once, so a change in the
+    shared machine's load hits them all alike."""
+    full = {name: float("inf") for name in variants}
+    one = dict(full)
+    for _ in range(repeat):
+        for name, run in variants.items():
+            for n, best in ((new, full), (1, one)):
+                t0 = time.perf_counter()
+                run(n)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: batch * (new - 1) / max(full[name] - one[name], 1e-9) for name in variants}
+
+
+def bench_decode(bandwidth: float, dtypes: list[str], quick: bool, upstream_dir: str = "",
+                 compile: bool = True) -> list[dict]:
+    """Greedy decode at minimind2-small, batch 1 and 8: ours on the eager path, the static step
+    and the compiled static step; upstream MiniMind and transformers on the same weights. Every
+    implementation must produce our eager path's tokens (checked, reported in ``same_tokens``)."""
     rows = []
     cfg = MiniMindConfig.from_preset("minimind2-small")
-    prompt_len, new = 64, 32 if quick else 64
+    prompt_len, new = 64, (16 if quick else 48)
+    repeat = 2 if quick else 3
     for dtype in (DTYPES[d] for d in dtypes):
         torch.manual_seed(0)
         model = MiniMindLM(cfg).eval().to(dtype)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        with tempfile.TemporaryDirectory() as tmp:
+            others = {"upstream MiniMind": load_upstream(upstream_dir, model),
+                      "transformers": load_transformers(model, Path(tmp))}
         for batch in (1, 8):
-            prompts = [list(range(10 + b, 10 + b + prompt_len)) for b in range(batch)]
-            params = SamplingParams(max_new_tokens=new, stop_token_ids=())
-            steps = []
+            prompts = [[(17 * b + 3 * i) % 6000 + 10 for i in range(prompt_len)]
+                       for b in range(batch)]
+            ids = torch.tensor(prompts)
 
-            def run():
-                t0 = time.perf_counter()
-                marks = []
-                for _ in generate_tokens(model, prompts, params):
-                    marks.append(time.perf_counter())
-                steps.append((marks[-1] - marks[0]) / (len(marks) - 1))  # decode steps only
+            def ours(fast: bool, compiled: bool):
+                def run(n):
+                    params = SamplingParams(max_new_tokens=n, stop_token_ids=())
+                    steps = list(generate_tokens(model, prompts, params, fast=fast,
+                                                 compile=compiled))
+                    return torch.tensor(steps).T
+                return run
 
-            best_time(run, repeat=2)
-            per_step = min(steps)
-            # Per step every weight is read once; the cache read grows with the context, so take
-            # the mean context over the decode.
+            variants = {"ours eager": ours(False, False), "ours static step": ours(True, False)}
+            if compile:
+                variants["ours compiled static step"] = ours(True, True)
+            if others["upstream MiniMind"] is not None:
+                variants["upstream MiniMind"] = lambda n: upstream_greedy(
+                    others["upstream MiniMind"], ids, n)
+            if others["transformers"] is not None:
+                hf = others["transformers"]
+                variants["transformers"] = lambda n: hf.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                    min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+                )[:, prompt_len:]
+            reference = variants["ours eager"](new)
+            # Per step every weight is read once, and the cache up to the current length: the
+            # mean context over the decode. Bytes / measured bandwidth = the fastest possible step.
             ctx = prompt_len + new / 2
             kv_bytes = (2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * cfg.head_dim
                         * ctx * torch.tensor([], dtype=dtype).element_size())
-            bound = (weight_bytes + kv_bytes) / bandwidth
-            rows.append(dict(bench="greedy decode minimind2-small", variant=str(dtype)[6:],
-                             batch=batch, ms_per_step=per_step * 1e3,
-                             tokens_per_s=batch / per_step, bandwidth_bound_fraction=bound / per_step))
+            bound_tok_s = batch * bandwidth / (weight_bytes + kv_bytes)
+            same, setup = {}, {}
+            for name, run in variants.items():
+                t0 = time.perf_counter()
+                same[name] = bool(torch.equal(run(new).cpu(), reference))  # warms up, compiles
+                run(1)
+                setup[name] = time.perf_counter() - t0
+            measured = decode_rates(variants, batch, new, repeat)
+            for name in variants:
+                rows.append(dict(bench="greedy decode minimind2-small", variant=name,
+                                 dtype=str(dtype)[6:], batch=batch,
+                                 tokens_per_s=measured[name],
+                                 bandwidth_bound_fraction=measured[name] / bound_tok_s,
+                                 same_tokens=same[name], first_call_s=setup[name]))
+            for r in rows[-len(variants):]:
+                for ref in ("upstream MiniMind", "transformers"):
+                    if ref in measured and r["variant"].startswith("ours"):
+                        r[f"vs_{ref.split()[0]}"] = r["tokens_per_s"] / measured[ref]
+            print(f"  batch {batch}: bound {bound_tok_s:.0f} tok/s "
+                  f"({(weight_bytes + kv_bytes) / 1e6:.0f} MB per step at "
+                  f"{bandwidth / 1e9:.1f} GB/s)")
+    return rows
+
+
+def bench_serving(quick: bool, compile: bool = False) -> list[dict]:
+    """The engine (no HTTP) at minimind2-small: 1 client after another vs 16 at once, latency
+    percentiles, and the longest gap between two tokens of running streams while a new
+    512-token prompt is prefilled, chunked (128) and in one piece."""
+    from serving.engine import Engine, Finished
+
+    class NullTokenizer:
+        def decode(self, ids, skip_special_tokens=False):
+            return "x" * len(ids)
+
+    torch.manual_seed(0)
+    model = MiniMindLM(MiniMindConfig.from_preset("minimind2-small")).eval()
+    new, prompt_len = (16, 32) if quick else (48, 64)
+    rows = []
+
+    def submit(engine, prompt, n):
+        done, times = threading.Event(), []
+
+        def sink(ev):
+            times.append(time.perf_counter())
+            if isinstance(ev, Finished):
+                done.set()
+        engine.submit(f"r{len(prompt)}-{time.perf_counter()}", prompt,
+                      SamplingParams(max_new_tokens=n, stop_token_ids=()), sink)
+        return done, times
+
+    def prompt(i, n=prompt_len):
+        return [(31 * i + 7 * j) % 6000 + 10 for j in range(n)]
+
+    engine = Engine(model, NullTokenizer(), max_batch_size=16, compile=compile).start()
+    try:
+        submit(engine, prompt(0), 4)[0].wait()  # warm-up (and the compile, if on)
+        results = {}
+        for clients in (1, 16):
+            latencies, t0 = [], time.perf_counter()
+            rounds = 2 if clients == 1 else 1
+            for _ in range(rounds):
+                start = time.perf_counter()
+                jobs = [submit(engine, prompt(i), new) for i in range(clients)]
+                for done, times in jobs:
+                    done.wait()
+                    latencies.append(times[-1] - start)
+            wall = time.perf_counter() - t0
+            tok_s = rounds * clients * new / wall
+            lat = sorted(latencies)
+            results[clients] = tok_s
+            rows.append(dict(bench="serving engine minimind2-small", variant=f"{clients} clients",
+                             tokens_per_s=tok_s, p50_latency_s=lat[len(lat) // 2],
+                             p99_latency_s=lat[min(len(lat) - 1, int(0.99 * len(lat)))]))
+        rows[-1]["vs_1_client"] = results[16] / results[1]
+        for chunk in (128, 100_000):
+            engine.prefill_chunk = chunk
+            running = [submit(engine, prompt(100 + i), 3 * new) for i in range(8)]
+            while min(len(t) for _, t in running) < 4:
+                time.sleep(0.001)
+            t_new = time.perf_counter()
+            newcomer = submit(engine, prompt(999, 512), 4)
+            newcomer[0].wait()
+            for done, _ in running:
+                done.wait()
+            gaps = [b - a for _, t in running for a, b in zip(t, t[1:]) if b > t_new]
+            base = sorted(b - a for _, t in running for a, b in zip(t, t[1:]) if b < t_new)
+            rows.append(dict(bench="serving: new 512-token prompt while 8 streams decode",
+                             variant=f"prefill chunk {chunk}" if chunk < 512 else "unchunked",
+                             median_step_s=base[len(base) // 2], longest_stall_s=max(gaps),
+                             first_token_of_newcomer_s=newcomer[1][0] - t_new))
+    finally:
+        engine.shutdown()
     return rows
 
 
@@ -271,8 +455,15 @@ def print_rows(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
-    ap.add_argument("--only", default="train,decode,moe,moe_model,loop",
-                    help="comma list of: train, decode, moe, moe_model, loop")
+    ap.add_argument("--only", default="train,decode,serve,moe,moe_model,loop",
+                    help="comma list of: train, decode, serve, moe, moe_model, loop")
+    ap.add_argument("--upstream", default=os.environ.get("MINIMIND_UPSTREAM", ""),
+                    help="upstream MiniMind source tree (has model/model_minimind.py) to compare "
+                         "against; default $MINIMIND_UPSTREAM; skipped when absent")
+    ap.add_argument("--dtypes", default="", help="measure only these of the native dtypes "
+                    "(comma list, e.g. fp32)")
+    ap.add_argument("--no_compile", action="store_true",
+                    help="skip the compiled decode step (its compile takes ~1 min per shape)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--json", default="", help="also write all figures to this JSON file")
     ap.add_argument("--text_dir", default="", help="folder of .txt files for the loop bench's real "
@@ -284,6 +475,8 @@ def main() -> None:
     auto = resolve_precision("auto", "cpu")
     # bf16 rows only where bf16 is native: emulated, one 2048^3 matmul alone takes seconds.
     dtypes = ["fp32", "bf16"] if auto.name == "bf16" else ["fp32"]
+    if args.dtypes:
+        dtypes = [d for d in args.dtypes.split(",") if d in dtypes]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}; {auto.describe()}; measuring {', '.join(dtypes)}")
     peaks = {d: matmul_peak(DTYPES[d]) for d in dtypes}
@@ -294,7 +487,9 @@ def main() -> None:
                "auto_reason": auto.reason, "peaks_gflops": {k: v / 1e9 for k, v in peaks.items()},
                "bandwidth_gbs": bandwidth / 1e9}
     sections = [("train", lambda: bench_train(peaks, auto.name, args.quick)),
-                ("decode", lambda: bench_decode(bandwidth, dtypes, args.quick)),
+                ("decode", lambda: bench_decode(bandwidth, dtypes, args.quick, args.upstream,
+                                                not args.no_compile)),
+                ("serve", lambda: bench_serving(args.quick)),
                 ("moe", lambda: bench_moe_layer(dtypes, args.quick)),
                 ("moe_model", lambda: bench_moe_model(auto.name, args.quick)),
                 ("loop", lambda: bench_loop(auto.name, args.text_dir, args.quick))]

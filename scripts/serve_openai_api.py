@@ -2,7 +2,9 @@
 
     python scripts/serve_openai_api.py --model out/sft [--lora out/lora] [--port 8998]
 
-Endpoints: ``POST /v1/chat/completions`` (streaming as SSE and not), ``GET /v1/models``,
+Endpoints: ``POST /v1/chat/completions`` (streaming as SSE and not), ``POST /v1/completions``
+(the legacy text API: ``echo`` and ``logprobs`` for lm-evaluation-harness's ``local-completions``
+scoring), ``GET /v1/models``,
 ``GET /health`` (engine counters included). What MiniMind's server lacks and this one does:
 ``stream`` defaults to false as in the spec; streams end with ``data: [DONE]``; ``usage`` (and
 ``stream_options.include_usage``); strict request validation with OpenAI-style error bodies
@@ -35,7 +37,7 @@ from model.io import load_for_inference
 from model.precision import DTYPE_CHOICES
 from serving.chat import AssistantParser, ParsedOutput, collect
 from serving.engine import (Engine, EngineClosed, EngineOverloaded, Event, Failed, Finished,
-                            TextDelta)
+                            TextDelta, TokenLogprobs)
 
 log = logging.getLogger("serve_openai_api")
 
@@ -236,6 +238,103 @@ class ChatCompletionRequest(_Strict):
         return bool(self.tools) and self.tool_choice != "none"
 
 
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 5; lm-eval asks for 1)
+
+
+class CompletionRequest(_Strict):
+    """The legacy ``/v1/completions`` body, as lm-evaluation-harness's ``local-completions`` and
+    the openai client's ``completions.create`` send it."""
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)  # the spec's default; 0 = score the prompt only
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    n: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = None
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+
+    @field_validator("n", "best_of")
+    @classmethod
+    def _only_one_choice(cls, n: int | None) -> int | None:
+        return ChatCompletionRequest._only_one_choice(n)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        return ChatCompletionRequest._stops(stop)
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> "CompletionRequest":
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt: must not be empty")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        if self.stream and (self.logprobs is not None or self.echo or len(self.prompts) > 1):
+            raise ValueError("stream: only one prompt, without echo and logprobs, can be "
+                             "streamed")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty / frequency_penalty are not supported; "
+                             "use repetition_penalty")
+        return self
+
+    @property
+    def prompts(self) -> list:
+        """One entry per choice: a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+def sampling_params(req, max_new_tokens: int, tokenizer) -> SamplingParams:
+    """The request's sampling fields (chat and completions spell them alike)."""
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    top_p = 1.0 if req.top_p is None else req.top_p
+    # top_p -> 0 keeps only the most likely token: the greedy limit, not an error.
+    temperature = 0.0 if top_p == 0 else (1.0 if req.temperature is None else req.temperature)
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=req.top_k or 0, top_p=top_p or 1.0,
+                          repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
+                          stop_token_ids=stop_token_ids(tokenizer), stop_strings=stops)
+
+
+def build_completion_prompts(req: CompletionRequest, tokenizer, context: int
+                             ) -> list[tuple[list[int], SamplingParams]]:
+    """Token ids (no chat template: a completion continues the raw text) and sampling per
+    prompt. With echo, a prompt may fill the context (it is scored, then generation stops)."""
+    out = []
+    for i, prompt in enumerate(req.prompts):
+        param = f"prompt[{i}]" if len(req.prompts) > 1 else "prompt"
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise APIError(400, f"{param}: the prompt is empty", param=param)
+        if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+            raise APIError(400, f"{param}: token ids must be in [0, {tokenizer.vocab_size})",
+                           param=param)
+        scoring = bool(req.echo and req.logprobs is not None)
+        if len(ids) > context or (len(ids) == context and not scoring):
+            raise APIError(400, f"This model's maximum context length is {context} tokens; "
+                           f"{param} has {len(ids)}", param=param,
+                           code="context_length_exceeded")
+        out.append((ids, sampling_params(req, min(req.max_tokens, context - len(ids)),
+                                         tokenizer)))
+    return out
+
+
 def stop_token_ids(tokenizer) -> tuple[int, ...]:
     """``<|im_end|>`` ends a turn; ``<|endoftext|>`` ends a document (a base model's way)."""
     return tuple(dict.fromkeys((tokenizer.eos_id, tokenizer.pad_id)))
@@ -258,15 +357,7 @@ def build_prompt(req: ChatCompletionRequest, tokenizer, context: int
                        param="messages", code="context_length_exceeded")
     room = context - len(ids)
     wanted = req.max_completion_tokens or req.max_tokens or room
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    top_p = 1.0 if req.top_p is None else req.top_p
-    # top_p -> 0 keeps only the most likely token: the greedy limit, not an error.
-    temperature = 0.0 if top_p == 0 else (1.0 if req.temperature is None else req.temperature)
-    params = SamplingParams(max_new_tokens=min(wanted, room), temperature=temperature,
-                            top_k=req.top_k or 0, top_p=top_p or 1.0,
-                            repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
-                            stop_token_ids=stop_token_ids(tokenizer), stop_strings=stops)
-    return ids, params
+    return ids, sampling_params(req, min(wanted, room), tokenizer)
 
 
 def _queue_sink(loop: asyncio.AbstractEventLoop,
@@ -278,9 +369,11 @@ def _queue_sink(loop: asyncio.AbstractEventLoop,
 
 
 def _collecting_sink(loop: asyncio.AbstractEventLoop, pieces: list[str],
-                     outcome: asyncio.Future) -> Callable[[Event], None]:
-    """For whole responses: nobody reads the text before the end, so deltas are only collected
-    (a list append is atomic) and just the final event wakes the event loop."""
+                     outcome: asyncio.Future, logprobs: list | None = None
+                     ) -> Callable[[Event], None]:
+    """For whole responses: nobody reads the text before the end, so deltas (and log-prob
+    events, into ``logprobs``) are only collected (a list append is atomic) and just the final
+    event wakes the event loop."""
     def resolve(event: Event) -> None:
         if not outcome.done():
             outcome.set_result(event)
@@ -288,6 +381,9 @@ def _collecting_sink(loop: asyncio.AbstractEventLoop, pieces: list[str],
     def sink(event: Event) -> None:  # runs on the engine thread
         if isinstance(event, TextDelta):
             pieces.append(event.text)
+        elif isinstance(event, TokenLogprobs):
+            if logprobs is not None:
+                logprobs.append(event)
         else:
             loop.call_soon_threadsafe(resolve, event)
     return sink
@@ -359,7 +455,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
                            code="model_not_found")
         return model_card()
 
-    async def read_request(request: Request) -> ChatCompletionRequest:
+    async def read_request(request: Request, schema: type[_Strict] = ChatCompletionRequest):
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_request_bytes:
             raise APIError(413, f"request body larger than {max_request_bytes} bytes")
@@ -378,7 +474,7 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
         if not isinstance(obj, dict):
             raise APIError(400, "the body must be a JSON object")
         try:
-            req = ChatCompletionRequest.model_validate(obj)
+            req = schema.model_validate(obj)
         except ValidationError as e:
             raise _from_validation_error(e) from None
         if req.model != served_model_name:
@@ -417,7 +513,142 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
                                               "X-Accel-Buffering": "no"})
         return await reply.whole(outcome, pieces, handle, parser, request)
 
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        req = await read_request(request, CompletionRequest)
+        jobs = build_completion_prompts(req, tokenizer, engine.context_length)
+        loop = asyncio.get_running_loop()
+        reply = CompletionReply(f"cmpl-{uuid.uuid4().hex}", served_model_name, req, tokenizer)
+        top_n = req.logprobs
+        outcomes, handles = [], []
+        try:
+            if req.stream:
+                events: asyncio.Queue[Event] = asyncio.Queue()
+                ids, params = jobs[0]
+                handle = engine.submit(reply.id, ids, params, _queue_sink(loop, events))
+                return StreamingResponse(reply.sse(events, handle),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache",
+                                                  "X-Accel-Buffering": "no"})
+            for i, (ids, params) in enumerate(jobs):
+                pieces: list[str] = []
+                logprobs: list = []
+                outcome: asyncio.Future = loop.create_future()
+                handles.append(engine.submit(
+                    f"{reply.id}-{i}", ids, params, _collecting_sink(loop, pieces, outcome,
+                                                                     logprobs),
+                    logprobs=top_n, prompt_logprobs=top_n if req.echo else None))
+                outcomes.append((ids, pieces, logprobs, outcome))
+        except EngineOverloaded as e:
+            for h in handles:
+                h.cancel()
+            raise APIError(503, f"server overloaded: {e}; retry later", "server_error",
+                           code="overloaded") from None
+        except EngineClosed as e:
+            raise APIError(503, str(e), "server_error") from None
+        return await reply.whole(outcomes, handles, request)
+
     return app
+
+
+class CompletionReply:
+    """Turns the engine events of one ``/v1/completions`` request into its response: ``text``
+    (the prompt first with ``echo``) and, with ``logprobs``, OpenAI's legacy ``{tokens,
+    token_logprobs, top_logprobs, text_offset}`` over the echoed prompt and the completion
+    (the first prompt token has no log-prob: null)."""
+
+    def __init__(self, completion_id: str, model: str, req: CompletionRequest, tokenizer) -> None:
+        self.id, self.model, self.req, self.tokenizer = completion_id, model, req, tokenizer
+        self.created = int(time.time())
+
+    def logprobs(self, events: list[TokenLogprobs], start_offset: int) -> dict:
+        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        offset = start_offset
+        for event in events:
+            for tok, lp, top in event.entries:
+                text = self.tokenizer.decode([tok])
+                tokens.append(text)
+                token_logprobs.append(lp)
+                alternatives: dict[str, float] = {}
+                for alt, alt_lp in top:  # two ids may decode alike: keep the likelier
+                    key = self.tokenizer.decode([alt])
+                    alternatives[key] = max(alt_lp, alternatives.get(key, float("-inf")))
+                top_logprobs.append(alternatives if lp is not None else None)
+                offsets.append(offset)
+                offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": offsets}
+
+    def choice(self, index: int, ids: list[int], text: str, logprobs: list[TokenLogprobs],
+               finished: Finished) -> dict:
+        prompt_text = self.tokenizer.decode(ids) if self.req.echo else ""
+        lp = None
+        if self.req.logprobs is not None:
+            lp = self.logprobs(logprobs, 0 if self.req.echo else len(prompt_text))
+        return {"text": prompt_text + text, "index": index, "logprobs": lp,
+                "finish_reason": finished.finish_reason}
+
+    async def whole(self, outcomes: list, handles: list, request: Request) -> JSONResponse:
+        gone = asyncio.ensure_future(_client_gone(request))
+        futures = {o[3] for o in outcomes}
+        try:
+            pending = set(futures)
+            while pending and not gone.done():
+                _, pending = await asyncio.wait(pending | {gone},
+                                                return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(gone)
+            if not all(f.done() for f in futures):
+                return JSONResponse({}, status_code=499)  # the client left
+            choices, prompt_tokens, completion_tokens = [], 0, 0
+            for i, (ids, pieces, logprobs, outcome) in enumerate(outcomes):
+                event = outcome.result()
+                if isinstance(event, Failed):
+                    raise APIError(500, event.message, "server_error")
+                choices.append(self.choice(i, ids, "".join(pieces), logprobs, event))
+                prompt_tokens += event.prompt_tokens
+                completion_tokens += event.completion_tokens
+            return JSONResponse({
+                "id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model, "system_fingerprint": None, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}})
+        finally:
+            gone.cancel()
+            for h in handles:
+                h.cancel()
+
+    def chunk(self, text: str, finish_reason: str | None = None) -> str:
+        body = {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model, "system_fingerprint": None,
+                "choices": [{"text": text, "index": 0, "logprobs": None,
+                             "finish_reason": finish_reason}]}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def sse(self, events: asyncio.Queue, handle) -> AsyncIterator[str]:
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, TextDelta):
+                    yield self.chunk(event.text)
+                elif isinstance(event, Failed):
+                    err = APIError(500, event.message, "server_error").body()
+                    yield f"data: {json.dumps(err)}\n\n"
+                    break
+                elif isinstance(event, Finished):
+                    yield self.chunk("", event.finish_reason)
+                    if self.req.stream_options and self.req.stream_options.include_usage:
+                        usage = {"prompt_tokens": event.prompt_tokens,
+                                 "completion_tokens": event.completion_tokens,
+                                 "total_tokens": event.prompt_tokens + event.completion_tokens}
+                        body = {"id": self.id, "object": "text_completion",
+                                "created": self.created, "model": self.model, "choices": [],
+                                "usage": usage}
+                        yield f"data: {json.dumps(body)}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            handle.cancel()
 
 
 class Reply:
@@ -543,7 +774,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if any)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8998)
-    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="requests decoded together (continuous batching: slots of the cache)")
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="prompt tokens prefilled between two decode steps (bounds the stall a "
+                        "new prompt causes to running streams)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the decode step (auto: on CUDA; on CPU it costs ~1 min "
+                        "per batch bucket; see README)")
     p.add_argument("--max-pending", type=int, default=256, help="queued requests before 503")
     p.add_argument("--served-model-name", default=None, help="default: the model folder's name")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -559,7 +797,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper())
     model, tokenizer = load_for_inference(args.model, args.lora, args.device, args.dtype)
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
-                    max_pending=args.max_pending).start()
+                    max_pending=args.max_pending, prefill_chunk=args.prefill_chunk,
+                    compile=None if args.compile == "auto" else args.compile == "on").start()
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, name, api_key=args.api_key,
                      max_request_bytes=args.max_request_bytes)

@@ -1,5 +1,7 @@
 """Generation: greedy vs a no-cache reference, batching, sampling, stops, streaming."""
 
+import os
+
 import pytest
 import torch
 
@@ -134,3 +136,92 @@ def test_stream_and_generate_agree_with_stop_strings(model):
     cut = generate(model, tok, [[65, 66]], SamplingParams(max_new_tokens=20, stop_token_ids=(),
                                                            stop_strings=[stop]))[0]
     assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
+
+
+# -- the fast path: the static-cache step of model/fast_decode.py --------------------------------
+
+def varied_model(preset: str) -> MiniMindLM:
+    """Weights at std 0.2: the default init is so flat that greedy repeats one token, which
+    would make "same tokens" vacuous; these give each prompt its own sequence."""
+    torch.manual_seed(3)
+    model = MiniMindLM(MiniMindConfig.from_preset(preset, vocab_size=300, aux_loss_coef=0))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_fast_path_greedy_equals_eager_and_no_cache_reference(preset):
+    model = varied_model(preset)
+    prompts = [[7, 8, 9, 10, 11, 12, 13], [200], [31, 32, 33]]
+    params = SamplingParams(max_new_tokens=10, stop_token_ids=())
+    fast = generate_tokens(model, prompts, params, fast=True, compile=False)
+    eager = generate_tokens(model, prompts, params, fast=False)
+    fast_rows, eager_rows = list(zip(*fast)), list(zip(*eager))
+    assert fast_rows == eager_rows
+    for prompt, row in zip(prompts, fast_rows):
+        assert list(row) == greedy_reference(model, prompt, 10)
+    assert len(set(fast_rows[0])) > 3  # the sequences are not one repeated token
+
+
+def test_fast_path_seeded_sampling_matches_eager():
+    model = varied_model("tiny")
+    params = [SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=s,
+                             repetition_penalty=1.3, stop_token_ids=()) for s in (1, 2)]
+    prompts = [[5, 6, 7], [40, 41, 42, 43, 44]]
+    fast = list(generate_tokens(model, prompts, params, fast=True, compile=False))
+    assert fast == list(generate_tokens(model, prompts, params, fast=False))
+
+
+def test_decode_step_over_a_grown_cache_equals_a_full_forward():
+    """Rows at different lengths in one step, after the cache grew past its first size: each
+    row's logits equal a plain forward over its whole sequence (no cache at all)."""
+    from model.fast_decode import StaticDecoder
+
+    model = varied_model("tiny")
+    seqs = [list(range(3, 3 + n)) for n in (250, 40, 5)]
+    dec = StaticDecoder(model, slots=3, max_len=1)
+    assert dec.max_len == 256
+    with torch.no_grad():
+        for slot, s in enumerate(seqs):
+            dec.prefill(slot, s[:-1])
+        dec.ensure_capacity(300)
+        assert dec.max_len == 512
+        got = dec.step(torch.tensor([s[-1] for s in seqs]),
+                       torch.tensor([len(s) - 1 for s in seqs]))
+        for b, s in enumerate(seqs):
+            want = model(torch.tensor([s])).logits[0, -1]
+            torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_path_falls_back_where_it_is_not_correct():
+    from model.fast_decode import fast_path_reason
+    from model.generate import use_fast_path
+    from model.offload import offload_experts
+
+    model = varied_model("tiny-moe")
+    assert fast_path_reason(model) is None
+    model.train()
+    assert "training" in fast_path_reason(model)
+    model.eval()
+    offload_experts(model, backend="cpu")
+    assert "offloaded" in fast_path_reason(model)
+    assert not use_fast_path(model)
+    with pytest.raises(ValueError, match="not available"):
+        list(generate_tokens(model, [[1, 2]], SamplingParams(max_new_tokens=2), fast=True))
+    assert len(generate(model, None, [[1, 2]], SamplingParams(
+        max_new_tokens=3, stop_token_ids=()))[0].token_ids) == 3
+
+
+@pytest.mark.skipif(os.environ.get("MINIMIND_TEST_COMPILE") != "1",
+                    reason="torch.compile of the step takes 15-50 s on 2 CPU cores; "
+                           "MINIMIND_TEST_COMPILE=1 runs it")
+def test_compiled_step_gives_the_eager_tokens():
+    """One row (compiled on CPU too) and three (compiled on CUDA, padded to a width of 4)."""
+    model = varied_model("tiny")
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=())
+    for prompts in ([[7, 8, 9, 10]], [[7, 8, 9, 10], [200, 3], [31, 32, 33]]):
+        compiled = list(generate_tokens(model, prompts, params, fast=True, compile=True))
+        assert compiled == list(generate_tokens(model, prompts, params, fast=False))

@@ -1,0 +1,235 @@
+"""The fast decode step: one token per row over a static, slot-per-row KV cache, compiled.
+
+Why: at MiniMind widths a decode step is a few dozen small matmuls, and eager PyTorch spends most
+of a step dispatching them from Python (the issue measured 15 % of the memory-bandwidth bound at
+batch 1 on CPU). ``torch.compile`` of the whole single-token step removes the per-op dispatch,
+but only pays off when the step has fixed shapes, so:
+
+- the cache is ``KVCache(config, slots, max_len)`` and every step reads all of it: a row's keys
+  beyond its own length are hidden by a mask ``[slots, 1, 1, max_len]`` instead of being sliced
+  off (slicing would give a new shape, and a recompile, every token);
+- each row (slot) has its own length ``pos_B``: the new key/value is written at ``[b, :, pos_b]``
+  with ``index_put_`` and the row's RoPE position is ``pos_b``. Rows are independent, so a row
+  can join (prefill into a free slot) or leave between any two steps: the engine's continuous
+  batching and ``generate_tokens`` share this one step;
+- prefill runs eagerly, one row at a time (and in chunks when asked), through ``MiniMindLM.forward``
+  on a view of that row's slot, so the prompt's cache is what the eager path computes.
+
+The compiled graph is cached per (model, slots, max_len) in ``StaticDecoder.for_model``, so the
+server and the evaluation runner pay the compile once. ``fast_path_reason(model)`` says why a
+model cannot take this path (offloaded/kt experts run outside PyTorch; a model in training mode);
+callers then fall back to the eager loop and log the reason.
+
+Inductor's on-disk cache (``/tmp/torchinductor_$USER``) is not keyed on the CPU ISA: code built on
+an AVX-512 machine and reused on an AVX2 one (a shared home or CI cache) can crash. Clear it, or
+set ``TORCHINDUCTOR_CACHE_DIR`` per machine kind, when switching.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from .model import KVCache, MiniMindLM, apply_rope
+from .moe import Experts, FeedForward, MoEFeedForward
+
+log = logging.getLogger(__name__)
+
+# The eager fallback everywhere: MINIMIND_FAST_DECODE=0 (a debugging switch, and the way to
+# compare both paths from the outside).
+ENV_SWITCH = "MINIMIND_FAST_DECODE"
+
+
+class _SlotView(KVCache):
+    """One slot of a static cache seen as a batch-1 ``KVCache``: the eager prefill writes through
+    this view straight into the shared buffers."""
+
+    def __init__(self, cache: KVCache, slot: int, pos: int = 0):  # noqa: super() not called
+        self.k, self.v = cache.k[:, slot:slot + 1], cache.v[:, slot:slot + 1]
+        self.max_len, self.pos = cache.max_len, pos
+
+
+def fast_path_reason(model: MiniMindLM) -> str | None:
+    """None when the static step is correct for this model, else why not (one line)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"{ENV_SWITCH}=0"
+    if model.training:
+        return "the model is in training mode (dropout)"
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        if isinstance(mlp, MoEFeedForward) and type(mlp.experts) is not Experts:
+            return f"experts offloaded to {type(mlp.experts).__name__} (run outside PyTorch)"
+        if not isinstance(mlp, (MoEFeedForward, FeedForward)):
+            return f"unknown feed-forward {type(mlp).__name__}"
+    return None
+
+
+def _moe_all_experts(mlp: MoEFeedForward, h_TD: torch.Tensor) -> torch.Tensor:
+    """The MoE layer with every expert run on every token and weighted by its routing weight
+    (zero where not routed): fixed shapes, no host sync. At decode sizes (T·K ≥ E) each expert's
+    weights are read anyway, so the extra FLOPs cost next to nothing."""
+    _, ids_TK, weights_TK = mlp.route(h_TD)
+    dense_TE = torch.zeros(h_TD.shape[0], len(mlp.experts), dtype=weights_TK.dtype,
+                           device=h_TD.device).scatter(1, ids_TK, weights_TK)
+    y = None
+    for e, expert in enumerate(mlp.experts):
+        term = expert(h_TD) * dense_TE[:, e:e + 1].to(h_TD.dtype)
+        y = term if y is None else y + term
+    for shared in mlp.shared_experts:
+        y = y + shared(h_TD)
+    return y
+
+
+def decode_step(model: MiniMindLM, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+    """Logits [B, V] of one new token per row; writes its key/value at ``[:, b, :, pos_b]``.
+
+    The same arithmetic as ``MiniMindLM.forward`` with one token and a cache (checked token for
+    token against it in tests/test_generate.py), with the cache length a mask, not a slice.
+    """
+    B = tokens_B.shape[0]
+    T = k_cache.shape[3]
+    x = model.model.embed_tokens(tokens_B).unsqueeze(1)  # [B, 1, D]
+    cos, sin = model.model.rotary(pos_B.unsqueeze(1), x.dtype)  # [B, 1, Dh]
+    mask_B11T = (torch.arange(T, device=x.device) <= pos_B.unsqueeze(1)).view(B, 1, 1, T)
+    rows = torch.arange(B, device=x.device)
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_norm(attn.q_proj(h).view(B, 1, attn.n_heads, attn.head_dim))
+        k = attn.k_norm(attn.k_proj(h).view(B, 1, attn.n_kv_heads, attn.head_dim))
+        v = attn.v_proj(h).view(B, 1, attn.n_kv_heads, attn.head_dim)
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, H, 1, Dh]
+        k = apply_rope(k, cos, sin)
+        # [B, G, Dh] into cache[i, b, :, pos_b, :]
+        k_cache[i, rows, :, pos_B] = k[:, 0].to(k_cache.dtype)
+        v_cache[i, rows, :, pos_B] = v[:, 0].to(v_cache.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k_cache[i].to(q.dtype), v_cache[i].to(q.dtype), attn_mask=mask_B11T,
+            enable_gqa=attn.n_heads != attn.n_kv_heads)
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(B, 1, attn.n_heads * attn.head_dim))
+        h = layer.post_attention_layernorm(x)
+        if isinstance(layer.mlp, MoEFeedForward):
+            x = x + _moe_all_experts(layer.mlp, h.view(B, -1)).view(B, 1, -1)
+        else:
+            x = x + layer.mlp(h)
+    return model.lm_head(model.model.norm(x))[:, 0]
+
+
+def _bucket(n: int, limit: int, floor: int = 256) -> int:
+    """The next power of two >= n (at least ``floor``, at most ``limit``): few distinct shapes, so
+    few compiled graphs, and a cache never more than twice what it must hold."""
+    size = floor
+    while size < n:
+        size *= 2
+    return min(size, limit)
+
+
+class StaticDecoder:
+    """Slots of a static KV cache and the single-token step over them.
+
+    ``prefill(slot, ids)`` fills a slot from its prompt (eager, chunked when asked) and returns the
+    logits after the prompt; ``step(tokens_B, pos_B)`` decodes one token for rows ``0..B-1``.
+    Callers keep their live rows in the low slots (``move_slot`` packs them), so a step over B
+    rows uses the first B slots, rounded up to a power of two when compiled (the spare rows write
+    at the last position, which no live or prefilling row has reached).
+    """
+
+    _compiled: "weakref.WeakKeyDictionary[MiniMindLM, dict]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: MiniMindLM, slots: int, max_len: int, compile: bool = False):
+        self.model = model
+        self.config = model.config
+        self.slots = slots
+        self.context = model.config.max_position_embeddings
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.compile = compile
+        self.cache = KVCache(self.config, slots, _bucket(max_len, self.context), self.dtype,
+                             self.device)
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Grows the cache (to the next power of two) so it holds ``needed`` positions, keeping
+        what is cached. Attention reads the whole cache each step, so it starts small."""
+        if needed <= self.cache.max_len:
+            return
+        if needed > self.context:
+            raise ValueError(f"{needed} positions exceed the context of {self.context}")
+        new = KVCache(self.config, self.slots, _bucket(needed, self.context), self.dtype,
+                      self.device)
+        old = self.cache.max_len
+        new.k[:, :, :, :old] = self.cache.k
+        new.v[:, :, :, :old] = self.cache.v
+        self.cache = new
+
+    def shrink(self) -> None:
+        """Back to the smallest cache (nothing cached is kept): for an idle engine."""
+        if self.cache.max_len > _bucket(1, self.context):
+            self.cache = KVCache(self.config, self.slots, _bucket(1, self.context), self.dtype,
+                                 self.device)
+
+    def prefill(self, slot: int, ids: list[int], start: int = 0,
+                all_logits: bool = False) -> torch.Tensor:
+        """Runs ``ids`` (positions ``start..``) through the model into ``slot``; logits [V] of the
+        last position, or [S, V] of every position with ``all_logits``. ``start > 0`` continues
+        an earlier chunk of the same prompt."""
+        self.ensure_capacity(start + len(ids))
+        view = _SlotView(self.cache, slot, start)
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits = self.model(x, kv_cache=view, logits_to_keep=0 if all_logits else 1).logits[0]
+        return logits if all_logits else logits[-1]
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copies a slot's first ``length`` cached positions to another slot (packing rows)."""
+        self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
+        self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
+
+    def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] for one new token per live row; row b's token goes to position pos_b."""
+        B = tokens_B.shape[0]
+        # On CPU inductor's code measured 1.3-1.5x faster than eager at one row but 2x slower at
+        # eight (README, decode figures), so there only single-row steps run compiled.
+        if not self.compile or (self.device.type == "cpu" and B > 1):
+            return decode_step(self.model, self.cache.k[:, :B], self.cache.v[:, :B], tokens_B,
+                               pos_B)
+        width = min(_bucket(B, self.slots, floor=1), self.slots)
+        if width > B:  # spare rows: a harmless write at the last position of unused slots
+            pad = width - B
+            tokens_B = torch.cat([tokens_B, tokens_B.new_zeros(pad)])
+            pos_B = torch.cat([pos_B, pos_B.new_full((pad,), self.cache.max_len - 1)])
+        fn = self._compiled_step(width)
+        return fn(self.model, self.cache.k[:, :width], self.cache.v[:, :width], tokens_B,
+                  pos_B)[:B]
+
+    def _compiled_step(self, width: int):
+        graphs = self._compiled.setdefault(self.model, {})
+        key = (width, self.cache.max_len, self.dtype, self.device)
+        if key not in graphs:
+            # Dynamo keeps one guarded entry per (model, shape) on decode_step's code object;
+            # the default limit (8) would fall back to eager after a few models or buckets.
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 64)
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, 256)
+            graphs[key] = torch.compile(decode_step, dynamic=False, fullgraph=True)
+            log.info("decode step: compiling for batch %d x %d positions on first use",
+                     width, self.cache.max_len)
+        return graphs[key]
+
+
+def compile_by_default(device: torch.device) -> bool:
+    """Whether the step is compiled unless the caller says: ``MINIMIND_COMPILE_DECODE`` (1/0)
+    when set, else on CUDA only. On CPU the first compile costs 20-50 s per shape (5 s from a
+    warm inductor cache) and pays only at batch 1 (``StaticDecoder.step``), so it is opt-in."""
+    flag = os.environ.get("MINIMIND_COMPILE_DECODE")
+    if flag is not None:
+        return flag == "1"
+    return device.type == "cuda"

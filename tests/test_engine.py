@@ -1,0 +1,152 @@
+"""The continuous-batching engine: requests that join and leave a running batch, chunked
+prefill, cache growth and log-probs, each against a plain no-cache forward of the model."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from model.config import MiniMindConfig
+from model.generate import SamplingParams
+from model.model import MiniMindLM
+from serving.engine import Engine, Finished, TokenLogprobs
+
+
+class ByteTokenizer:
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def varied_model() -> MiniMindLM:
+    torch.manual_seed(5)
+    model = MiniMindLM(MiniMindConfig.from_preset("tiny", vocab_size=300))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+class Collector:
+    """A sink that records events with their arrival time."""
+
+    def __init__(self):
+        self.events, self.times, self.done = [], [], threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        self.times.append(time.perf_counter())
+        if isinstance(event, Finished):
+            self.done.set()
+
+    def tokens(self):
+        return [tok for e in self.events if isinstance(e, TokenLogprobs) and not e.prompt
+                for tok, _, _ in e.entries]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return varied_model()
+
+
+def run(engine, prompt, n, **kw):
+    sink = Collector()
+    engine.submit(f"r{id(sink)}", prompt, SamplingParams(max_new_tokens=n, stop_token_ids=()),
+                  sink, logprobs=kw.pop("logprobs", 0), **kw)
+    return sink
+
+
+def test_requests_join_and_leave_a_running_batch(model):
+    engine = Engine(model, ByteTokenizer(), max_batch_size=4, prefill_chunk=8).start()
+    try:
+        first = run(engine, [10, 11, 12], 45)
+        while len(first.tokens()) < 5:  # running before the others arrive
+            time.sleep(0.001)
+        later = [run(engine, list(range(20, 20 + n)), k) for n, k in ((30, 10), (3, 25), (17, 5))]
+        for sink in [first] + later:
+            assert sink.done.wait(30)
+    finally:
+        engine.shutdown()
+    assert first.tokens() == greedy_reference(model, [10, 11, 12], 45)
+    for sink, (n, k) in zip(later, ((30, 10), (3, 25), (17, 5))):
+        assert sink.tokens() == greedy_reference(model, list(range(20, 20 + n)), k)
+        assert sink.events[-1].finish_reason == "length"
+        # they finished while the first request was still decoding: nobody waited for it
+        assert sink.times[-1] < first.times[-1]
+    stats = engine.stats_snapshot()
+    assert stats["max_batch_size"] >= 3 and stats["requests_finished"] == 4
+
+
+def test_chunked_prefill_and_cache_growth_with_live_rows(model):
+    """A 290-token prompt in 7 chunks while another row decodes; the cache grows from 256 to 512
+    positions under both."""
+    engine = Engine(model, ByteTokenizer(), max_batch_size=2, prefill_chunk=45).start()
+    long_prompt = [(7 * i) % 250 + 3 for i in range(290)]
+    try:
+        a = run(engine, [1, 2, 3, 4], 40)
+        while len(a.tokens()) < 2:
+            time.sleep(0.001)
+        b = run(engine, long_prompt, 12)
+        assert a.done.wait(30) and b.done.wait(30)
+    finally:
+        engine.shutdown()
+    assert b.tokens() == greedy_reference(model, long_prompt, 12)
+    assert a.tokens() == greedy_reference(model, [1, 2, 3, 4], 40)
+
+
+def test_prompt_and_token_logprobs_equal_a_plain_forward(model):
+    engine = Engine(model, ByteTokenizer(), prefill_chunk=5).start()
+    prompt = [65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76]
+    try:
+        sink = Collector()
+        engine.submit("lp", prompt, SamplingParams(max_new_tokens=3, stop_token_ids=()), sink,
+                      logprobs=3, prompt_logprobs=3)
+        assert sink.done.wait(30)
+    finally:
+        engine.shutdown()
+    prompt_entries = [x for e in sink.events if isinstance(e, TokenLogprobs) and e.prompt
+                      for x in e.entries]
+    gen_entries = [x for e in sink.events if isinstance(e, TokenLogprobs) and not e.prompt
+                   for x in e.entries]
+    seq = prompt + [t for t, _, _ in gen_entries]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+    assert [t for t, _, _ in prompt_entries] == prompt and prompt_entries[0][1] is None
+    for i, (tok, lp, top) in enumerate(prompt_entries[1:] + gen_entries, start=1):
+        assert tok == seq[i]
+        assert lp == pytest.approx(float(logp[i - 1, tok]), abs=1e-4)
+        want = logp[i - 1].topk(3)
+        assert [t for t, _ in top] == want.indices.tolist()
+    assert [t for t, _, _ in gen_entries] == greedy_reference(model, prompt, 3)
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_cancel_stops_a_row_and_the_others_go_on(model, monkeypatch, fast):
+    """Also on the eager fallback (static batches through generate_tokens' eager path)."""
+    monkeypatch.setenv("MINIMIND_FAST_DECODE", fast)
+    engine = Engine(model, ByteTokenizer(), max_batch_size=4).start()
+    assert engine.fast == (fast == "1")
+    try:
+        long = Collector()
+        handle = engine.submit("long", [9, 10, 11], SamplingParams(
+            max_new_tokens=400, stop_token_ids=()), long, logprobs=0)
+        short = run(engine, [5, 6], 30)
+        while engine.stats_snapshot()["tokens_generated"] < 3:
+            time.sleep(0.001)
+        handle.cancel()
+        assert long.done.wait(30) and short.done.wait(30)
+    finally:
+        engine.shutdown()
+    assert long.events[-1].finish_reason == "cancelled"
+    assert long.events[-1].completion_tokens < 400
+    assert short.tokens() == greedy_reference(model, [5, 6], 30)
+    assert long.tokens() == greedy_reference(model, [9, 10, 11], len(long.tokens()))
