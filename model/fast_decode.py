@@ -17,8 +17,10 @@ but only pays off when the step has fixed shapes, so:
 
 The compiled graph is cached per (model, slots, max_len) in ``StaticDecoder.for_model``, so the
 server and the evaluation runner pay the compile once. ``fast_path_reason(model)`` says why a
-model cannot take this path (offloaded/kt experts run outside PyTorch; a model in training mode);
-callers then fall back to the eager loop and log the reason.
+model cannot take this path (offloaded/kt experts run outside PyTorch; a model in training mode;
+MLA, whose cache is a latent; MoE with more than 4x as many experts as top-k, where running every
+expert per token reads far more weights than routing); callers then fall back to the eager loop
+and log the reason.
 
 Inductor's on-disk cache (``/tmp/torchinductor_$USER``) is not keyed on the CPU ISA: code built on
 an AVX-512 machine and reused on an AVX2 one (a shared home or CI cache) can crash. Clear it, or
@@ -34,6 +36,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .attention import Attention
 from .model import KVCache, MiniMindLM, apply_rope
 from .moe import Experts, FeedForward, MoEFeedForward
 
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 # The eager fallback everywhere: MINIMIND_FAST_DECODE=0 (a debugging switch, and the way to
 # compare both paths from the outside).
 ENV_SWITCH = "MINIMIND_FAST_DECODE"
+# MoE layers take the static step (every expert on every token) only while E <= this · K.
+MAX_DENSE_EXPERT_RATIO = 4
 
 
 class _SlotView(KVCache):
@@ -59,8 +64,19 @@ def fast_path_reason(model: MiniMindLM) -> str | None:
         return f"{ENV_SWITCH}=0"
     if model.training:
         return "the model is in training mode (dropout)"
+    config = model.config
+    if config.use_mla:  # decode_step below writes grouped-query K/V, not MLA's latent
+        return "multi-head latent attention (the static step implements grouped-query attention)"
+    if config.use_moe and config.num_experts > MAX_DENSE_EXPERT_RATIO * config.num_experts_per_tok:
+        # The static step runs every expert on every token: at batch 1 it would read E/K times the
+        # expert weights the routed path reads (64/6 for DeepSeek-V2-Lite, 128/8 for Qwen3-30B).
+        return (f"{config.num_experts} routed experts for top-{config.num_experts_per_tok}: "
+                f"running all of them per token would read {config.num_experts} experts' weights "
+                f"instead of {config.num_experts_per_tok}")
     for layer in model.model.layers:
         mlp = layer.mlp
+        if type(layer.self_attn) is not Attention:
+            return f"unknown attention {type(layer.self_attn).__name__}"
         if isinstance(mlp, MoEFeedForward) and type(mlp.experts) is not Experts:
             return f"experts offloaded to {type(mlp.experts).__name__} (run outside PyTorch)"
         if not isinstance(mlp, (MoEFeedForward, FeedForward)):
@@ -81,6 +97,8 @@ def _moe_all_experts(mlp: MoEFeedForward, h_TD: torch.Tensor) -> torch.Tensor:
         y = term if y is None else y + term
     for shared in mlp.shared_experts:
         y = y + shared(h_TD)
+    if mlp.config.shared_expert_gate:  # Qwen2-MoE's gated shared expert, as MoEFeedForward.forward
+        y = y + torch.sigmoid(mlp.shared_expert_gate(h_TD)) * mlp.shared_expert(h_TD)
     return y
 
 

@@ -140,21 +140,30 @@ def test_stream_and_generate_agree_with_stop_strings(model):
 
 # -- the fast path: the static-cache step of model/fast_decode.py --------------------------------
 
-def varied_model(preset: str) -> MiniMindLM:
+# Qwen2-MoE in miniature: q/k/v biases and a sigmoid-gated shared expert of its own size.
+QWEN2_MOE_LIKE = dict(attention_bias=True, n_shared_experts=0, shared_expert_gate=True,
+                      shared_expert_intermediate_size=96)
+
+
+def varied_model(preset: str, **overrides) -> MiniMindLM:
     """Weights at std 0.2: the default init is so flat that greedy repeats one token, which
     would make "same tokens" vacuous; these give each prompt its own sequence."""
     torch.manual_seed(3)
-    model = MiniMindLM(MiniMindConfig.from_preset(preset, vocab_size=300, aux_loss_coef=0))
+    model = MiniMindLM(MiniMindConfig.from_preset(preset, vocab_size=300, aux_loss_coef=0,
+                                                  **overrides))
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith(".bias"):
                 p.normal_(0.0, 0.2)
     return model.eval()
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_fast_path_greedy_equals_eager_and_no_cache_reference(preset):
-    model = varied_model(preset)
+@pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("tiny-moe", {}),
+                                              ("tiny-moe", QWEN2_MOE_LIKE)])
+def test_fast_path_greedy_equals_eager_and_no_cache_reference(preset, overrides):
+    model = varied_model(preset, **overrides)
+    from model.fast_decode import fast_path_reason
+    assert fast_path_reason(model) is None
     prompts = [[7, 8, 9, 10, 11, 12, 13], [200], [31, 32, 33]]
     params = SamplingParams(max_new_tokens=10, stop_token_ids=())
     fast = generate_tokens(model, prompts, params, fast=True, compile=False)
@@ -194,6 +203,23 @@ def test_decode_step_over_a_grown_cache_equals_a_full_forward():
         for b, s in enumerate(seqs):
             want = model(torch.tensor([s])).logits[0, -1]
             torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset,overrides,reason", [
+    ("tiny-mla-moe", {}, "latent attention"),
+    ("tiny-moe", dict(num_experts=16, num_experts_per_tok=2), "16 routed experts for top-2")])
+def test_models_the_static_step_does_not_fit_decode_eagerly(preset, overrides, reason):
+    """MLA caches a latent, not K/V; with many more experts than top-k, running every expert
+    per token would read far more weights than routing does: both decode on the eager path and
+    still give the no-cache reference's tokens."""
+    from model.fast_decode import fast_path_reason
+    model = varied_model(preset, **overrides)
+    assert reason in fast_path_reason(model)
+    prompts = [[7, 8, 9, 10], [200, 3]]
+    rows = list(zip(*generate_tokens(model, prompts, SamplingParams(max_new_tokens=6,
+                                                                    stop_token_ids=()))))
+    for prompt, row in zip(prompts, rows):
+        assert list(row) == greedy_reference(model, prompt, 6)
 
 
 def test_fast_path_falls_back_where_it_is_not_correct():
