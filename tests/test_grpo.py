@@ -193,3 +193,11 @@ def test_stage_raises_a_learnable_reward(tmp_path, monkeypatch):
     first = sum(m["reward"] for m in metrics[:5]) / 5
     last = sum(m["reward"] for m in metrics[-5:]) / 5
     assert last > first + 0.4, (first, last)
+
+
+def test_entropy_is_the_mean_over_completion_tokens():
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 1] = torch.tensor([10.0, -10.0, -10.0, -10.0])      # ~one-hot: entropy ~0
+    mask = torch.tensor([[1.0, 1.0]])                              # positions 0 (uniform) and 1
+    assert grpo.masked_entropy(logits, mask).item() == pytest.approx(math.log(4) / 2, abs=1e-3)
+    assert grpo.masked_entropy(logits, torch.zeros(1, 2)).item() == 0.0

@@ -253,10 +253,12 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean entropy (nats) of the next-token distribution over the masked positions (no grad)."""
-    with torch.no_grad():
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        ent = -(logp.exp() * logp).sum(-1)
-        return (ent * mask).sum() / mask.sum().clamp(min=1.0)
+    with torch.no_grad():   # only the completion positions: [M, V], not a float copy of [N, T, V]
+        picked = logits[:, :-1][mask > 0].float()
+        if picked.shape[0] == 0:
+            return logits.new_zeros((), dtype=torch.float32)
+        logp = torch.log_softmax(picked, dim=-1)
+        return -(logp.exp() * logp).sum(-1).mean()
 
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
