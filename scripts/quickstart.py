@@ -5,7 +5,8 @@
     python scripts/quickstart.py --until sft        # stop after a stage (what the test runs)
 
 Stages, each a real run of the same command a user would type (so this file is also a tour):
-  data → tokenizer → pretrain → full SFT → LoRA → DPO → distillation into a smaller student
+  data → tokenizer → pretrain → full SFT → GRPO (RL with the correctness reward, from an early
+  SFT checkpoint: a policy partway there) → LoRA → DPO → distillation into a smaller student
   (itself pretrained first),
 with the GSM8K scorer run on a held-out test split after each stage, then a Markdown report
 (accuracy table + loss curves) in <out>/REPORT.md.
@@ -30,6 +31,7 @@ from typing import Iterator
 from model.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
+GRPO_FROM, GRPO_STEPS, GRPO_LR = 200, 12, 1e-4
 
 
 @dataclass
@@ -49,6 +51,10 @@ class Scale:
     lora_steps: int
     dpo_steps: int
     distill_steps: int
+    grpo_from: int  # the SFT checkpoint (step) GRPO starts from: partway, so rewards are not flat
+    grpo_steps: int
+    grpo_prompts: int  # prompts per step, each sampled grpo_group times
+    grpo_group: int
     batch_size: int  # DPO takes half: each pair is two sequences
     seq_len: int
     max_new_tokens: int  # evaluation: the longest two-step solution is ~160 tokens
@@ -62,15 +68,17 @@ SCALES = {
     "default": Scale(n_pretrain=30000, n_sft=30000, n_dpo=2000, n_test=200, vocab_size=2048,
                      teacher="demo-small", student="demo-mini", pretrain_steps=500,
                      student_pretrain_steps=200, sft_steps=1000, lora_steps=100, dpo_steps=60,
-                     distill_steps=300, batch_size=16, seq_len=256, max_new_tokens=192),
+                     distill_steps=300, grpo_from=GRPO_FROM, grpo_steps=GRPO_STEPS, grpo_prompts=8,
+                     grpo_group=8, batch_size=16, seq_len=256, max_new_tokens=192),
     "smoke": Scale(n_pretrain=400, n_sft=300, n_dpo=100, n_test=20, vocab_size=1024,
                    teacher="tiny", student="tiny", pretrain_steps=4, student_pretrain_steps=2,
                    sft_steps=4, lora_steps=2,
-                   dpo_steps=2, distill_steps=2, batch_size=4, seq_len=128, max_new_tokens=32),
+                   dpo_steps=2, distill_steps=2, grpo_from=2, grpo_steps=2, grpo_prompts=2,
+                   grpo_group=2, batch_size=4, seq_len=128, max_new_tokens=32),
 }
 
 
-STAGES = ("pretrain", "sft", "lora", "dpo", "distill")
+STAGES = ("pretrain", "sft", "grpo", "lora", "dpo", "distill")
 
 
 class Pipeline:
@@ -95,9 +103,10 @@ class Pipeline:
                 "--seq_len", str(s.seq_len), "--seed", str(self.seed),
                 "--log_every", str(max(1, steps // 50))]
 
-    def finalize(self, stage_dir: Path) -> Path:
-        """The stage's final model folder, made self-contained with the tokenizer files."""
-        final = stage_dir / "final"
+    def finalize(self, stage_dir: Path, folder: str = "final") -> Path:
+        """A model folder of the stage (its final one by default), made self-contained with the
+        tokenizer files."""
+        final = stage_dir / folder
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if final.is_dir():
                 shutil.copy2(self.tokenizer / name, final / name)
@@ -156,10 +165,25 @@ class Pipeline:
         t = self.run("full SFT", "train_full_sft.py", "--init_from", str(pre / "final"),
                      "--data_path", str(self.data / "sft.jsonl"),
                      "--warmup_steps", str(max(1, s.sft_steps // 50)),
+                     "--save_every", str(s.grpo_from), "--keep_last", str(s.sft_steps // s.grpo_from),
                      *self.common(sft, s.sft_steps, 2e-3))
         self.evaluate("full SFT", self.finalize(sft), t)
         self.chat_model = sft / "final"
         yield "sft"
+
+        # RL on the training questions, scored on the held-out ones: the SFT run's early
+        # checkpoint is right on some problems and wrong on others, so groups carry signal.
+        start = self.finalize(sft / "checkpoints", f"step_{s.grpo_from:06d}")
+        self.evaluate(f"SFT step {s.grpo_from} (GRPO start)", start, 0.0, out_dir=self.out / "grpo_start")
+        grpo = self.out / "grpo"
+        t = self.run("GRPO", "train_grpo.py", "--init_from", str(start),
+                     "--data_path", str(self.data / "sft.jsonl"), "--loss", "cispo",
+                     "--group_size", str(s.grpo_group), "--max_new_tokens", str(s.max_new_tokens),
+                     "--reward", "correctness:1.0,format:0.1", "--no-track_kl",
+                     *self.common(grpo, s.grpo_steps, GRPO_LR, s.grpo_prompts),
+                     "--seq_len", str(s.seq_len + s.max_new_tokens))   # the whole question fits
+        self.evaluate(f"GRPO (on SFT step {s.grpo_from})", self.finalize(grpo), t)
+        yield "grpo"
 
         lora = self.out / "lora"
         t = self.run("LoRA", "train_lora.py", "--init_from", str(sft / "final"),

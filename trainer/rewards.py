@@ -1,0 +1,120 @@
+"""Verifiable rewards for RL (train_grpo.py): plain functions `(completion, sample) -> float`.
+
+Scope: the reward functions, the registry that names them, and `parse_reward_spec` /
+`RewardMix`, which turn `--reward correctness:1.0,format:0.1` into one weighted sum.
+
+`completion` is the generated text (stop token excluded). `sample` is the prompt's record
+(`task` = gsm8k | math | commonsense, `gold`, and for commonsense `dataset` and `num_choices`)
+plus what the rollout knows about this completion: `completion_tokens`, `max_new_tokens` and
+`truncated` (hit the budget without a stop token).
+
+Correctness uses the evaluation package's scorers on `answer_text(completion)` (the text after
+a closed think block), exactly as `eval_model.py` does, so a rollout counted correct is one the
+benchmark would count correct.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from evaluation.commonsense import commonsense_correct
+from evaluation.gsm8k import gsm8k_correct
+from evaluation.math_answer import score_math
+from evaluation.runner import answer_text
+from model.errors import UserError
+
+RewardFn = Callable[[str, Mapping[str, Any]], float]
+TASKS = ("gsm8k", "math", "commonsense")
+
+# What "an answer was given" looks like for each task (the marker the training data teaches).
+_ANSWER_MARKERS = {"gsm8k": re.compile(r"####\s*-?[\d.,]+"), "math": re.compile(r"\\boxed\{"),
+                   "commonsense": re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)}
+
+
+class RewardSpecError(UserError, ValueError):
+    """A `--reward` value that does not parse or names an unknown reward."""
+
+
+def correctness_reward(completion: str, sample: Mapping[str, Any]) -> float:
+    """1.0 when the evaluation scorer of the sample's task counts the answer correct, else 0.0."""
+    text, task = answer_text(completion), sample["task"]
+    if task == "gsm8k":
+        return float(gsm8k_correct(text, sample["gold"]))
+    if task == "math":
+        return float(score_math(text, sample["gold"])["correct"])
+    if task == "commonsense":
+        return float(commonsense_correct(text, sample["gold"], sample["dataset"],
+                                         sample.get("num_choices")))
+    raise ValueError(f"unknown task {task!r} (one of {TASKS})")
+
+
+def format_reward(completion: str, sample: Mapping[str, Any]) -> float:
+    """Half for the task's answer marker after the think block (`#### n`, `\\boxed{}`, "answer
+    is"), half for a well-formed think block: every `<think>` closed, and with thinking on (the
+    prompt opened `<think>`) a `</think>` present. 1.0 = both."""
+    marker = _ANSWER_MARKERS[sample["task"]].search(answer_text(completion)) is not None
+    opened = completion.count("<think>") + (1 if sample.get("thinking") else 0)
+    closed = completion.count("</think>") == opened
+    return 0.5 * marker + 0.5 * closed
+
+
+def length_penalty(completion: str, sample: Mapping[str, Any]) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), in [-1, 0]:
+
+        R(y) = 0                          if |y| <= L_max - L_cache
+             = (L_max - L_cache - |y|) / L_cache   if L_max - L_cache < |y| <= L_max
+             = -1                         if |y| > L_max (here: truncated without a stop)
+
+    with L_max = max_new_tokens and L_cache = L_max / 4: a reply is nudged to finish within the
+    first three quarters of its budget, and one cut off by the budget gets the full penalty.
+    """
+    budget = int(sample["max_new_tokens"])
+    if sample.get("truncated"):
+        return -1.0
+    cache = max(1, budget // 4)
+    excess = int(sample["completion_tokens"]) - (budget - cache)
+    return -min(1.0, max(0.0, excess / cache))
+
+
+REWARDS: dict[str, RewardFn] = {"correctness": correctness_reward, "format": format_reward,
+                                "length": length_penalty}
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """`"correctness:1.0,format:0.1"` -> [("correctness", 1.0), ("format", 0.1)]; a bare name
+    weighs 1.0. Unknown names and bad weights raise RewardSpecError naming the entry."""
+    out: list[tuple[str, float]] = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        name, _, weight = entry.partition(":")
+        name = name.strip()
+        if name not in REWARDS:
+            raise RewardSpecError(f"reward: unknown reward {name!r} in {spec!r} "
+                                  f"(one of: {', '.join(REWARDS)})")
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise RewardSpecError(f"reward: weight {weight!r} of {name!r} is not a number") from None
+        if any(n == name for n, _ in out):
+            raise RewardSpecError(f"reward: {name!r} is listed twice in {spec!r}")
+        out.append((name, w))
+    if not out:
+        raise RewardSpecError(f"reward: no reward named in {spec!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class RewardMix:
+    """The weighted sum of named rewards; `score` also returns each part (logged as reward/<name>)."""
+
+    parts: tuple[tuple[str, float], ...]
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "RewardMix":
+        return cls(tuple(parse_reward_spec(spec)))
+
+    def score(self, completion: str, sample: Mapping[str, Any]) -> tuple[float, dict[str, float]]:
+        values = {name: REWARDS[name](completion, sample) for name, _ in self.parts}
+        return sum(w * values[name] for name, w in self.parts), values
