@@ -64,6 +64,10 @@ def fast_path_reason(model: MiniMindLM) -> str | None:
         return f"{ENV_SWITCH}=0"
     if model.training:
         return "the model is in training mode (dropout)"
+    if model._forward_hooks or model._forward_pre_hooks:
+        # decode_step never calls model.forward, so a hook on it (instrumentation, a test's
+        # scripted logits) would silently stop running.
+        return "the model has forward hooks, which the static step would not run"
     config = model.config
     if config.use_mla:  # decode_step below writes grouped-query K/V, not MLA's latent
         return "multi-head latent attention (the static step implements grouped-query attention)"

@@ -229,6 +229,10 @@ def test_fast_path_falls_back_where_it_is_not_correct():
 
     model = varied_model("tiny-moe")
     assert fast_path_reason(model) is None
+    hook = model.register_forward_hook(lambda module, args, out: out)
+    assert "forward hooks" in fast_path_reason(model)  # decode_step would skip them
+    hook.remove()
+    assert fast_path_reason(model) is None
     model.train()
     assert "training" in fast_path_reason(model)
     model.eval()
