@@ -201,3 +201,52 @@ def test_entropy_is_the_mean_over_completion_tokens():
     mask = torch.tensor([[1.0, 1.0]])                              # positions 0 (uniform) and 1
     assert grpo.masked_entropy(logits, mask).item() == pytest.approx(math.log(4) / 2, abs=1e-3)
     assert grpo.masked_entropy(logits, torch.zeros(1, 2)).item() == 0.0
+
+
+def test_lora_reference_is_the_adapter_free_model_and_only_adapters_train(tmp_path, monkeypatch):
+    """--finetuning_type lora: the KL reference is the policy with its adapters off, so kl is 0 on
+    the first step (B = 0) and grows once the adapters move; every base weight stays bit-equal."""
+    import train_grpo
+    built, done = {}, {}
+
+    def build(cfg, tok):
+        model = train_grpo_build(cfg, tok)
+        built.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model
+
+    train_grpo_build = train_grpo.build_model
+    monkeypatch.setattr(train_grpo, "build_model", build)
+    monkeypatch.setattr(train_grpo, "finish", lambda model, *a, **k: done.setdefault("model", model))
+    metrics = _run_stage(tmp_path, monkeypatch, tmp_path / "lora", "--finetuning_type", "lora",
+                         "--lora_rank", "4", "--max_steps", "3", "--lr", "1e-2", "--min_lr_ratio", "1")
+    assert abs(metrics[0]["kl"]) < 1e-7 and metrics[-1]["kl"] > 1e-6, [m["kl"] for m in metrics]
+    after = done["model"].state_dict()
+    adapters = [k for k in after if k.endswith(("lora_A", "lora_B"))]
+    assert adapters and after.keys() == built.keys()
+    for k, v in after.items():
+        assert torch.equal(v, built[k]) != (k in adapters), k   # adapters moved, nothing else did
+
+
+def test_inner_updates_reuse_the_rollout_with_a_moving_ratio(tmp_path, monkeypatch):
+    """μ = 2: one rollout per two optimizer steps; the first step's ratio π_θ/π_old is 1, the
+    second's (same completions, updated weights) is not."""
+    calls, ratios = [], []
+    real_rollout, real_loss = grpo.rollout, grpo.policy_loss
+
+    def rollout(*a, **k):
+        calls.append(len(ratios))
+        return real_rollout(*a, **k)
+
+    def loss(logps, old_logps, advantages, mask, *rest):
+        ratios.append(((logps - old_logps).exp() - 1).abs()[mask > 0].max().item())
+        return real_loss(logps, old_logps, advantages, mask, *rest)
+
+    monkeypatch.setattr(grpo, "rollout", rollout)
+    monkeypatch.setattr(grpo, "policy_loss", loss)
+    metrics = _run_stage(tmp_path, monkeypatch, tmp_path / "mu2", "--inner_updates", "2",
+                         "--max_steps", "4", "--lr", "1e-2", "--min_lr_ratio", "1", "--batch_size", "4",
+                         "--group_size", "8", "--no-track_kl")
+    assert calls == [0, 2]                       # rollouts before the 1st and the 3rd update only
+    assert all(m["reward_std"] > 0 for m in metrics)   # a signal, so the weights move
+    assert ratios[0] < 1e-5 and ratios[2] < 1e-5, ratios
+    assert ratios[1] > 1e-3 and ratios[3] > 1e-3, ratios
