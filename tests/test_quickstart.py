@@ -1,4 +1,5 @@
-"""The quickstart pipeline end to end: at the smoke scale every stage runs through its real CLI,
+"""The quickstart pipeline end to end: at the smoke scale every stage (the opt-in GRPO one
+included) runs through its real CLI,
 is evaluated on the held-out split and lands in the report; the default run up to SFT (`--until
 sft`) takes the held-out accuracy from ~0 to >= 90 %."""
 
@@ -26,8 +27,8 @@ def test_smoke_pipeline_writes_report_with_every_stage(tmp_path):
     with a plain string check (independent of the GSM8K scorer)."""
     out = tmp_path / "qs"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "scripts/quickstart.py", "--scale", "smoke", "--out",
-                           str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "scripts/quickstart.py", "--scale", "smoke", "--grpo",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
     assert [r["stage"] for r in rows] == list(STAGE_DIRS)
