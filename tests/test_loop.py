@@ -219,3 +219,13 @@ def test_compile_matches_eager(tmp_path):
                                                    .splitlines()) if "loss" in r]
     assert len(losses[True]) == 2
     assert losses[True] == pytest.approx(losses[False], rel=1e-4), losses
+
+
+def test_matmul_probe_leaves_the_global_rng_alone():
+    """The MFU probe runs right after a resume restores the RNG state: it must not draw from the
+    global generator, or every later dropout mask (and sampling) shifts and resume is not exact."""
+    from trainer.logging import measure_matmul_tflops
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    assert measure_matmul_tflops(torch.device("cpu"), torch.float32, size=64, seconds=0.01) > 0
+    assert torch.equal(torch.get_rng_state(), before)

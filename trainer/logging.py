@@ -46,8 +46,11 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int = 1024,
                           seconds: float = 0.3) -> float:
     """Achievable matmul TFLOP/s on this device (a CPU has no data-sheet peak to look up)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # A generator of its own: the loop measures right after restoring the RNG state on resume,
+    # and drawing from the global generator here would shift every later dropout mask.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     a @ b  # warm-up
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
