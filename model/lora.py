@@ -469,11 +469,10 @@ def _from_peft(raw: dict, tensors: dict[str, torch.Tensor], metadata: dict[str, 
             raise ModelFolderError(f"{path}: PEFT option {key}={raw[key]!r} is not supported")
     renamed = {}
     for key, value in tensors.items():
-        body, dot, kind = key.removesuffix(".weight").rpartition(".")
-        if not (key.startswith(_PEFT_PREFIX) and key.endswith(".weight") and dot
-                and kind in ("lora_A", "lora_B")):
+        name = native_lora_key(key)
+        if name == key:  # not a PEFT LoRA A/B key
             raise ModelFolderError(f"{weights_path}: unsupported PEFT tensor {key!r}")
-        renamed[f"{body[len(_PEFT_PREFIX):]}.{kind}"] = value
+        renamed[name] = value
     modules = list(dict.fromkeys(k.rpartition(".")[0] for k in renamed))
     try:
         settings = LoRAConfig(int(raw["r"]), float(raw["lora_alpha"]),
