@@ -12,8 +12,9 @@ but only pays off when the step has fixed shapes, so:
   with ``index_put_`` and the row's RoPE position is ``pos_b``. Rows are independent, so a row
   can join (prefill into a free slot) or leave between any two steps: the engine's continuous
   batching and ``generate_tokens`` share this one step;
-- prefill runs eagerly, one row at a time (and in chunks when asked), through ``MiniMindLM.forward``
-  on a view of that row's slot, so the prompt's cache is what the eager path computes.
+- prefill runs eagerly through ``MiniMindLM.forward``: ``prefill_batch`` takes a batch of prompts
+  (right-padded, several rows per forward), ``prefill`` one row into its slot (in chunks when
+  asked: the engine), so the prompt's cache is what the eager path computes.
 
 The compiled graph is cached per (model, slots, max_len) in ``StaticDecoder.for_model``, so the
 server and the evaluation runner pay the compile once. ``fast_path_reason(model)`` says why a
@@ -35,6 +36,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .attention import Attention
 from .model import KVCache, MiniMindLM, apply_rope
@@ -106,13 +108,86 @@ def _moe_all_experts(mlp: MoEFeedForward, h_TD: torch.Tensor) -> torch.Tensor:
     return y
 
 
+PACK_SWITCH = "MINIMIND_PACKED_DECODE"
+
+
+def _packable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+class PackedWeights:
+    """oneDNN-prepacked copies of the decode step's projections, q/k/v and gate/up fused: the
+    CPU step's matmuls.
+
+    Why: a decode step multiplies 1-16 rows by every weight. For such skinny products ``F.linear``
+    reaches MKL's sgemm, which on the 2-core machines here streamed weights at 4-8 GB/s (and worse
+    at 8 rows than at 1), while oneDNN's kernel on a weight reordered once into its blocked layout
+    (``mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what inductor's CPU freezing
+    emits) streamed 10-22 GB/s at 1 and 8 rows. Fusing q/k/v and gate/up halves the calls.
+
+    The copies cost one more set of the projection weights in memory. A weight changed in place
+    since it was packed (an optimizer step between GRPO rollouts, ``load_state_dict``) is packed
+    again: each entry keeps the version counter, storage and dtype of its sources. Modules that
+    are not plain ``nn.Linear`` (LoRA wrappers, hooked ones) are called as they are.
+    """
+
+    _for_model: "weakref.WeakKeyDictionary[MiniMindLM, PackedWeights]" = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, ...], tuple] = {}
+
+    @classmethod
+    def for_model(cls, model: MiniMindLM) -> "PackedWeights | None":
+        """The model's packed weights, or None where packing does not apply: not on CPU, a dtype
+        other than fp32 (or bf16 where oneDNN runs it natively), or ``MINIMIND_PACKED_DECODE=0``."""
+        param = next(model.parameters())
+        if (os.environ.get(PACK_SWITCH, "1") == "0" or param.device.type != "cpu"
+                or not torch.backends.mkldnn.is_available()):
+            return None
+        if param.dtype != torch.float32 and not (
+                param.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return None
+        if model not in cls._for_model:
+            cls._for_model[model] = cls()
+        return cls._for_model[model]
+
+    def project(self, x: torch.Tensor, *modules: nn.Module) -> list[torch.Tensor]:
+        """``[m(x) for m in modules]``, computed as one product over their stacked weights."""
+        if not all(_packable(m) for m in modules):
+            return [m(x) for m in modules]
+        weights = [m.weight for m in modules]
+        stamp = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+        key = tuple(id(m) for m in modules)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != stamp:
+            with torch.no_grad():
+                stacked = torch.cat([w.detach() for w in weights]) if len(weights) > 1 else weights[0].detach()
+                bias = None
+                if any(m.bias is not None for m in modules):
+                    bias = torch.cat([m.bias.detach() if m.bias is not None else
+                                      w.new_zeros(w.shape[0]) for m, w in zip(modules, weights)])
+                packed = torch.ops.mkldnn._reorder_linear_weight(stacked, 1)
+            entry = (stamp, packed, bias, [w.shape[0] for w in weights])
+            self._entries[key] = entry
+        _, packed, bias, sizes = entry
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
+
+
 def decode_step(model: MiniMindLM, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+                tokens_B: torch.Tensor, pos_B: torch.Tensor,
+                packed: PackedWeights | None = None) -> torch.Tensor:
     """Logits [B, V] of one new token per row; writes its key/value at ``[:, b, :, pos_b]``.
 
     The same arithmetic as ``MiniMindLM.forward`` with one token and a cache (checked token for
     token against it in tests/test_generate.py), with the cache length a mask, not a slice.
+    ``packed`` runs the dense projections on prepacked weights (eager CPU steps); without it
+    each module is called (the compiled step, whose compiler picks its own kernels).
     """
+
+    def project(x, *modules):
+        return packed.project(x, *modules) if packed is not None else [m(x) for m in modules]
+
     B = tokens_B.shape[0]
     T = k_cache.shape[3]
     x = model.model.embed_tokens(tokens_B).unsqueeze(1)  # [B, 1, D]
@@ -122,9 +197,10 @@ def decode_step(model: MiniMindLM, k_cache: torch.Tensor, v_cache: torch.Tensor,
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = attn.q_norm(attn.q_proj(h).view(B, 1, attn.n_heads, attn.head_dim))
-        k = attn.k_norm(attn.k_proj(h).view(B, 1, attn.n_kv_heads, attn.head_dim))
-        v = attn.v_proj(h).view(B, 1, attn.n_kv_heads, attn.head_dim)
+        q, k, v = project(h, attn.q_proj, attn.k_proj, attn.v_proj)
+        q = attn.q_norm(q.reshape(B, 1, attn.n_heads, attn.head_dim))
+        k = attn.k_norm(k.reshape(B, 1, attn.n_kv_heads, attn.head_dim))
+        v = v.reshape(B, 1, attn.n_kv_heads, attn.head_dim)
         q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, H, 1, Dh]
         k = apply_rope(k, cos, sin)
         # [B, G, Dh] into cache[i, b, :, pos_b, :]
@@ -133,13 +209,18 @@ def decode_step(model: MiniMindLM, k_cache: torch.Tensor, v_cache: torch.Tensor,
         out = F.scaled_dot_product_attention(
             q, k_cache[i].to(q.dtype), v_cache[i].to(q.dtype), attn_mask=mask_B11T,
             enable_gqa=attn.n_heads != attn.n_kv_heads)
-        x = x + attn.o_proj(out.transpose(1, 2).reshape(B, 1, attn.n_heads * attn.head_dim))
+        x = x + project(out.transpose(1, 2).reshape(B, 1, attn.n_heads * attn.head_dim),
+                        attn.o_proj)[0]
         h = layer.post_attention_layernorm(x)
-        if isinstance(layer.mlp, MoEFeedForward):
-            x = x + _moe_all_experts(layer.mlp, h.view(B, -1)).view(B, 1, -1)
+        mlp = layer.mlp
+        if isinstance(mlp, MoEFeedForward):
+            x = x + _moe_all_experts(mlp, h.view(B, -1)).view(B, 1, -1)
+        elif type(mlp) is FeedForward and not (mlp._forward_hooks or mlp._forward_pre_hooks):
+            gate, up = project(h, mlp.gate_proj, mlp.up_proj)
+            x = x + project(F.silu(gate) * up, mlp.down_proj)[0]
         else:
-            x = x + layer.mlp(h)
-    return model.lm_head(model.model.norm(x))[:, 0]
+            x = x + mlp(h)
+    return project(model.model.norm(x), model.lm_head)[0][:, 0]
 
 
 def _bucket(n: int, limit: int, floor: int = 256) -> int:
@@ -209,6 +290,38 @@ class StaticDecoder:
         logits = self.model(x, kv_cache=view, logits_to_keep=0 if all_logits else 1).logits[0]
         return logits if all_logits else logits[-1]
 
+    def prefill_batch(self, prompts: list[list[int]], group: int = 16) -> torch.Tensor:
+        """Prefills prompt b into slot b, several rows per forward; logits [B, V] after each prompt.
+
+        Rows are right-padded to the longest of their group: under the causal mask a real token
+        never sees the pads after it, and a row's own positions start at 0 as alone, so each row's
+        cache and logits are what ``prefill`` computes (only its real positions are copied).
+        Groups are runs of prompts sorted by length, so the padding (and the logits kept, from the
+        group's shortest prompt on) stays small. Each group runs in a scratch cache whose rows are
+        then copied to their slots."""
+        B = len(prompts)
+        self.ensure_capacity(max(len(p) for p in prompts))
+        logits = [None] * B
+        order = sorted(range(B), key=lambda b: len(prompts[b]))
+        pad = self.config.pad_token_id
+        for g in range(0, B, group):
+            rows = order[g:g + group]
+            lengths = [len(prompts[r]) for r in rows]
+            S = max(lengths)
+            ids = torch.full((len(rows), S), pad, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, :lengths[i]] = torch.tensor(prompts[r], dtype=torch.long)
+            # The group's own cache, then each row copied into its slot (the slots of a sorted
+            # group are not contiguous, and the forward writes a contiguous batch).
+            scratch = KVCache(self.config, len(rows), S, self.dtype, self.device)
+            out = self.model(ids.to(self.device), kv_cache=scratch,
+                             logits_to_keep=S - min(lengths) + 1).logits
+            for i, r in enumerate(rows):
+                self.cache.k[:, r, :, :lengths[i]] = scratch.k[:, i, :, :lengths[i]]
+                self.cache.v[:, r, :, :lengths[i]] = scratch.v[:, i, :, :lengths[i]]
+                logits[r] = out[i, lengths[i] - S - 1]
+        return torch.stack(logits)
+
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copies a slot's first ``length`` cached positions to another slot (packing rows)."""
         self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
@@ -221,7 +334,7 @@ class StaticDecoder:
         # eight (README, decode figures), so there only single-row steps run compiled.
         if not self.compile or (self.device.type == "cpu" and B > 1):
             return decode_step(self.model, self.cache.k[:, :B], self.cache.v[:, :B], tokens_B,
-                               pos_B)
+                               pos_B, PackedWeights.for_model(self.model))
         width = min(_bucket(B, self.slots, floor=1), self.slots)
         if width > B:  # spare rows: a harmless write at the last position of unused slots
             pad = width - B

@@ -136,10 +136,10 @@ def _eager_steps(model, prompts, longest, steps, device):
 
 
 def _static_steps(model, prompts, longest, steps, device, compile):
-    """The fast path: each prompt prefilled into its own slot, then the fixed-shape step."""
+    """The fast path: the prompts prefilled into their slots (batched), then the fixed-shape step."""
     decoder = StaticDecoder(model, len(prompts), longest + steps,
                             compile=compile_by_default(device) if compile is None else compile)
-    first = torch.stack([decoder.prefill(b, list(p)) for b, p in enumerate(prompts)])
+    first = decoder.prefill_batch([list(p) for p in prompts])
     pos_B = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
 
     def advance(next_B, step):

@@ -132,8 +132,12 @@ def load_upstream(upstream_dir: str, ours: MiniMindLM):
     spec = importlib.util.spec_from_file_location("model_minimind", source)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    accepted = inspect.signature(module.MiniMindConfig.__init__).parameters
-    fields = {k: v for k, v in ours.config.to_dict().items() if k in accepted}
+    # Upstream's config reads most fields from **kwargs with defaults of its own: pass every field
+    # of ours that its default config has (or its signature names), so the shapes agree.
+    accepted = set(inspect.signature(module.MiniMindConfig.__init__).parameters)
+    accepted |= set(vars(module.MiniMindConfig()))
+    fields = {k: v for k, v in ours.config.to_dict().items()
+              if k in accepted and k not in ("rope_scaling", "architectures")}
     up = module.MiniMindForCausalLM(module.MiniMindConfig(**fields)).eval()
     missing, unexpected = up.load_state_dict(ours.state_dict(), strict=False)
     missing = [k for k in missing if "rotary" not in k and "freqs" not in k]

@@ -205,6 +205,64 @@ def test_decode_step_over_a_grown_cache_equals_a_full_forward():
             torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_batched_prefill_fills_each_slot_as_alone(preset):
+    """Five prompts of mixed lengths in groups of two (sorted, so a group's slots are not
+    neighbours): every slot's cached keys/values and its last logits equal a batch-1 forward of
+    that prompt alone, and nothing is written past a prompt's length."""
+    from model.fast_decode import StaticDecoder
+    from model.model import KVCache
+
+    model = varied_model(preset)
+    prompts = [list(range(10, 10 + n)) for n in (9, 2, 30, 5, 17)]
+    dec = StaticDecoder(model, slots=5, max_len=64)
+    with torch.no_grad():
+        logits = dec.prefill_batch(prompts, group=2)
+        for b, p in enumerate(prompts):
+            alone = KVCache(model.config, 1, len(p))
+            want = model(torch.tensor([p]), kv_cache=alone).logits[0, -1]
+            torch.testing.assert_close(logits[b], want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(dec.cache.k[:, b, :, :len(p)], alone.k[:, 0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(dec.cache.v[:, b, :, :len(p)], alone.v[:, 0], rtol=1e-5, atol=1e-5)
+            assert not dec.cache.k[:, b, :, len(p):].any()
+
+
+def test_packed_weights_match_the_modules_and_follow_weight_updates():
+    """The prepacked projections give each module's own output (q/k/v fused, with biases), and
+    a weight changed in place after packing (an optimizer step, as between GRPO rollouts) is
+    packed again rather than served stale; a LoRA-wrapped module is called as it is."""
+    from model.fast_decode import PackedWeights
+    from model.lora import apply_lora
+
+    model = varied_model("tiny-moe", **QWEN2_MOE_LIKE)   # q/k/v biases
+    packed = PackedWeights.for_model(model)
+    if packed is None:
+        pytest.skip("oneDNN prepacking is not available in this torch build")
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(3, 1, model.config.hidden_size)
+    with torch.no_grad():
+        got = packed.project(x, attn.q_proj, attn.k_proj, attn.v_proj)
+        for y, m in zip(got, (attn.q_proj, attn.k_proj, attn.v_proj)):
+            torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-5)
+        before = packed.project(x, attn.q_proj)[0]
+    attn.q_proj.weight.grad = torch.ones_like(attn.q_proj.weight)
+    torch.optim.SGD([attn.q_proj.weight], lr=1.0).step()
+    with torch.no_grad():
+        after = packed.project(x, attn.q_proj)[0]
+        torch.testing.assert_close(after, attn.q_proj(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(after, before, atol=1e-2)
+
+    lora_model = varied_model("tiny")
+    apply_lora(lora_model, ["q_proj"], rank=4, alpha=8)
+    q = lora_model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 1, lora_model.config.hidden_size)
+    with torch.no_grad():
+        q.lora_B.normal_(0.0, 0.5)   # a non-zero adapter, which a plain packed weight would miss
+        y = PackedWeights.for_model(lora_model).project(x, q)[0]
+        torch.testing.assert_close(y, q(x))
+        assert not torch.allclose(y, torch.nn.functional.linear(x, q.weight), atol=1e-3)
+
+
 @pytest.mark.parametrize("preset,overrides,reason", [
     ("tiny-mla-moe", {}, "latent attention"),
     ("tiny-moe", dict(num_experts=16, num_experts_per_tok=2), "16 routed experts for top-2")])
