@@ -138,11 +138,13 @@ class PackedWeights:
 
     @classmethod
     def for_model(cls, model: MiniMindLM) -> "PackedWeights | None":
-        """The model's packed weights, or None where packing does not apply: not on CPU, a dtype
-        other than fp32 (or bf16 where oneDNN runs it natively), or ``MINIMIND_PACKED_DECODE=0``."""
+        """The model's packed weights, or None where packing does not apply: not on CPU, under
+        autocast, a dtype other than fp32 (or bf16 where oneDNN runs it natively), or
+        ``MINIMIND_PACKED_DECODE=0``."""
         param = next(model.parameters())
         if (os.environ.get(PACK_SWITCH, "1") == "0" or param.device.type != "cpu"
-                or not torch.backends.mkldnn.is_available()):
+                or not torch.backends.mkldnn.is_available()
+                or torch.is_autocast_enabled("cpu")):  # autocast picks each matmul's dtype itself
             return None
         if param.dtype != torch.float32 and not (
                 param.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
@@ -153,7 +155,7 @@ class PackedWeights:
 
     def project(self, x: torch.Tensor, *modules: nn.Module) -> list[torch.Tensor]:
         """``[m(x) for m in modules]``, computed as one product over their stacked weights."""
-        if not all(_packable(m) for m in modules):
+        if x.dtype != modules[0].weight.dtype or not all(_packable(m) for m in modules):
             return [m(x) for m in modules]
         weights = [m.weight for m in modules]
         stamp = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)

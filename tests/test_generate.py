@@ -263,6 +263,18 @@ def test_packed_weights_match_the_modules_and_follow_weight_updates():
         assert not torch.allclose(y, torch.nn.functional.linear(x, q.weight), atol=1e-3)
 
 
+def test_fast_path_under_autocast_matches_eager():
+    """GRPO rolls out inside the trainer's bf16 autocast: the step then leaves the matmul dtypes to
+    autocast (prepacked fp32 weights cannot take its bf16 activations) and gives the eager path's
+    tokens."""
+    model = varied_model("tiny")
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=())
+    prompts = [[5, 6, 7], [40, 41, 42, 43, 44]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = list(generate_tokens(model, prompts, params, fast=True, compile=False))
+        assert fast == list(generate_tokens(model, prompts, params, fast=False))
+
+
 @pytest.mark.parametrize("preset,overrides,reason", [
     ("tiny-mla-moe", {}, "latent attention"),
     ("tiny-moe", dict(num_experts=16, num_experts_per_tok=2), "16 routed experts for top-2")])

@@ -1,6 +1,7 @@
 """fit(): overfitting, accumulation equivalence, NaN policies, evaluation/logging, optimizer parts."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -205,6 +206,9 @@ def test_fp16_uses_grad_scaler_unscales_before_clip_and_skips_overflow(tmp_path)
     assert _scaler_state(tmp_path / "ovf")["scale"] == 2.0 ** 15
 
 
+@pytest.mark.skipif(os.environ.get("MINIMIND_TEST_COMPILE") != "1",
+                    reason="compiling forward and backward took 47 s on 2 CPU cores; the model's "
+                           "compiled loss is checked in test_model.py; MINIMIND_TEST_COMPILE=1 runs it")
 def test_compile_matches_eager(tmp_path):
     """--compile: two optimizer steps of the compiled model log the eager run's losses."""
     import shutil
