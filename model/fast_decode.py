@@ -1,4 +1,5 @@
-"""The fast decode step: one token per row over a static, slot-per-row KV cache, compiled.
+"""The fast decode step: one token per row over a static, slot-per-row KV cache, on prepacked
+weights (CPU) or compiled (CUDA, or when asked).
 
 Why: at MiniMind widths a decode step is a few dozen small matmuls, and eager PyTorch spends most
 of a step dispatching them from Python (the issue measured 15 % of the memory-bandwidth bound at
@@ -332,8 +333,9 @@ class StaticDecoder:
     def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] for one new token per live row; row b's token goes to position pos_b."""
         B = tokens_B.shape[0]
-        # On CPU inductor's code measured 1.3-1.5x faster than eager at one row but 2x slower at
-        # eight (README, decode figures), so there only single-row steps run compiled.
+        # On CPU inductor's code measured 2x slower than eager at eight rows (and, since the eager
+        # step runs on prepacked weights, slower at one row too: README, decode figures), so
+        # there only single-row steps run compiled, and only when asked.
         if not self.compile or (self.device.type == "cpu" and B > 1):
             return decode_step(self.model, self.cache.k[:, :B], self.cache.v[:, :B], tokens_B,
                                pos_B, PackedWeights.for_model(self.model))
@@ -365,7 +367,7 @@ class StaticDecoder:
 def compile_by_default(device: torch.device) -> bool:
     """Whether the step is compiled unless the caller says: ``MINIMIND_COMPILE_DECODE`` (1/0)
     when set, else on CUDA only. On CPU the first compile costs 20-50 s per shape (5 s from a
-    warm inductor cache) and pays only at batch 1 (``StaticDecoder.step``), so it is opt-in."""
+    warm inductor cache) and measured slower than the prepacked eager step, so it is opt-in."""
     flag = os.environ.get("MINIMIND_COMPILE_DECODE")
     if flag is not None:
         return flag == "1"
