@@ -174,7 +174,7 @@ class PackedWeights:
             self._entries[key] = entry
         _, packed, bias, sizes = entry
         y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        return list(y.split(sizes, dim=-1)) if len(sizes) > 1 else [y]
+        return list(y.split(sizes, dim=-1))
 
 
 def decode_step(model: MiniMindLM, k_cache: torch.Tensor, v_cache: torch.Tensor,
