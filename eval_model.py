@@ -22,7 +22,7 @@ import torch
 from dataset.chat import generation_prompt_ids
 from evaluation.runner import (BENCHMARKS, answer_text, parse_data_flags, resolve_data,
                                run_benchmarks)
-from model.errors import run_cli
+from model.errors import UserError, run_cli
 from model.generate import SamplingParams, TextStream, generate_tokens
 from model.io import load_for_inference
 from model.precision import DTYPE_CHOICES
@@ -56,10 +56,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b.add_argument("--limit", type=int, help="score at most N items (per set for commonsense)")
     b.add_argument("--out", help="report folder (default: <model>/eval)")
     b.add_argument("--batch_size", type=int, default=8)
+    b.add_argument("--samples", type=int, default=1,
+                   help="answer each item N times (needs --temperature > 0): accuracy is then "
+                        "mean@N, and the summary adds pass@k (evaluation/compare.py)")
     b.add_argument("--fewshot", type=int, default=0, help="GSM8K/MATH exemplars (held out)")
     b.add_argument("--ppl_max_length", type=int, help="perplexity window (default: context)")
     b.add_argument("--ppl_stride", type=int, help="perplexity stride (default: window / 2)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.samples < 1 or (args.samples > 1 and not (args.temperature or 0) > 0):
+        raise UserError(f"--samples {args.samples}: needs >= 1, and --temperature > 0 when > 1 "
+                        "(benchmarks decode greedily by default: every sample would be the same)")
+    return args
 
 
 def sampling(args: argparse.Namespace, bench: bool, seed: int) -> SamplingParams:
@@ -132,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
                        params=sampling(args, True, args.seed), enable_thinking=args.think,
                        system=args.system, fewshot=args.fewshot, seed=args.seed,
                        ppl_max_length=args.ppl_max_length, ppl_stride=args.ppl_stride,
+                       samples=args.samples,
                        meta={"model": str(args.model), "lora": args.lora,
                              "moe_backend": args.moe_backend},
                        log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -29,12 +29,14 @@ import json
 import time
 import zlib
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from evaluation.commonsense import load_commonsense, loglik_requests, score_generation, score_loglik
+from evaluation.compare import sampled_summary
 from evaluation.gsm8k import gsm8k_exemplars, load_gsm8k, score_gsm8k
 from evaluation.math import load_math, math_exemplars, score_math
 from evaluation.perplexity import continuation_logprobs, eval_mode, load_texts, perplexity
@@ -312,15 +314,21 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
                    params: SamplingParams | None = None, enable_thinking: bool = False,
                    system: str | None = None, fewshot: int = 0, seed: int = 0,
                    ppl_max_length: int | None = None, ppl_stride: int | None = None,
-                   meta: dict | None = None, log: Callable[[str], None] | None = print
-                   ) -> dict[str, dict]:
+                   meta: dict | None = None, log: Callable[[str], None] | None = print,
+                   samples: int = 1) -> dict[str, dict]:
     """Run each named benchmark (``BENCHMARKS``) and write its report into ``out_dir``.
 
     Returns ``{bench: summary}``. ``data`` maps each bench to its file or folder (see
     ``resolve_data``); ``limit`` caps scored items (per set for commonsense).
+
+    ``samples`` > 1 (sampling only) answers each generation item that many times, pass j seeded
+    ``params.seed + j``: the report holds every answer (tagged ``item`` and ``sample``), so its
+    accuracy is mean@n, and the summary adds ``samples``, ``mean_at_n`` and ``pass_at_k``.
     """
     paths = resolve_data(benches, data or {})
     params = params or SamplingParams(max_new_tokens=512, seed=seed)
+    if samples < 1 or (samples > 1 and params.temperature <= 0):
+        raise ValueError(f"samples={samples}: needs >= 1, and sampling (temperature > 0) when > 1")
     torch.manual_seed(seed)
     meta = {**(meta or {}), "seed": seed}
     # Decoding settings only where they matter (log-likelihood and perplexity do not decode).
@@ -345,18 +353,28 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
                 log(f"[ppl] perplexity {summaries[bench]['ppl']:.3f}, "
                     f"bits/byte {summaries[bench]['bits_per_byte']:.4f}")
             continue
-        if bench == "gsm8k":
-            shots, items = _split_fewshot(load_gsm8k(path, wanted), fewshot, limit)
-            results = run_gsm8k(items, tokenizer, gen_fn, exemplars=gsm8k_exemplars(shots),
-                                **common)
-        elif bench == "math":
-            shots, items = _split_fewshot(load_math(path, wanted), fewshot, limit)
-            results = run_math(items, tokenizer, gen_fn, exemplars=math_exemplars(shots),
-                               **common)
-            extra["accuracy_by_level"] = _accuracy_by(results, "level")
-        elif bench == "commonsense":
-            results = run_commonsense_generation(load_commonsense(path, limit), tokenizer,
-                                                 gen_fn, **common)
+        if bench in ("gsm8k", "math", "commonsense"):
+            if bench == "gsm8k":
+                shots, items = _split_fewshot(load_gsm8k(path, wanted), fewshot, limit)
+                run = partial(run_gsm8k, items, tokenizer, exemplars=gsm8k_exemplars(shots),
+                              **common)
+            elif bench == "math":
+                shots, items = _split_fewshot(load_math(path, wanted), fewshot, limit)
+                run = partial(run_math, items, tokenizer, exemplars=math_exemplars(shots),
+                              **common)
+            else:
+                run = partial(run_commonsense_generation, load_commonsense(path, limit),
+                              tokenizer, **common)
+            results = run(gen_fn)
+            if samples > 1:
+                results = [{**r, "item": i, "sample": 0} for i, r in enumerate(results)]
+                for j in range(1, samples):
+                    fn = model_generate_fn(model, tokenizer, replace(
+                        params, seed=None if params.seed is None else params.seed + j))
+                    results += [{**r, "item": i, "sample": j} for i, r in enumerate(run(fn))]
+                extra.update(sampled_summary(results))
+            if bench == "math":
+                extra["accuracy_by_level"] = _accuracy_by(results, "level")
         else:
             results = run_commonsense_loglik(load_commonsense(path, limit), model, tokenizer,
                                              batch_size=batch_size)

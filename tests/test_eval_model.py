@@ -87,6 +87,7 @@ def test_bench_from_the_command_line(ckpt, tmp_path):
     (["--data", "gsm8k=/no/such/file.jsonl"],
      "error: gsm8k: data not found at /no/such/file.jsonl (pass --data gsm8k=PATH)"),
     (["--data", "x.jsonl", "--bench", "gsm8k,nope"], "error: unknown benchmark 'nope'; choose from"),
+    (["--data", "x.jsonl", "--samples", "4"], "error: --samples 4: needs >= 1, and --temperature > 0"),
 ])
 def test_bench_data_errors_are_one_line_before_the_model_loads(tmp_path, extra, message):
     # The model folder does not exist: the data check must come first (no slow load for a typo).
