@@ -3,13 +3,14 @@
     python scripts/quickstart.py                    # ~11 min on 2 cores; `bash scripts/quickstart.sh`
     python scripts/quickstart.py --scale smoke      # a one-minute dry run of every stage
     python scripts/quickstart.py --until sft        # stop after a stage (what the test runs)
-    python scripts/quickstart.py --grpo             # add the GRPO stage (opt-in; ~2 min more)
+    python scripts/quickstart.py --grpo             # add the GRPO stage (opt-in; ~5 min more)
 
 Stages, each a real run of the same command a user would type (so this file is also a tour):
   data → tokenizer → pretrain → full SFT → [GRPO with --grpo: RL with the correctness reward
   from the SFT run's step-400 checkpoint, a policy partway there] → LoRA → DPO → distillation
   into a smaller student (itself pretrained first),
-with the GSM8K scorer run on a held-out test split after each stage, then a Markdown report
+with the GSM8K scorer run on a held-out test split after each stage (GRPO's start and end also
+sampled at the rollouts' temperature and compared problem by problem), then a Markdown report
 (accuracy table + loss curves) in <out>/REPORT.md.
 
 The task: multi-digit arithmetic word problems with worked steps ending in `#### answer`, plus
@@ -29,10 +30,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
+from evaluation.compare import compare_reports
 from model.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
-GRPO_FROM, GRPO_STEPS, GRPO_LR = 400, 20, 2e-4
+GRPO_FROM, GRPO_STEPS, GRPO_LR, GRPO_TEMPERATURE = 400, 20, 2e-4, 1.0
 GRPO_DEFAULT = False   # opt-in: no setting measured so far gains beyond chance (README)
 
 
@@ -58,6 +60,7 @@ class Scale:
     grpo_prompts: int  # prompts per step, each sampled grpo_group times
     grpo_group: int
     grpo_lr: float
+    grpo_samples: int  # held-out answers per problem at the rollout temperature, before and after
     batch_size: int  # DPO takes half: each pair is two sequences
     seq_len: int
     max_new_tokens: int  # evaluation: the longest two-step solution is ~160 tokens
@@ -72,12 +75,12 @@ SCALES = {
                      teacher="demo-small", student="demo-mini", pretrain_steps=500,
                      student_pretrain_steps=200, sft_steps=1000, lora_steps=100, dpo_steps=60,
                      distill_steps=300, grpo_from=GRPO_FROM, grpo_steps=GRPO_STEPS, grpo_prompts=8,
-                     grpo_group=8, grpo_lr=GRPO_LR, batch_size=16, seq_len=256, max_new_tokens=192),
+                     grpo_group=8, grpo_lr=GRPO_LR, grpo_samples=4, batch_size=16, seq_len=256, max_new_tokens=192),
     "smoke": Scale(n_pretrain=400, n_sft=300, n_dpo=100, n_test=20, vocab_size=1024,
                    teacher="tiny", student="tiny", pretrain_steps=4, student_pretrain_steps=2,
                    sft_steps=4, lora_steps=2,
                    dpo_steps=2, distill_steps=2, grpo_from=2, grpo_steps=2, grpo_prompts=2,
-                   grpo_group=2, grpo_lr=GRPO_LR, batch_size=4, seq_len=128, max_new_tokens=32),
+                   grpo_group=2, grpo_lr=GRPO_LR, grpo_samples=2, batch_size=4, seq_len=128, max_new_tokens=32),
 }
 # The default schedule halved, for the suite's learning test (README: its measured accuracies).
 SCALES["short"] = replace(SCALES["default"], pretrain_steps=300, sft_steps=600, grpo_from=300)
@@ -213,14 +216,31 @@ class Pipeline:
         s = self.scale
         start = self.finalize(sft / "checkpoints", f"step_{s.grpo_from:06d}")
         self.evaluate(f"SFT step {s.grpo_from} (GRPO start)", start, 0.0, out_dir=self.out / "grpo_start")
+        before = self.evaluate_sampled(start, self.out / "grpo_start" / "eval_sampled")
         grpo = self.out / "grpo"
         t = self.run("GRPO", "train_grpo.py", "--init_from", str(start),
                      "--data_path", str(self.data / "sft.jsonl"), "--loss", "cispo",
                      "--group_size", str(s.grpo_group), "--max_new_tokens", str(s.max_new_tokens),
                      "--reward", "correctness:1.0,format:0.1", "--no-track_kl",
+                     "--temperature", str(GRPO_TEMPERATURE),
                      *self.common(grpo, s.grpo_steps, s.grpo_lr, s.grpo_prompts),
                      "--seq_len", str(s.seq_len + s.max_new_tokens))   # the whole question fits
         self.evaluate(f"GRPO (on SFT step {s.grpo_from})", self.finalize(grpo), t)
+        after = self.evaluate_sampled(grpo / "final", grpo / "eval_sampled")
+        self.rows[-1]["sampled"] = {**compare_reports(before, after), "samples": s.grpo_samples,
+                                    "temperature": GRPO_TEMPERATURE}
+
+    def evaluate_sampled(self, model: Path, out_dir: Path) -> Path:
+        """What GRPO optimises, on problems it never trained on: each held-out problem answered
+        grpo_samples times at the rollout temperature (the same seeds for every model, so the
+        paired comparison sees the models differ, not the dice)."""
+        s = self.scale
+        self.run("sampled evaluation", "eval_model.py", "--model", str(model), "--bench", "gsm8k",
+                 "--data", f"gsm8k={self.data / 'test.jsonl'}", "--out", str(out_dir),
+                 "--max_new_tokens", str(s.max_new_tokens), "--batch_size", "100",
+                 "--samples", str(s.grpo_samples), "--temperature", str(GRPO_TEMPERATURE),
+                 "--seed", str(self.seed))
+        return out_dir
 
     def report(self, model: Path) -> None:
         """REPORT.md + results.json for the stages run; then how to chat with / serve `model`."""
@@ -229,6 +249,14 @@ class Pipeline:
                  "(test questions never appear in training).", "",
                  "| stage | held-out accuracy | stage time (s) |", "|---|---|---|"]
         lines += [f"| {r['stage']} | {r['accuracy']:.1%} | {r['seconds']:.0f} |" for r in self.rows]
+        for r in self.rows:
+            if "sampled" in r:
+                c = r["sampled"]
+                lines += ["", f"{r['stage']}, sampled on the held-out problems ({c['samples']} "
+                          f"answers each at T {c['temperature']}, the rollouts' temperature): "
+                          f"{c['before']:.1%} → {c['after']:.1%} right; {c['better']} problems "
+                          f"more often right, {c['worse']} less often, {c['ties']} the same; "
+                          f"one-sided sign test p = {c['p']:.2g}."]
         lines += ["", "## Loss curves", ""]
         for r in self.rows:
             if r["curve"] is not None:

@@ -46,6 +46,14 @@ def test_smoke_pipeline_writes_report_with_every_stage(tmp_path):
         assert f"| {r['stage']} | {r['accuracy']:.1%} | {r['seconds']:.0f} |" in report
         assert r["seconds"] > 0 or r["stage"].endswith("(GRPO start)")   # a checkpoint of the SFT run
     assert report.count("loss_curve.png") == len(rows) - 1   # the GRPO start is a checkpoint, not a run
+    # GRPO's start and end, each answering every held-out problem twice at the rollout temperature
+    sampled = rows[3]["sampled"]
+    for side, folder in (("before", "grpo_start"), ("after", "grpo")):
+        items = [json.loads(line) for line in open(out / folder / "eval_sampled" / "gsm8k.items.jsonl")]
+        assert sorted((it["item"], it["sample"]) for it in items) == [(i, j) for i in range(20) for j in range(2)]
+        assert sampled[side] == sum(it["correct"] for it in items) / len(items)
+    assert sampled["better"] + sampled["worse"] + sampled["ties"] == 20 and 0 < sampled["p"] <= 1
+    assert f"one-sided sign test p = {sampled['p']:.2g}" in report
     for stage in ("pretrain", "sft", "grpo", "dpo", "distill"):  # self-contained model folders
         final = out / stage / "final"
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in final.iterdir()}
