@@ -1,12 +1,18 @@
 """trainer/grpo.py and train_grpo.py: the three losses and the advantages against hand
 computations, the batched rollout against rows decoded alone, prompt records from each data
 kind, and the stage through the shared loop: it raises a reward a tiny model can learn, and a
-resumed run matches an uninterrupted one bit for bit (weights and sampled completions)."""
+resumed run matches an uninterrupted one bit for bit (weights and sampled completions); under
+torchrun two ranks stay in step even when every group is dropped."""
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from model.config import MiniMindConfig
 from model.generate import SamplingParams, generate_tokens
@@ -164,7 +170,6 @@ def _run_stage(tmp_path, monkeypatch, out, *extra):
 
 
 def test_resume_is_bit_exact_including_rollouts(tmp_path, monkeypatch):
-    from safetensors.torch import load_file
     """DAPO (its group dropping included) with a KL reference, 4 steps straight vs 2 + resume."""
     args = ("--max_steps", "4", "--lr", "1e-3", "--loss", "dapo", "--beta", "0.05")
     full = _run_stage(tmp_path, monkeypatch, tmp_path / "full", *args)
@@ -250,3 +255,31 @@ def test_inner_updates_reuse_the_rollout_with_a_moving_ratio(tmp_path, monkeypat
     assert all(m["reward_std"] > 0 for m in metrics)   # a signal, so the weights move
     assert ratios[0] < 1e-5 and ratios[2] < 1e-5, ratios
     assert ratios[1] > 1e-3 and ratios[3] > 1e-3, ratios
+
+
+def test_two_ranks_under_torchrun_stay_in_step_when_every_group_is_flat(tmp_path):
+    """torchrun, 2 processes, DAPO on a random model: every reward is 0, so every group is dropped
+    on both ranks. Each rank still runs a zero-weight backward (DDP's all-reduce would hang
+    otherwise), and the weights come out exactly as a one-process run's: untouched by a zero
+    gradient (AdamW, no weight decay)."""
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
+                            for a in range(4) for b in range(4)))
+    common = ["train_grpo.py", "--data_path", str(data), "--model_preset", "tiny", "--device", "cpu",
+              "--batch_size", "2", "--group_size", "4", "--max_new_tokens", "3", "--seq_len", "64",
+              "--loss", "dapo", "--no-track_kl", "--log_every", "1", "--no-progress", "--no-plot",
+              "--dtype", "fp32", "--seed", "3", "--peak_tflops", "1", "--max_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    runs = {"ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+            "one": [sys.executable]}
+    for name, launcher in runs.items():
+        proc = subprocess.run([*launcher, *common, "--out_dir", str(tmp_path / name)], cwd=repo,
+                              env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"world {2 if name == 'ddp' else 1}," in proc.stdout
+        metrics = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        assert [m["frac_groups_dropped"] for m in metrics] == [1.0, 1.0]
+    a = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
