@@ -45,6 +45,16 @@ CHAT_MARKUP = frozenset({"<think>", "</think>", "<tool_call>", "</tool_call>",
 Message = dict[str, Any]
 
 
+@lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    """The byte-level alphabet's inverse (GPT-2's `bytes_to_unicode`): printable Latin-1 bytes
+    stand for themselves, every other byte b for chr(256 + its rank among those)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
 class TokenizerError(UserError, ValueError):
     """A tokenizer folder is missing a file, or a file is malformed."""
 
@@ -125,6 +135,7 @@ class Tokenizer:
         self.eos_id = self._special_id("eos_token", "<|im_end|>")
         self._fingerprint: str | None = None
         self._control_ids: frozenset[int] | None = None
+        self._added_ids: frozenset[int] | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path | None = None) -> "Tokenizer":
@@ -205,6 +216,20 @@ class Tokenizer:
             control = self.control_ids
             ids = [i for i in ids if i not in control]
         return self._tok.decode(ids, skip_special_tokens=False)
+
+    def token_bytes(self, tid: int) -> bytes:
+        """The raw bytes one token stands for (what OpenAI's logprobs report as `bytes`): a
+        piece of a multi-byte character decodes to U+FFFD alone, but its bytes are exact. Added
+        tokens (`<|im_end|>`) are their text."""
+        piece = self._tok.id_to_token(tid)
+        if piece is None:
+            raise ValueError(f"token id {tid} is not in the vocabulary ({self.vocab_size} tokens)")
+        table = _byte_of_char()
+        if self._added_ids is None:
+            self._added_ids = frozenset(self._tok.get_added_tokens_decoder())
+        if tid in self._added_ids or any(c not in table for c in piece):
+            return piece.encode("utf-8")
+        return bytes(table[c] for c in piece)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -2,7 +2,8 @@
 
     python scripts/serve_openai_api.py --model out/sft [--lora out/lora] [--port 8998]
 
-Endpoints: ``POST /v1/chat/completions`` (streaming as SSE and not), ``POST /v1/completions``
+Endpoints: ``POST /v1/chat/completions`` (streaming as SSE and not; ``logprobs`` /
+``top_logprobs`` in OpenAI's chat format), ``POST /v1/completions``
 (the legacy text API: ``echo`` and ``logprobs`` for lm-evaluation-harness's ``local-completions``
 scoring), ``GET /v1/models``,
 ``GET /health`` (engine counters included). What MiniMind's server lacks and this one does:
@@ -24,7 +25,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator, Callable, Literal, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -170,6 +171,9 @@ class ChatTemplateKwargs(_Strict):
     enable_thinking: bool | None = None
 
 
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit for chat; lm-eval asks for 1)
+
+
 class ChatCompletionRequest(_Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -188,6 +192,7 @@ class ChatCompletionRequest(_Strict):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     user: str | None = None
     # Extensions (vLLM / SGLang spell them the same; the openai client sends them via extra_body).
     top_k: int | None = Field(None, ge=0)
@@ -219,8 +224,8 @@ class ChatCompletionRequest(_Strict):
         if isinstance(self.tool_choice, dict) or self.tool_choice == "required":
             raise ValueError("tool_choice: only 'auto' and 'none' are supported "
                              "(decoding is not constrained)")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.presence_penalty or self.frequency_penalty:
             raise ValueError("presence_penalty / frequency_penalty are not supported; "
                              "use repetition_penalty")
@@ -236,9 +241,6 @@ class ChatCompletionRequest(_Strict):
     @property
     def use_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
-
-
-MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 5; lm-eval asks for 1)
 
 
 class CompletionRequest(_Strict):
@@ -493,25 +495,27 @@ def create_app(engine: Engine, served_model_name: str, api_key: str | None = Non
             sink = _queue_sink(loop, events)
         else:
             pieces: list[str] = []
+            logprobs: list[TokenLogprobs] = []
             outcome: asyncio.Future = loop.create_future()
-            sink = _collecting_sink(loop, pieces, outcome)
+            sink = _collecting_sink(loop, pieces, outcome, logprobs)
 
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
-            handle = engine.submit(completion_id, prompt_ids, params, sink)
+            handle = engine.submit(completion_id, prompt_ids, params, sink,
+                                   logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         except EngineOverloaded as e:
             raise APIError(503, f"server overloaded: {e}; retry later", "server_error",
                            code="overloaded") from None
         except EngineClosed as e:
             raise APIError(503, str(e), "server_error") from None
         parser = AssistantParser(thinking=req.thinking, parse_tools=req.use_tools)
-        reply = Reply(completion_id, served_model_name, req)
+        reply = Reply(completion_id, served_model_name, req, tokenizer, params.stop_token_ids)
         if req.stream:
             return StreamingResponse(reply.sse(events, handle, parser),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
-        return await reply.whole(outcome, pieces, handle, parser, request)
+        return await reply.whole(outcome, pieces, handle, parser, request, logprobs)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -652,11 +656,33 @@ class CompletionReply:
 
 
 class Reply:
-    """Turns one request's engine events into an OpenAI response (whole or SSE)."""
+    """Turns one request's engine events into an OpenAI response (whole or SSE).
 
-    def __init__(self, completion_id: str, model: str, req: ChatCompletionRequest) -> None:
+    With ``logprobs``, ``choices[0].logprobs.content`` lists every generated token but the stop
+    token (reasoning and tool-call markup included: they are generated text too) as OpenAI's
+    ``{token, logprob, bytes, top_logprobs}``, log-probs of the raw model distribution (before
+    temperature and top-p). Streamed, each chunk carries the entries of the tokens whose text
+    it is the first to show.
+    """
+
+    def __init__(self, completion_id: str, model: str, req: ChatCompletionRequest, tokenizer=None,
+                 stop_ids: Sequence[int] = ()) -> None:
         self.id, self.model, self.req = completion_id, model, req
+        self.tokenizer, self.stop_ids = tokenizer, frozenset(stop_ids)
         self.created = int(time.time())
+
+    def token_entry(self, tid: int, logprob: float) -> dict:
+        raw = self.tokenizer.token_bytes(tid)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob,
+                "bytes": list(raw)}
+
+    def logprob_content(self, events: Sequence[TokenLogprobs]) -> list[dict]:
+        return [{**self.token_entry(tok, lp),
+                 "top_logprobs": [self.token_entry(alt, alt_lp) for alt, alt_lp in top]}
+                for event in events for tok, lp, top in event.entries if tok not in self.stop_ids]
+
+    def logprobs_field(self, events: Sequence[TokenLogprobs]) -> dict | None:
+        return {"content": self.logprob_content(events), "refusal": None} if self.req.logprobs else None
 
     @staticmethod
     def finish_reason(finished: Finished, out: ParsedOutput) -> str:
@@ -670,7 +696,8 @@ class Reply:
                 "total_tokens": finished.prompt_tokens + finished.completion_tokens}
 
     async def whole(self, outcome: asyncio.Future, pieces: list[str], handle,
-                    parser: AssistantParser, request: Request) -> JSONResponse:
+                    parser: AssistantParser, request: Request,
+                    logprobs: Sequence[TokenLogprobs] = ()) -> JSONResponse:
         """Waits for the end of generation, or for the client to hang up (then cancels it)."""
         gone = asyncio.ensure_future(_client_gone(request))
         try:
@@ -683,12 +710,13 @@ class Reply:
             out = ParsedOutput()
             collect(parser.push("".join(pieces)), out)
             collect(parser.finish(), out)
-            return JSONResponse(self.completion(out, event))
+            return JSONResponse(self.completion(out, event, logprobs))
         finally:
             gone.cancel()
             handle.cancel()  # a no-op once finished; stops decoding if we leave early
 
-    def completion(self, out: ParsedOutput, finished: Finished) -> dict:
+    def completion(self, out: ParsedOutput, finished: Finished,
+                   logprobs: Sequence[TokenLogprobs] = ()) -> dict:
         message: dict[str, Any] = {"role": "assistant",
                                    "content": out.content or (None if out.tool_calls else "")}
         if out.reasoning_content is not None:
@@ -697,15 +725,22 @@ class Reply:
             message["tool_calls"] = out.tool_calls
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.model, "system_fingerprint": None,
-                "choices": [{"index": 0, "message": message, "logprobs": None,
+                "choices": [{"index": 0, "message": message,
+                             "logprobs": self.logprobs_field(logprobs),
                              "finish_reason": self.finish_reason(finished, out)}],
                 "usage": self.usage(finished)}
 
-    def chunk(self, delta: dict, finish_reason: str | None = None) -> str:
+    def chunk(self, delta: dict, finish_reason: str | None = None,
+              logprobs: list[TokenLogprobs] | None = None) -> str:
+        """One SSE chunk; ``logprobs`` (when given) is emptied into it."""
+        lp = None
+        if logprobs:   # None when every pending token was a stop token
+            lp = self.logprobs_field(logprobs) if self.logprob_content(logprobs) else None
+            logprobs.clear()
         body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk",
                                 "created": self.created, "model": self.model,
                                 "system_fingerprint": None,
-                                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                "choices": [{"index": 0, "delta": delta, "logprobs": lp,
                                              "finish_reason": finish_reason}]}
         if self.include_usage:
             body["usage"] = None  # the spec: null on every chunk but the last
@@ -715,16 +750,17 @@ class Reply:
     def include_usage(self) -> bool:
         return bool(self.req.stream_options and self.req.stream_options.include_usage)
 
-    def delta_chunks(self, parsed: list, out: ParsedOutput) -> list[str]:
+    def delta_chunks(self, parsed: list, out: ParsedOutput,
+                     logprobs: list[TokenLogprobs] | None = None) -> list[str]:
         chunks = []
         for kind, value in parsed:
             if kind == "reasoning":
-                chunks.append(self.chunk({"reasoning_content": value}))
+                chunks.append(self.chunk({"reasoning_content": value}, logprobs=logprobs))
             elif kind == "content":
-                chunks.append(self.chunk({"content": value}))
+                chunks.append(self.chunk({"content": value}, logprobs=logprobs))
             else:
                 call = dict(value, index=len(out.tool_calls))
-                chunks.append(self.chunk({"tool_calls": [call]}))
+                chunks.append(self.chunk({"tool_calls": [call]}, logprobs=logprobs))
             collect([(kind, value)], out)
         return chunks
 
@@ -734,21 +770,24 @@ class Reply:
         # reports ASGI spec 2.3, so StreamingResponse listens for http.disconnect); `finally`
         # then cancels the engine request, which stops its row within one decoding step.
         out = ParsedOutput()
+        pending: list[TokenLogprobs] = []   # tokens whose text no chunk has shown yet
         try:
             yield self.chunk({"role": "assistant", "content": ""})
             while True:
                 event = await events.get()
-                if isinstance(event, TextDelta):
-                    for c in self.delta_chunks(parser.push(event.text), out):
+                if isinstance(event, TokenLogprobs):
+                    pending.append(event)
+                elif isinstance(event, TextDelta):
+                    for c in self.delta_chunks(parser.push(event.text), out, pending):
                         yield c
                 elif isinstance(event, Failed):
                     err = APIError(500, event.message, "server_error").body()
                     yield f"data: {json.dumps(err)}\n\n"
                     break
                 else:
-                    for c in self.delta_chunks(parser.finish(), out):
+                    for c in self.delta_chunks(parser.finish(), out, pending):
                         yield c
-                    yield self.chunk({}, self.finish_reason(event, out))
+                    yield self.chunk({}, self.finish_reason(event, out), pending)
                     if self.include_usage:
                         usage = {"id": self.id, "object": "chat.completion.chunk",
                                  "created": self.created, "model": self.model,

@@ -269,7 +269,8 @@ MALFORMED = [
     ("tools not a list", _ok(tools={"type": "function"}), 400),
     ("tool without name", _ok(tools=[{"type": "function", "function": {}}]), 400),
     ("tool_choice required", _ok(tool_choice="required"), 400),
-    ("logprobs", _ok(logprobs=True), 400),
+    ("top_logprobs without logprobs", _ok(top_logprobs=2), 400),
+    ("top_logprobs over 20", _ok(logprobs=True, top_logprobs=21), 400),
     ("presence penalty", _ok(presence_penalty=1.0), 400),
     ("enable_thinking not bool", _ok(enable_thinking="yes"), 400),
     ("chat_template_kwargs bad", _ok(chat_template_kwargs={"enable_thinking": "on"}), 400),
@@ -448,6 +449,42 @@ def test_lora_flag_loads_and_merges_the_adapter(tmp_path):
         plain = base(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got, plain, atol=1e-3)
+
+
+def test_chat_logprobs_equal_a_plain_forward_whole_and_streamed(server):
+    """choices[0].logprobs.content: one entry per generated token but the stop token, each with
+    its bytes and log-prob checked against log_softmax of a plain forward over prompt + reply;
+    the streamed chunks carry the same entries, in order."""
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    gen, _, n_prompt = server.reference(messages, max_new_tokens=10)
+    tokens = [t for t in gen.token_ids if t not in stop_token_ids(server.tokenizer)]
+    seq = server.prompt_ids(messages) + tokens
+    with torch.no_grad():
+        ref = torch.log_softmax(server.reference_model(torch.tensor([seq])).logits[0].double(), -1)
+    client = server.client()
+    whole = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=10,
+                                           temperature=0, logprobs=True, top_logprobs=3)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == len(tokens) > 0
+    for i, (entry, tid) in enumerate(zip(content, tokens)):
+        row = ref[n_prompt - 1 + i]
+        assert bytes(entry.bytes) == server.tokenizer.token_bytes(tid)
+        assert entry.logprob == pytest.approx(float(row[tid]), abs=1e-4)
+        assert len(entry.top_logprobs) == 3
+        best = row.topk(3).values.tolist()
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best, abs=1e-4)
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-6)  # greedy
+    # the raw text of the tokens (control tokens included; the reply's text leaves them out)
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == \
+        server.tokenizer.decode(tokens)
+    streamed = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=10,
+                                              temperature=0, logprobs=True, stream=True)
+    entries = [e for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+               for e in chunk.choices[0].logprobs.content]
+    assert [(e.bytes, e.logprob) for e in entries] == [(e.bytes, e.logprob) for e in content]
+    assert all(e.top_logprobs == [] for e in entries)   # top_logprobs unset: none per token
+    plain = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=3)
+    assert plain.choices[0].logprobs is None
 
 
 # -- /v1/completions ------------------------------------------------------------------------------

@@ -58,6 +58,30 @@ def test_round_trip(tok: Tokenizer, text: str) -> None:
     assert tok.decode(tok.encode(text)) == text
 
 
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_token_bytes_concatenate_to_the_utf8_text(tok: Tokenizer, text: str) -> None:
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+
+
+def test_token_bytes_of_every_vocabulary_entry(tok: Tokenizer) -> None:
+    """Each token's bytes are what the backend decodes it to, wherever they are whole UTF-8
+    (a lone piece of a character decodes to U+FFFD instead); an unknown id is an error."""
+    whole = 0
+    for tid in range(tok.vocab_size):
+        raw = tok.token_bytes(tid)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            assert "\ufffd" in tok.decode([tid]), tid
+            continue
+        whole += 1
+        assert tok.decode([tid]) == text, tid
+    assert whole > tok.vocab_size // 2
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        tok.token_bytes(tok.vocab_size + 5)
+
+
 def test_encode_batch_matches_encode(tok: Tokenizer) -> None:
     assert tok.encode_batch(ROUND_TRIP) == [tok.encode(t) for t in ROUND_TRIP]
 
