@@ -123,12 +123,16 @@ class Pipeline:
                 shutil.copy2(self.tokenizer / name, final / name)
         return final
 
+    def eval_args(self, model: Path, out_dir: Path, batch_size: int) -> list[str]:
+        """eval_model.py on the held-out split with the run's answer budget."""
+        return ["eval_model.py", "--model", str(model), "--bench", "gsm8k",
+                "--data", f"gsm8k={self.data / 'test.jsonl'}", "--out", str(out_dir),
+                "--max_new_tokens", str(self.scale.max_new_tokens), "--batch_size", str(batch_size)]
+
     def evaluate(self, stage: str, model: Path, seconds: float, lora: Path | None = None,
                  out_dir: Path | None = None) -> float:
         eval_dir = (out_dir or model.parent) / "eval"
-        args = ["eval_model.py", "--model", str(model), "--bench", "gsm8k",
-                "--data", f"gsm8k={self.data / 'test.jsonl'}", "--out", str(eval_dir),
-                "--max_new_tokens", str(self.scale.max_new_tokens), "--batch_size", "50"]
+        args = self.eval_args(model, eval_dir, 50)
         if lora is not None:
             args += ["--lora", str(lora)]
         self.run(f"evaluate after {stage}", *args)
@@ -239,11 +243,8 @@ class Pipeline:
         """What GRPO optimises, on problems it never trained on: each held-out problem answered
         grpo_samples times at the rollout temperature (the same seeds for every model, so the
         paired comparison sees the models differ, not the dice)."""
-        s = self.scale
-        self.run("sampled evaluation", "eval_model.py", "--model", str(model), "--bench", "gsm8k",
-                 "--data", f"gsm8k={self.data / 'test.jsonl'}", "--out", str(out_dir),
-                 "--max_new_tokens", str(s.max_new_tokens), "--batch_size", "100",
-                 "--samples", str(s.grpo_samples), "--temperature", str(GRPO_TEMPERATURE),
+        self.run("sampled evaluation", *self.eval_args(model, out_dir, 100),
+                 "--samples", str(self.scale.grpo_samples), "--temperature", str(GRPO_TEMPERATURE),
                  "--seed", str(self.seed))
         return out_dir
 

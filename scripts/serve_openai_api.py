@@ -684,6 +684,13 @@ class Reply:
     def logprobs_field(self, events: Sequence[TokenLogprobs]) -> dict | None:
         return {"content": self.logprob_content(events), "refusal": None} if self.req.logprobs else None
 
+    def take_logprobs(self, pending: list[TokenLogprobs]) -> dict | None:
+        """A chunk's ``logprobs``: the pending tokens' entries (emptying ``pending``), or None
+        when there are none (every pending token was a stop token)."""
+        content = self.logprob_content(pending)
+        pending.clear()
+        return {"content": content, "refusal": None} if content else None
+
     @staticmethod
     def finish_reason(finished: Finished, out: ParsedOutput) -> str:
         return "tool_calls" if finished.finish_reason == "stop" and out.tool_calls else (
@@ -733,10 +740,7 @@ class Reply:
     def chunk(self, delta: dict, finish_reason: str | None = None,
               logprobs: list[TokenLogprobs] | None = None) -> str:
         """One SSE chunk; ``logprobs`` (when given) is emptied into it."""
-        lp = None
-        if logprobs:   # None when every pending token was a stop token
-            lp = self.logprobs_field(logprobs) if self.logprob_content(logprobs) else None
-            logprobs.clear()
+        lp = self.take_logprobs(logprobs) if logprobs else None
         body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk",
                                 "created": self.created, "model": self.model,
                                 "system_fingerprint": None,
