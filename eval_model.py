@@ -22,9 +22,9 @@ import torch
 from dataset.chat import generation_prompt_ids
 from evaluation.runner import (BENCHMARKS, answer_text, parse_data_flags, resolve_data,
                                run_benchmarks)
-from model.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from model.generate import SamplingParams, TextStream, generate_tokens
-from model.io import load_for_inference
+from inference import load_for_inference
 from model.precision import DTYPE_CHOICES
 
 
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="checkpoint folder (config.json + model.safetensors)")
     p.add_argument("--lora", help="LoRA adapter folder, merged into the weights after loading")
     p.add_argument("--moe_backend", choices=["torch", "cpu", "kt"], default="torch",
-                   help="where routed experts run (cpu/kt need model/offload.py)")
+                   help="where routed experts run (cpu/kt need offload/experts.py)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="auto: bf16 where the hardware runs it natively, else fp32")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataset.lm_dataset import make_collate
-from model.errors import run_cli
+from common.errors import run_cli
 from model.io import load_pretrained
 from trainer import distributed as dist
 from trainer.config import ConfigError, TrainConfig, option, parse_config

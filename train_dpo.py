@@ -21,8 +21,8 @@ import functools
 from dataclasses import dataclass
 
 from dataset.lm_dataset import make_collate
-from model.errors import run_cli
-from model.offload import offload_experts
+from common.errors import run_cli
+from offload.experts import offload_experts
 from trainer import distributed as dist
 from trainer import dpo
 from trainer.adapters import FinetuningChoice

@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.errors import run_cli
-from model.offload import offload_experts
+from common.errors import run_cli
+from offload.experts import offload_experts
 from trainer import distributed as dist
 from trainer import grpo
 from trainer.adapters import FinetuningChoice

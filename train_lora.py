@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dataset.lm_dataset import make_collate
-from model.errors import run_cli
+from common.errors import run_cli
 from trainer import distributed as dist
 from trainer.adapters import LoRAOptions
 from trainer.config import parse_config

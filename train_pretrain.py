@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dataset.lm_dataset import make_collate
-from model.errors import run_cli
+from common.errors import run_cli
 from trainer import distributed as dist
 from trainer.config import TrainConfig, option, parse_config
 from trainer.loop import fit

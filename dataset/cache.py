@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from model.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 
 CACHE_VERSION = 2  # bump when the meaning of cached arrays changes
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "tokenized"

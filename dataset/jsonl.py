@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Literal, NamedTuple
 
 from dataset.chat import normalize_conversation
-from model.errors import UserError
+from common.errors import UserError
 
 Schema = Literal["text", "conversation", "preference"]
 MAX_REPORTED = 5  # how many skip messages a report keeps verbatim

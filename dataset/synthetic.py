@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
-from model.atomic import atomic_path
+from common.atomic import atomic_path
 
 Split = Literal["train", "test"]
 Message = dict[str, str]
@@ -688,5 +688,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
+    from common.errors import run_cli
     run_cli(main)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from evaluation.report import read_items
-from model.errors import UserError
+from common.errors import UserError
 
 __all__ = ["pass_at_k", "per_item_scores", "sampled_summary", "sign_test", "compare_items",
            "compare_reports"]
@@ -129,5 +129,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
+    from common.errors import run_cli
     run_cli(main)

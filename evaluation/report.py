@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from model.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 
 __all__ = ["ERROR_KINDS", "normalize_item", "summarize", "render_markdown", "write_report", "read_items"]
 

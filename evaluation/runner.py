@@ -41,7 +41,7 @@ from evaluation.gsm8k import gsm8k_exemplars, load_gsm8k, score_gsm8k
 from evaluation.math import load_math, math_exemplars, score_math
 from evaluation.perplexity import continuation_logprobs, eval_mode, load_texts, perplexity
 from evaluation.report import write_report
-from model.errors import UserError
+from common.errors import UserError
 from model.generate import SamplingParams, generate
 
 __all__ = [

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import ModelFolderError, ModelNotFoundError, UserError
+from common.errors import ModelFolderError, ModelNotFoundError, UserError
 
 AuxLossKind = Literal["token", "sequence"]
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]

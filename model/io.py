@@ -14,8 +14,8 @@ The folder:
 Reading restores the aliases listed in the metadata; a tensor the file lacks but the model ties
 to one it has is filled from its twin (files without the metadata: older model.io folders, HF
 exports); a tied pair stored twice must hold equal tensors. Then ``load_state_dict(strict=True)``.
-Every failure is a ``model.errors`` error naming the file. Each file is written atomically
-(model/atomic.py): a crash mid-save leaves the old file or the new one, never half.
+Every failure is a ``common.errors`` error naming the file. Each file is written atomically
+(common/atomic.py): a crash mid-save leaves the old file or the new one, never half.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .atomic import atomic_path, atomic_write_bytes  # noqa: F401  (atomic_write_bytes: re-exported)
+from common.atomic import atomic_path, atomic_write_bytes
+from common.errors import ModelFolderError, ModelNotFoundError
+
 from .config import MiniMindConfig
-from .errors import ModelFolderError, ModelNotFoundError
 from .model import MiniMindLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -173,37 +174,3 @@ def load_tokenizer(model_dir: str | Path):
     model_dir = Path(model_dir)
     return Tokenizer.from_dir(model_dir if (model_dir / "tokenizer.json").is_file() else None)
 
-
-def load_for_inference(model_dir: str | Path, lora: str | Path | None = None,
-                       device: str = "auto", dtype: str = "auto", moe_backend: str = "torch"):
-    """``(model, tokenizer)`` from a model folder, ready to generate: the one loader behind
-    eval_model.py, the server, the web demo and the converter.
-
-    ``device`` auto is CUDA when present, else CPU; ``dtype`` is a name or auto (model.precision;
-    the choice is logged on stderr). A LoRA adapter is merged in fp32 before the cast, so bf16
-    rounding happens once, on the merged weight, and the result is a plain model (no LoRA
-    modules: inference costs what the base costs). ``moe_backend`` other than ``torch`` hands
-    the routed experts to ``model.offload.offload_experts`` last, after the merge, so offloaded
-    experts carry the adapter too.
-    """
-    import sys
-    import warnings
-
-    from .precision import resolve_device, resolve_precision
-    model = load_pretrained(model_dir, device="cpu")
-    if lora:
-        from .lora import load_adapter, merged_model
-        load_adapter(model, lora)
-        model = merged_model(model)
-    dev = resolve_device(device)
-    precision = resolve_precision(dtype, dev)
-    print(f"[load] {precision.describe()}", file=sys.stderr)
-    model = model.to(device=dev, dtype=precision.dtype).eval()
-    if moe_backend != "torch" and not model.config.use_moe:
-        warnings.warn(f"--moe_backend {moe_backend}: the model has no experts; ignored")
-    elif moe_backend != "torch":
-        from .offload import offload_experts
-        # Forward-only kernels where kt has them: faster than the training kernels, no LoRA buffers.
-        kt = {"kt_mode": "inference"} if moe_backend == "kt" else {}
-        model = offload_experts(model, backend=moe_backend, **kt) or model
-    return model, load_tokenizer(model_dir)

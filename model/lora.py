@@ -42,9 +42,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from common.atomic import atomic_path, atomic_write_bytes
+from common.errors import ModelFolderError, ModelNotFoundError
+
 from .config import MiniMindConfig
-from .errors import ModelFolderError, ModelNotFoundError
-from .io import atomic_path, atomic_write_bytes, save_pretrained
+from .io import save_pretrained
 from .model import MiniMindLM
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,8 +63,8 @@ NEVER_ADAPTED = {"lm_head": "output head", "gate": "MoE router",
 # adapter trained with dropout 0.1 still loads for inference with dropout 0.
 RUNTIME_CONFIG_FIELDS = frozenset({"dropout", "initializer_range", "aux_loss_coef", "aux_loss_kind",
                                    "max_position_embeddings"})
-_PEFT_PREFIX = "base_model.model."
-_PEFT_METADATA_KEY = "minimind_adapter"  # our config, stored in a PEFT file's safetensors metadata
+PEFT_PREFIX = "base_model.model."
+PEFT_METADATA_KEY = "minimind_adapter"  # our config, stored in a PEFT file's safetensors metadata
 
 
 @runtime_checkable
@@ -169,14 +171,14 @@ def _parse_targets(targets: str | Sequence[str]) -> list[str]:
     return items
 
 
-def _adaptable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+def adaptable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and _leaf(name) not in NEVER_ADAPTED}
 
 
 def resolve_lora_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
     """Full module names ``targets`` selects, in model order; an unmatched target is an error."""
-    candidates = _adaptable_linears(model)
+    candidates = adaptable_linears(model)
     chosen: set[str] = set()
     for target in _parse_targets(targets):
         if target == "all":
@@ -329,7 +331,7 @@ def config_fingerprint(config: MiniMindConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _settings(model: nn.Module) -> LoRAConfig:
+def adapter_settings(model: nn.Module) -> LoRAConfig:
     _require_lora(model, "save_adapter")
     cfg = getattr(model, "lora_config", None)
     if not isinstance(cfg, LoRAConfig):
@@ -337,7 +339,7 @@ def _settings(model: nn.Module) -> LoRAConfig:
     return cfg
 
 
-def _native_config(model: nn.Module, settings: LoRAConfig, base_model: str | Path | None) -> dict:
+def native_adapter_config(model: nn.Module, settings: LoRAConfig, base_model: str | Path | None) -> dict:
     return {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
             **asdict(settings), "scale": settings.scale,
             "base_model": {"name_or_path": None if base_model is None else str(base_model),
@@ -345,84 +347,37 @@ def _native_config(model: nn.Module, settings: LoRAConfig, base_model: str | Pat
                            "config": model.config.to_dict()}}
 
 
-def _peft_target_modules(model: nn.Module, modules: list[str]) -> list[str]:
-    """Leaf names when they select exactly ``modules`` (readable), else the full names (exact)."""
-    leaves = sorted({_leaf(n) for n in modules})
-    same = [n for n in _adaptable_linears(model) if _leaf(n) in leaves] == modules
-    return leaves if same else list(modules)
-
-
-def peft_incompatibility(model: nn.Module) -> str | None:
-    """Why the model's adapters have no exact PEFT equivalent on the transformers export of its
-    base (``model.hf_convert.export_hf``), or None when ``save_adapter(peft_format=True)`` is
-    exact: every adapted layer is an ``nn.Linear`` that the export keeps under the same name."""
-    from .hf_convert import ConversionError, choose_hf_model_type, hf_state_dict_from_ours
-
-    modules = _settings(model).modules
-    experts = [n for n in modules if ".experts." in n or ".shared_experts." in n]
-    if experts:
-        return (f"{experts[0]} and {len(experts) - 1} more expert layers have no PEFT equivalent "
-                "(transformers fuses the routed experts into 3-D tensors and has no shared "
-                "experts)")
-    try:
-        choose_hf_model_type(model.config)
-    except ConversionError as e:
-        return f"the base has no transformers export, so no PEFT equivalent ({e})"
-    with torch.device("meta"):  # key names only
-        exported = hf_state_dict_from_ours(model.config, MiniMindLM(model.config).state_dict())
-    renamed = [n for n in modules if f"{n}.weight" not in exported]
-    if renamed:
-        return (f"{renamed[0]} and {len(renamed) - 1} more layers are renamed or fused in the "
-                "transformers export, so no PEFT equivalent")
-    return None
-
-
 def native_lora_key(key: str) -> str:
     """Our parameter name for an adapter tensor key in either file format: PEFT's
     ``base_model.model.<name>.lora_A.weight`` becomes ``<name>.lora_A``; a native key is returned
     as it is. Checkpoints use it to find the trainable tensors an adapter file already holds."""
-    if key.startswith(_PEFT_PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight")):
-        return key[len(_PEFT_PREFIX):].removesuffix(".weight")
+    if key.startswith(PEFT_PREFIX) and key.endswith((".lora_A.weight", ".lora_B.weight")):
+        return key[len(PEFT_PREFIX):].removesuffix(".weight")
     return key
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | Path | None = None,
-                 peft_format: bool = False) -> Path:
-    """Writes ``adapter_model.safetensors`` (fp32, adapter tensors only) + ``adapter_config.json``.
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | Path | None = None) -> Path:
+    """Writes ``adapter_model.safetensors`` (fp32, adapter tensors only) + ``adapter_config.json``
+    in our format. PEFT's format (for ``PeftModel.from_pretrained`` on the transformers export of
+    the base) is written by ``convert.peft.save_peft_adapter``; ``load_adapter`` reads both."""
+    settings = adapter_settings(model)
+    return write_adapter_files(out_dir, adapter_tensors(model),
+                               native_adapter_config(model, settings, base_model))
 
-    ``peft_format``: keys ``base_model.model.<name>.lora_A.weight`` and a PEFT LoraConfig, for
-    ``PeftModel.from_pretrained`` on the transformers model of the exported base (our own config
-    rides along in the safetensors metadata so ``load_adapter`` still checks the base). Refused
-    where ``peft_incompatibility`` names a reason.
-    """
-    settings = _settings(model)
-    native = _native_config(model, settings, base_model)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
-               for k, v in lora_state_dict(model).items()}
-    metadata = {"format": "pt"}
-    if peft_format:
-        reason = peft_incompatibility(model)
-        if reason:
-            raise ValueError(f"save_adapter(peft_format=True): {reason}; save natively or "
-                             "export_merged")
-        tensors = {f"{_PEFT_PREFIX}{k}.weight": v for k, v in tensors.items()}  # ….lora_A.weight
-        metadata[_PEFT_METADATA_KEY] = json.dumps(native)
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
-                  "base_model_name_or_path": native["base_model"]["name_or_path"],
-                  "r": settings.rank, "lora_alpha": settings.alpha,
-                  "lora_dropout": settings.dropout, "use_rslora": settings.use_rslora,
-                  "target_modules": _peft_target_modules(model, settings.modules),
-                  "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
-                  "inference_mode": True, "modules_to_save": None, "rank_pattern": {},
-                  "alpha_pattern": {}, "use_dora": False}
-    else:
-        config = native
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under our key names, fp32 on the CPU, as an adapter file stores them."""
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model).items()}
+
+
+def write_adapter_files(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict,
+                        metadata: dict[str, str] | None = None) -> Path:
+    """The adapter folder's two files, each written atomically (either format)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / ADAPTER_WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    atomic_write_bytes(out_dir / ADAPTER_CONFIG_NAME,
-                       (json.dumps(config, indent=2) + "\n").encode())
+        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    atomic_write_bytes(out_dir / ADAPTER_CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     return out_dir
 
 
@@ -480,7 +435,7 @@ def _from_peft(raw: dict, tensors: dict[str, torch.Tensor], metadata: dict[str, 
                               bool(raw.get("use_rslora", False)), modules, modules)
     except KeyError as e:
         raise ModelFolderError(f"{path}: PEFT adapter config lacks {e.args[0]!r}") from None
-    ours = json.loads(metadata[_PEFT_METADATA_KEY]) if _PEFT_METADATA_KEY in metadata else {}
+    ours = json.loads(metadata[PEFT_METADATA_KEY]) if PEFT_METADATA_KEY in metadata else {}
     return settings, ours.get("base_model"), renamed
 
 
@@ -516,7 +471,7 @@ def _expected_shapes(model: nn.Module, settings: LoRAConfig, path: Path) -> dict
         if any(m.merged for _, m in existing):
             raise ValueError(f"{path}: the model's adapters are merged; unmerge_lora first")
         return {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
-    layers = _adaptable_linears(model)
+    layers = adaptable_linears(model)
     unknown = [n for n in settings.modules if n not in layers]
     if unknown:
         raise ModelFolderError(f"{path}: adapter targets {unknown[0]!r} ({len(unknown)} module(s) in "

@@ -24,7 +24,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .errors import UserError
+from common.errors import UserError
 
 # Pre-token split (the Qwen2 pattern family): single digits, words with one leading space or
 # punctuation mark, and every run of newlines as ONE pre-token whatever follows it. The GPT-2

@@ -167,7 +167,7 @@ def load_transformers(ours: MiniMindLM, tmp: Path):
     try:
         from transformers import AutoModelForCausalLM
 
-        from model.hf_convert import export_hf
+        from convert.hf import export_hf
     except ImportError as e:
         print(f"  transformers skipped: {e}")
         return None
@@ -509,5 +509,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
+    from common.errors import run_cli
     run_cli(main)

@@ -102,9 +102,9 @@ def write_checkpoint(folder: Path, size_gb: float, shard_mb: int) -> int:
 
 
 CHILD = {
-    "baseline": "import model.hf_convert",  # interpreter + torch + safetensors, nothing converted
-    "streamed": "from model.hf_convert import import_hf_to_folder as f; f({src!r}, {out!r})",
-    "in-memory": ("from model.hf_convert import import_hf; from model.io import save_pretrained; "
+    "baseline": "import convert.hf",  # interpreter + torch + safetensors, nothing converted
+    "streamed": "from convert.hf import import_hf_to_folder as f; f({src!r}, {out!r})",
+    "in-memory": ("from convert.hf import import_hf; from model.io import save_pretrained; "
                   "save_pretrained(import_hf({src!r}), {out!r})"),
 }
 

@@ -49,7 +49,7 @@ def worker(shape: str, backend: str, repeat: int, threads: int, mode: str = "tra
     from model.config import MiniMindConfig
     from model.lora import apply_lora
     from model.moe import MoEFeedForward, naive_experts_forward
-    from model.offload import offload_experts
+    from offload.experts import offload_experts
 
     torch.set_num_threads(threads)
     if backend.startswith("kt"):
@@ -158,5 +158,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
+    from common.errors import run_cli
     run_cli(main)

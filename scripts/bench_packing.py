@@ -147,5 +147,5 @@ def main() -> None:
               f"{ratios[0]:>14.2f}x {ratios[1]:>5.2f}x {ratios[2]:>14.2f}x {ratios[3]:>5.2f}x")
 
 if __name__ == "__main__":
-    from model.errors import run_cli
+    from common.errors import run_cli
     run_cli(main)

@@ -7,7 +7,7 @@ Needs llama-cpp-python (``pip install llama-cpp-python``: it compiles llama.cpp,
 on two cores), so it is kept out of the test suite; tests/test_gguf.py checks the file's names,
 shapes and values with the gguf package's reader instead.
 
-For each model: export with ``model.gguf.export_gguf``, tokenize a prompt both ways, run greedy
+For each model: export with ``convert.gguf.export_gguf``, tokenize a prompt both ways, run greedy
 decoding both ways (llama.cpp: one ``eval`` per token, argmax of its fp32 logits, no sampler),
 and report the first differing step and the largest logit difference over the prompt. The tiny
 models' norms are perturbed away from 1 (a dropped RMSNorm would show) and their weights scaled
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from model.config import MiniMindConfig
-from model.errors import UserError, run_cli
-from model.gguf import export_gguf, gguf_arch
-from model.io import load_for_inference
+from common.errors import UserError, run_cli
+from convert.gguf import export_gguf, gguf_arch
+from inference import load_for_inference
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 

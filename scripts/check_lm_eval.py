@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
-from model.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 from model.config import MiniMindConfig
-from model.errors import UserError
-from model.hf_convert import find_tokenizer_dir
-from model.io import load_for_inference, save_pretrained
+from common.errors import UserError
+from convert.hf import find_tokenizer_dir
+from inference import load_for_inference
+from model.io import save_pretrained
 from model.model import MiniMindLM
 
 TASK = "forge_arith_mc"
@@ -150,5 +151,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
+    from common.errors import run_cli
     run_cli(main)

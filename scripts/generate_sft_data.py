@@ -26,10 +26,10 @@ from typing import Any, Sequence
 
 from dataset.chat import RESERVED_STRINGS
 from dataset.jsonl import iter_records
-from model.atomic import atomic_path
-from model.errors import UserError
+from common.atomic import atomic_path
+from common.errors import UserError
 from model.generate import SamplingParams, generate
-from model.io import load_for_inference
+from inference import load_for_inference
 from model.precision import DTYPE_CHOICES
 from model.tokenizer import Tokenizer
 
@@ -135,5 +135,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
+    from common.errors import run_cli
     run_cli(main)

@@ -19,7 +19,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from model.io import load_for_inference
+from inference import load_for_inference
 from trainer import grpo
 from trainer.rewards import RewardMix
 
@@ -70,5 +70,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
+    from common.errors import run_cli
     run_cli(main)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from evaluation.compare import compare_reports
-from model.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 # The setting that gained on held-out problems on two seeds of the short run (README): 100 steps
@@ -300,5 +300,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
+    from common.errors import run_cli
     run_cli(main)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from websockets.sync.client import connect
 
-from model.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

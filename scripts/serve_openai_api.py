@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from model.generate import SamplingParams
-from model.io import load_for_inference
+from inference import load_for_inference
 from model.precision import DTYPE_CHOICES
 from serving.chat import AssistantParser, ParsedOutput, collect
 from serving.engine import (Engine, EngineClosed, EngineOverloaded, Event, Failed, Finished,
@@ -852,5 +852,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
+    from common.errors import run_cli
     run_cli(main)

@@ -10,7 +10,8 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-stamp=.venv/.installed-$(cat requirements.txt requirements-serve.txt | sha1sum | cut -c1-12)
+# pyproject.toml is hashed too: its package list feeds the editable install.
+stamp=.venv/.installed-$(cat requirements.txt requirements-serve.txt pyproject.toml | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q -r requirements.txt -r requirements-serve.txt
   .venv/bin/pip install -q --no-deps -e .

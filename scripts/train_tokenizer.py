@@ -45,8 +45,8 @@ from typing import Iterable, Iterator
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model.atomic import atomic_write_text
-from model.errors import UserError
+from common.atomic import atomic_write_text
+from common.errors import UserError
 from model.tokenizer import PRETOKENIZE_REGEX
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -264,5 +264,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
+    from common.errors import run_cli
     run_cli(main)

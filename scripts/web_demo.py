@@ -21,10 +21,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from model.errors import UserError, one_line
+from common.errors import UserError, one_line
 from model.generate import SamplingParams, stream
 from serving.chat import AssistantParser
-from model.io import load_for_inference
+from inference import load_for_inference
 from model.precision import DTYPE_CHOICES
 
 REPO = Path(__file__).resolve().parents[1]

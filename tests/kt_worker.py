@@ -20,8 +20,8 @@ from model.config import MiniMindConfig
 from model.lora import apply_lora, load_adapter, lora_parameters, merge_lora, merged_model, save_adapter
 from model.model import MiniMindLM
 from model.moe import MoEFeedForward
-from model.offload import (KTExperts, kt_variant, mxfp4_dequantize, mxfp4_quantize,
-                           offload_experts, refresh_kt_lora, register_kt_refresh)
+from offload.experts import (KTExperts, kt_variant, mxfp4_dequantize, mxfp4_quantize,
+                             offload_experts, refresh_kt_lora, register_kt_refresh)
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 

@@ -115,7 +115,7 @@ def test_checkpoint_written_by_the_old_code_resumes_and_loads(tmp_path):
 
 
 def test_checkpoint_errors_are_one_line_user_errors(tmp_path):
-    from model.errors import UserError
+    from common.errors import UserError
     with pytest.raises(UserError, match="incomplete checkpoint"):
         ck.resolve_resume(str(tmp_path / "nowhere"), tmp_path)
     assert issubclass(ck.CheckpointError, RuntimeError)   # old callers' except clauses still hold

@@ -1,4 +1,4 @@
-"""The error boundary (model/errors.py): a user's mistake ends an entry point with exit status 2 and
+"""The error boundary (common/errors.py): a user's mistake ends an entry point with exit status 2 and
 one `error: ...` line on stderr, no traceback; --debug / MINIMIND_DEBUG=1 bring the traceback back;
 a bug keeps its traceback. The subprocesses only parse and validate (each fails before training)."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from model.errors import ModelNotFoundError, UserError, one_line, run_cli
+from common.errors import ModelNotFoundError, UserError, one_line, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def test_one_line_joins_a_problem_list():
 def test_user_error_types_keep_their_old_bases():
     from dataset.jsonl import DataError, RecordError
     from model.config import MiniMindConfig, UnknownPresetError
-    from model.hf_convert import ConversionError
+    from convert.hf import ConversionError
     from model.tokenizer import TokenizerError
     from trainer.config import ConfigError
     from trainer.distill import VocabMismatchError

@@ -22,7 +22,7 @@ import pytest
 
 import eval_model
 import train_full_sft
-from model.offload import kt_status
+from offload.experts import kt_status
 from tests.conftest import shared_path
 from tests.test_examples import header_command as header_text
 from trainer.config import parse_config
@@ -81,8 +81,8 @@ def import_standin(family: str, root: Path) -> Path | str:
     """The family's stand-in, saved by transformers and imported by scripts/convert_model.py
     (once per module); a string says why the importer cannot read it (yet)."""
     if family not in _STANDINS:
-        from scripts.convert_model import main as convert_model
-        from scripts.make_moe_standins import make_standin
+        from convert.cli import main as convert_model
+        from convert.standins import make_standin
         hf = make_standin(family, root / "hf" / family)
         try:
             convert_model(["import", "--hf", str(hf), "--out", str(root / "ours" / family)])

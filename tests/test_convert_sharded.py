@@ -1,4 +1,4 @@
-"""Sharded checkpoints (model/hf_convert.py ``import_hf_to_folder`` / ``export_hf``).
+"""Sharded checkpoints (convert/hf.py ``import_hf_to_folder`` / ``export_hf``).
 
 A transformers checkpoint saved in many shards imports, tensor by tensor, to exactly the folder
 the in-memory path writes from the single-file checkpoint; exports split into Hub-style shards
@@ -18,10 +18,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers", reason="transformers builds the checkpoints")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from model.errors import ModelNotFoundError  # noqa: E402
-from model.hf_convert import export_hf, import_hf, import_hf_to_folder  # noqa: E402
+from common.errors import ModelNotFoundError  # noqa: E402
+from convert.hf import export_hf, import_hf, import_hf_to_folder  # noqa: E402
 from model.io import load_pretrained, load_state_dict_file, save_pretrained  # noqa: E402
-from scripts.convert_model import main as cli  # noqa: E402
+from convert.cli import main as cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_streamed_import_is_strict_before_writing(tmp_path, hf_model):
     """An unknown tensor or a wrong shape is named, and no weights file is left behind."""
     from safetensors.torch import load_file, save_file
 
-    from model.hf_convert import ConversionError
+    from convert.hf import ConversionError
     hf_model.float().save_pretrained(tmp_path / "hf")
     path = tmp_path / "hf" / "model.safetensors"
     sd = load_file(str(path))

@@ -279,7 +279,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_tiny_checkpoint_run_writes_consistent_reports(tmp_path, tiny_dir, tok):
-    from model.io import load_for_inference
+    from inference import load_for_inference
     model, tokenizer = load_for_inference(tiny_dir, device="cpu", dtype="fp32")
     gsm = write_jsonl(tmp_path / "gsm.jsonl", [{k: it[k] for k in ("question", "answer")}
                                                for it in GSM_ITEMS])
@@ -362,7 +362,7 @@ def test_shared_commonsense_folder_loads_every_set_with_per_set_limit():
 # ------------------------------------------------------------------------------------------
 
 def test_lora_adapter_is_merged_on_load(tmp_path, tiny_dir, tok):
-    from model.io import load_for_inference
+    from inference import load_for_inference
     from model.io import load_pretrained
     from model.lora import apply_lora, save_adapter
     adapted = load_pretrained(tiny_dir)
@@ -382,8 +382,8 @@ def test_lora_adapter_is_merged_on_load(tmp_path, tiny_dir, tok):
 
 
 def test_cpu_expert_backend_generates_like_torch(tmp_path, tok):
-    pytest.importorskip("model.offload")
-    from model.io import load_for_inference
+    pytest.importorskip("offload.experts")
+    from inference import load_for_inference
     torch.manual_seed(0)
     save_pretrained(MiniMindLM(MiniMindConfig.from_preset("tiny-moe")), tmp_path / "moe")
     prompts = [chat_prompt(tok, q) for q in ("What is 2+2?", "Count to three, slowly.")]
@@ -396,9 +396,9 @@ def test_cpu_expert_backend_generates_like_torch(tmp_path, tok):
 
 
 def _kt_usable() -> tuple[bool, str]:
-    if importlib.util.find_spec("model.offload") is None:
-        return False, "model/offload.py not present"
-    from model.offload import kt_inference_status   # evaluation needs forward kernels only
+    if importlib.util.find_spec("offload.experts") is None:
+        return False, "offload/experts.py not present"
+    from offload.experts import kt_inference_status   # evaluation needs forward kernels only
     return kt_inference_status()
 
 
@@ -406,8 +406,8 @@ def _kt_usable() -> tuple[bool, str]:
 def test_bench_runs_with_offloaded_experts(tmp_path, backend):
     """The CLI evaluates by generation whatever runs the experts (kt-kernel in a subprocess: a
     kernel crash must not take the test session down)."""
-    if importlib.util.find_spec("model.offload") is None:
-        pytest.skip("model/offload.py not present yet")
+    if importlib.util.find_spec("offload.experts") is None:
+        pytest.skip("offload/experts.py not present yet")
     if backend == "kt" and not _kt_usable()[0]:
         pytest.skip(f"kt backend unavailable: {_kt_usable()[1]}")
     torch.manual_seed(0)

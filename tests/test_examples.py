@@ -17,7 +17,7 @@ import pytest
 import train_full_sft
 import train_pretrain
 from dataset import synthetic
-from model.offload import kt_status
+from offload.experts import kt_status
 from tests.conftest import SHARED_DATA, shared_path
 from trainer.config import ConfigError, TrainConfig, parse_config
 

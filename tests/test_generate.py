@@ -295,7 +295,7 @@ def test_models_the_static_step_does_not_fit_decode_eagerly(preset, overrides, r
 def test_fast_path_falls_back_where_it_is_not_correct():
     from model.fast_decode import fast_path_reason
     from model.generate import use_fast_path
-    from model.offload import offload_experts
+    from offload.experts import offload_experts
 
     model = varied_model("tiny-moe")
     assert fast_path_reason(model) is None

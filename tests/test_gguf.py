@@ -1,4 +1,4 @@
-"""GGUF export (model/gguf.py): the file's tensors and hyperparameters are what llama.cpp's
+"""GGUF export (convert/gguf.py): the file's tensors and hyperparameters are what llama.cpp's
 architecture expects, read back with the ``gguf`` package's own reader.
 
 Loading the file in llama.cpp itself needs the compiled llama-cpp-python, so that check is
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from model.config import MiniMindConfig
-from model.gguf import export_gguf, rope_halves_to_interleaved
-from model.hf_convert import ConversionError
+from convert.gguf import export_gguf, rope_halves_to_interleaved
+from convert.hf import ConversionError
 from model.io import save_pretrained
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
-from scripts.convert_model import main as cli
+from convert.cli import main as cli
 
 MOE = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)
 

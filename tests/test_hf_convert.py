@@ -1,4 +1,4 @@
-"""Conversion to and from transformers / upstream MiniMind (model/hf_convert.py).
+"""Conversion to and from transformers / upstream MiniMind (convert/hf.py).
 
 Parity is checked against transformers itself (built offline from configs, never downloaded):
 fp32 logits must agree to max |Δ| < 1e-4 and greedy decoding must pick the same tokens.
@@ -18,13 +18,14 @@ transformers = pytest.importorskip("transformers", reason="transformers is neede
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from model.config import MiniMindConfig  # noqa: E402
-from model.hf_convert import (ConversionError, choose_hf_model_type, export_hf,  # noqa: E402
-                              hf_config_from_ours, import_hf, load_minimind_pth,
-                              our_config_from_hf, our_state_dict_from_hf)
+from convert.hf import (ConversionError, choose_hf_model_type, export_hf,  # noqa: E402
+                        hf_config_from_ours, import_hf, our_config_from_hf,
+                        our_state_dict_from_hf)
+from convert.minimind import load_minimind_pth  # noqa: E402
 from model.io import load_pretrained, save_pretrained  # noqa: E402
 from model.model import MiniMindLM  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
-from scripts.convert_model import main as cli  # noqa: E402
+from convert.cli import main as cli  # noqa: E402
 
 TOL = 1e-4
 MOE = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)
@@ -274,7 +275,7 @@ def test_lora_wrapped_model_is_refused_unmerged(tmp_path):
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys, monkeypatch):
-    from model.errors import run_cli
+    from common.errors import run_cli
     save_pretrained(tiny(**MOE, norm_topk_prob=False), tmp_path / "m")
     monkeypatch.delenv("MINIMIND_DEBUG", raising=False)
     monkeypatch.setattr("sys.argv", ["convert_model.py", "export", "--model", str(tmp_path / "m"),

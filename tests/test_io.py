@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from model.config import MiniMindConfig
-from model.errors import ModelFolderError, ModelNotFoundError
+from common.errors import ModelFolderError, ModelNotFoundError
 from model.io import (is_model_folder, load_pretrained, load_weights, read_config, save_pretrained,
                       weights_bytes)
 from model.model import MiniMindLM
@@ -177,7 +177,7 @@ def test_transformers_reads_our_file_and_we_read_theirs(tmp_path, tied):
     save_pretrained output (its tied-weight rule) loaded by us."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers = pytest.importorskip("transformers")
-    from model.hf_convert import hf_config_from_ours
+    from convert.hf import hf_config_from_ours
     model = tiny(tie_word_embeddings=tied)
     with torch.no_grad():
         model.model.norm.weight.uniform_(0.5, 1.5)    # a dropped final norm would show

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from model.offload import kt_inference_status
+from offload.experts import kt_inference_status
 from tests.conftest import run_kt_worker
 
 KT_OK, KT_WHY = kt_inference_status()

@@ -22,7 +22,7 @@ from dataset import synthetic
 from model.config import MiniMindConfig
 from model.io import load_pretrained, save_pretrained
 from model.model import MiniMindLM
-from model.offload import kt_status
+from offload.experts import kt_status
 from train_full_sft import SFTConfig
 from trainer.config import ConfigError, parse_config
 
@@ -131,8 +131,8 @@ def test_kt_shapes_not_multiple_of_32_fail_before_any_kernel(tmp_path):
 
 
 def test_kt_unavailable_is_a_config_error(monkeypatch):
-    import model.offload
-    monkeypatch.setattr(model.offload, "kt_status", lambda *a: (False, "kt_kernel is not importable"))
+    import offload.experts
+    monkeypatch.setattr(offload.experts, "kt_status", lambda *a: (False, "kt_kernel is not importable"))
     with pytest.raises(ConfigError, match="use_kt: kt_kernel is not importable"):
         parse_config(SFTConfig, ["--use_kt", "--model_preset", "tiny-moe"])
 
@@ -202,7 +202,7 @@ def test_lora_with_kt_trains_like_torch_and_its_adapter_merges_on_torch(work):
     assert b.abs().sum() > 0          # the kernel's gradients reached the expert adapters
 
     from dataset.lm_dataset import load_files, make_collate
-    from model.io import load_for_inference
+    from inference import load_for_inference
     from trainer import distributed as dist
     from trainer.config import TrainConfig
     from trainer.loop import evaluate, make_autocast

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from convert.peft import save_peft_adapter
 from model.config import MiniMindConfig
 from model.io import load_pretrained
 from model.lora import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoRALinear, apply_lora,
@@ -302,8 +303,8 @@ def test_peft_format_refuses_expert_adapters(tmp_path):
     model = make("tiny-moe")
     apply_lora(model, "all", rank=2, alpha=2)
     with pytest.raises(ValueError, match="experts.*no PEFT equivalent"):
-        save_adapter(model, tmp_path / "peft", peft_format=True)
-    save_adapter(make_attention_only(), tmp_path / "ok", peft_format=True)
+        save_peft_adapter(model, tmp_path / "peft")
+    save_peft_adapter(make_attention_only(), tmp_path / "ok")
 
 
 def make_attention_only() -> MiniMindLM:
@@ -336,7 +337,7 @@ def test_matches_peft_on_transformers_qwen3(tmp_path, targets, use_rslora):
         torch.testing.assert_close(hf(IDS).logits, logits(model, IDS), atol=1e-5, rtol=1e-5)
     names = apply_lora(model, targets, rank=4, alpha=8, use_rslora=use_rslora)
     randomize_adapters(model)
-    save_adapter(model, tmp_path / "peft", base_model="tiny-base", peft_format=True)
+    save_peft_adapter(model, tmp_path / "peft", base_model="tiny-base")
     cfg = json.loads((tmp_path / "peft" / ADAPTER_CONFIG_NAME).read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["use_rslora"] is use_rslora
 

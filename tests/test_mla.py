@@ -22,7 +22,7 @@ from model.config import MiniMindConfig
 from model.lora import apply_lora, resolve_lora_targets
 from model.lora import lora_parameters
 from model.model import KVCache, MiniMindLM, kv_bytes_per_token
-from model.offload import kt_status, offload_experts
+from offload.experts import kt_status, offload_experts
 
 KT_OK, KT_WHY = kt_status()
 

@@ -17,8 +17,8 @@ from model.config import MiniMindConfig
 from model.lora import apply_lora, lora_parameters
 from model.model import MiniMindLM
 from model.moe import Experts, MoEFeedForward
-from model.offload import (CPUExperts, KTExperts, KTOptions, kt_status, offload_experts,
-                           refresh_kt_lora)
+from offload.experts import (CPUExperts, KTExperts, KTOptions, kt_status, offload_experts,
+                             refresh_kt_lora)
 from tests.conftest import run_kt_worker
 
 KT_OK, KT_REASON = kt_status()
@@ -193,7 +193,7 @@ def test_mxfp4_checks(fake_kt):
 
 def test_mxfp4_round_trip_is_the_ocp_rule():
     """Codes and scales against hand-computed values, and an error bound on random weights."""
-    from model.offload import mxfp4_dequantize, mxfp4_quantize
+    from offload.experts import mxfp4_dequantize, mxfp4_quantize
     row = torch.tensor([[0.5, -1.0, 1.5, 6.0, 7.9, 0.26] + [0.0] * 26])  # max 7.9: scale 2^0
     packed, scales = mxfp4_quantize(row)
     assert scales.float().tolist() == [[1.0]]

@@ -15,8 +15,9 @@ import torch
 import train_lora
 from dataset import synthetic
 from model.config import MiniMindConfig
-from model.errors import ModelFolderError
-from model.io import load_for_inference, save_pretrained
+from common.errors import ModelFolderError
+from inference import load_for_inference
+from model.io import save_pretrained
 from model.lora import ADAPTER_CONFIG_NAME, load_adapter
 from model.model import MiniMindLM
 from scripts import convert_model

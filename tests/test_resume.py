@@ -115,7 +115,7 @@ def _lora_run(work: Path, out: str, *extra: str, kt: bool, monkeypatch) -> str:
 
 
 def _kt_ok() -> tuple[bool, str]:
-    from model.offload import kt_status
+    from offload.experts import kt_status
     return kt_status()
 
 

@@ -24,7 +24,7 @@ from model.io import load_pretrained, save_pretrained
 from model.model import MiniMindLM
 from scripts.serve_openai_api import create_app, stop_token_ids
 from serving.chat import parse_assistant_output
-from model.io import load_for_inference
+from inference import load_for_inference
 from serving.engine import Engine
 
 MODEL_NAME = "tiny-test"

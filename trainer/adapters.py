@@ -12,8 +12,8 @@ from typing import Callable
 
 from torch import nn
 
-from model.lora import (apply_lora, export_merged, lora_parameters, peft_incompatibility,
-                        save_adapter)
+from convert.peft import peft_incompatibility, save_peft_adapter
+from model.lora import apply_lora, export_merged, lora_parameters, save_adapter
 from trainer import distributed as dist
 from trainer.config import TrainConfig, option
 
@@ -71,7 +71,8 @@ def base_name(cfg: TrainConfig) -> str | None:
 def adapter_files(model: nn.Module, base: str | None, peft_format: bool) -> dict[str, bytes]:
     """The adapter's two files as bytes (for checkpoints, which write them atomically)."""
     with tempfile.TemporaryDirectory() as tmp:
-        save_adapter(dist.unwrap(model), tmp, base_model=base, peft_format=peft_format)
+        save = save_peft_adapter if peft_format else save_adapter
+        save(dist.unwrap(model), tmp, base_model=base)
         return {p.name: p.read_bytes() for p in Path(tmp).iterdir()}
 
 
@@ -93,7 +94,7 @@ def lora_fit_args(model: nn.Module, cfg: LoRAOptions
 def export_adapter(model: nn.Module, cfg: LoRAOptions, env: dist.DistEnv) -> Path:
     """out_dir/final = the adapter (+ out_dir/final_merged with --merge_on_save), on rank 0.
 
-    In PEFT's format wherever that is exact (``model.lora.peft_incompatibility``): PEFT's
+    In PEFT's format wherever that is exact (``convert.peft.peft_incompatibility``): PEFT's
     ``PeftModel.from_pretrained`` then loads it on the transformers export of the base, and our
     ``load_adapter`` still checks the base (fingerprint in the safetensors metadata). Elsewhere
     (expert adapters) in our native format, and the output says why.
@@ -102,7 +103,8 @@ def export_adapter(model: nn.Module, cfg: LoRAOptions, env: dist.DistEnv) -> Pat
     if env.is_main:
         plain = dist.unwrap(model)
         reason = peft_incompatibility(plain)
-        save_adapter(plain, out, base_model=base_name(cfg), peft_format=reason is None)
+        save = save_peft_adapter if reason is None else save_adapter
+        save(plain, out, base_model=base_name(cfg))
         print(f"[done] adapter saved to {out} (PEFT format: PeftModel.from_pretrained loads it on "
               "the base exported by scripts/convert_model.py export)" if reason is None else
               f"[done] adapter saved to {out} in the native minimind-lora format: {reason}; "

@@ -50,8 +50,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from model.atomic import atomic_path, fsync_dir
-from model.errors import UserError
+from common.atomic import atomic_path, fsync_dir
+from common.errors import UserError
 # The model part of a checkpoint is a model folder, written and read by model.io alone (tied
 # lm_head stored once, strict loading, clear errors). load_weights and weights_bytes are
 # re-exported: trainer/loop.py, trainer/adapters.py and train_dpo.py import them from here.
@@ -69,7 +69,7 @@ FAULT_ENV = "MINIMIND_CKPT_FAULT"
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt (one line at the CLI, like the
-    model.errors it sits beside; still a RuntimeError for old callers)."""
+    common.errors it sits beside; still a RuntimeError for old callers)."""
 
 
 # ---------------------------------------------------------------------- atomic file writing
@@ -84,7 +84,7 @@ def _fault_point(name: str) -> str | None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """model.atomic's temp file + fsync + rename, plus the crash-injection hook the tests use."""
+    """common.atomic's temp file + fsync + rename, plus the crash-injection hook the tests use."""
     fault = _fault_point(path.name)
     if fault and fault.startswith("sleep"):
         time.sleep(float(fault.split(":")[1]))

@@ -29,8 +29,8 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from model.errors import UserError
-from model.offload import KTOptions
+from common.errors import UserError
+from offload.experts import KTOptions
 
 
 class ConfigError(UserError, ValueError):
@@ -114,7 +114,7 @@ class TrainConfig:
     eval_gen_thinking: bool = option(False, "generation evaluation opens <think> first (as eval_model.py "
                                    "--think): for models trained on reasoning_content")
 
-    # --- where the routed experts of an MoE model run (model/offload.py); LLaMA-Factory-KT's keys
+    # --- where the routed experts of an MoE model run (offload/experts.py); LLaMA-Factory-KT's keys
     moe_backend: str = option("torch", "routed experts: torch (with the model), cpu (CPU memory), "
                             "kt (kt-kernel's CPU kernels; same as use_kt)", choices=("torch", "cpu", "kt"))
     use_kt: bool = option(False, "run the routed experts in kt-kernel (KTransformers' CPU MoE "
@@ -242,7 +242,7 @@ class TrainConfig:
 
     def _expert_problems(self, model_config: Any = None) -> list[str]:
         """Expert-backend checks, all before any kernel exists: kt-kernel crashes the process
-        (no Python error) on shapes it does not support, so model/offload.py's checks run here."""
+        (no Python error) on shapes it does not support, so offload/experts.py's checks run here."""
         if self.use_kt and self.moe_backend not in ("torch", "kt"):
             return [f"use_kt is true but moe_backend is {self.moe_backend!r}: pick one"]
         backend = self.expert_backend()
@@ -259,7 +259,7 @@ class TrainConfig:
                      "an MoE preset (e.g. --model_preset tiny-moe) or an MoE init_from")]
         if backend != "kt":
             return []
-        from model.offload import check_kt_config, kt_status
+        from offload.experts import check_kt_config, kt_status
         ok, reason = kt_status(self.kt.kt_backend)
         err = [] if ok else [f"{switch}: {reason}"]
         if self.kt.kt_mode == "inference":

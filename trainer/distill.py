@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.errors import UserError
+from common.errors import UserError
 from trainer.dpo import inference
 from trainer.losses import IGNORE_INDEX, LossFn, packing_inputs, shift_labels
 

@@ -486,5 +486,5 @@ class GRPOLoss:
                     keep.append(line)
             except ValueError:
                 continue
-        from model.atomic import atomic_write_text
+        from common.atomic import atomic_write_text
         atomic_write_text(self.samples_path, "".join(k + "\n" for k in keep))

@@ -22,7 +22,7 @@ from evaluation.commonsense import commonsense_correct
 from evaluation.gsm8k import gsm8k_correct
 from evaluation.math_answer import score_math
 from evaluation.runner import answer_text
-from model.errors import UserError
+from common.errors import UserError
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
 TASKS = ("gsm8k", "math", "commonsense")

@@ -111,5 +111,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from model.errors import run_cli
+    from common.errors import run_cli
     run_cli(main)

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
-from .config import MiniMindConfig
-from .hf_convert import ConversionError, _float32, find_tokenizer_dir
-from .model import MiniMindLM
-from .tokenizer import PRETOKENIZE_REGEX
+from common.atomic import atomic_path
+from model.config import MiniMindConfig
+from model.model import MiniMindLM
+from model.tokenizer import PRETOKENIZE_REGEX
+
+from .hf import ConversionError, find_tokenizer_dir, float32_state_dict
 
 # Our parameter name (after ``model.layers.N.``) → llama.cpp tensor name (after ``blk.N.``).
 _GGUF_LAYER_NAMES = {
@@ -266,7 +267,7 @@ def export_gguf(model: MiniMindLM, out_path: str | Path, tokenizer_dir: str | Pa
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = gguf_tensors(config, _float32(model.state_dict()), arch)
+    tensors = gguf_tensors(config, float32_state_dict(model.state_dict()), arch)
 
     vocab = {**tok_json["model"]["vocab"], **{t["content"]: t["id"] for t in tok_json["added_tokens"]}}
     if sorted(vocab.values()) != list(range(len(vocab))):

@@ -66,7 +66,7 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import nn
 
-from .moe import Experts, MoEFeedForward
+from model.moe import Experts, MoEFeedForward
 
 Backend = Literal["torch", "cpu", "kt"]
 BACKENDS = ("torch", "cpu", "kt")

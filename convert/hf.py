@@ -1,9 +1,9 @@
 """Conversion between our model folders and the Hugging Face / upstream MiniMind layouts.
 
 Scope: pure functions that map configs (``MiniMindConfig`` ⇄ HF ``config.json`` dicts) and state
-dicts both ways, plus thin file-level wrappers (``export_hf``, ``import_hf``,
-``load_minimind_pth``, ``export_gguf``) used by ``scripts/convert_model.py``, so one module owns
-every mapping. Nothing here imports ``transformers``: the exported folder is plain JSON +
+dicts both ways, plus thin file-level wrappers (``export_hf``, ``import_hf``, ``import_hf_to_folder``) used by
+``convert/cli.py``, so one module owns every transformers mapping (GGUF's names build on it in
+``convert/gguf.py``; upstream MiniMind's ``.pth`` already uses our names: ``convert/minimind.py``). Nothing here imports ``transformers``: the exported folder is plain JSON +
 safetensors, and the tests check that transformers loads it and computes the same logits.
 
 Which HF architecture a config becomes (only targets whose maths equals ours exactly):
@@ -51,12 +51,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import MiniMindConfig
-from .errors import ModelNotFoundError, UserError
-from .io import atomic_path, atomic_write_bytes, config_bytes, save_pretrained
-from .attention import yarn_mscale
-from .model import MiniMindLM
-from .precision import DTYPES, canonical_name
+from common.atomic import atomic_path, atomic_write_bytes
+from common.errors import ModelNotFoundError, UserError
+from model import tokenizer
+from model.attention import yarn_mscale
+from model.config import MiniMindConfig
+from model.io import config_bytes, save_pretrained
+from model.model import MiniMindLM
+from model.precision import DTYPES, canonical_name
 
 
 class ConversionError(UserError, ValueError):
@@ -78,7 +80,7 @@ _DEEPSEEK = ("deepseek_v2", "deepseek_v3")
 _DEFAULT_THETA = {"mixtral": 1e6}  # transformers' per-class default when a config omits it
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Non-parameter entries that some checkpoints carry and that our model recomputes.
-_IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)rotary\.(cos|sin)$")
+IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)rotary\.(cos|sin)$")
 
 
 # --- choosing the target ---------------------------------------------------------------------------
@@ -415,7 +417,7 @@ _LAYER_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.+)$")
 _MIXTRAL_NAMES = {"gate": "w1", "down": "w2", "up": "w3"}  # Mixtral's Hub expert names
 
 
-def _float32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def float32_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 
@@ -515,12 +517,13 @@ def hf_tensor_to_ours(config: MiniMindConfig, model_type: str, key: str, value: 
     ``shared_expert_gate``, DeepSeek's ``gate.e_score_correction_bias``) already has our name.
     A key that maps to nothing keeps its name for the strict load to report.
     """
-    if _IGNORED_KEY.search(key):
+    if IGNORED_KEY.search(key):
         return {}
     layer = re.match(r"^model\.layers\.(\d+)\.", key)
     if model_type in _DEEPSEEK and layer and int(layer.group(1)) >= config.num_hidden_layers:
         return {}  # DeepSeek-V3's multi-token-prediction layers: transformers drops them too
-    value = value.to(torch.float32) if value.device.type == "meta" else _float32({"": value})[""]
+    value = (value.to(torch.float32) if value.device.type == "meta"
+             else float32_state_dict({"": value})[""])
     m = re.match(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp|shared_mlp)\.(.+)$", key)
     if not m or (m.group(2) == "mlp" and not config.is_moe_layer(int(m.group(1)))):
         return {key: value}
@@ -609,7 +612,7 @@ def find_tokenizer_dir(model_dir: str | Path | None) -> Path:
     """The model folder if it carries a tokenizer, else the shipped default ``model/tokenizer``."""
     if model_dir is not None and all((Path(model_dir) / f).is_file() for f in _TOKENIZER_FILES):
         return Path(model_dir)
-    return Path(__file__).resolve().parent / "tokenizer"
+    return tokenizer.DEFAULT_DIR
 
 
 def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
@@ -810,48 +813,3 @@ def import_hf_to_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
             with atomic_path(Path(out_dir) / f) as tmp:
                 shutil.copyfile(Path(hf_dir) / f, tmp)
     return Path(out_dir)
-
-
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
-
-
-def load_minimind_pth(path: str | Path, config: MiniMindConfig) -> MiniMindLM:
-    """An upstream MiniMind ``.pth`` state dict (already our names; often fp16) as an fp32 model.
-
-    ``torch.load(weights_only=True)`` never unpickles code. DDP's ``module.`` and
-    torch.compile's ``_orig_mod.`` prefixes are stripped; everything else must match strictly.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path}: checkpoint not found")
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ConversionError(f"{path}: expected a flat state dict of tensors")
-    clean: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        if not _IGNORED_KEY.search(key):
-            clean[key] = value.float()
-    return load_into_model(config, clean, str(path))
-
-
-def resolve_config(preset: str | None = None, config_json: str | Path | None = None,
-                   **overrides: Any) -> MiniMindConfig:
-    """A config from a preset name or a config.json (exactly one)."""
-    if (preset is None) == (config_json is None):
-        raise ConversionError("give exactly one of a preset name or a config.json")
-    if preset is not None:
-        return MiniMindConfig.from_preset(preset, **overrides)
-    data = json.loads(Path(config_json).read_text())
-    return MiniMindConfig.from_dict({**data, **overrides}, source=str(config_json))
-
-
-def __getattr__(name: str) -> Any:
-    """The GGUF export moved to ``model/gguf.py``; old imports from here keep working (lazily:
-    model.gguf imports this module)."""
-    if name in ("export_gguf", "rope_halves_to_interleaved"):
-        from . import gguf
-        return getattr(gguf, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
