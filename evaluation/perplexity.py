@@ -14,7 +14,7 @@ and the perplexity benchmark's data format (``load_texts``).
   max_length`` keeps one token of overlap so none is skipped).
 - ``continuation_logprobs(model, tokenizer, requests)``: for (context, continuation) pairs, the sum
   of log P(continuation tokens | context, earlier continuation tokens) and the token count, one
-  forward pass per batch; what ``evaluation.commonsense.score_loglik`` needs. Context and
+  forward pass per batch; what ``tasks.commonsense.score_loglik`` needs. Context and
   continuation are tokenised separately (the continuation keeps its leading space, so " Paris"
   becomes the same tokens a model sees mid-sentence) and the context is cut from the left when the
   pair does not fit the model's context.

@@ -1,11 +1,13 @@
-"""Model-driven benchmark runners: GSM8K, MATH, commonsense (generation and log-likelihood),
-perplexity; plus ``generation_accuracy`` for the trainer's periodic evaluation.
+"""Model-driven benchmark runners: every task of ``tasks`` by generation (GSM8K, MATH,
+commonsense), commonsense by log-likelihood, perplexity; plus ``generation_accuracy`` for the
+trainer's periodic evaluation.
 
 Scope: everything between a loaded model and a report. Each benchmark's own parts (its data
-files, prompt, answer extraction and scoring) live in its module and are only called from here:
-``evaluation.gsm8k``, ``evaluation.math``, ``evaluation.commonsense``, and for perplexity
-``evaluation.perplexity``; the four report files are ``evaluation.report``. Data paths come from
-the caller (``eval_model.py --data BENCH=PATH``); nothing here knows where a data set lives.
+files, prompt, answer extraction and scoring) live in its task module, which this asks by name
+(``tasks.get(bench)``: ``load``, ``question``, ``exemplars``, ``score``, ``summarize``); for
+perplexity ``evaluation.perplexity``; the four report files are ``evaluation.report``. Data paths
+come from the caller (``eval_model.py --data BENCH=PATH``); nothing here knows where a data set
+lives.
 
 Design:
 - The model is reached through one injected function, ``GenerateFn(prompts) -> completions``
@@ -14,7 +16,7 @@ Design:
   cpu|kt``) is evaluated by generation and accuracy exactly like a plain one: nothing here looks
   inside the model. (LLaMA-Factory's KT mode only reports eval loss.)
 - Prompts are the chat template with the bare question as the user turn: that is what our SFT
-  records train on (``evaluation/gsm8k.py``: user = question, assistant = reasoning +
+  records train on (``tasks/gsm8k.py``: user = question, assistant = reasoning +
   "The answer is N."). Few-shot exemplars (off by default) are earlier user/assistant turns.
 - Greedy decoding by default; items are generated longest prompt first in batches (less left
   padding) and put back in input order. With thinking on, answers are extracted from the text
@@ -31,29 +33,29 @@ import zlib
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from evaluation.commonsense import load_commonsense, loglik_requests, score_generation, score_loglik
+import tasks
 from evaluation.compare import sampled_summary
-from evaluation.gsm8k import gsm8k_exemplars, load_gsm8k, score_gsm8k
-from evaluation.math import load_math, math_exemplars, score_math
 from evaluation.perplexity import continuation_logprobs, eval_mode, load_texts, perplexity
 from evaluation.report import write_report
 from common.errors import UserError
 from model.generate import SamplingParams, generate
+from tasks import commonsense
 
 __all__ = [
     "Completion", "GenerateFn", "BENCHMARKS", "BenchmarkDataError", "UnknownBenchmarkError",
     "chat_prompt", "answer_text",
-    "model_generate_fn", "run_generation", "run_gsm8k", "run_math", "run_commonsense_generation",
-    "run_commonsense_loglik", "run_perplexity", "generation_accuracy",
+    "model_generate_fn", "run_generation", "run_task", "run_commonsense_loglik", "run_perplexity",
+    "generation_accuracy",
     "parse_data_flags", "resolve_data", "run_benchmarks",
 ]
 
 Message = dict[str, Any]
-BENCHMARKS = ("gsm8k", "math", "commonsense", "commonsense_ll", "ppl")
+# The tasks by generation, then the runs that do not decode (commonsense_ll reads commonsense data).
+BENCHMARKS = (*tasks.NAMES, "commonsense_ll", "ppl")
 
 
 class BenchmarkDataError(UserError, FileNotFoundError):
@@ -161,47 +163,17 @@ def run_generation(items: Sequence[dict], prompts: Sequence[str], score: Scorer,
     return results
 
 
-def _prompts(tokenizer, questions: Iterable[str], system: str | None,
-             exemplars: Sequence[Message], enable_thinking: bool) -> list[str]:
-    return [chat_prompt(tokenizer, q, system, exemplars, enable_thinking) for q in questions]
-
-
-def run_gsm8k(items: Sequence[dict], tokenizer, generate_fn: GenerateFn, *, batch_size: int = 8,
-              system: str | None = None, exemplars: Sequence[Message] = (),
-              enable_thinking: bool = False, log: Callable[[str], None] | None = None
-              ) -> list[dict]:
-    """Score GSM8K items (``{"question", "answer"}``) by generation; one result dict per item."""
-    def score(it: dict, text: str) -> dict:
-        return {"id": it.get("id"), "category": it.get("category"),
-                **score_gsm8k(text, it["answer"])}
-    prompts = _prompts(tokenizer, (it["question"] for it in items), system, exemplars,
-                       enable_thinking)
-    return run_generation(items, prompts, score, generate_fn, batch_size, log)
-
-
-def run_math(items: Sequence[dict], tokenizer, generate_fn: GenerateFn, *, batch_size: int = 8,
-             system: str | None = None, exemplars: Sequence[Message] = (),
+def run_task(name: str, items: Sequence[dict], tokenizer, generate_fn: GenerateFn, *,
+             batch_size: int = 8, system: str | None = None, exemplars: Sequence[Message] = (),
              enable_thinking: bool = False, log: Callable[[str], None] | None = None
              ) -> list[dict]:
-    """Score MATH items by generation; category = subject, ``level`` kept on each result."""
-    def score(it: dict, text: str) -> dict:
-        return {"id": it.get("id"), "category": it.get("subject"), "level": it.get("level"),
-                **score_math(text, it["answer"])}
-    prompts = _prompts(tokenizer, (it["problem"] for it in items), system, exemplars,
-                       enable_thinking)
-    return run_generation(items, prompts, score, generate_fn, batch_size, log)
-
-
-def run_commonsense_generation(records: Sequence[dict], tokenizer, generate_fn: GenerateFn, *,
-                               batch_size: int = 8, system: str | None = None,
-                               enable_thinking: bool = False,
-                               log: Callable[[str], None] | None = None) -> list[dict]:
-    """LLM-Adapters protocol: the instruction as the user turn, "the correct answer is X" parsed
-    from the reply; category = set name."""
-    prompts = _prompts(tokenizer, (r["instruction"] for r in records), system, (),
-                       enable_thinking)
-    return run_generation(records, prompts, lambda r, t: score_generation(t, r), generate_fn,
-                          batch_size, log)
+    """Score the items of task ``name`` (``tasks.NAMES``) by generation: the task's
+    ``question(item)`` as the user turn after ``exemplars``, its ``score(item, answer)`` per
+    completion; one result dict per item, in input order."""
+    task = tasks.get(name)
+    prompts = [chat_prompt(tokenizer, task.question(it), system, exemplars, enable_thinking)
+               for it in items]
+    return run_generation(items, prompts, task.score, generate_fn, batch_size, log)
 
 
 def run_commonsense_loglik(records: Sequence[dict], model: torch.nn.Module, tokenizer, *,
@@ -209,9 +181,9 @@ def run_commonsense_loglik(records: Sequence[dict], model: torch.nn.Module, toke
     """Multiple choice by log-likelihood of each choice (raw text, no chat template, as in
     lm-evaluation-harness). All continuations are scored up front in batches (one forward pass
     each), then ``score_loglik`` reads them from a table; ``method`` picks sum / token / char."""
-    requests = list(dict.fromkeys(q for r in records for q in loglik_requests(r)))
+    requests = list(dict.fromkeys(q for r in records for q in commonsense.loglik_requests(r)))
     table = dict(zip(requests, continuation_logprobs(model, tokenizer, requests, batch_size)))
-    return score_loglik(records, lambda ctx, cont: table[(ctx, cont)], method)
+    return commonsense.score_loglik(records, lambda ctx, cont: table[(ctx, cont)], method)
 
 
 def run_perplexity(model: torch.nn.Module, tokenizer, path: str | Path, out_dir: str | Path,
@@ -253,7 +225,8 @@ def generation_accuracy(model: torch.nn.Module, tokenizer, items: Sequence[dict]
     """
     fn = generate_fn or model_generate_fn(model, tokenizer,
                                           SamplingParams(max_new_tokens=max_new_tokens))
-    res = run_gsm8k(items, tokenizer, fn, batch_size=batch_size, enable_thinking=enable_thinking)
+    res = run_task("gsm8k", items, tokenizer, fn, batch_size=batch_size,
+                   enable_thinking=enable_thinking)
     n = len(res)
     correct = sum(r["correct"] for r in res)
     return {"accuracy": correct / n if n else 0.0, "correct": correct, "n": n,
@@ -343,9 +316,6 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
         common = dict(batch_size=batch_size, system=system, enable_thinking=enable_thinking,
                       log=log)
         extra: dict = {} if bench == "commonsense_ll" else dict(decoding)
-        if bench in ("gsm8k", "math"):
-            extra["fewshot"] = fewshot
-        wanted = None if limit is None else limit + fewshot  # read no more than is scored
         if bench == "ppl":
             summaries[bench] = run_perplexity(model, tokenizer, path, out_dir, ppl_max_length,
                                               ppl_stride, batch_size, meta=meta)
@@ -353,18 +323,16 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
                 log(f"[ppl] perplexity {summaries[bench]['ppl']:.3f}, "
                     f"bits/byte {summaries[bench]['bits_per_byte']:.4f}")
             continue
-        if bench in ("gsm8k", "math", "commonsense"):
-            if bench == "gsm8k":
-                shots, items = _split_fewshot(load_gsm8k(path, wanted), fewshot, limit)
-                run = partial(run_gsm8k, items, tokenizer, exemplars=gsm8k_exemplars(shots),
-                              **common)
-            elif bench == "math":
-                shots, items = _split_fewshot(load_math(path, wanted), fewshot, limit)
-                run = partial(run_math, items, tokenizer, exemplars=math_exemplars(shots),
-                              **common)
+        if bench in tasks.NAMES:
+            task = tasks.get(bench)
+            if task.FEWSHOT:
+                extra["fewshot"] = fewshot
+                wanted = None if limit is None else limit + fewshot  # read no more than is scored
+                shots, items = _split_fewshot(task.load(path, wanted), fewshot, limit)
+                exemplars = task.exemplars(shots)
             else:
-                run = partial(run_commonsense_generation, load_commonsense(path, limit),
-                              tokenizer, **common)
+                items, exemplars = task.load(path, limit), []
+            run = partial(run_task, bench, items, tokenizer, exemplars=exemplars, **common)
             results = run(gen_fn)
             if samples > 1:
                 results = [{**r, "item": i, "sample": 0} for i, r in enumerate(results)]
@@ -373,10 +341,9 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
                         params, seed=None if params.seed is None else params.seed + j))
                     results += [{**r, "item": i, "sample": j} for i, r in enumerate(run(fn))]
                 extra.update(sampled_summary(results))
-            if bench == "math":
-                extra["accuracy_by_level"] = _accuracy_by(results, "level")
+            extra.update(task.summarize(results))
         else:
-            results = run_commonsense_loglik(load_commonsense(path, limit), model, tokenizer,
+            results = run_commonsense_loglik(commonsense.load(path, limit), model, tokenizer,
                                              batch_size=batch_size)
             n = max(len(results), 1)
             extra.update({f"accuracy_{k}_norm": sum(r[f"correct_{k}"] for r in results) / n
@@ -387,11 +354,4 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
             s = summaries[bench]
             log(f"[{bench}] accuracy {s['accuracy']:.4f} ({s['correct']}/{s['n']})")
     return summaries
-
-
-def _accuracy_by(results: Sequence[dict], key: str) -> dict[str, float]:
-    groups: dict[str, list[bool]] = {}
-    for r in results:
-        groups.setdefault(str(r.get(key)), []).append(bool(r["correct"]))
-    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 

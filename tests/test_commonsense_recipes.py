@@ -67,9 +67,9 @@ def work(tmp_path_factory) -> Path:
         (root / "src" / name / "train.json").write_text(json.dumps(train[:8]))
         (root / "src" / name / "test.json").write_text(json.dumps(test[:2]))
     cmd = header_command(RECIPES[0], "Data (once)")
-    assert cmd[:3] == ["python", "-m", "dataset.convert.commonsense"], cmd
+    assert cmd[:4] == ["python", "-m", "tasks.commonsense", "convert"], cmd
     swap = {"--src": str(root / "src"), "--out": str(root / "data")}
-    from dataset.convert.commonsense import main as convert
+    from tasks.commonsense import main as convert
     convert([swap.get(prev, a) for prev, a in zip(cmd[2:], cmd[3:])])
     return root
 

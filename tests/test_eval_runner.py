@@ -12,20 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.commonsense import load_commonsense
-from evaluation.gsm8k import gsm8k_exemplars, load_gsm8k
-from evaluation.math import load_math
 from evaluation.perplexity import _windows, continuation_logprobs, load_texts, perplexity
 from evaluation.report import read_items
 from evaluation.runner import (BenchmarkDataError, Completion, UnknownBenchmarkError, answer_text,
                                chat_prompt, generation_accuracy, model_generate_fn,
-                               resolve_data, run_benchmarks, run_commonsense_generation,
-                               run_commonsense_loglik, run_gsm8k, run_math)
+                               resolve_data, run_benchmarks, run_commonsense_loglik, run_task)
 from model.config import MiniMindConfig
 from model.generate import SamplingParams, generate
 from model.io import save_pretrained
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
+from tasks import commonsense, gsm8k
+from tasks import math as math_task
 from tests.conftest import shared_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +76,7 @@ GSM_REPLIES = {
 
 def test_gsm8k_runner_exact_accuracy_with_fake_generation(tok):
     calls: list[int] = []
-    res = run_gsm8k(GSM_ITEMS, tok, fake_generator(GSM_REPLIES, calls), batch_size=2)
+    res = run_task("gsm8k", GSM_ITEMS, tok, fake_generator(GSM_REPLIES, calls), batch_size=2)
     assert [r["id"] for r in res] == ["a", "b", "c", "d", "e"]  # input order despite sorting
     assert [r["correct"] for r in res] == [True, False, True, False, False]
     assert [r["error_kind"] for r in res] == [None, "wrong_answer", None, "no_answer", "truncated"]
@@ -93,7 +91,7 @@ def test_gsm8k_runner_exact_accuracy_with_fake_generation(tok):
 def test_thinking_answers_are_read_after_the_think_block(tok):
     items = [{"question": "How many?", "answer": "#### 18"}]
     reply = "Step: 6 * 2 = 12\n#### 12 then add 6.\n</think>\n\nThe answer is 18."
-    res = run_gsm8k(items, tok, fake_generator({"How many?": reply}), enable_thinking=True)
+    res = run_task("gsm8k", items, tok, fake_generator({"How many?": reply}), enable_thinking=True)
     assert res[0]["correct"] and res[0]["extracted"] == "18"
     assert res[0]["prediction"] == reply  # the report keeps the whole completion
     assert res[0]["prompt"].endswith("<|im_start|>assistant\n<think>\n")
@@ -101,7 +99,7 @@ def test_thinking_answers_are_read_after_the_think_block(tok):
 
 
 def test_fewshot_exemplars_precede_the_question(tok):
-    shots = gsm8k_exemplars(GSM_ITEMS[:1])
+    shots = gsm8k.exemplars(GSM_ITEMS[:1])
     assert shots[1]["content"] == "3+4=7\nThe answer is 7."  # calculator marks stripped
     prompt = chat_prompt(tok, "Q?", system="Be brief.", exemplars=shots)
     assert prompt.index("Be brief.") < prompt.index("Q1: 3 apples") < prompt.index("Q?")
@@ -115,7 +113,7 @@ def test_math_runner_scores_per_subject(tok):
         {"id": "m3", "problem": "P3", "answer": "(1,2)", "subject": "Algebra", "level": 3},
     ]
     replies = {"P1": "so $\\boxed{0.5}$", "P2": "$\\boxed{4}$", "P3": "The answer is $(1, 2)$."}
-    res = run_math(items, tok, fake_generator(replies))
+    res = run_task("math", items, tok, fake_generator(replies))
     assert [r["correct"] for r in res] == [True, False, True]
     assert [r["category"] for r in res] == ["Algebra", "Geometry", "Algebra"]
     assert [r["level"] for r in res] == [2, 5, 3]
@@ -132,7 +130,7 @@ def test_commonsense_generation_runner(tok):
     ]
     replies = {"I0": "the correct answer is solution2", "I1": "the correct answer is false",
                "I2": "hmm"}
-    res = run_commonsense_generation(recs, tok, fake_generator(replies))
+    res = run_task("commonsense", recs, tok, fake_generator(replies))
     assert [r["correct"] for r in res] == [True, False, False]
     assert [r["category"] for r in res] == ["piqa", "boolq", "piqa"]
     assert res[2]["error_kind"] == "no_answer"
@@ -317,11 +315,11 @@ def test_tiny_checkpoint_run_writes_consistent_reports(tmp_path, tiny_dir, tok):
 
 
 def test_loaders_accept_alternative_fields(tmp_path):
-    m = load_math(write_jsonl(tmp_path / "m.jsonl", [
+    m = math_task.load(write_jsonl(tmp_path / "m.jsonl", [
         {"problem": "p", "solution": "x \\boxed{\\frac{1}{2}} y", "type": "Algebra",
          "level": "Level 4"}]))
     assert m[0]["answer"] == "\\frac{1}{2}" and m[0]["subject"] == "Algebra" and m[0]["level"] == 4
-    g = load_gsm8k(write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": 5}] * 3), 2)
+    g = gsm8k.load(write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": 5}] * 3), 2)
     assert len(g) == 2 and g[0]["answer"] == "5" and g[1]["id"] == "gsm8k/1"
     texts = write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}, {"text": "b"}])
     assert load_texts(texts) == ["a", "b"]
@@ -344,14 +342,14 @@ def test_resolve_data_takes_paths_only_from_the_caller(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 def test_shared_gsm8k_and_math_load():
-    g = load_gsm8k(shared_path("gsm8k", "test.jsonl"), limit=3)
+    g = gsm8k.load(shared_path("gsm8k", "test.jsonl"), limit=3)
     assert len(g) == 3 and "####" in g[0]["answer"]
-    m = load_math(shared_path("math", "math500_test.jsonl"), limit=3)
+    m = math_task.load(shared_path("math", "math500_test.jsonl"), limit=3)
     assert len(m) == 3 and all(x["answer"] and x["subject"] for x in m)
 
 
 def test_shared_commonsense_folder_loads_every_set_with_per_set_limit():
-    recs = load_commonsense(shared_path("commonsense_llm_adapters"), limit=2)
+    recs = commonsense.load(shared_path("commonsense_llm_adapters"), limit=2)
     sets = {r["dataset"] for r in recs}
     assert len(sets) == 8 and len(recs) == 16
     assert all(r["instruction"] and r["choices"] for r in recs)

@@ -86,7 +86,7 @@ def test_example_data_is_what_its_data_command_writes(path, tmp_path):
     shared_path()
     cmd = shlex.split(header_command(path, "Data (once)").replace("../shared/data", str(SHARED_DATA)),
                       comments=True)
-    assert cmd[:2] == ["python", "-m"] and cmd[2].startswith("dataset.convert.")
+    assert cmd[:2] == ["python", "-m"] and cmd[2].startswith("tasks.")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, *cmd[1:]], cwd=tmp_path, env=env, check=False, capture_output=True,
                           text=True, timeout=300)

@@ -1,8 +1,8 @@
 """trainer/grpo.py and train_grpo.py: the three losses and the advantages against hand
-computations, the batched rollout against rows decoded alone, prompt records from each data
-kind, and the stage through the shared loop: it raises a reward a tiny model can learn, and a
-resumed run matches an uninterrupted one bit for bit (weights and sampled completions); under
-torchrun two ranks stay in step even when every group is dropped."""
+computations, the batched rollout against rows decoded alone, and the stage through the shared
+loop: it raises a reward a tiny model can learn, and a resumed run matches an uninterrupted one
+bit for bit (weights and sampled completions); under torchrun two ranks stay in step even when
+every group is dropped."""
 import json
 import math
 import os
@@ -115,32 +115,6 @@ def test_rollout_batch_equals_rows_decoded_alone():
         targets = ro.input_ids[k, 1:][ro.action_mask[k] > 0].tolist()
         assert targets == comp
     assert len({tuple(c) for c in ro.completions[:3]}) > 1     # the group differs
-
-
-@pytest.mark.parametrize("obj, want", [
-    ({"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                        {"role": "user", "content": "2+2?"},
-                        {"role": "assistant", "content": "2 + 2 = 4\n#### 4"}]},
-     {"task": "gsm8k", "gold": "4", "turns": 3}),
-    ({"conversations": [{"role": "user", "content": "x?"},
-                        {"role": "assistant", "reasoning_content": "so $\\boxed{3}$", "content": "3"}]},
-     {"task": "math", "gold": "3", "turns": 1}),
-    ({"question": "q", "answer": "steps\n#### 1,080"}, {"task": "gsm8k", "gold": "1080", "turns": 1}),
-    ({"problem": "p", "solution": "thus $\\boxed{\\frac12}$"}, {"task": "math", "gold": "\\frac12", "turns": 1}),
-    ({"instruction": "i", "label": 0, "gold": "true", "dataset": "boolq", "choices": ["true", "false"]},
-     {"task": "commonsense", "gold": "true", "turns": 1}),
-])
-def test_prompt_records_of_each_data_kind(obj, want):
-    rec = grpo.prompt_record(obj, "f:1")
-    assert (rec["task"], rec["gold"], len(rec["messages"])) == (want["task"], want["gold"], want["turns"])
-    assert rec["messages"][-1]["role"] == "user"
-
-
-def test_identity_replies_without_gold_are_skipped_and_junk_is_an_error():
-    chat = {"conversations": [{"role": "user", "content": "who?"}, {"role": "assistant", "content": "me"}]}
-    assert grpo.prompt_record(chat, "f:1") is None
-    with pytest.raises(ValueError, match="f:2: not a prompt record"):
-        grpo.prompt_record({"text": "plain"}, "f:2")
 
 
 # ---------------------------------------------------------------------- through the loop

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.gsm8k import score_gsm8k
+from tasks.gsm8k import score_gsm8k
 from evaluation.report import normalize_item, read_items, summarize, write_report
 
 

@@ -116,10 +116,11 @@ def test_sft_run_logs_generation_accuracy(tmp_path, monkeypatch):
     train_full_sft.main()
     gen = [r for r in rows(out / "metrics.jsonl") if "val_gen_accuracy" in r]
     assert [r["step"] for r in gen] == [2, 4]
-    from evaluation.runner import generation_accuracy, load_gsm8k
+    from evaluation.runner import generation_accuracy
     from model.io import load_pretrained
+    from tasks.gsm8k import load
     final = load_pretrained(out / "final").eval()
-    items = load_gsm8k(str(gsm8k), limit=3)
+    items = load(str(gsm8k), limit=3)
     assert len(items) == 3
     ref = generation_accuracy(final, Tokenizer.from_dir(None), items, max_new_tokens=12, batch_size=3)
     assert gen[-1]["val_gen_accuracy"] == ref["accuracy"]

@@ -53,9 +53,8 @@ from torch.utils.data import Dataset
 from dataset.chat import generation_prompt_ids
 from dataset.convert._io import iter_records
 from dataset.jsonl import DataError
-from evaluation.gsm8k import extract_gsm8k_gold
-from evaluation.math_answer import extract_boxed
 from model.generate import SamplingParams, generate_tokens
+from tasks import rl_prompt
 from trainer import distributed as dist
 from trainer.dpo import inference
 from trainer.rewards import RewardMix, correctness_reward
@@ -99,52 +98,6 @@ class GRPOSettings:
 
 
 # ---------------------------------------------------------------------- prompts
-def _gold_of_reply(text: str) -> tuple[str, str] | None:
-    """(task, gold) of a reference reply: GSM8K's `#### n`, else MATH's last \\boxed{}, else None."""
-    if "####" in text:
-        try:
-            return "gsm8k", extract_gsm8k_gold(text)
-        except ValueError:
-            return None
-    boxed = extract_boxed(text)
-    return ("math", boxed) if boxed is not None else None
-
-
-def prompt_record(obj: Mapping[str, Any], where: str) -> dict[str, Any] | None:
-    """{"messages", "task", "gold", ...} of one data record, or None when it has no gold answer.
-
-    SFT (`conversations`): the turns before the last assistant one, gold from that reply.
-    GSM8K (`question`, `answer`), MATH (`problem`, `answer` or `solution`), commonsense eval
-    records (`instruction`, `label`, `dataset`, `choices`).
-    """
-    if "conversations" in obj:
-        turns = obj["conversations"]
-        last = max((i for i, m in enumerate(turns) if m.get("role") == "assistant"), default=None)
-        if last is None or last == 0:
-            return None
-        reply = turns[last]
-        found = _gold_of_reply(str(reply.get("content") or "")) or \
-            _gold_of_reply(str(reply.get("reasoning_content") or ""))
-        if found is None:
-            return None
-        return {"messages": list(turns[:last]), "task": found[0], "gold": found[1]}
-    if "question" in obj and "answer" in obj:
-        answer = str(obj["answer"])
-        gold = extract_gsm8k_gold(answer) if "####" in answer else answer.strip()
-        return {"messages": [{"role": "user", "content": obj["question"]}], "task": "gsm8k", "gold": gold}
-    if "problem" in obj:
-        gold = obj.get("answer") or extract_boxed(str(obj.get("solution", "")))
-        if gold is None:
-            raise DataError(f"{where}: MATH record without 'answer' or a \\boxed{{}} solution")
-        return {"messages": [{"role": "user", "content": obj["problem"]}], "task": "math", "gold": str(gold)}
-    if {"instruction", "label", "dataset", "choices"} <= obj.keys():
-        return {"messages": [{"role": "user", "content": obj["instruction"]}], "task": "commonsense",
-                "gold": obj.get("gold", obj["label"]), "dataset": obj["dataset"],
-                "num_choices": len(obj["choices"])}
-    raise DataError(f"{where}: not a prompt record (need conversations, question+answer, problem, "
-                    "or a commonsense eval record)")
-
-
 def load_prompts(paths: Sequence[str], dataset_dir: str = "", seed: int = 0) -> tuple[list[dict], int]:
     """(prompt records, number of records skipped for having no gold answer) of files or, with
     `dataset_dir`, registry names (their SFT conversations)."""
@@ -157,7 +110,7 @@ def load_prompts(paths: Sequence[str], dataset_dir: str = "", seed: int = 0) -> 
     else:
         pairs = [(where, obj) for p in paths for where, obj in iter_records(p)]
     for where, obj in pairs:
-        rec = prompt_record(obj, where)
+        rec = rl_prompt(obj, where)
         if rec is None:
             skipped += 1
         else:

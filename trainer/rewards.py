@@ -4,32 +4,24 @@ Scope: the reward functions, the registry that names them, and `parse_reward_spe
 `RewardMix`, which turn `--reward correctness:1.0,format:0.1` into one weighted sum.
 
 `completion` is the generated text (stop token excluded). `sample` is the prompt's record
-(`task` = gsm8k | math | commonsense, `gold`, and for commonsense `dataset` and `num_choices`)
-plus what the rollout knows about this completion: `completion_tokens`, `max_new_tokens` and
-`truncated` (hit the budget without a stop token).
+(`tasks.rl_prompt`: `task` = a name of `tasks.NAMES`, `gold`, and what else that task's
+`correct` needs) plus what the rollout knows about this completion: `completion_tokens`,
+`max_new_tokens` and `truncated` (hit the budget without a stop token).
 
-Correctness uses the evaluation package's scorers on `answer_text(completion)` (the text after
-a closed think block), exactly as `eval_model.py` does, so a rollout counted correct is one the
-benchmark would count correct.
+Correctness asks the sample's task (`tasks.get(task).correct`) about `answer_text(completion)`
+(the text after a closed think block), with the scorer `eval_model.py` uses, so a rollout
+counted correct is one the benchmark would count correct.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from evaluation.commonsense import commonsense_correct
-from evaluation.gsm8k import gsm8k_correct
-from evaluation.math_answer import score_math
+import tasks
 from evaluation.runner import answer_text
 from common.errors import UserError
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
-TASKS = ("gsm8k", "math", "commonsense")
-
-# What "an answer was given" looks like for each task (the marker the training data teaches).
-_ANSWER_MARKERS = {"gsm8k": re.compile(r"####\s*-?[\d.,]+"), "math": re.compile(r"\\boxed\{"),
-                   "commonsense": re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)}
 
 
 class RewardSpecError(UserError, ValueError):
@@ -37,23 +29,15 @@ class RewardSpecError(UserError, ValueError):
 
 
 def correctness_reward(completion: str, sample: Mapping[str, Any]) -> float:
-    """1.0 when the evaluation scorer of the sample's task counts the answer correct, else 0.0."""
-    text, task = answer_text(completion), sample["task"]
-    if task == "gsm8k":
-        return float(gsm8k_correct(text, sample["gold"]))
-    if task == "math":
-        return float(score_math(text, sample["gold"])["correct"])
-    if task == "commonsense":
-        return float(commonsense_correct(text, sample["gold"], sample["dataset"],
-                                         sample.get("num_choices")))
-    raise ValueError(f"unknown task {task!r} (one of {TASKS})")
+    """1.0 when the scorer of the sample's task counts the answer correct, else 0.0."""
+    return float(tasks.get(sample["task"]).correct(answer_text(completion), sample))
 
 
 def format_reward(completion: str, sample: Mapping[str, Any]) -> float:
     """Half for the task's answer marker after the think block (`#### n`, `\\boxed{}`, "answer
     is"), half for a well-formed think block: every `<think>` closed, and with thinking on (the
     prompt opened `<think>`) a `</think>` present. 1.0 = both."""
-    marker = _ANSWER_MARKERS[sample["task"]].search(answer_text(completion)) is not None
+    marker = tasks.get(sample["task"]).ANSWER_MARKER.search(answer_text(completion)) is not None
     opened = completion.count("<think>") + (1 if sample.get("thinking") else 0)
     closed = completion.count("</think>") == opened
     return 0.5 * marker + 0.5 * closed

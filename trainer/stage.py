@@ -142,9 +142,9 @@ def generation_hooks(cfg: TrainConfig, tokenizer: Tokenizer) -> list[EvalHook]:
     """
     if not cfg.eval_gen_data:
         return []
-    from evaluation.gsm8k import load_gsm8k
     from evaluation.runner import generation_accuracy
-    items = load_gsm8k(cfg.eval_gen_data, limit=cfg.eval_gen_samples)
+    from tasks import gsm8k
+    items = gsm8k.load(cfg.eval_gen_data, limit=cfg.eval_gen_samples)
     if not items:
         raise ConfigError(f"eval_gen_data {cfg.eval_gen_data!r} holds no questions")
 

@@ -1,9 +1,9 @@
-"""Record I/O shared by the benchmark modules (``evaluation/{commonsense,gsm8k,math}.py``): read
+"""Record I/O shared by the benchmark modules (``tasks/{commonsense,gsm8k,math}.py``): read
 records with their location, check fields, write JSONL atomically, maintain a LLaMA-Factory
 registry.
 
 Scope: only what those modules need on top of ``dataset.jsonl``; this module imports nothing from
-``evaluation`` (the layering is ``dataset.convert`` CLIs -> ``evaluation`` -> this -> ``dataset.jsonl``).
+``tasks`` (the layering is ``tasks`` -> this -> ``dataset.jsonl``).
 Every error names the file and the line of the offending record (``DataError("path:line: what is
 wrong")``, the contract in docs/DESIGN.md), so a bad record in a 10k-item file is found at once.
 """

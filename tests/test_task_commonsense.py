@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.commonsense import (
+from tasks.commonsense import (
     TASKS,
     commonsense_correct,
     extract_choice,
@@ -145,7 +145,7 @@ def test_real_oracle_generations_score_100(name: str) -> None:
     """The file's own target text ("output") of every LLM-Adapters test item scores as correct
     against our parsed record, whose gold must be the file's "answer"; every other label of the
     item scores as wrong."""
-    from evaluation.commonsense import read_llm_adapters
+    from tasks.commonsense import read_llm_adapters
 
     rel, count = LLM_ADAPTERS_TEST[name]
     path = shared_path("commonsense_llm_adapters", *rel.split("/"))

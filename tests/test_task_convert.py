@@ -1,6 +1,6 @@
 """Benchmark data formats: commonsense (3 source layouts), GSM8K and MATH, on the real shared files
-and on hand-made bad input (errors must name file and line); their CLIs under dataset/convert/;
-and the layering (the benchmark modules never import those CLIs)."""
+and on hand-made bad input (errors must name file and line); their CLIs
+(``python -m tasks.<name> convert``); and the layering (tasks/ over dataset/ only)."""
 from __future__ import annotations
 
 import json
@@ -10,16 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from dataset.convert import commonsense as cs_cli
-from dataset.convert import gsm8k as g8_cli
-from dataset.convert import math as mth_cli
 from dataset.convert._io import DataError, iter_records, update_dataset_info
-from evaluation import commonsense as cs
-from evaluation import gsm8k as g8
-from evaluation import math as mth
-from evaluation.commonsense import TASKS, extract_choice, score_generation
-from evaluation.gsm8k import gsm8k_correct
-from evaluation.math_answer import extract_boxed, math_equiv
+from tasks import commonsense as cs
+from tasks import gsm8k as g8
+from tasks import math as mth
+from tasks.commonsense import TASKS, extract_choice, score_generation
+from tasks.gsm8k import gsm8k_correct
+from tasks.math_answer import extract_boxed, math_equiv
 from tests.conftest import REPO, shared_path
 
 
@@ -185,7 +182,7 @@ def test_bad_input_names_file_and_line(tmp_path: Path) -> None:
 def test_commonsense_cli_tree_and_registry(tmp_path: Path) -> None:
     src = shared_path("commonsense_llm_adapters")
     out = tmp_path / "cs"
-    cs_cli.main(["--src", str(src), "--out", str(out)])
+    cs.main(["convert", "--src", str(src), "--out", str(out)])
     info = json.loads((out / "dataset_info.json").read_text())
     assert set(info) == {f"{Path(r).parent}_{cs.infer_split(Path(r))}_sft" for r in LLM_ADAPTERS_COUNTS}
     for name, entry in info.items():
@@ -194,7 +191,7 @@ def test_commonsense_cli_tree_and_registry(tmp_path: Path) -> None:
     assert len(_jsonl(out / "piqa_test_eval.jsonl")) == 1838
     # single file, alpaca kind, merged into an existing registry
     update_dataset_info(tmp_path / "dataset_info.json", {"keep_me": {"file_name": "k.json"}})
-    cs_cli.main(["--src", str(src / "boolq" / "test.json"), "--out", str(tmp_path / "b.jsonl"),
+    cs.main(["convert", "--src", str(src / "boolq" / "test.json"), "--out", str(tmp_path / "b.jsonl"),
              "--kind", "alpaca", "--dataset-info", str(tmp_path / "dataset_info.json")])
     reg = json.loads((tmp_path / "dataset_info.json").read_text())
     assert reg["boolq_test_alpaca"] == {"file_name": "b.jsonl", "columns": {
@@ -228,13 +225,13 @@ def test_gsm8k_cli_and_errors(tmp_path: Path) -> None:
     src = tmp_path / "g.jsonl"
     src.write_text(json.dumps({"question": "Q", "answer": "2 * 9 = $<<2*9=18>>18\n#### 1,018"}) + "\n",
                    encoding="utf-8")
-    g8_cli.main(["--src", str(src), "--out", str(tmp_path / "sft.jsonl")])
+    g8.main(["convert", "--src", str(src), "--out", str(tmp_path / "sft.jsonl")])
     (row,) = _jsonl(tmp_path / "sft.jsonl")
     assert row["conversations"][1] == {"role": "assistant", "reasoning_content": "2 * 9 = $18",
                                        "content": "The answer is 1018."}
-    g8_cli.main(["--src", str(src), "--out", str(tmp_path / "eval.jsonl"), "--kind", "eval"])
+    g8.main(["convert", "--src", str(src), "--out", str(tmp_path / "eval.jsonl"), "--kind", "eval"])
     assert _jsonl(tmp_path / "eval.jsonl")[0]["answer"] == "1018"
-    g8_cli.main(["--src", str(src), "--out", str(tmp_path / "a.jsonl"), "--kind", "alpaca",
+    g8.main(["convert", "--src", str(src), "--out", str(tmp_path / "a.jsonl"), "--kind", "alpaca",
              "--dataset-info", str(tmp_path / "dataset_info.json")])
     assert "gsm8k_g_alpaca" in json.loads((tmp_path / "dataset_info.json").read_text())
     with pytest.raises(ValueError, match="--inline"):
@@ -279,7 +276,7 @@ def test_math_cli_and_errors(tmp_path: Path) -> None:
     assert mth.convert_file(src, tmp_path / "sft.jsonl") == 1  # the empty answer is skipped
     asst = _jsonl(tmp_path / "sft.jsonl")[0]["conversations"][1]
     assert asst["content"] == "The answer is $\\boxed{\\frac{1}{2}}$."
-    mth_cli.main(["--src", str(src), "--out", str(tmp_path / "e.jsonl"), "--kind", "eval"])
+    mth.main(["convert", "--src", str(src), "--out", str(tmp_path / "e.jsonl"), "--kind", "eval"])
     ev = _jsonl(tmp_path / "e.jsonl")
     assert [e["level"] for e in ev] == [2, 3] and ev[0]["answer"] == "\\frac{1}{2}"
     assert ev[0]["id"] == "math/m/0" and ev[1]["subject"] == "Geometry"
@@ -327,11 +324,20 @@ def test_outputs_load_through_dataset_registry(tmp_path: Path) -> None:
 
 
 def test_benchmark_modules_do_not_import_the_cli_entry_points() -> None:
-    """The CLIs in dataset/convert/ sit on top of evaluation/; the reverse edge was the import
-    cycle (evaluation.runner -> dataset.convert.gsm8k -> evaluation.gsm8k)."""
-    code = ("import sys, evaluation.runner, evaluation.gsm8k, evaluation.math, evaluation.commonsense, "
+    """The runner and the tasks load no converter of dataset/convert/ beyond the shared record
+    I/O (the benchmark CLIs used to live there, on top of evaluation/: an import cycle)."""
+    code = ("import sys, evaluation.runner, tasks.gsm8k, tasks.math, tasks.commonsense, "
             "evaluation.perplexity, evaluation.report\n"
             "print(sorted(m for m in sys.modules if m.startswith('dataset.convert.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "['dataset.convert._io']"
+
+
+def test_tasks_import_neither_evaluation_nor_trainer() -> None:
+    """tasks/ depends on dataset/ only; evaluation/ and trainer/ ask it (never the reverse)."""
+    code = ("import sys, tasks, tasks.gsm8k, tasks.math, tasks.math_answer, tasks.commonsense\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('evaluation', 'trainer')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"

@@ -1,6 +1,8 @@
 """The eight commonsense-reasoning sets of the LoRA/DoRA papers, in one place: their source
 layouts, the uniform multiple-choice record, SFT / alpaca records, the LLM-Adapters prompt,
-answer extraction and scoring (generation and log-likelihood; the model call is injected).
+answer extraction, scoring (generation and log-likelihood; the model call is injected) and the
+RL prompt + gold. The shape is the one of every task module (``tasks/__init__.py``); no few-shot
+exemplars (LLM-Adapters evaluates zero-shot).
 
 Sets: ARC-Challenge, ARC-Easy, BoolQ, HellaSwag, OpenBookQA, PIQA, Social IQa, WinoGrande.
 
@@ -23,7 +25,7 @@ Every layout becomes the uniform record that the scorers take:
      scoring)}
 
 Records written by ``convert_file`` / ``convert_tree`` (the CLI is
-``python -m dataset.convert.commonsense``): ``sft`` = MiniMind ``{"conversations": [user:
+``python -m tasks.commonsense convert``): ``sft`` = MiniMind ``{"conversations": [user:
 LLM-Adapters instruction, assistant: "the correct answer is answer3"]}``, the exact target
 LLM-Adapters fine-tunes on, so scores are comparable; ``alpaca`` = the same pair as
 ``{"instruction", "input", "output"}``; ``eval`` = the uniform record.
@@ -47,7 +49,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from dataset.convert._io import (
     DataError,
@@ -60,8 +62,10 @@ from dataset.convert._io import (
     update_dataset_info,
     write_jsonl,
 )
+from tasks._cli import convert_parser
 
 __all__ = [
+    "NAME", "FEWSHOT",
     # the sets and their label vocabulary
     "TaskSpec", "TASKS", "BOOLQ_LABELS", "get_task", "label_name", "label_index",
     # prompt and the uniform record
@@ -70,11 +74,18 @@ __all__ = [
     "read_llm_adapters", "read_mosaic", "read_original", "read_piqa_original",
     "read_commonsense", "record_from_original", "infer_dataset", "infer_split",
     # written records
-    "KINDS", "to_sft", "to_alpaca", "convert_file", "convert_tree", "load_commonsense",
+    "KINDS", "to_sft", "to_alpaca", "convert_file", "convert_tree", "load", "main",
+    # prompt
+    "question",
     # scoring
-    "extract_choice", "commonsense_correct", "score_generation", "loglik_requests",
-    "pick_choice", "score_loglik",
+    "extract_choice", "commonsense_correct", "score_generation", "score", "summarize",
+    "loglik_requests", "pick_choice", "score_loglik",
+    # RL prompt and gold
+    "ANSWER_MARKER", "is_record", "rl_prompt", "gold_of_reply", "correct",
 ]
+
+NAME = "commonsense"
+FEWSHOT = False
 
 
 @dataclass(frozen=True)
@@ -604,8 +615,7 @@ def _commonsense_files(path: Path) -> list[Path]:
     return files
 
 
-def load_commonsense(path: str | Path, limit: int | None = None, dataset: str | None = None
-                     ) -> list[dict]:
+def load(path: str | Path, limit: int | None = None, dataset: str | None = None) -> list[dict]:
     """Uniform multiple-choice records to score, from a file or a folder.
 
     A file of already converted eval records is read as is; any other layout goes through
@@ -696,6 +706,11 @@ def commonsense_correct(pred_text: str | None, gold: str | int, dataset: str,
     return pred is not None and pred == _gold_label(dataset, gold)
 
 
+def question(item: Mapping[str, Any]) -> str:
+    """The user turn of a record: its LLM-Adapters instruction (what the SFT records train on)."""
+    return item["instruction"]
+
+
 def score_generation(pred_text: str | None, record: dict) -> dict:
     """Score one generation against a uniform MC record.
 
@@ -709,6 +724,16 @@ def score_generation(pred_text: str | None, record: dict) -> dict:
     kind = None if correct else ("no_answer" if extracted is None else "wrong_answer")
     return {"id": record.get("id"), "category": dataset, "extracted": extracted, "gold": gold,
             "correct": correct, "error_kind": kind}
+
+
+def score(item: Mapping[str, Any], text: str) -> dict:
+    """One report row: ``score_generation`` of the answer text against the record."""
+    return score_generation(text, item)
+
+
+def summarize(results: Sequence[dict]) -> dict:
+    """No summary fields beyond the report's own (the per-set accuracies are its categories)."""
+    return {}
 
 
 # ------------------------------------------------------------------------------------------
@@ -784,3 +809,73 @@ def score_loglik(items: Iterable[dict], logprob_fn: LogprobFn,
             **{f"correct_{k}": v == label for k, v in preds.items()},
         })
     return results
+
+
+# ------------------------------------------------------------------------------------------
+# RL: prompt and gold of a data record, and the reward's verdict
+# ------------------------------------------------------------------------------------------
+
+# What "an answer was given" looks like (the phrase the training data teaches).
+ANSWER_MARKER = re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)
+
+
+def is_record(obj: Mapping[str, Any]) -> bool:
+    """A uniform eval record (``instruction``, ``label``, ``dataset``, ``choices``)."""
+    return {"instruction", "label", "dataset", "choices"} <= obj.keys()
+
+
+def rl_prompt(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``{"messages", "task", "gold", "dataset", "num_choices"}``: the instruction as the user
+    turn; the set and its choice count go along, since the label vocabulary depends on them."""
+    return {"messages": [{"role": "user", "content": obj["instruction"]}], "task": NAME,
+            "gold": obj.get("gold", obj["label"]), "dataset": obj["dataset"],
+            "num_choices": len(obj["choices"])}
+
+
+def gold_of_reply(text: str) -> str | None:
+    """Always None: an SFT reply ("the correct answer is answer3") does not say which set it
+    belongs to, and its label cannot be scored without one; train on eval records instead."""
+    return None
+
+
+def correct(text: str, sample: Mapping[str, Any]) -> bool:
+    """Whether an answer text is right for an RL sample (``rl_prompt``'s record)."""
+    return commonsense_correct(text, sample["gold"], sample["dataset"], sample.get("num_choices"))
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tasks.commonsense convert --src FILE|DIR --out FILE|DIR [--kind ...]``."""
+    parser, p = convert_parser(
+        NAME, "Convert ARC-C/ARC-E/BoolQ/HellaSwag/OBQA/PIQA/SIQA/WinoGrande into MiniMind SFT "
+              "conversations, alpaca rows, or uniform multiple-choice eval records. With a "
+              "directory as --src (an LLM-Adapters tree), converts every <dataset>/<split>.json "
+              "into --out/<dataset>_<split>_{sft,eval}.jsonl plus dataset_info.json.",
+        "input file (.json/.jsonl, optionally .gz) or an LLM-Adapters directory",
+        out_help="output .jsonl file (or directory when --src is one)",
+        eval_help="uniform multiple-choice records")
+    p.add_argument("--dataset", help=f"one of {', '.join(TASKS)} (default: inferred from the path)")
+    p.add_argument("--split", help="split name used in record ids (default: from the file name)")
+    p.add_argument("--src-format", choices=["auto", "llm_adapters", "mosaic", "original"],
+                   default="auto", help="input layout (default: detected from the first record)")
+    p.add_argument("--labels", help="PIQA only: the line-aligned *-labels.lst file")
+    p.add_argument("--name", help="registry name in dataset_info.json "
+                                  "(default: <dataset>_<split>_<kind>)")
+    args = parser.parse_args(argv)
+    src = Path(args.src)
+    if src.is_dir():
+        counts = convert_tree(src, args.out)
+        for fname, n in counts.items():
+            print(f"{n:7d}  {Path(args.out) / fname}")
+        return
+    n = convert_file(src, args.out, args.kind, args.dataset, args.split, args.src_format,
+                     args.labels, args.dataset_info, args.name)
+    print(f"wrote {n} records to {args.out}")
+
+
+if __name__ == "__main__":
+    from common.errors import run_cli
+    run_cli(main)

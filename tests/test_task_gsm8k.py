@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from evaluation.gsm8k import (
+from tasks.gsm8k import (
     canonical_number,
     extract_gsm8k_gold,
     extract_gsm8k_prediction,

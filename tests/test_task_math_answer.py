@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from evaluation.math_answer import (
+from tasks.math_answer import (
     extract_boxed,
     extract_math_prediction,
     latex_to_number,

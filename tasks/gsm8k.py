@@ -1,11 +1,13 @@
 """GSM8K, in one place: the release's format, SFT / alpaca / eval records, the prompt, answer
-extraction and scoring (pure Python, no model; ``evaluation.runner`` drives a model over these).
+extraction, scoring and the RL prompt + gold (pure Python, no model; ``evaluation.runner`` drives
+a model over these, ``trainer.grpo`` trains on them). The shape is the one of every task module
+(``tasks/__init__.py``).
 
 Data: ``{"question", "answer"}`` JSONL as released by openai/grade-school-math (train, test,
 test_socratic), where ``answer`` is a worked solution with ``<<a*b=c>>`` calculator annotations
 and a final ``#### <number>`` line.
 
-Records written by ``convert_file`` (the CLI is ``python -m dataset.convert.gsm8k``):
+Records written by ``convert_file`` (the CLI is ``python -m tasks.gsm8k convert``):
 - ``sft``: MiniMind ``{"conversations": [{"role": "user", "content": question},
   {"role": "assistant", "reasoning_content": <worked solution>, "content": "The answer is 18."}]}``.
   Why split: MiniMind's chat template renders ``reasoning_content`` inside ``<think>...</think>``
@@ -20,7 +22,7 @@ Records written by ``convert_file`` (the CLI is ``python -m dataset.convert.gsm8
   (``"1,080"`` -> ``"1080"``).
 
 Prompt: the bare question as the user turn (what the SFT records train on); few-shot exemplars
-(``gsm8k_exemplars``) are earlier turns in the same "reasoning, then The answer is N." format.
+(``exemplars``) are earlier turns in the same "reasoning, then The answer is N." format.
 
 References:
 - GSM8K (Cobbe et al., "Training Verifiers to Solve Math Word Problems", 2021,
@@ -38,22 +40,28 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from dataset.convert._io import (DataError, first_field, iter_records, reasoning_alpaca,
                                  reasoning_sft, require, take, write_converted)
+from tasks._cli import convert_parser
 
 __all__ = [
+    "NAME", "FEWSHOT",
     # data format and records
     "ANSWER_TEMPLATE", "strip_calculator", "split_solution", "read_gsm8k", "to_sft", "to_alpaca",
-    "to_eval", "convert_file", "load_gsm8k",
+    "to_eval", "convert_file", "load", "main",
     # prompt
-    "gsm8k_exemplars",
+    "question", "exemplars",
     # answer extraction and scoring
     "extract_gsm8k_gold", "extract_gsm8k_prediction", "gsm8k_correct", "score_gsm8k",
-    "parse_number", "canonical_number",
+    "parse_number", "canonical_number", "score", "summarize",
+    # RL prompt and gold
+    "ANSWER_MARKER", "is_record", "rl_prompt", "gold_of_reply", "correct",
 ]
 
+NAME = "gsm8k"
+FEWSHOT = True
 ANSWER_TEMPLATE = "The answer is {answer}."   # the answer line SFT records end with
 
 # ------------------------------------------------------------------------------------------
@@ -328,7 +336,7 @@ def convert_file(src: str | Path, out: str | Path, kind: str = "sft", inline: bo
                            registry_name=name or f"gsm8k_{stem}_{kind}")
 
 
-def load_gsm8k(path: str | Path, limit: int | None = None) -> list[dict]:
+def load(path: str | Path, limit: int | None = None) -> list[dict]:
     """Items to score, ``{"id", "question", "answer"}``: ``answer`` is a full GSM8K solution
     (ending in ``#### n``) or a bare number, as in the raw release and in our eval records."""
     def records() -> Iterable[dict]:
@@ -342,7 +350,12 @@ def load_gsm8k(path: str | Path, limit: int | None = None) -> list[dict]:
 # Prompt
 # ------------------------------------------------------------------------------------------
 
-def gsm8k_exemplars(items: Sequence[dict]) -> list[dict[str, Any]]:
+def question(item: Mapping[str, Any]) -> str:
+    """The user turn of an item: the bare question (what the SFT records train on)."""
+    return item["question"]
+
+
+def exemplars(items: Sequence[dict]) -> list[dict[str, Any]]:
     """Few-shot turns in the format our GSM8K SFT data teaches (reasoning, then "The answer is N.").
     Items whose ``answer`` is a bare number (no worked solution) give the answer line only."""
     turns: list[dict[str, Any]] = []
@@ -355,3 +368,83 @@ def gsm8k_exemplars(items: Sequence[dict]) -> list[dict[str, Any]]:
         turns += [{"role": "user", "content": it["question"]},
                   {"role": "assistant", "content": reply}]
     return turns
+
+
+# ------------------------------------------------------------------------------------------
+# Scoring an item for a report
+# ------------------------------------------------------------------------------------------
+
+def score(item: Mapping[str, Any], text: str) -> dict:
+    """One report row: ``score_gsm8k`` of the answer text against the item's gold."""
+    return {"id": item.get("id"), "category": item.get("category"),
+            **score_gsm8k(text, item["answer"])}
+
+
+def summarize(results: Sequence[dict]) -> dict:
+    """No summary fields beyond the report's own."""
+    return {}
+
+
+# ------------------------------------------------------------------------------------------
+# RL: prompt and gold of a data record, and the reward's verdict
+# ------------------------------------------------------------------------------------------
+
+# What "an answer was given" looks like (the marker the training data teaches).
+ANSWER_MARKER = re.compile(r"####\s*-?[\d.,]+")
+
+
+def is_record(obj: Mapping[str, Any]) -> bool:
+    """A GSM8K record (release or eval record): ``question`` and ``answer``."""
+    return "question" in obj and "answer" in obj
+
+
+def rl_prompt(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``{"messages", "task", "gold"}``: the question as the user turn; the gold is the number
+    after ``####`` of a worked solution, or a bare answer as it is."""
+    answer = str(obj["answer"])
+    gold = extract_gsm8k_gold(answer) if "####" in answer else answer.strip()
+    return {"messages": [{"role": "user", "content": obj["question"]}], "task": NAME, "gold": gold}
+
+
+def gold_of_reply(text: str) -> str | None:
+    """The gold of a worked reply ending in ``#### n``, or None."""
+    if "####" not in text:
+        return None
+    try:
+        return extract_gsm8k_gold(text)
+    except ValueError:
+        return None
+
+
+def correct(text: str, sample: Mapping[str, Any]) -> bool:
+    """Whether an answer text is right for an RL sample (``rl_prompt``'s record)."""
+    return gsm8k_correct(text, sample["gold"])
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tasks.gsm8k convert --src train.jsonl --out gsm8k_sft.jsonl [--kind ...]``."""
+    parser, p = convert_parser(
+        NAME, "Convert GSM8K {question, answer} JSONL into MiniMind SFT conversations "
+              "(assistant reasoning_content = worked solution, content = 'The answer is N.'), "
+              "alpaca rows, or eval records {id, question, answer, solution}.",
+        "GSM8K .jsonl file (e.g. ../shared/data/gsm8k/train.jsonl)")
+    p.add_argument("--inline", action="store_true",
+                   help="sft only: put the reasoning and the answer line together in content "
+                        "instead of reasoning_content (for models trained without thinking)")
+    p.add_argument("--keep-calculator", action="store_true",
+                   help="keep the <<a*b=c>> calculator annotations in the reasoning")
+    p.add_argument("--split", help="split name used in ids (default: the file stem)")
+    p.add_argument("--name", help="registry name (default: gsm8k_<stem>_<kind>)")
+    args = parser.parse_args(argv)
+    n = convert_file(args.src, args.out, args.kind, args.inline, args.keep_calculator, args.split,
+                     args.dataset_info, args.name)
+    print(f"wrote {n} records to {args.out}")
+
+
+if __name__ == "__main__":
+    from common.errors import run_cli
+    run_cli(main)

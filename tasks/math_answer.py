@@ -1,8 +1,8 @@
 """MATH answer extraction, normalisation and equivalence (pure Python, no sympy).
 
 Scope: find the final answer of a MATH-style solution (the last ``\\boxed{...}``), bring LaTeX
-answers to a canonical string, and decide whether two answers are the same. The model-driven runner
-calls ``score_math``; the converters call ``extract_boxed``.
+answers to a canonical string, and decide whether two answers are the same. ``tasks.math`` scores
+with ``score_math`` and reads golds with ``extract_boxed``.
 
 References:
 - MATH (Hendrycks et al., 2021, https://github.com/hendrycks/math): answers are the contents of the
