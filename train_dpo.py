@@ -28,6 +28,7 @@ from trainer import dpo
 from trainer.adapters import FinetuningChoice
 from trainer.config import option, parse_config
 from trainer.loop import fit, make_autocast
+from trainer.reference import adapter_reference, frozen_copy, frozen_reference
 from trainer.stage import build_model, finish, fit_args, generation_hooks, load_data, load_tokenizer
 
 
@@ -86,12 +87,12 @@ def main() -> None:
         evals = {name: dpo.WithReferenceLogps(ds, table(ds)) for name, ds in evals.items()}
         collate, reference = dpo.collate_with_reference(collate), dpo.precomputed_reference
     elif settings.needs_reference and cfg.use_lora:
-        reference = dpo.adapter_reference
+        reference = dpo.reference_logps(adapter_reference)
     elif settings.needs_reference:
-        ref = dpo.frozen_copy(model)
+        ref = frozen_copy(model)
         if cfg.expert_backend() != "torch":   # the frozen reference runs its experts in torch
             offload_experts(ref, "torch")
-        reference = dpo.frozen_reference(ref.to(env.device))
+        reference = dpo.reference_logps(frozen_reference(ref.to(env.device)))
 
     result = fit(model, train, dpo.make_dpo_loss(settings, reference), cfg, eval_data=evals,
                  collate_fn=collate, eval_hooks=generation_hooks(cfg, tokenizer), **fit_args(model, cfg))

@@ -10,7 +10,8 @@
 Prompts: SFT conversations up to their last assistant turn (gold = that reply's `#### n` or
 \\boxed{}), GSM8K / MATH / commonsense eval files, or registry names with --dataset_dir. Each
 step samples group_size completions of batch_size prompts (one batched KV-cache decode), scores
-them (trainer/rewards.py), and updates on group-relative advantages (trainer/grpo.py).
+them (trainer/rewards.py; rollouts in trainer/rollout.py), and updates on group-relative
+advantages (trainer/grpo.py).
 Logged every log_every steps: reward, reward_std, accuracy, kl, entropy, response_len, clip_frac,
 frac_groups_dropped, repetition, rollout_tok_s, update_tok_s, gen_share; every sample_every steps
 a few completions go to out_dir/rollouts.jsonl. --eval_gen_data scores held-out questions.
@@ -30,9 +31,10 @@ from trainer import grpo
 from trainer.adapters import FinetuningChoice
 from trainer.checkpoint import resolve_resume, verify_checkpoint
 from trainer.config import option, parse_config
-from trainer.dpo import frozen_copy
 from trainer.loop import fit
+from trainer.reference import adapter_reference, frozen_copy, frozen_reference
 from trainer.rewards import RewardMix, RewardSpecError
+from trainer.rollout import Rollouts, SampleLog
 from trainer.stage import build_model, finish, fit_args, generation_hooks, load_tokenizer
 
 
@@ -109,20 +111,21 @@ def main() -> None:
     reference = None
     if cfg.beta > 0 or cfg.track_kl:
         if cfg.use_lora:
-            reference = grpo.adapter_reference
+            reference = adapter_reference
         else:
             ref = frozen_copy(model)
             if cfg.expert_backend() != "torch":   # the frozen reference runs its experts in torch
                 offload_experts(ref, "torch")
-            reference = grpo.frozen_reference(ref.to(env.device))
+            reference = frozen_reference(ref.to(env.device))
 
-    # the step fit resumes at: rollout seeds are a function of the step (trainer/grpo.py)
+    rollouts = Rollouts(prompts, RewardMix.from_spec(cfg.reward), settings.rollout, tokenizer, reference,
+                        seed=cfg.seed, rank=env.rank)
+    samples = SampleLog(Path(cfg.out_dir) / "rollouts.jsonl", cfg.sample_every or cfg.log_every) \
+        if env.is_main else None
+    # the step fit resumes at: rollout seeds are a function of the step (trainer/rollout.py)
     resume = resolve_resume(cfg.resume, cfg.out_dir, log=lambda *_: None)
-    loss = grpo.GRPOLoss(prompts, RewardMix.from_spec(cfg.reward), settings, [tokenizer.eos_id],
-                         tokenizer.pad_id, cfg.grad_accum, reference, tokenizer.decode,
-                         Path(cfg.out_dir) / "rollouts.jsonl", cfg.sample_every or cfg.log_every,
-                         is_main=env.is_main, seed=cfg.seed, rank=env.rank,
-                         start_step=verify_checkpoint(resume)["step"] if resume else 0)
+    loss = grpo.GRPOLoss(settings, rollouts, cfg.grad_accum,
+                         start_step=verify_checkpoint(resume)["step"] if resume else 0, samples=samples)
     args = fit_args(model, cfg)
     args["after_step"] = [*args.get("after_step", []), loss.after_step]
     result = fit(model, prompts, loss, cfg, eval_hooks=generation_hooks(cfg, tokenizer), **args)

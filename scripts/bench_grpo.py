@@ -1,7 +1,7 @@
 """GRPO step anatomy: rollout tokens/s, update tokens/s and the share of step time in generation.
 
 One GRPO step = a rollout (prompts x G completions in one batched KV-cache decode, the
-`trainer.grpo.rollout` the stage runs) + the update (forward with grad over prompt+completion,
+`trainer.rollout.sample_groups` the stage runs) + the update (forward with grad over prompt+completion,
 CISPO loss, backward, AdamW step). Also times the same rollout decoded row by row, to show what
 batching across G x prompts buys. All figures come from the same process, side by side (the
 machine may be shared: compare the ratios, not the absolute numbers).
@@ -24,6 +24,8 @@ from model.precision import resolve_precision
 from model.tokenizer import Tokenizer
 from trainer import grpo
 from trainer.loop import make_autocast
+from trainer.losses import token_logps
+from trainer.rollout import group_advantages, sample_groups
 
 
 def main() -> None:
@@ -63,14 +65,15 @@ def main() -> None:
     gen_tok = upd_tok = 0
     for step in range(args.steps + 1):
         with autocast():
-            ro = grpo.rollout(model, prompts, s, seed=step * 10_000, stop_ids=[tok.eos_id], pad_id=tok.pad_id)
+            ro = sample_groups(model, prompts, s.rollout, seed=step * 10_000, stop_ids=[tok.eos_id],
+                               pad_id=tok.pad_id)
         ids, mask = ro.input_ids.to(device), ro.action_mask.to(device)
         rewards = torch.tensor([float(len(c) % 2) for c in ro.completions])   # any non-flat signal
-        adv, _ = grpo.group_advantages(rewards, args.group_size)
+        adv, _ = group_advantages(rewards, args.group_size)
         t0 = time.perf_counter()
         model.train()
         with autocast():
-            logps = grpo.token_logps(model(input_ids=ids).logits, ids)
+            logps = token_logps(model(input_ids=ids).logits, ids)
             loss, _ = grpo.policy_loss(logps, logps.detach(), adv.to(device), mask, s)
         loss.backward()
         opt.step()
@@ -87,8 +90,8 @@ def main() -> None:
             t0 = time.perf_counter()
             with autocast():
                 for k in range(len(prompts)):
-                    grpo.rollout(model, prompts[k:k + 1], s, seed=step * 10_000 + k * args.group_size,
-                                 stop_ids=[tok.eos_id], pad_id=tok.pad_id)
+                    sample_groups(model, prompts[k:k + 1], s.rollout, seed=step * 10_000 + k * args.group_size,
+                                  stop_ids=[tok.eos_id], pad_id=tok.pad_id)
             per_group = time.perf_counter() - t0
             t0 = time.perf_counter()
             n_rows = min(4, len(prompts) * args.group_size)    # a sample of rows decoded alone

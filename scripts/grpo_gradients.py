@@ -1,7 +1,7 @@
 """How far does one GRPO step reach? Cosines between policy gradients of independent rollouts.
 
 For each of `--sets` disjoint sets of `--prompts` training prompts, the stage's own loss
-(`trainer.grpo.GRPOLoss`: rollout of prompts x G, rewards, advantages, loss) is differentiated
+(`trainer.grpo.GRPOLoss`: trainer.rollout's prompts x G, rewards, advantages; then the loss) is differentiated
 twice, on two rollouts with different seeds. Printed: the mean cosine between the two gradients of
 the same prompts (is the update a property of the prompts, or of the dice?) and between the
 gradients of different prompt sets (does what one batch teaches point where another's does?).
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from inference import load_for_inference
 from trainer import grpo
 from trainer.rewards import RewardMix
+from trainer.rollout import Rollouts
 
 
 def main() -> None:
@@ -45,8 +46,8 @@ def main() -> None:
                                  args.max_new_tokens, 1.0, 1.0, False)
 
     def gradient(indices: list[int], step: int) -> tuple[torch.Tensor, float]:
-        loss_fn = grpo.GRPOLoss(data, RewardMix.from_spec(args.reward), settings, [tok.eos_id],
-                                tok.pad_id, decode=tok.decode, seed=args.seed, start_step=step)
+        rollouts = Rollouts(data, RewardMix.from_spec(args.reward), settings.rollout, tok, seed=args.seed)
+        loss_fn = grpo.GRPOLoss(settings, rollouts, start_step=step)
         model.zero_grad(set_to_none=True)
         model.train()
         loss, metrics = loss_fn(model, {"prompt_index": torch.tensor(indices)})

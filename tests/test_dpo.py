@@ -15,6 +15,7 @@ from trainer import distributed as dist
 from trainer import dpo
 from trainer.config import TrainConfig
 from trainer.loop import fit
+from trainer.reference import adapter_reference, frozen_copy, frozen_reference
 
 # two pairs of fixed sequence log-probs: policy chosen/rejected, reference chosen/rejected
 PC, PR = torch.tensor([-10.0, -5.0]), torch.tensor([-12.0, -4.0])
@@ -107,10 +108,10 @@ def test_policy_equal_to_reference_gives_log2(pairs, mode):
     model = tiny()
     data = [ds[i] for i in range(4)]
     if mode == "copy":
-        reference = dpo.frozen_reference(dpo.frozen_copy(model))
+        reference = dpo.reference_logps(frozen_reference(frozen_copy(model)))
     elif mode == "lora":    # adapters start at B = 0, so policy == base exactly
         apply_lora(model, "all", rank=4, alpha=8)
-        reference = dpo.adapter_reference
+        reference = dpo.reference_logps(adapter_reference)
     else:
         table = dpo.precompute_reference_logps(model, ds, collate, 4, dist.DistEnv())
         ds, collate = dpo.WithReferenceLogps(ds, table), dpo.collate_with_reference(collate)
@@ -136,7 +137,7 @@ def test_tiny_model_learns_preferences(pairs, tmp_path):
     (Seeds 0-5 of the model all reach 100 % on these pairs; the bound leaves room.)"""
     ds, collate = pairs
     model = tiny()
-    reference = dpo.frozen_reference(dpo.frozen_copy(model))
+    reference = dpo.reference_logps(frozen_reference(frozen_copy(model)))
     assert reward_accuracy(model, reference, ds, collate) == 0.0        # identical at the start
     # 16 pairs, 6 epochs; lr far above the stage default because the model starts from scratch
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), device="cpu", dtype="fp32", batch_size=4,
@@ -152,7 +153,7 @@ def test_sft_term_is_the_models_own_token_mean_nll_on_chosen(pairs):
     ds, collate = pairs
     model = tiny()
     batch = collate([ds[i] for i in range(4)])
-    reference = dpo.frozen_reference(dpo.frozen_copy(model))
+    reference = dpo.reference_logps(frozen_reference(frozen_copy(model)))
     loss_fn = dpo.make_dpo_loss(dpo.PreferenceSettings("sigmoid", 0.1, sft_weight=0.5), reference)
     loss, metrics = loss_fn(model, batch)
     ce = model(batch["chosen_input_ids"], labels=batch["chosen_labels"]).ce_loss   # independent path

@@ -1,8 +1,8 @@
-"""trainer/grpo.py and train_grpo.py: the three losses and the advantages against hand
-computations, the batched rollout against rows decoded alone, and the stage through the shared
-loop: it raises a reward a tiny model can learn, and a resumed run matches an uninterrupted one
-bit for bit (weights and sampled completions); under torchrun two ranks stay in step even when
-every group is dropped."""
+"""trainer/grpo.py, trainer/rollout.py and train_grpo.py: the three losses and the advantages
+against hand computations, the batched rollout against rows decoded alone, and the stage through
+the shared loop: it raises a reward a tiny model can learn, and a resumed run matches an
+uninterrupted one bit for bit (weights and sampled completions); under torchrun two ranks stay in
+step even when every group is dropped."""
 import json
 import math
 import os
@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from model.config import MiniMindConfig
 from model.generate import SamplingParams, generate_tokens
 from model.model import MiniMindLM
-from trainer import grpo, rewards
-from trainer.grpo import GRPOSettings, group_advantages, policy_loss
+from trainer import grpo, rewards, rollout
+from trainer.grpo import GRPOSettings, policy_loss
+from trainer.rollout import group_advantages
 
 pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
@@ -89,8 +90,8 @@ def test_group_advantages_match_hand_computation():
 
 
 def test_repetition_rate():
-    assert grpo.repetition_rate([1, 2, 3, 4, 5, 6], n=2) == 0.0
-    assert grpo.repetition_rate([7, 7, 7, 7, 7], n=2) == pytest.approx(3 / 4)
+    assert rollout.repetition_rate([1, 2, 3, 4, 5, 6], n=2) == 0.0
+    assert rollout.repetition_rate([7, 7, 7, 7, 7], n=2) == pytest.approx(3 / 4)
 
 
 def _tiny(seed=0):
@@ -104,7 +105,7 @@ def test_rollout_batch_equals_rows_decoded_alone():
     model = _tiny()
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
     s = GRPOSettings("cispo", group_size=3, max_new_tokens=6, temperature=1.0)
-    ro = grpo.rollout(model, prompts, s, seed=100, stop_ids=[2], pad_id=0)
+    ro = rollout.sample_groups(model, prompts, s.rollout, seed=100, stop_ids=[2], pad_id=0)
     assert len(ro.completions) == 6
     for k, comp in enumerate(ro.completions):
         p = prompts[k // 3]
@@ -210,9 +211,9 @@ def test_inner_updates_reuse_the_rollout_with_a_moving_ratio(tmp_path, monkeypat
     """μ = 2: one rollout per two optimizer steps; the first step's ratio π_θ/π_old is 1, the
     second's (same completions, updated weights) is not."""
     calls, ratios = [], []
-    real_rollout, real_loss = grpo.rollout, grpo.policy_loss
+    real_rollout, real_loss = rollout.sample_groups, grpo.policy_loss
 
-    def rollout(*a, **k):
+    def sample_groups(*a, **k):
         calls.append(len(ratios))
         return real_rollout(*a, **k)
 
@@ -220,7 +221,7 @@ def test_inner_updates_reuse_the_rollout_with_a_moving_ratio(tmp_path, monkeypat
         ratios.append(((logps - old_logps).exp() - 1).abs()[mask > 0].max().item())
         return real_loss(logps, old_logps, advantages, mask, *rest)
 
-    monkeypatch.setattr(grpo, "rollout", rollout)
+    monkeypatch.setattr(rollout, "sample_groups", sample_groups)
     monkeypatch.setattr(grpo, "policy_loss", loss)
     metrics = _run_stage(tmp_path, monkeypatch, tmp_path / "mu2", "--inner_updates", "2",
                          "--max_steps", "4", "--lr", "1e-2", "--min_lr_ratio", "1", "--batch_size", "4",

@@ -17,15 +17,15 @@ Positions are masked arithmetically (no boolean indexing), so the loss needs no 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.errors import UserError
-from trainer.dpo import inference
-from trainer.losses import IGNORE_INDEX, LossFn, packing_inputs, shift_labels
+from trainer.losses import IGNORE_INDEX, LossFn, add_aux_loss, packing_inputs, shift_labels
+from trainer.reference import frozen_reference
 
 
 class VocabMismatchError(UserError, ValueError):
@@ -83,19 +83,15 @@ def make_distill_loss(teacher: nn.Module, alpha: float = 0.5, temperature: float
     The teacher runs in eval mode without autograd, under whatever autocast the loop set up. Its
     MoE aux loss is ignored; the student's is added (it is part of the student's objective).
     """
-    teacher.requires_grad_(False)
+    teacher_logits_of = frozen_reference(teacher.requires_grad_(False))
 
     def loss_fn(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         ids, labels, packed = batch["input_ids"], batch["labels"], packing_inputs(batch)
-        with inference(teacher):   # the same per-conversation attention and positions as the student
-            teacher_logits = teacher(input_ids=ids, **packed).logits
+        # the same per-conversation attention and positions as the student
+        teacher_logits = teacher_logits_of(model, ids, **packed)
         out = model(input_ids=ids, **packed)
         loss, ce, kl = distillation_loss(out.logits, teacher_logits, labels, alpha, temperature)
         metrics: dict[str, Any] = {"ce_loss": ce.detach(), "kl": kl.detach()}
-        aux = getattr(out, "aux_loss", None)
-        if isinstance(aux, torch.Tensor):
-            loss = loss + aux
-            metrics["aux_loss"] = aux.detach()
-        return loss, metrics
+        return add_aux_loss(loss, out, metrics), metrics
 
     return loss_fn

@@ -1,9 +1,10 @@
 """Preference optimisation as pure functions: DPO (sigmoid, with label smoothing), IPO and SimPO.
 
 Scope: per-sequence log-probabilities over the response tokens, the three pairwise losses, the
-implicit-reward metrics, the three ways of getting the reference log-probs (a frozen copy, the
-policy with its LoRA adapters switched off, or numbers precomputed once over the dataset) and
-`make_dpo_loss`, which turns them into the loop's `loss_fn(model, batch) -> (loss, metrics)`.
+implicit-reward metrics, the three ways of getting the reference log-probs (from a frozen copy or
+the policy with its LoRA adapters switched off, both trainer/reference.py's, or numbers
+precomputed once over the dataset) and `make_dpo_loss`, which turns them into the loop's
+`loss_fn(model, batch) -> (loss, metrics)`.
 
 References (maths only, no code taken):
 - DPO, Rafailov et al. 2023: L = -log σ(β[(log π_c - log π_r) - (log ref_c - log ref_r)]), with
@@ -28,10 +29,9 @@ kernels for both halves, so policy == reference gives exactly log 2.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from trainer import distributed as dist
-from trainer.losses import IGNORE_INDEX, LossFn, shift_labels
+from trainer.losses import IGNORE_INDEX, LossFn, add_aux_loss, shift_labels
+from trainer.reference import ReferenceLogits, inference
 
 LossType = Literal["sigmoid", "ipo", "simpo"]
 LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "simpo")
@@ -153,47 +154,12 @@ def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor)
 
 
 # ---------------------------------------------------------------------- references
-@contextlib.contextmanager
-def inference(module: nn.Module) -> Iterator[nn.Module]:
-    """No autograd and eval mode (no dropout) for a reference/teacher pass; restores the mode.
-
-    no_grad rather than inference_mode: the outputs meet trainable tensors in the loss, and
-    inference tensors may not be saved for backward.
-    """
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield module
-    finally:
-        module.train(was_training)
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy with every parameter frozen, in eval mode (the full-fine-tuning reference)."""
-    ref = copy.deepcopy(dist.unwrap(model))
-    return ref.requires_grad_(False).eval()
-
-
-def frozen_reference(ref_model: nn.Module) -> ReferenceFn:
-    """Reference log-probs from a separate frozen model (same device as the policy)."""
-    def reference(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch: Mapping) -> torch.Tensor:
-        with inference(ref_model):
-            return sequence_logps(ref_model(input_ids=ids).logits, labels)[0]
-    return reference
-
-
-def adapter_reference(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch: Mapping
-                      ) -> torch.Tensor:
-    """Reference = the policy itself with its LoRA adapters switched off: no second copy.
-
-    Runs the plain module, not the DDP wrapper: a gradient-free forward must not take part in
-    DDP's bookkeeping (and needs no buffer broadcast).
-    """
-    from model.lora import disable_lora   # the model package's LoRA helpers; only this path needs them
-    plain = dist.unwrap(model)
-    with inference(plain), disable_lora(plain):
-        return sequence_logps(plain(input_ids=ids).logits, labels)[0]
+def reference_logps(reference: ReferenceLogits) -> ReferenceFn:
+    """DPO's reference from a trainer.reference one (`frozen_reference(frozen_copy(model))`, or
+    `adapter_reference` with LoRA): the summed log-probs of the responses under its logits."""
+    def logps(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch: Mapping) -> torch.Tensor:
+        return sequence_logps(reference(model, ids), labels)[0]
+    return logps
 
 
 def precomputed_reference(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch: Mapping
@@ -294,11 +260,7 @@ def make_dpo_loss(settings: PreferenceSettings, reference: ReferenceFn | None) -
             nll = -sum_c.sum() / n_chosen.sum()
             loss = loss + settings.sft_weight * nll
             metrics["sft_nll"] = nll.detach()
-        aux = getattr(out, "aux_loss", None)
-        if isinstance(aux, torch.Tensor):
-            loss = loss + aux
-            metrics["aux_loss"] = aux.detach()
-        return loss, metrics
+        return add_aux_loss(loss, out, metrics), metrics
 
     return loss_fn
 

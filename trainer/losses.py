@@ -1,6 +1,7 @@
 """Loss functions as pure functions (no state, no I/O).
 
-Scope: label helpers and the `loss_fn(model, batch) -> (loss, metrics)` used by pretraining and
+Scope: label helpers, per-token log-probs, `add_aux_loss` (the MoE load-balancing term every
+stage's objective carries), the `loss_fn(model, batch) -> (loss, metrics)` used by pretraining and
 SFT, plus `batch_weight`, which the loop uses to combine micro-batches. The cross-entropy itself
 (`causal_lm_loss`) and `IGNORE_INDEX` are the model's (model/model.py), re-exported here.
 
@@ -24,6 +25,27 @@ LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], "tuple[torch.Tensor, 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """labels[:, 1:] padded with `ignore_index` at the end, so targets line up with logits[:, :]."""
     return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log π(input_ids[:, t+1] | ≤ t) for t < T-1, [N, T-1] float32 (fused cross-entropy)."""
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    return -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
+def add_aux_loss(loss: torch.Tensor, out: Any, metrics: dict[str, Any]) -> torch.Tensor:
+    """`loss` plus the MoE load-balancing loss of the trained model's output `out` (its
+    `aux_loss`, summed over layers; 0 for a dense model), which is logged as `aux_loss`.
+
+    Every stage adds it to its own objective: the router keeps balancing whatever the loss. Only
+    the trained model's: a frozen reference's or teacher's aux loss has nothing to train.
+    """
+    aux = getattr(out, "aux_loss", None)
+    if not isinstance(aux, torch.Tensor):
+        return loss
+    metrics["aux_loss"] = aux.detach()
+    return loss + aux
 
 
 def count_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -54,7 +76,7 @@ def packing_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Pretraining / SFT loss: the model's own loss (ce + MoE aux) on `input_ids`/`labels`.
+    """Pretraining / SFT loss: the model's cross-entropy on `input_ids`/`labels` + its MoE aux loss.
 
     The attention mask is deliberately not passed: training batches are right-padded
     (dataset.collate), so causality already hides every pad from every real token, pads carry
@@ -64,10 +86,6 @@ def lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.
     reads them only at log time.
     """
     out = model(input_ids=batch["input_ids"], labels=batch["labels"], **packing_inputs(batch))
-    metrics: dict[str, Any] = {}
-    if getattr(out, "ce_loss", None) is not None:
-        metrics["ce_loss"] = out.ce_loss.detach()
-    aux = getattr(out, "aux_loss", None)
-    if isinstance(aux, torch.Tensor):
-        metrics["aux_loss"] = aux.detach()
-    return out.loss, metrics
+    metrics: dict[str, Any] = {"ce_loss": out.ce_loss.detach()}
+    # ce + aux is also the model's out.loss (the same addition, so the same bits)
+    return add_aux_loss(out.ce_loss, out, metrics), metrics
