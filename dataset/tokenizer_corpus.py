@@ -1,9 +1,8 @@
 """Texts to train the tokenizer on: the project's synthetic corpus and user files.
 
-Scope: by default the synthetic generator (dataset/synthetic.py), so `python
-scripts/train_tokenizer.py` reproduces the shipped `model/tokenizer/` exactly; JSONL files
-(`text`, `conversations`, or DPO `chosen`/`rejected`) and plain text files may be added. The
-training itself is `model.tokenizer_train`.
+Scope: by default the synthetic generator (dataset/synthetic.py); JSONL files (`text`,
+`conversations`, or DPO `chosen`/`rejected`) and plain text files may be added. The training
+itself is `model.tokenizer_train`.
 """
 
 from __future__ import annotations

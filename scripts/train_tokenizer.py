@@ -3,9 +3,9 @@
     python scripts/train_tokenizer.py [--out model/tokenizer] [--vocab_size 6400] \
         [--data a.jsonl ...] [--text_files b.txt ...] [--no_synthetic]
 
-By default the corpus is the project's synthetic generator, so this reproduces the shipped
-`model/tokenizer/` exactly. The corpus is `dataset.tokenizer_corpus`, the training
-`model.tokenizer_train`, the chat template `model.tokenizer.CHAT_TEMPLATE`.
+By default the corpus is the project's synthetic generator. The corpus is
+`dataset.tokenizer_corpus`, the training `model.tokenizer_train`, the chat template
+`model.tokenizer.CHAT_TEMPLATE`.
 """
 
 from __future__ import annotations
