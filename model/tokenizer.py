@@ -8,6 +8,9 @@ that keeps non-ASCII and key order, `raise_exception`), so a rendering here equa
 `PreTrainedTokenizerFast.apply_chat_template` on the same folder.
 
 `encode` never adds special tokens; the chat template is the only place they come from.
+
+Also the vocabulary's fixed tokens (`SPECIAL_TOKENS`, `ADDED_TOKENS`) and our chat template
+(`CHAT_TEMPLATE`, at the end), which `model.tokenizer_train` writes into a trained folder.
 """
 
 from __future__ import annotations
@@ -37,10 +40,16 @@ PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "tokenizer"
 
+# Ids 0..8 of our vocabulary, in this order: the special tokens (pad/unk, bos, eos), then the
+# ordinary added tokens, as in MiniMind's REFERENCE.md. Only the first three are special: the
+# rest must survive decode(skip_special_tokens=True).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+ADDED_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+                "<think>", "</think>"]
+
 # Markup the assistant parser (serving/chat.py) reads out of generated text: always shown, even
 # where a tokenizer folder marks these tokens special.
-CHAT_MARKUP = frozenset({"<think>", "</think>", "<tool_call>", "</tool_call>",
-                         "<tool_response>", "</tool_response>"})
+CHAT_MARKUP = frozenset(ADDED_TOKENS)
 
 Message = dict[str, Any]
 
@@ -240,7 +249,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[Message], tools: list | str | None = None,
                             add_generation_prompt: bool = False,
                             enable_thinking: bool = False) -> str:
-        """Render `messages` with the stored template (see scripts/train_tokenizer.py for ours).
+        """Render `messages` with the stored template (ours: `CHAT_TEMPLATE` below).
 
         `tools` and `tool_calls` may be JSON strings, and tools may sit on the first message
         (MiniMind's dataset layout); they are parsed before rendering.
@@ -251,3 +260,87 @@ class Tokenizer:
         return render_chat_template(self.chat_template, msgs, tools=tools,
                                     add_generation_prompt=add_generation_prompt,
                                     enable_thinking=enable_thinking)
+
+# -- our chat template ----------------------------------------------------------------------------
+#
+# CHAT_TEMPLATE renders MiniMind's ChatML format:
+# - `<|im_start|>{role}\n{content}<|im_end|>\n` per turn; the system message first; with tools, the
+#   system turn also lists them (Qwen style `<tools></tools>` block, one JSON per line).
+# - Every assistant turn starts with a think block: `<think>\n{reasoning}\n</think>\n\n{content}`,
+#   and an EMPTY one (`<think>\n\n</think>\n\n`) when the turn has no reasoning. That is exactly
+#   the thinking-off generation prompt, so for any conversation the prompt rendered for the last
+#   assistant turn is a prefix of the full rendering: what the model is trained on after
+#   `<|im_start|>assistant\n` (the loss-masked span, through `<|im_end|>`) is what it must produce
+#   at inference. Reasoning is kept for every turn (not only the last) - simple and what
+#   training data needs. Reasoning comes from `reasoning_content`, or from a `<think>...</think>`
+#   prefix inside `content` (MiniMind's R1 data keeps it there).
+# - `tool_calls` follow the content as `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>`
+#   (one per call, newline separated); consecutive `tool` messages become ONE user turn holding
+#   `<tool_response>\n...\n</tool_response>` blocks (Qwen3 style), so they are never in the loss.
+# - Generation prompt: `<|im_start|>assistant\n` + `<think>\n` if enable_thinking else
+#   `<think>\n\n</think>\n\n`.
+#
+# Every tag opens with "-" so the whitespace between tags is dropped under any Jinja settings
+# (HF renders with trim_blocks/lstrip_blocks; a plain Environment does not).
+CHAT_TEMPLATE = """\
+{#- minimind-forge chat template: ChatML + think blocks + Qwen-style tools. -#}
+{%- if not messages %}{{- raise_exception('messages must not be empty') }}{%- endif %}
+{%- set has_system = messages[0].role == 'system' %}
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if has_system %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+    {{- '# Tools\\n\\nYou can call the functions below. Their signatures are listed inside <tools></tools>:\\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\\n' + (tool if tool is string else tool | tojson) }}
+    {%- endfor %}
+    {{- '\\n</tools>\\n\\nTo call a function, reply with a JSON object holding its name and arguments inside <tool_call></tool_call> tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- elif has_system %}
+    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- elif message.content is none or message.content is undefined %}
+        {%- set content = '' %}
+    {%- else %}
+        {%- set content = message.content | tojson %}
+    {%- endif %}
+    {%- if message.role == 'system' %}
+        {%- if not loop.first %}
+            {{- '<|im_start|>system\\n' + content + '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- elif message.role == 'assistant' %}
+        {%- set reasoning = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning = message.reasoning_content %}
+        {%- elif '</think>' in content %}
+            {%- set reasoning = content.split('</think>')[0].split('<think>')[-1] %}
+            {%- set content = content.split('</think>')[-1] %}
+        {%- endif %}
+        {%- set content = content.lstrip('\\n') %}
+        {{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content }}
+        {%- if message.tool_calls %}
+            {%- for call in message.tool_calls %}
+                {%- set fn = call.function if call.function is defined else call %}
+                {%- if content or not loop.first %}{{- '\\n' }}{%- endif %}
+                {%- set args = fn.arguments if fn.arguments is defined else {} %}
+                {{- '<tool_call>\\n{"name": ' + (fn.name | tojson) + ', "arguments": ' + (args if args is string else args | tojson) + '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking %}
+        {{- '<think>\\n' }}
+    {%- else %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""

@@ -95,7 +95,7 @@ def main() -> None:
                         "scripts/check_lm_eval.py") from None
     import uvicorn
 
-    from scripts.serve_openai_api import create_app
+    from serving.openai_api import create_app
     from serving.engine import Engine
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,10 +22,10 @@ from pathlib import Path
 import streamlit as st
 
 from common.errors import UserError, one_line
-from model.generate import SamplingParams, stream
-from serving.chat import AssistantParser
 from inference import load_for_inference
+from model.generate import SamplingParams, stream
 from model.precision import DTYPE_CHOICES
+from serving.chat import AssistantParser
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "out"

@@ -20,7 +20,7 @@ from inference import load_for_inference
 from model.io import save_pretrained
 from model.lora import ADAPTER_CONFIG_NAME, load_adapter
 from model.model import MiniMindLM
-from scripts import convert_model
+from convert import cli as convert_cli
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -50,7 +50,7 @@ def test_cli_adapter_loads_with_peft_on_the_exported_base(tmp_path):
     config = json.loads((adapter / ADAPTER_CONFIG_NAME).read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(base.resolve())
 
-    convert_model.main(["export", "--model", str(base), "--out", str(tmp_path / "hf")])
+    convert_cli.main(["export", "--model", str(base), "--out", str(tmp_path / "hf")])
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         base_logits = hf(IDS).logits

@@ -22,7 +22,7 @@ from model.config import MiniMindConfig
 from model.generate import SamplingParams, generate
 from model.io import load_pretrained, save_pretrained
 from model.model import MiniMindLM
-from scripts.serve_openai_api import create_app, stop_token_ids
+from serving.openai_api import create_app, stop_token_ids
 from serving.chat import parse_assistant_output
 from inference import load_for_inference
 from serving.engine import Engine

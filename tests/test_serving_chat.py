@@ -8,9 +8,11 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from model.tokenizer import Tokenizer
-from scripts.serve_openai_api import ChatCompletionRequest, Reply, build_prompt
 from serving.chat import AssistantParser, parse_assistant_output, parse_tool_call
 from serving.engine import Finished, TextDelta
+from serving.openai_api import build_prompt
+from serving.replies import Reply
+from serving.schema import ChatCompletionRequest
 
 
 def ids():
@@ -260,7 +262,7 @@ def test_prompt_flags_reach_the_chat_template():
 def test_sse_stream_sends_whole_characters_and_no_control_tokens():
     from fastapi.testclient import TestClient
 
-    from scripts.serve_openai_api import create_app
+    from serving.openai_api import create_app
     from serving.engine import Engine
     from tests.scripted_model import SPLIT_TEXT, scripted_model, split_script
 

@@ -42,10 +42,10 @@ def test_pretrain_then_sft(tmp_path, monkeypatch):
 
 def test_fresh_model_takes_its_vocabulary_from_the_tokenizer(tmp_path, monkeypatch):
     """A 512-token tokenizer gives a fresh preset model 512 embedding rows, not the preset's 6400."""
-    from scripts import train_tokenizer
+    from model import tokenizer_train
     texts = synthetic.pretrain_texts(200, seed=0)
     tok_dir = tmp_path / "tok"
-    train_tokenizer.save(train_tokenizer.train(texts, vocab_size=512), tok_dir)
+    tokenizer_train.save(tokenizer_train.train(texts, vocab_size=512), tok_dir)
     synthetic.write_jsonl(texts, tmp_path / "pretrain.jsonl")
     run_script(train_pretrain, monkeypatch, "--data_path", str(tmp_path / "pretrain.jsonl"),
                "--tokenizer_dir", str(tok_dir), "--out_dir", str(tmp_path / "pre"), "--max_steps", "1",

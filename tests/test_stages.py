@@ -23,7 +23,7 @@ from model.io import load_pretrained, save_pretrained
 from model.lora import disable_lora, load_adapter
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
-from scripts import generate_sft_data
+from dataset import generate_sft
 from trainer import stage
 from trainer.config import ConfigError, parse_config
 
@@ -176,10 +176,10 @@ def test_generate_sft_data_then_train_student(files, tmp_path, monkeypatch):
     answers = iter([Generation([], "5", "stop"), Generation([], "3", "stop"),
                     Generation([], "cut off", "length"), Generation([], "bad <|im_start|>", "stop")])
     fake = lambda model, tok, ids, params: [next(answers) for _ in ids]   # noqa: E731
-    monkeypatch.setattr(generate_sft_data, "generate", fake)
+    monkeypatch.setattr(generate_sft, "generate", fake)
     out = tmp_path / "gen" / "sft.jsonl"
-    counts = generate_sft_data.main(["--teacher", str(files["base"]), "--prompts", str(prompts), "--out",
-                                     str(out), "--device", "cpu", "--batch_size", "2"])
+    counts = generate_sft.main(["--teacher", str(files["base"]), "--prompts", str(prompts), "--out",
+                                str(out), "--device", "cpu", "--batch_size", "2"])
     assert counts == {"prompts": 3, "generated": 3, "kept": 2, "truncated": 1, "rejected": 1}
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records[0]["conversations"] == [{"role": "user", "content": "What is 2 + 3?"},
@@ -191,14 +191,14 @@ def test_generate_sft_data_then_train_student(files, tmp_path, monkeypatch):
     assert (tmp_path / "student" / "final" / "model.safetensors").exists()
 
     monkeypatch.undo()   # the real teacher: a random tiny model, so keep whatever it says
-    counts = generate_sft_data.main(["--teacher", str(files["base"]), "--prompts", str(prompts), "--out",
-                                     str(out), "--device", "cpu", "--max_new_tokens", "4",
-                                     "--num_samples", "2", "--keep_truncated"])
+    counts = generate_sft.main(["--teacher", str(files["base"]), "--prompts", str(prompts), "--out",
+                                str(out), "--device", "cpu", "--max_new_tokens", "4",
+                                "--num_samples", "2", "--keep_truncated"])
     assert counts["generated"] == 6 and counts["kept"] + counts["rejected"] == 6
     with pytest.raises(Exception, match=r"prompts.jsonl:2: .*no prompt"):
         prompts.write_text('{"question": "ok"}\n{"answer": 1}\n')
-        generate_sft_data.main(["--teacher", str(files["base"]), "--prompts", str(prompts),
-                                "--out", str(out)])
+        generate_sft.main(["--teacher", str(files["base"]), "--prompts", str(prompts),
+                           "--out", str(out)])
 
 
 # ---------------------------------------------------------------------- torchrun (2 processes, gloo)

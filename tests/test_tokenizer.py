@@ -11,8 +11,9 @@ import jinja2
 import pytest
 
 from model.generate import TextStream
-from model.tokenizer import CHAT_MARKUP, DEFAULT_DIR, Tokenizer, TokenizerError
-from scripts.train_tokenizer import ADDED_TOKENS, CHAT_TEMPLATE, train
+from model.tokenizer import (ADDED_TOKENS, CHAT_MARKUP, CHAT_TEMPLATE, DEFAULT_DIR, Tokenizer,
+                             TokenizerError)
+from model.tokenizer_train import train
 from tests.scripted_model import SPLIT_TEXT, split_script
 
 UPSTREAM_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "minimind_tokenizer"

@@ -97,12 +97,12 @@ def test_bad_checkpoint_path_is_an_error_message(tmp_path, monkeypatch):
 
 def test_reply_shows_whole_characters_and_no_control_tokens(monkeypatch):
     """The streamed reply of a model whose tokens split 🙂 around <|reserved_356|> (tests/scripted_model)."""
-    import model.io
+    import inference
     from tests.scripted_model import SPLIT_TEXT, scripted_model, split_script
 
     tok = Tokenizer.from_dir()
     scripted = scripted_model(split_script(tok))
-    monkeypatch.setattr(model.io, "load_for_inference", lambda *args, **kw: (scripted, tok))
+    monkeypatch.setattr(inference, "load_for_inference", lambda *args, **kw: (scripted, tok))
     at = start("scripted-model", monkeypatch)     # a fresh name: st.cache_resource misses
     at.sidebar.slider(key="temperature").set_value(0.0)
     at.chat_input[0].set_value("hi").run()
