@@ -17,6 +17,13 @@ but only pays off when the step has fixed shapes, so:
   (right-padded, several rows per forward), ``prefill`` one row into its slot (in chunks when
   asked: the engine), so the prompt's cache is what the eager path computes.
 
+``decode_step`` is the one deliberate twin in the code base: it re-implements ``Block.forward``
+(norm → attention over the static cache → FFN or the MoE's dense all-experts form) because the
+block's forward slices its cache and routes tokens with data-dependent shapes, which a fixed-shape
+step cannot. ``tests/test_generate.py`` holds the twin equal to the block: greedy and seeded
+sampling against the eager path and a no-cache full forward, a grown cache against a full
+forward, packed weights against the modules (also after a weight update), and autocast.
+
 The compiled graph is cached per (model, slots, max_len) in ``StaticDecoder.for_model``, so the
 server and the evaluation runner pay the compile once. ``fast_path_reason(model)`` says why a
 model cannot take this path (offloaded/kt experts run outside PyTorch; a model in training mode;

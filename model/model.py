@@ -87,6 +87,9 @@ class Block(nn.Module):
         self.mlp = (MoEFeedForward(config) if config.is_moe_layer(layer_idx)
                     else FeedForward(config.hidden_size, config.intermediate_size))
 
+    # model/fast_decode.py's decode_step is this forward's one deliberate twin (one token per row
+    # over a fixed-shape cache, on prepacked weights); tests/test_generate.py holds them equal.
+    # A change here is a change there.
     def forward(self, x, cos, sin, attn_mask, is_causal, kv_cache, layer_idx, token_mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, is_causal,
                                kv_cache, layer_idx)
