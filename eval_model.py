@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from dataset.chat import generation_prompt_ids
-from evaluation.runner import (BENCHMARKS, answer_text, parse_data_flags, resolve_data,
-                               run_benchmarks)
 from common.errors import UserError, run_cli
-from model.generate import SamplingParams, TextStream, generate_tokens
+from dataset.chat import generation_prompt_ids
+from evaluation.runner import BENCHMARKS, answer_text, parse_data_flags, resolve_data, run_benchmarks
 from inference import load_for_inference
+from model.generate import SamplingParams, TextStream, generate_tokens
 from model.precision import DTYPE_CHOICES
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataset.lm_dataset import make_collate
 from common.errors import run_cli
+from dataset.lm_dataset import make_collate
 from model.io import load_pretrained
 from trainer import distributed as dist
 from trainer.config import ConfigError, TrainConfig, option, parse_config

@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from dataset.lm_dataset import make_collate
 from common.errors import run_cli
+from dataset.lm_dataset import make_collate
 from offload.experts import offload_experts
 from trainer import distributed as dist
 from trainer import dpo

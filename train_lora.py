@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dataset.lm_dataset import make_collate
 from common.errors import run_cli
+from dataset.lm_dataset import make_collate
 from trainer import distributed as dist
 from trainer.adapters import LoRAOptions
 from trainer.config import parse_config

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dataset.lm_dataset import make_collate
 from common.errors import run_cli
+from dataset.lm_dataset import make_collate
 from trainer import distributed as dist
 from trainer.config import TrainConfig, option, parse_config
 from trainer.loop import fit

@@ -24,12 +24,12 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from dataset.chat import RESERVED_STRINGS
-from dataset.jsonl import iter_records
 from common.atomic import atomic_path
 from common.errors import UserError
-from model.generate import SamplingParams, generate
+from dataset.chat import RESERVED_STRINGS
+from dataset.jsonl import iter_records
 from inference import load_for_inference
+from model.generate import SamplingParams, generate
 from model.precision import DTYPE_CHOICES
 from model.tokenizer import Tokenizer
 

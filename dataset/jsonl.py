@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Literal, NamedTuple
 
-from dataset.chat import normalize_conversation
 from common.errors import UserError
+from dataset.chat import normalize_conversation
 
 Schema = Literal["text", "conversation", "preference"]
 MAX_REPORTED = 5  # how many skip messages a report keeps verbatim

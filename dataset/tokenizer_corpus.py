@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from dataset.synthetic import pretrain_texts, sft_conversations
 from common.errors import UserError
+from dataset.synthetic import pretrain_texts, sft_conversations
 from model.tokenizer import CHAT_TEMPLATE, render_chat_template
+
 
 def jsonl_texts(path: Path) -> Iterator[str]:
     """Texts from one JSONL file: `text`, or every message content of conversations / DPO."""

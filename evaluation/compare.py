@@ -20,8 +20,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from evaluation.report import read_items
 from common.errors import UserError
+from evaluation.report import read_items
 
 __all__ = ["pass_at_k", "per_item_scores", "sampled_summary", "sign_test", "compare_items",
            "compare_reports"]

@@ -38,10 +38,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 import tasks
+from common.errors import UserError
 from evaluation.compare import sampled_summary
 from evaluation.perplexity import continuation_logprobs, eval_mode, load_texts, perplexity
 from evaluation.report import write_report
-from common.errors import UserError
 from model.generate import SamplingParams, generate
 from tasks import commonsense
 

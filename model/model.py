@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import (Attention, MLAttention, RMSNorm, RotaryEmbedding,  # noqa: F401
-                        apply_rope, rope_inv_freq)
+from .attention import Attention, MLAttention, RMSNorm, RotaryEmbedding, apply_rope, rope_inv_freq  # noqa: F401
 from .config import MiniMindConfig
 from .moe import FeedForward, MoEFeedForward
 

@@ -30,6 +30,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from common.atomic import atomic_write_text
 from model.tokenizer import ADDED_TOKENS, CHAT_TEMPLATE, PRETOKENIZE_REGEX, SPECIAL_TOKENS
 
+
 def build_tokenizer() -> Tokenizer:
     """An untrained byte-level BPE with per-digit splitting (see the module docstring)."""
     tok = Tokenizer(models.BPE())

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from dataset.convert.alpaca import alpaca_to_conversation
-from dataset.synthetic import write_jsonl
 from dataset.lm_dataset import collate, load_files
+from dataset.synthetic import write_jsonl
 from model.config import MiniMindConfig
 from model.model import MiniMindLM
 from model.precision import resolve_precision

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from model.config import MiniMindConfig
 from common.errors import UserError, run_cli
 from convert.gguf import export_gguf, gguf_arch
 from inference import load_for_inference
+from model.config import MiniMindConfig
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from common.atomic import atomic_write_text
-from model.config import MiniMindConfig
 from common.errors import UserError
 from convert.hf import find_tokenizer_dir
 from inference import load_for_inference
+from model.config import MiniMindConfig
 from model.io import save_pretrained
 from model.model import MiniMindLM
 
@@ -95,8 +95,8 @@ def main() -> None:
                         "scripts/check_lm_eval.py") from None
     import uvicorn
 
-    from serving.openai_api import create_app
     from serving.engine import Engine
+    from serving.openai_api import create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-from evaluation.compare import compare_reports
 from common.atomic import atomic_write_text
+from evaluation.compare import compare_reports
 
 REPO = Path(__file__).resolve().parents[1]
 # The setting that gained on held-out problems on two seeds of the short run (README): 100 steps

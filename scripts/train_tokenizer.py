@@ -14,8 +14,8 @@ import argparse
 import time
 from pathlib import Path
 
-from dataset.tokenizer_corpus import tokenizer_corpus
 from common.errors import UserError
+from dataset.tokenizer_corpus import tokenizer_corpus
 from model.tokenizer import DEFAULT_DIR
 from model.tokenizer_train import save, train
 

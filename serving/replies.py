@@ -20,6 +20,7 @@ from serving.chat import AssistantParser, ParsedOutput, collect
 from serving.engine import Failed, Finished, TextDelta, TokenLogprobs
 from serving.schema import APIError, ChatCompletionRequest, CompletionRequest
 
+
 async def _client_gone(request: Request) -> None:
     """Returns when the client disconnects. The body has been read, so the next ASGI message
     can only be ``http.disconnect`` (the server sends it when the socket closes)."""

@@ -121,9 +121,9 @@ def test_one_line_joins_a_problem_list():
 
 
 def test_user_error_types_keep_their_old_bases():
+    from convert.hf import ConversionError
     from dataset.jsonl import DataError, RecordError
     from model.config import MiniMindConfig, UnknownPresetError
-    from convert.hf import ConversionError
     from model.tokenizer import TokenizerError
     from trainer.config import ConfigError
     from trainer.distill import VocabMismatchError

@@ -19,9 +19,9 @@ transformers = pytest.importorskip("transformers", reason="transformers builds t
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from common.errors import ModelNotFoundError  # noqa: E402
+from convert.cli import main as cli  # noqa: E402
 from convert.hf import export_hf, import_hf, import_hf_to_folder  # noqa: E402
 from model.io import load_pretrained, load_state_dict_file, save_pretrained  # noqa: E402
-from convert.cli import main as cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import torch
 from evaluation.perplexity import _windows, continuation_logprobs, load_texts, perplexity
 from evaluation.report import read_items
 from evaluation.runner import (BenchmarkDataError, Completion, UnknownBenchmarkError, answer_text,
-                               chat_prompt, generation_accuracy, model_generate_fn,
-                               resolve_data, run_benchmarks, run_commonsense_loglik, run_task)
+                               chat_prompt, generation_accuracy, model_generate_fn, resolve_data,
+                               run_benchmarks, run_commonsense_loglik, run_task)
 from model.config import MiniMindConfig
 from model.generate import SamplingParams, generate
 from model.io import save_pretrained
@@ -396,7 +396,7 @@ def test_cpu_expert_backend_generates_like_torch(tmp_path, tok):
 def _kt_usable() -> tuple[bool, str]:
     if importlib.util.find_spec("offload.experts") is None:
         return False, "offload/experts.py not present"
-    from offload.experts import kt_inference_status   # evaluation needs forward kernels only
+    from offload.experts import kt_inference_status  # evaluation needs forward kernels only
     return kt_inference_status()
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import MiniMindConfig
+from convert.cli import main as cli
 from convert.gguf import export_gguf, rope_halves_to_interleaved
 from convert.hf import ConversionError
+from model.config import MiniMindConfig
 from model.io import save_pretrained
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
-from convert.cli import main as cli
 
 MOE = dict(use_moe=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)
 

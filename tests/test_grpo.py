@@ -126,8 +126,8 @@ def _space_first_reward(completion, sample):
 def _run_stage(tmp_path, monkeypatch, out, *extra):
     """train_grpo.main on a tiny fresh model, rewarded for starting its answer with a space
     (14 % of the shipped tokenizer's tokens do)."""
-    from model.tokenizer import Tokenizer
     import train_grpo
+    from model.tokenizer import Tokenizer
     monkeypatch.setitem(rewards.REWARDS, "space", _space_first_reward)
     data = tmp_path / "prompts.jsonl"
     if not data.exists():

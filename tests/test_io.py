@@ -13,8 +13,8 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from model.config import MiniMindConfig
 from common.errors import ModelFolderError, ModelNotFoundError
+from model.config import MiniMindConfig
 from model.io import (is_model_folder, load_pretrained, load_weights, read_config, save_pretrained,
                       weights_bytes)
 from model.model import MiniMindLM

@@ -13,9 +13,8 @@ from convert.peft import save_peft_adapter
 from model.config import MiniMindConfig
 from model.io import load_pretrained
 from model.lora import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoRALinear, apply_lora,
-                        disable_lora, export_merged, load_adapter, lora_parameters,
-                        lora_state_dict, merge_lora, merged_state_dict, save_adapter,
-                        unmerge_lora)
+                        disable_lora, export_merged, load_adapter, lora_parameters, lora_state_dict,
+                        merge_lora, merged_state_dict, save_adapter, unmerge_lora)
 from model.model import MiniMindLM
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

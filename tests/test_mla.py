@@ -19,8 +19,7 @@ import pytest
 import torch
 
 from model.config import MiniMindConfig
-from model.lora import apply_lora, resolve_lora_targets
-from model.lora import lora_parameters
+from model.lora import apply_lora, lora_parameters, resolve_lora_targets
 from model.model import KVCache, MiniMindLM, kv_bytes_per_token
 from offload.experts import kt_status, offload_experts
 

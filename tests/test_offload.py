@@ -17,8 +17,7 @@ from model.config import MiniMindConfig
 from model.lora import apply_lora, lora_parameters
 from model.model import MiniMindLM
 from model.moe import Experts, MoEFeedForward
-from offload.experts import (CPUExperts, KTExperts, KTOptions, kt_status, offload_experts,
-                             refresh_kt_lora)
+from offload.experts import CPUExperts, KTExperts, KTOptions, kt_status, offload_experts, refresh_kt_lora
 from tests.conftest import run_kt_worker
 
 KT_OK, KT_REASON = kt_status()

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import train_lora
-from dataset import synthetic
-from model.config import MiniMindConfig
 from common.errors import ModelFolderError
+from convert import cli as convert_cli
+from dataset import synthetic
 from inference import load_for_inference
+from model.config import MiniMindConfig
 from model.io import save_pretrained
 from model.lora import ADAPTER_CONFIG_NAME, load_adapter
 from model.model import MiniMindLM
-from convert import cli as convert_cli
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

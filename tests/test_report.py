@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.gsm8k import score_gsm8k
 from evaluation.report import normalize_item, read_items, summarize, write_report
+from tasks.gsm8k import score_gsm8k
 
 
 def _results() -> list[dict]:

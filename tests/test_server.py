@@ -18,14 +18,14 @@ import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
+from inference import load_for_inference
 from model.config import MiniMindConfig
 from model.generate import SamplingParams, generate
 from model.io import load_pretrained, save_pretrained
 from model.model import MiniMindLM
-from serving.openai_api import create_app, stop_token_ids
 from serving.chat import parse_assistant_output
-from inference import load_for_inference
 from serving.engine import Engine
+from serving.openai_api import create_app, stop_token_ids
 
 MODEL_NAME = "tiny-test"
 

@@ -262,8 +262,8 @@ def test_prompt_flags_reach_the_chat_template():
 def test_sse_stream_sends_whole_characters_and_no_control_tokens():
     from fastapi.testclient import TestClient
 
-    from serving.openai_api import create_app
     from serving.engine import Engine
+    from serving.openai_api import create_app
     from tests.scripted_model import SPLIT_TEXT, scripted_model, split_script
 
     tok = Tokenizer.from_dir()

@@ -10,7 +10,6 @@ import train_pretrain
 from dataset import synthetic
 from model.io import load_pretrained
 
-
 pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
 

@@ -15,7 +15,7 @@ import train_distillation
 import train_dpo
 import train_full_sft
 import train_lora
-from dataset import synthetic
+from dataset import generate_sft, synthetic
 from dataset.lm_dataset import load_files
 from model.config import MiniMindConfig
 from model.generate import Generation
@@ -23,7 +23,6 @@ from model.io import load_pretrained, save_pretrained
 from model.lora import disable_lora, load_adapter
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
-from dataset import generate_sft
 from trainer import stage
 from trainer.config import ConfigError, parse_config
 

@@ -8,20 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.commonsense import (
-    TASKS,
-    commonsense_correct,
-    extract_choice,
-    get_task,
-    label_index,
-    label_name,
-    loglik_requests,
-    pick_choice,
-    score_generation,
-    score_loglik,
-)
+from tasks.commonsense import (TASKS, commonsense_correct, extract_choice, get_task, label_index,
+                               label_name, loglik_requests, pick_choice, score_generation,
+                               score_loglik)
 from tests.conftest import shared_path
-
 
 # (generation, dataset, gold label, expected correct)
 CASES = [

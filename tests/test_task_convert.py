@@ -20,7 +20,6 @@ from tasks.math_answer import extract_boxed, math_equiv
 from tests.conftest import REPO, shared_path
 
 
-
 def _jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]

@@ -6,16 +6,9 @@ from fractions import Fraction
 
 import pytest
 
-from tasks.gsm8k import (
-    canonical_number,
-    extract_gsm8k_gold,
-    extract_gsm8k_prediction,
-    gsm8k_correct,
-    parse_number,
-    score_gsm8k,
-)
+from tasks.gsm8k import (canonical_number, extract_gsm8k_gold, extract_gsm8k_prediction,
+                         gsm8k_correct, parse_number, score_gsm8k)
 from tests.conftest import shared_jsonl
-
 
 # (completion, gold, expected correct)
 CASES = [

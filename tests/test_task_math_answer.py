@@ -1,19 +1,11 @@
 """MATH answer extraction, normalisation and equivalence: tricky tables plus the real data."""
 from __future__ import annotations
 
-
 import pytest
 
-from tasks.math_answer import (
-    extract_boxed,
-    extract_math_prediction,
-    latex_to_number,
-    math_equiv,
-    normalize_math_answer,
-    score_math,
-)
+from tasks.math_answer import (extract_boxed, extract_math_prediction, latex_to_number, math_equiv,
+                               normalize_math_answer, score_math)
 from tests.conftest import shared_jsonl
-
 
 BOXED = [
     ("so the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),

@@ -11,8 +11,7 @@ import jinja2
 import pytest
 
 from model.generate import TextStream
-from model.tokenizer import (ADDED_TOKENS, CHAT_MARKUP, CHAT_TEMPLATE, DEFAULT_DIR, Tokenizer,
-                             TokenizerError)
+from model.tokenizer import ADDED_TOKENS, CHAT_MARKUP, CHAT_TEMPLATE, DEFAULT_DIR, Tokenizer, TokenizerError
 from model.tokenizer_train import train
 from tests.scripted_model import SPLIT_TEXT, split_script
 

@@ -17,7 +17,6 @@ from trainer.losses import lm_loss
 from trainer.rng import seed_everything
 from trainer.stage import generation_hooks
 
-
 pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
 
 

@@ -230,7 +230,7 @@ class TrainConfig:
                     if not self.dataset_dir and not Path(p).exists()]
         if self.init_from and not Path(self.init_from).exists():
             err.append(f"init_from: no such folder {self.init_from!r}")
-        from model.config import PRESETS      # model code: imported here only, as in model_config()
+        from model.config import PRESETS  # model code: imported here only, as in model_config()
         if not self.init_from and self.model_preset not in PRESETS:
             err.append(f"model_preset: unknown preset {self.model_preset!r} "
                        f"(one of: {', '.join(sorted(PRESETS))})")

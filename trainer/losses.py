@@ -18,7 +18,6 @@ from torch import nn
 
 from model.model import IGNORE_INDEX, causal_lm_loss  # noqa: F401  (the one definition of each)
 
-
 LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], "tuple[torch.Tensor, dict[str, Any]]"]
 
 

@@ -59,7 +59,7 @@ def adapter_reference(model: nn.Module, input_ids: torch.Tensor, **inputs: Any) 
     Runs the plain module, not the DDP wrapper: a gradient-free forward must not take part in
     DDP's bookkeeping (and needs no buffer broadcast).
     """
-    from model.lora import disable_lora   # the model package's LoRA helpers; only this path needs them
+    from model.lora import disable_lora  # the model package's LoRA helpers; only this path needs them
     plain = dist.unwrap(model)
     with inference(plain), disable_lora(plain):
         return plain(input_ids=input_ids, **inputs).logits

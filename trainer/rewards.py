@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import tasks
-from evaluation.runner import answer_text
 from common.errors import UserError
+from evaluation.runner import answer_text
 
 RewardFn = Callable[[str, Mapping[str, Any]], float]
 

@@ -22,8 +22,8 @@ from dataset.registry import load_named_datasets
 from model.config import MiniMindConfig
 from model.io import save_pretrained
 from model.model import MiniMindLM
-from offload.experts import kt_experts, offload_experts, refresh_kt_lora
 from model.tokenizer import Tokenizer
+from offload.experts import kt_experts, offload_experts, refresh_kt_lora
 from trainer import distributed as dist
 from trainer.adapters import LoRAOptions, add_lora, export_adapter, lora_fit_args
 from trainer.checkpoint import load_weights

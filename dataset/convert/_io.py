@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
+from common.atomic import atomic_path, atomic_write_text
 from dataset.jsonl import DataError, Record
 from dataset.jsonl import iter_records as _iter_records
-from common.atomic import atomic_path, atomic_write_text
 
 __all__ = [
     "DataError", "open_text", "iter_records", "require", "first_field", "take", "write_jsonl",
