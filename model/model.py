@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention, MLAttention, RMSNorm, RotaryEmbedding, apply_rope, rope_inv_freq  # noqa: F401
+from .attention import (Attention, MLAttention, RMSNorm, RotaryEmbedding,  # noqa: F401
+                        apply_rope, rope_inv_freq)
 from .config import MiniMindConfig
 from .moe import FeedForward, MoEFeedForward
 
