@@ -13,8 +13,10 @@ generators only emit problems with a non-zero remainder, so no test question can
 pretraining, SFT or DPO data, whatever the seeds. Everything is a pure function of its seed
 (`random.Random(f"{purpose}:{seed}")`, so pretrain/SFT/DPO with the same seed still differ).
 
-CLI: `python -m dataset.synthetic --out DIR --seed 0` writes pretrain.jsonl, sft.jsonl, dpo.jsonl
-and test.jsonl (GSM8K layout: {"question", "answer"} where answer is the worked solution).
+CLI: `python -m dataset.synthetic --out DIR --seed 0` writes pretrain.jsonl, sft.jsonl, dpo.jsonl,
+test.jsonl (GSM8K layout: {"question", "answer"} where answer is the worked solution) and
+dpo_test.jsonl (a chosen / rejected pair on each test problem, for scoring preference stages) and
+test_text.jsonl (the test problems solved, as pretraining text: held-out perplexity).
 """
 
 from __future__ import annotations
@@ -294,11 +296,15 @@ def _savings(rng: random.Random) -> tuple[str, tuple[Step, ...]]:
 
 _TEMPLATES = [_add_buy, _sub_give, _compare, _group_total, _mul_boxes, _price_total, _change,
               _bus, _savings]
+# Which problems a data set holds: every template, or the one-step ones alone (an easier task
+# that a model learns in a fraction of the steps: the suite's learning test uses it).
+PROBLEMS = {"all": tuple(_TEMPLATES), "one_step": (_add_buy, _sub_give, _compare, _group_total, _mul_boxes)}
+Problems = Literal["all", "one_step"]
 
 
-def make_problem(rng: random.Random) -> Problem:
+def make_problem(rng: random.Random, problems: Problems = "all") -> Problem:
     """One random word problem (either split); the answer is computed, never typed by hand."""
-    question, chain = rng.choice(_TEMPLATES)(rng)
+    question, chain = rng.choice(PROBLEMS[problems])(rng)
     steps, answer = render_chain(chain)
     return Problem(question, steps, answer, chain)
 
@@ -309,13 +315,13 @@ def is_test_question(question: str) -> bool:
     return int.from_bytes(digest[:8], "big") % 10 == 0
 
 
-def sample_problem(rng: random.Random, split: Split = "train") -> Problem:
+def sample_problem(rng: random.Random, split: Split = "train", problems: Problems = "all") -> Problem:
     """A random problem from `split` (rejection sampling: ~10% of questions are test)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     want_test = split == "test"
     while True:
-        p = make_problem(rng)
+        p = make_problem(rng, problems)
         if is_test_question(p.question) == want_test:
             return p
 
@@ -554,7 +560,12 @@ def _rng(purpose: str, seed: int) -> random.Random:
     return random.Random(f"{purpose}:{seed}")
 
 
-def pretrain_texts(n: int, seed: int = 0) -> list[str]:
+def problem_text(p: Problem) -> str:
+    """A solved problem as pretraining text."""
+    return f"Question: {p.question}\nAnswer: {p.solution}"
+
+
+def pretrain_texts(n: int, seed: int = 0, problems: Problems = "all") -> list[str]:
     """`n` pretraining documents: ~60% solved problems, ~15% identity Q&A, ~20% general text
     (English and Chinese), ~5% small Python snippets."""
     rng = _rng("pretrain", seed)
@@ -562,8 +573,7 @@ def pretrain_texts(n: int, seed: int = 0) -> list[str]:
     for _ in range(n):
         r = rng.random()
         if r < 0.60:
-            p = sample_problem(rng, "train")
-            out.append(f"Question: {p.question}\nAnswer: {p.solution}")
+            out.append(problem_text(sample_problem(rng, "train", problems)))
         elif r < 0.75:
             q, a = identity_qa(rng)
             out.append(f"{q}\n{a}")
@@ -574,8 +584,8 @@ def pretrain_texts(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def _math_turn(rng: random.Random, split: Split) -> list[Message]:
-    p = sample_problem(rng, split)
+def _math_turn(rng: random.Random, split: Split, problems: Problems) -> list[Message]:
+    p = sample_problem(rng, split, problems)
     prefix = rng.choice(_MATH_PREFIXES) if rng.random() < 0.2 else ""
     return [{"role": "user", "content": prefix + p.question},
             {"role": "assistant", "content": p.solution}]
@@ -586,7 +596,8 @@ def _identity_turn(rng: random.Random) -> list[Message]:
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
 
-def sft_conversations(n: int, seed: int = 0, split: Split = "train") -> list[dict]:
+def sft_conversations(n: int, seed: int = 0, split: Split = "train",
+                      problems: Problems = "all") -> list[dict]:
     """`n` MiniMind SFT records: ~70% math, ~15% identity, ~15% two-turn; ~30% with a system.
 
     `split="test"` draws its problems from the held-out split (for chat-format evaluation).
@@ -598,37 +609,42 @@ def sft_conversations(n: int, seed: int = 0, split: Split = "train") -> list[dic
     for _ in range(n):
         r = rng.random()
         if r < 0.70:
-            msgs = _math_turn(rng, split)
+            msgs = _math_turn(rng, split, problems)
         elif r < 0.85:
             msgs = _identity_turn(rng)
         else:
-            first = _identity_turn(rng) if rng.random() < 0.5 else _math_turn(rng, split)
-            msgs = first + _math_turn(rng, split)
+            first = _identity_turn(rng) if rng.random() < 0.5 else _math_turn(rng, split, problems)
+            msgs = first + _math_turn(rng, split, problems)
         if rng.random() < 0.3:
             msgs = [{"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)}] + msgs
         out.append({"conversations": msgs})
     return out
 
 
-def dpo_pairs(n: int, seed: int = 0) -> list[dict]:
+def dpo_pairs(n: int, seed: int = 0, problems: Problems = "all") -> list[dict]:
     """`n` DPO records on training-split problems: chosen = correct, rejected = slipped."""
     rng = _rng("dpo", seed)
-    out: list[dict] = []
-    for _ in range(n):
-        p = sample_problem(rng, "train")
-        prompt: list[Message] = []
-        if rng.random() < 0.3:
-            prompt.append({"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)})
-        prompt.append({"role": "user", "content": p.question})
-        wrong, _ = wrong_solution(p, rng)
-        out.append({
-            "chosen": prompt + [{"role": "assistant", "content": p.solution}],
-            "rejected": prompt + [{"role": "assistant", "content": wrong}],
-        })
-    return out
+    return [_preference_pair(sample_problem(rng, "train", problems), rng) for _ in range(n)]
 
 
-def test_set(n: int, seed: int = 0) -> list[Problem]:
+def held_out_pairs(problems: Iterable[Problem], seed: int = 0) -> list[dict]:
+    """DPO records on held-out problems (one per problem, e.g. the test set): what a preference
+    stage is scored on, since its training pairs never hold these questions."""
+    rng = _rng("dpo-test", seed)
+    return [_preference_pair(p, rng) for p in problems]
+
+
+def _preference_pair(p: Problem, rng: random.Random) -> dict:
+    prompt: list[Message] = []
+    if rng.random() < 0.3:
+        prompt.append({"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)})
+    prompt.append({"role": "user", "content": p.question})
+    wrong, _ = wrong_solution(p, rng)
+    return {"chosen": prompt + [{"role": "assistant", "content": p.solution}],
+            "rejected": prompt + [{"role": "assistant", "content": wrong}]}
+
+
+def test_set(n: int, seed: int = 0, problems: Problems = "all") -> list[Problem]:
     """`n` distinct held-out problems (sha1(question) % 10 == 0); never seen in training data."""
     rng = _rng("test", seed)
     seen: set[str] = set()
@@ -636,7 +652,7 @@ def test_set(n: int, seed: int = 0) -> list[Problem]:
     for _ in range(n * 1000):  # bound: the question space is large, duplicates are rare
         if len(out) == n:
             break
-        p = sample_problem(rng, "test")
+        p = sample_problem(rng, "test", problems)
         if p.question not in seen:
             seen.add(p.question)
             out.append(p)
@@ -671,18 +687,23 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n_sft", type=int, default=10000)
     ap.add_argument("--n_dpo", type=int, default=2000)
     ap.add_argument("--n_test", type=int, default=500)
+    ap.add_argument("--problems", choices=sorted(PROBLEMS), default="all",
+                    help="every problem template, or the one-step ones alone (an easier task)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     out = Path(args.out)
-    write_jsonl(pretrain_texts(args.n_pretrain, args.seed), out / "pretrain.jsonl")
-    write_jsonl(sft_conversations(args.n_sft, args.seed), out / "sft.jsonl")
-    write_jsonl(dpo_pairs(args.n_dpo, args.seed), out / "dpo.jsonl")
-    tests = test_set(args.n_test, args.seed)
+    kind = args.problems
+    write_jsonl(pretrain_texts(args.n_pretrain, args.seed, kind), out / "pretrain.jsonl")
+    write_jsonl(sft_conversations(args.n_sft, args.seed, problems=kind), out / "sft.jsonl")
+    write_jsonl(dpo_pairs(args.n_dpo, args.seed, kind), out / "dpo.jsonl")
+    tests = test_set(args.n_test, args.seed, kind)
     write_jsonl(({"question": p.question, "answer": p.solution} for p in tests),
                 out / "test.jsonl")
+    write_jsonl(held_out_pairs(tests, args.seed), out / "dpo_test.jsonl")
+    write_jsonl((problem_text(p) for p in tests), out / "test_text.jsonl")
     print(f"wrote {args.n_pretrain} pretrain, {args.n_sft} sft, {args.n_dpo} dpo, "
           f"{args.n_test} test records to {out}")
 

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 from model.config import MiniMindConfig
 from model.model import MiniMindLM
@@ -126,6 +127,25 @@ def test_eval_per_dataset_logs_and_plot(tmp_path):
     assert all({"loss", "lr", "tokens_per_s", "mfu", "grad_norm"} <= set(r) for r in rows if "loss" in r)
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
     assert ck.read_best(tmp_path)[1] == pytest.approx(res.best_val_loss)
+
+
+def test_eval_averages_the_loss_functions_metrics_like_its_loss(tmp_path):
+    """A loss_fn's scalar metrics (DPO's reward accuracy, say) come back per validation set,
+    weighted like the loss (supervised tokens): checked against the same average by hand."""
+    model = tiny()
+    rows = RandomRows(12, 16, model.config.vocab_size, seed=1)
+
+    def loss_with_metric(m, batch):
+        loss, metrics = lm_loss(m, batch)
+        return loss, {**metrics, "first_token": batch["input_ids"][:, 0].float().mean()}
+
+    res = fit(model, RandomRows(8, 16, model.config.vocab_size), loss_with_metric,
+              cfg_for(tmp_path, max_steps=1, batch_size=5), eval_data={"a": rows})
+    batches = [[rows[i] for i in range(lo, min(lo + 5, 12))] for lo in range(0, 12, 5)]
+    weights = [batch_weight(default_collate(b)) for b in batches]
+    means = [sum(float(r["input_ids"][0]) for r in b) / len(b) for b in batches]
+    want = sum(w * m for w, m in zip(weights, means)) / sum(weights)
+    assert res.val["val/a/first_token"] == pytest.approx(want, rel=1e-6)
 
 
 def test_trainable_subset_only_changes_those(tmp_path):

@@ -164,8 +164,10 @@ def test_sft_format() -> None:
         sft_conversations(1, 0, split="valid")  # type: ignore[arg-type]
 
 
-def test_dpo_rejected_is_wrong() -> None:
-    for rec in dpo_pairs(300, 0):
+@pytest.mark.parametrize("held_out", [False, True])
+def test_dpo_rejected_is_wrong(held_out: bool) -> None:
+    records = syn.held_out_pairs(syn.test_set(300, 0)) if held_out else dpo_pairs(300, 0)
+    for rec in records:
         chosen, rejected = rec["chosen"], rec["rejected"]
         assert chosen[:-1] == rejected[:-1] and chosen[-1]["role"] == rejected[-1]["role"] == "assistant"
         good = check_solution(chosen[-1]["content"])
@@ -202,8 +204,16 @@ def test_write_jsonl_and_cli(tmp_path: Path) -> None:
     syn.main(["--out", str(tmp_path / "d"), "--seed", "1", "--n_pretrain", "20", "--n_sft", "10",
               "--n_dpo", "5", "--n_test", "7"])
     lines = {n: (tmp_path / "d" / f"{n}.jsonl").read_text(encoding="utf-8").splitlines()
-             for n in ("pretrain", "sft", "dpo", "test")}
-    assert [len(v) for v in lines.values()] == [20, 10, 5, 7]
+             for n in ("pretrain", "sft", "dpo", "test", "dpo_test", "test_text")}
+    assert [len(v) for v in lines.values()] == [20, 10, 5, 7, 7, 7]
+    # The held-out pairs ask exactly the test questions, in order, chosen = the test's solution.
+    for test_line, pair_line in zip(lines["test"], lines["dpo_test"]):
+        test, pair = json.loads(test_line), json.loads(pair_line)
+        assert pair["chosen"][-2]["content"] == test["question"]
+        assert pair["chosen"][-1]["content"] == test["answer"] != pair["rejected"][-1]["content"]
+    for test_line, text_line in zip(lines["test"], lines["test_text"]):
+        test = json.loads(test_line)
+        assert json.loads(text_line) == {"text": f"Question: {test['question']}\nAnswer: {test['answer']}"}
     test_rec = json.loads(lines["test"][0])
     assert set(test_rec) == {"question", "answer"} and is_test_question(test_rec["question"])
     check_solution(test_rec["answer"])
@@ -221,3 +231,18 @@ def test_column_work_against_hand_written_lines() -> None:
                 line = column_work(a, op, b)
                 if line is not None:
                     check_column_work(line)
+
+
+def test_one_step_problems_only_when_asked() -> None:
+    """--problems one_step: every problem of every split has a single-step solution (at most a
+    restatement, one column computation and the answer line); the default mixes in two-step ones."""
+    one = [make_problem(random.Random(i), "one_step") for i in range(300)]
+    assert all(len(p.chain) == 1 for p in one)
+    assert {len(make_problem(random.Random(i)).chain) for i in range(300)} == {1, 2}
+    assert all(len(p.chain) == 1 for p in syn.test_set(50, 0, "one_step"))
+    answers = [m["content"] for rec in syn.sft_conversations(100, 0, problems="one_step")
+               for m in rec["conversations"] if m["role"] == "assistant" and "####" in m["content"]]
+    assert answers and all(len(a.splitlines()) <= 3 for a in answers)
+    mixed = [m["content"] for rec in syn.sft_conversations(100, 0)
+             for m in rec["conversations"] if m["role"] == "assistant" and "####" in m["content"]]
+    assert max(len(a.splitlines()) for a in mixed) > 3

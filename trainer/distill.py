@@ -4,7 +4,7 @@ Scope: the loss α·CE(student, labels) + (1-α)·T²·KL(p_teacher^T ‖ p_stud
 tokens of an SFT batch, the vocabulary check, and `make_distill_loss`, the loop's
 `loss_fn(model, batch) -> (loss, metrics)` that runs the frozen teacher inside it (so the loop's
 autocast covers the teacher too). Black-box distillation (teacher-generated SFT data) lives in
-scripts/generate_sft_data.py.
+dataset/generate_sft.py (its command: scripts/generate_sft_data.py).
 
 Reference (maths only): Hinton, Vinyals, Dean 2015, "Distilling the Knowledge in a Neural
 Network": soften both distributions with temperature T; the T² factor keeps the soft-target

@@ -102,7 +102,9 @@ def evaluate(model: nn.Module, eval_sets: Mapping[str, Dataset], loss_fn: Callab
              env: dist.DistEnv, collate_fn: Callable, autocast: Callable,
              hooks: Sequence[EvalHook] = ()) -> dict[str, float]:
     """Validation loss and perplexity per set (token-weighted, sharded over ranks, all-reduced),
-    plus the hooks' metrics (run on the main rank alone, then broadcast: no collectives inside).
+    the loss_fn's own scalar metrics averaged the same way (DPO's held-out reward accuracy and
+    margin, for example), plus the hooks' metrics (run on the main rank alone, then broadcast: no
+    collectives inside).
 
     Runs the plain module, not the DDP wrapper: no gradient sync is wanted, and ranks may see a
     different number of batches.
@@ -112,15 +114,25 @@ def evaluate(model: nn.Module, eval_sets: Mapping[str, Dataset], loss_fn: Callab
     with torch.no_grad():
         for name, ds in eval_sets.items():
             total = torch.zeros(2, device=env.device)
+            sums: dict[str, float] = {}
             for idx in eval_indices(len(ds), cfg.batch_size, cfg.eval_batches, env.rank, env.world_size):
                 batch = collate_fn([ds[i] for i in idx])
                 w = batch_weight(batch)
                 with autocast():
-                    loss, _ = loss_fn(model, _to_device(batch, env.device))
+                    loss, metrics = loss_fn(model, _to_device(batch, env.device))
                 total += torch.stack([loss.detach().float() * w, torch.tensor(w, device=env.device)])
-            loss_sum, weight = dist.all_reduce_sum(total).tolist()
+                for key, v in metrics.items():
+                    if key != "loss" and (not isinstance(v, torch.Tensor) or v.numel() == 1):
+                        sums[key] = sums.get(key, 0.0) + float(v) * w
+            # Every rank reduces the metric names rank 0 saw, in one order (a rank without a batch
+            # adds zeros).
+            names = dist.broadcast_object(sorted(sums))
+            reduced = dist.all_reduce_sum(torch.cat([total, torch.tensor(
+                [sums.get(k, 0.0) for k in names], device=env.device, dtype=total.dtype)])).tolist()
+            loss_sum, weight = reduced[:2]
             value = loss_sum / max(weight, 1e-12)
             out[f"val/{name}/loss"], out[f"val/{name}/ppl"] = value, math.exp(min(value, 50.0))
+            out.update({f"val/{name}/{k}": v / max(weight, 1e-12) for k, v in zip(names, reduced[2:])})
             losses.append(value)
         extra: dict[str, float] = {}
         for hook in hooks if env.is_main else ():
