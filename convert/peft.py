@@ -15,20 +15,16 @@ import torch
 from torch import nn
 
 from model.lora import (PEFT_METADATA_KEY, PEFT_PREFIX, adaptable_linears, adapter_settings,
-                        adapter_tensors, native_adapter_config, write_adapter_files)
+                        adapter_tensors, leaf_name, native_adapter_config, write_adapter_files)
 from model.model import MiniMindLM
 
 from .hf import ConversionError, choose_hf_model_type, hf_state_dict_from_ours
 
 
-def _leaf(name: str) -> str:
-    return name.rpartition(".")[2]
-
-
 def _peft_target_modules(model: nn.Module, modules: list[str]) -> list[str]:
     """Leaf names when they select exactly ``modules`` (readable), else the full names (exact)."""
-    leaves = sorted({_leaf(n) for n in modules})
-    same = [n for n in adaptable_linears(model) if _leaf(n) in leaves] == modules
+    leaves = sorted({leaf_name(n) for n in modules})
+    same = [n for n in adaptable_linears(model) if leaf_name(n) in leaves] == modules
     return leaves if same else list(modules)
 
 

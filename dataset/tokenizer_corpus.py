@@ -7,34 +7,25 @@ itself is `model.tokenizer_train`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from common.errors import UserError
+from dataset.jsonl import iter_records
 from dataset.synthetic import pretrain_texts, sft_conversations
 from model.tokenizer import CHAT_TEMPLATE, render_chat_template
 
 
 def jsonl_texts(path: Path) -> Iterator[str]:
-    """Texts from one JSONL file: `text`, or every message content of conversations / DPO."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            if "text" in rec:
-                yield str(rec["text"])
-            for key in ("conversations", "chosen", "rejected"):
-                for msg in rec.get(key) or []:
-                    for field in ("reasoning_content", "content"):
-                        if isinstance(msg.get(field), str) and msg[field]:
-                            yield msg[field]
+    """Texts from one JSONL file: `text`, or every message content of conversations / DPO.
+    The project's one reader parses it (`DataError("path:line: ...")` on a bad line)."""
+    for rec in iter_records(path):
+        if "text" in rec.data:
+            yield str(rec.data["text"])
+        for key in ("conversations", "chosen", "rejected"):
+            for msg in rec.data.get(key) or []:
+                for field in ("reasoning_content", "content"):
+                    if isinstance(msg.get(field), str) and msg[field]:
+                        yield msg[field]
 
 
 def synthetic_texts(n: int, seed: int) -> Iterator[str]:

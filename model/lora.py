@@ -159,7 +159,7 @@ def _check_hparams(rank: int, alpha: float, dropout: float) -> None:
 
 # --- choosing the layers ------------------------------------------------------------------------
 
-def _leaf(name: str) -> str:
+def leaf_name(name: str) -> str:
     return name.rpartition(".")[2]
 
 
@@ -173,7 +173,7 @@ def _parse_targets(targets: str | Sequence[str]) -> list[str]:
 
 def adaptable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and _leaf(name) not in NEVER_ADAPTED}
+            if isinstance(m, nn.Linear) and leaf_name(name) not in NEVER_ADAPTED}
 
 
 def resolve_lora_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:
@@ -184,11 +184,11 @@ def resolve_lora_targets(model: nn.Module, targets: str | Sequence[str]) -> list
         if target == "all":
             hits = list(candidates)
         elif target == "all_attention":
-            hits = [n for n in candidates if _leaf(n) in ATTENTION_TARGETS]
+            hits = [n for n in candidates if leaf_name(n) in ATTENTION_TARGETS]
         else:
             hits = [n for n in candidates if n == target or n.endswith("." + target)]
         if not hits:
-            available = sorted({_leaf(n) for n in candidates})
+            available = sorted({leaf_name(n) for n in candidates})
             never = ", ".join(f"{k} ({v})" for k, v in NEVER_ADAPTED.items())
             raise ValueError(f"LoRA target {target!r} matches no module; available: 'all', "
                              f"'all_attention', {available} (never adapted: {never})")
@@ -225,7 +225,7 @@ def apply_lora(model: nn.Module, targets: str | Sequence[str], rank: int, alpha:
 # --- parameters, switches, merging --------------------------------------------------------------
 
 def _is_lora_key(name: str) -> bool:
-    return _leaf(name) in ("lora_A", "lora_B")
+    return leaf_name(name) in ("lora_A", "lora_B")
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:

@@ -42,6 +42,7 @@ import torch
 from common.atomic import atomic_write_text
 from evaluation.compare import compare_reports
 from model.precision import resolve_precision
+from model.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 GRPO_TEMPERATURE, GRPO_BETAS, GRPO_WARMUP = 1.0, ("0.9", "0.999"), 5
@@ -141,7 +142,6 @@ class Pipeline:
         """max_new_tokens for evaluation: the longest held-out solution plus a margin. A model
         that never stops (the pretrained one) then costs what a right answer could need, not a
         fixed 512."""
-        from model.tokenizer import Tokenizer
         tok = Tokenizer.from_dir(self.tokenizer)
         with open(self.data / "test.jsonl", encoding="utf-8") as f:
             longest = max(len(tok.encode(json.loads(line)["answer"])) for line in f)

@@ -205,7 +205,8 @@ def test_lora_with_kt_trains_like_torch_and_its_adapter_merges_on_torch(work):
     from inference import load_for_inference
     from trainer import distributed as dist
     from trainer.config import TrainConfig
-    from trainer.loop import evaluate, make_autocast
+    from trainer.loop import make_autocast
+    from trainer.validation import evaluate
     from trainer.losses import lm_loss
     model, tokenizer = load_for_inference(work / "base", adapter, "cpu", "fp32", moe_backend="torch")
     ds = load_files("sft", [str(work / "sft.jsonl")], tokenizer, 128)

@@ -30,10 +30,10 @@ from trainer.logging import RunLogger, flops_per_token, peak_tflops
 from trainer.losses import batch_weight
 from trainer.optim import CosineSchedule, build_optimizer, param_groups
 from trainer.rng import rng_state, seed_everything, set_rng_state
-from trainer.sampler import StreamSampler, eval_indices
+from trainer.sampler import StreamSampler
+from trainer.validation import EvalHook, evaluate, to_device
 
 # Run on the main process at each evaluation (e.g. generation accuracy): model -> {name: number}.
-EvalHook = Callable[[nn.Module], Mapping[str, float]]
 # Run after each optimizer step that was taken: (plain model, step number just completed).
 StepHook = Callable[[nn.Module, int], object]
 
@@ -53,13 +53,6 @@ class FitResult:
     best_val_loss: float | None = None
     checkpoint: Path | None = None
     skipped_steps: int = 0
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Copy a dict of tensors to `device`; non_blocking overlaps the copy with compute (pinned)."""
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
 
 
 def _num_tokens(batch: Any) -> int:
@@ -96,52 +89,6 @@ def restore(state: dict[str, Any], optimizer: torch.optim.Optimizer, schedule: C
     if state["schedule"]["max_steps"] != schedule.max_steps:
         log(f"[train] warning: max_steps was {state['schedule']['max_steps']}, now "
             f"{schedule.max_steps}: the lr schedule changes from here on")
-
-
-def evaluate(model: nn.Module, eval_sets: Mapping[str, Dataset], loss_fn: Callable, cfg: TrainConfig,
-             env: dist.DistEnv, collate_fn: Callable, autocast: Callable,
-             hooks: Sequence[EvalHook] = ()) -> dict[str, float]:
-    """Validation loss and perplexity per set (token-weighted, sharded over ranks, all-reduced),
-    the loss_fn's own scalar metrics averaged the same way (DPO's held-out reward accuracy and
-    margin, for example), plus the hooks' metrics (run on the main rank alone, then broadcast: no
-    collectives inside).
-
-    Runs the plain module, not the DDP wrapper: no gradient sync is wanted, and ranks may see a
-    different number of batches.
-    """
-    was_training, out, losses = model.training, {}, []
-    model.eval()
-    with torch.no_grad():
-        for name, ds in eval_sets.items():
-            total = torch.zeros(2, device=env.device)
-            sums: dict[str, float] = {}
-            for idx in eval_indices(len(ds), cfg.batch_size, cfg.eval_batches, env.rank, env.world_size):
-                batch = collate_fn([ds[i] for i in idx])
-                w = batch_weight(batch)
-                with autocast():
-                    loss, metrics = loss_fn(model, _to_device(batch, env.device))
-                total += torch.stack([loss.detach().float() * w, torch.tensor(w, device=env.device)])
-                for key, v in metrics.items():
-                    if key != "loss" and (not isinstance(v, torch.Tensor) or v.numel() == 1):
-                        sums[key] = sums.get(key, 0.0) + float(v) * w
-            # Every rank reduces the metric names rank 0 saw, in one order (a rank without a batch
-            # adds zeros).
-            names = dist.broadcast_object(sorted(sums))
-            reduced = dist.all_reduce_sum(torch.cat([total, torch.tensor(
-                [sums.get(k, 0.0) for k in names], device=env.device, dtype=total.dtype)])).tolist()
-            loss_sum, weight = reduced[:2]
-            value = loss_sum / max(weight, 1e-12)
-            out[f"val/{name}/loss"], out[f"val/{name}/ppl"] = value, math.exp(min(value, 50.0))
-            out.update({f"val/{name}/{k}": v / max(weight, 1e-12) for k, v in zip(names, reduced[2:])})
-            losses.append(value)
-        extra: dict[str, float] = {}
-        for hook in hooks if env.is_main else ():
-            with autocast():
-                extra.update(hook(model))
-    model.train(was_training)
-    if losses:
-        out["val_loss"] = sum(losses) / len(losses)
-    return {**out, **(dist.broadcast_object(extra) if hooks else {})}
 
 
 @dataclass
@@ -271,7 +218,7 @@ def forward_backward(run: Run, micro: list[Any]) -> tuple[torch.Tensor, dict[str
     step_loss = torch.zeros((), device=dev)
     step_metrics: dict[str, torch.Tensor] = {}
     for i, (batch, w) in enumerate(zip(micro, weights)):
-        batch = _to_device(batch, dev)
+        batch = to_device(batch, dev)
         with dist.grad_sync(run.train_model, sync=i == len(micro) - 1):
             with run.autocast():
                 loss, metrics = run.loss_fn(run.train_model, batch)
