@@ -19,9 +19,11 @@ that dataset/, trainer/, serving/ and scripts/ already import, and imports nothi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "MINIMIND_DEBUG"
@@ -39,6 +41,35 @@ class ModelNotFoundError(UserError, FileNotFoundError):
 class ModelFolderError(UserError, ValueError):
     """A model or adapter folder whose files are unusable (invalid config.json, corrupt weights,
     weights that do not fit the config) or an adapter that does not fit the model."""
+
+
+class WriteError(UserError, OSError):
+    """A file or folder could not be written: disk full, quota, read-only or unwritable folder.
+    Not a bug, so one line (the path and the system's reason), no traceback. `hinted` marks a
+    message that already says what to resume from (trainer.checkpoint.resume_hint)."""
+
+    hinted = False
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, *own: str | Path) -> Iterator[None]:
+    """Turn an OSError raised while writing `path` into a WriteError naming it. An error about
+    another file (a source being copied, say: its `filename` is neither `path`, its folder, nor
+    one of `own` or inside it) passes unchanged: it is not a write failure."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        if exc.filename is not None:
+            name, target = Path(exc.filename), Path(path)
+            owned = [Path(p) for p in own]
+            if name not in (target, target.parent) and not any(name == p or p in name.parents
+                                                                for p in owned):
+                raise
+        err = WriteError(f"{path}: cannot write: {exc.strerror or exc}")
+        err.errno = exc.errno
+        raise err from exc
 
 
 def one_line(exc: BaseException) -> str:

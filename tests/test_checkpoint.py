@@ -72,7 +72,7 @@ def test_pruning_keeps_last_and_best_and_pointers(tmp_path):
     assert best.name == "step_000002" and loss == 1.0
 
 
-@pytest.mark.parametrize("victim", ["trainer_state.pt", "model.safetensors"])
+@pytest.mark.parametrize("victim", ["trainer_state.safetensors", "model.safetensors"])
 def test_crash_mid_write_leaves_previous_checkpoint(tmp_path, victim):
     """The writer dies half-way through `victim` of step 2 (test hook)."""
     code = (
@@ -122,6 +122,29 @@ def test_checkpoint_errors_are_one_line_user_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------- LoRA: no base weights
+def independent_config_digest(base) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(json.loads((base / "config.json").read_text()),
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def independent_weights_digest(base) -> str:
+    """The content fingerprint's formula, computed through the safetensors library's reader."""
+    import hashlib
+
+    from safetensors import safe_open
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+    digests = {}
+    for file in sorted(base.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as fh:
+            for key in fh.keys():
+                t = fh.get_tensor(key)
+                h = hashlib.sha256(json.dumps([names[t.dtype], list(t.shape)]).encode())
+                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+                digests[key] = h.hexdigest()
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
 def lora_on(base_dir, seed=1) -> MiniMindLM:
     from model.lora import apply_lora
     model = load_pretrained(base_dir)
@@ -141,13 +164,11 @@ def test_lora_checkpoint_references_the_base_and_refills_the_adapters(tmp_path, 
     model = lora_on(base)
     path = ck.save_checkpoint(tmp_path, 3, model, {"step": 3}, 10, base_dir=base)
     assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "base.json", "trainable.safetensors",
-                                                    "trainer_state.pt"]
+                                                    "trainer_state.json", "trainer_state.safetensors"]
     ref = json.loads((path / "base.json").read_text())
-    import hashlib
-    want = {n: {"bytes": (base / n).stat().st_size,
-                "sha256": hashlib.sha256((base / n).read_bytes()).hexdigest()}
-            for n in ("config.json", "model.safetensors")}
-    assert ref["path"] == str(base.resolve()) and ref["files"] == want
+    assert ref["path"] == str(base.resolve()) and ref["scheme"] == ck.SCHEME
+    assert ref["config_sha256"] == independent_config_digest(base)
+    assert ref["weights_sha256"] == independent_weights_digest(base)
     from safetensors import safe_open
     with safe_open(str(path / "trainable.safetensors"), "pt") as fh:
         keys = set(fh.keys())
@@ -175,7 +196,7 @@ def test_lora_checkpoint_references_the_base_and_refills_the_adapters(tmp_path, 
 
     # the fingerprint is hashed once per process, then reused while size and mtime stand
     calls = []
-    monkeypatch.setattr(ck, "_file_sha256", lambda p, chunk=0: calls.append(p) or "x")
+    monkeypatch.setattr(ck, "_tensor_digests", lambda p, into: calls.append(p))
     ck.save_checkpoint(tmp_path, 4, model, {"step": 4}, 10, base_dir=base)
     assert calls == []
 
@@ -185,7 +206,7 @@ def test_lora_checkpoint_references_the_base_and_refills_the_adapters(tmp_path, 
     torch.manual_seed(5)
     save_pretrained(tiny(), base)                             # the base changed under the run
     with pytest.raises(ck.CheckpointError, match=r"base.*differs from the one .*step_000003.*"
-                                                 r"model\.safetensors"):
+                                                 r"changed: the weights' values\)"):
         ck.load_checkpoint(path, other, base_dir=base)
     from model.lora import apply_lora
     fewer = load_pretrained(base)
