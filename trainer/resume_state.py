@@ -82,7 +82,7 @@ def encode(state: Any) -> tuple[bytes, bytes]:
         raise TypeError(f"resume state: cannot store {type(obj).__name__} at {path or '/'}")
 
     tree = {"format": FORMAT, "state": walk(state, "")}
-    text = json.dumps(tree, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    text = json.dumps(tree, indent=1, allow_nan=False) + "\n"   # dict order is part of the state
     return text.encode(), stable_safetensors_bytes(tensors, {"format": "pt"})
 
 
