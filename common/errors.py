@@ -10,6 +10,8 @@ incompatible adapter. Each script ends with
 
 and `run_cli` turns a UserError into ONE line, `error: <message>`, on stderr and exit status 2
 (argparse's status for bad usage). Any other exception is a bug and keeps its traceback.
+A write the system refuses (disk full, read-only or unwritable folder) is a `WriteError`, a
+UserError too: `writing(path)` turns the OSError into one, naming the path.
 `--debug` anywhere on the command line (removed before the script's parser sees it) or
 MINIMIND_DEBUG=1 shows the traceback of user errors too.
 

@@ -246,6 +246,9 @@ def _load_trainable(ckpt: Path, model: nn.Module, elsewhere: dict[str, str]) -> 
     file = ckpt / TRAINABLE_NAME
     state = load_state_dict_file(file)
     for fname in sorted(set(elsewhere.values())):
+        if Path(fname).name != fname:      # base.json names files of this folder, nothing else
+            raise CheckpointError(f"{ckpt / BASE_NAME}: trainable_elsewhere names {fname!r}, "
+                                  "not a file of the checkpoint")
         held = {native_lora_key(k): v for k, v in load_state_dict_file(ckpt / fname).items()}
         state.update({k: held[k] for k, f in elsewhere.items() if f == fname and k in held})
     want = trainable_state(model)

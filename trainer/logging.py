@@ -116,7 +116,7 @@ class RunLogger:
         import wandb  # lazy: heavy import, optional dependency
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        # our own id (kept in trainer_state.pt) so a resumed run continues the same wandb run
+        # our own id (kept in the resume state) so a resumed run continues the same wandb run
         self.wandb_id = self.wandb_id or secrets.token_hex(4)
         self.wandb_run = wandb.init(project=project, name=name or None, id=self.wandb_id, mode=mode,
                                     resume="allow", dir=str(out_dir), config=config)
