@@ -24,9 +24,9 @@ from model.io import save_pretrained
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 from offload.experts import kt_experts, offload_experts, refresh_kt_lora
+from trainer import checkpoint as ckpt_io
 from trainer import distributed as dist
 from trainer.adapters import LoRAOptions, add_lora, export_adapter, lora_fit_args
-from trainer import checkpoint as ckpt_io
 from trainer.checkpoint import load_weights
 from trainer.config import ConfigError, TrainConfig
 from trainer.loop import EvalHook, FitResult
