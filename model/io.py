@@ -69,7 +69,7 @@ def stable_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[st
     """``safetensors.torch.save`` with the canonical header: equal inputs, equal bytes."""
     data = _safetensors_bytes(tensors, metadata=metadata)
     head, old = canonical_header(data)
-    return head + data[old:]
+    return b"".join((head, memoryview(data)[old:]))    # one copy of the tensors, not two
 
 
 def stable_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
