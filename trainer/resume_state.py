@@ -133,7 +133,10 @@ def decode(json_data: bytes, tensor_data: bytes, where: Path) -> Any:
 def _allowed_numpy() -> list:
     """What a pickled NumPy array needs: the reconstructor, the array and dtype classes. The
     reconstructor is listed under both module names (NumPy 2 moved numpy.core to numpy._core)."""
-    from numpy._core.multiarray import _reconstruct
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:      # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct
     dtypes = {type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.uint8, np.int32, np.float32)}
     return [np.ndarray, np.dtype, _reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"),
             *dtypes]
