@@ -10,6 +10,8 @@ incompatible adapter. Each script ends with
 
 and `run_cli` turns a UserError into ONE line, `error: <message>`, on stderr and exit status 2
 (argparse's status for bad usage). Any other exception is a bug and keeps its traceback.
+A write the system refuses (disk full, read-only or unwritable folder) is a `WriteError`, a
+UserError too: `writing(path)` turns the OSError into one, naming the path.
 `--debug` anywhere on the command line (removed before the script's parser sees it) or
 MINIMIND_DEBUG=1 shows the traceback of user errors too.
 
@@ -19,9 +21,11 @@ that dataset/, trainer/, serving/ and scripts/ already import, and imports nothi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "MINIMIND_DEBUG"
@@ -39,6 +43,35 @@ class ModelNotFoundError(UserError, FileNotFoundError):
 class ModelFolderError(UserError, ValueError):
     """A model or adapter folder whose files are unusable (invalid config.json, corrupt weights,
     weights that do not fit the config) or an adapter that does not fit the model."""
+
+
+class WriteError(UserError, OSError):
+    """A file or folder could not be written: disk full, quota, read-only or unwritable folder.
+    Not a bug, so one line (the path and the system's reason), no traceback. `hinted` marks a
+    message that already says what to resume from (trainer.checkpoint.resume_hint)."""
+
+    hinted = False
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, *own: str | Path) -> Iterator[None]:
+    """Turn an OSError raised while writing `path` into a WriteError naming it. An error about
+    another file (a source being copied, say: its `filename` is neither `path`, its folder, nor
+    one of `own` or inside it) passes unchanged: it is not a write failure."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        if exc.filename is not None:
+            name, target = Path(exc.filename), Path(path)
+            owned = [Path(p) for p in own]
+            if name not in (target, target.parent) and not any(name == p or p in name.parents
+                                                                for p in owned):
+                raise
+        err = WriteError(f"{path}: cannot write: {exc.strerror or exc}")
+        err.errno = exc.errno
+        raise err from exc
 
 
 def one_line(exc: BaseException) -> str:

@@ -49,14 +49,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from common.atomic import atomic_path, atomic_write_bytes
+from common.atomic import atomic_path, atomic_write_bytes, new_folder
 from common.errors import ModelNotFoundError, UserError
 from model import tokenizer
 from model.attention import yarn_mscale
 from model.config import MiniMindConfig
-from model.io import config_bytes, save_pretrained
+from model.io import config_bytes, header_bytes, save_pretrained, stable_save_file
 from model.model import MiniMindLM
 from model.precision import DTYPES, canonical_name
 
@@ -633,15 +633,14 @@ def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path 
             raise ConversionError(f"{tok_dir / f}: tokenizer file not found")
     sd = hf_state_dict_from_ours(config, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     weight_dtype = DTYPES[canonical_name(dtype)]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_hf_weights(sd, out_dir, weight_dtype, max_shard_bytes)
-    atomic_write_bytes(out_dir / "config.json", _json_bytes(hf_config))
-    atomic_write_bytes(out_dir / "generation_config.json",
-                       _json_bytes(generation_config_from_ours(config)))
-    for f in _TOKENIZER_FILES:
-        with atomic_path(out_dir / f) as tmp:
-            shutil.copyfile(tok_dir / f, tmp)
+    with new_folder(out_dir) as out_dir:     # a failed first export leaves no half folder
+        _write_hf_weights(sd, out_dir, weight_dtype, max_shard_bytes)
+        atomic_write_bytes(out_dir / "config.json", _json_bytes(hf_config))
+        atomic_write_bytes(out_dir / "generation_config.json",
+                           _json_bytes(generation_config_from_ours(config)))
+        for f in _TOKENIZER_FILES:
+            with atomic_path(out_dir / f) as tmp:
+                shutil.copyfile(tok_dir / f, tmp)
     return out_dir
 
 
@@ -667,7 +666,7 @@ def _write_hf_weights(sd: dict[str, torch.Tensor], out_dir: Path, dtype: torch.d
     for name, keys in zip(names, groups):
         shard = {k: sd[k].to(dtype).contiguous() for k in keys}  # this shard's copies only
         with atomic_path(out_dir / name) as tmp:
-            save_file(shard, str(tmp), metadata={"format": "pt"})
+            stable_save_file(shard, tmp, {"format": "pt"})
         del shard
     index = out_dir / "model.safetensors.index.json"
     if max_shard_bytes:
@@ -768,15 +767,14 @@ def _write_streamed(config: MiniMindConfig, model_type: str, files: list[Path], 
         raise ConversionError(f"{source}: shape mismatch: {_few(bad)}")
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "tied": json.dumps(tied)}}
     offset = 0
-    for name, shape in planned.items():
-        end = offset + 4 * math.prod(shape)
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, end]}
+    for name in sorted(planned):   # safetensors' own order for fp32: the same bytes as save_pretrained
+        end = offset + 4 * math.prod(planned[name])
+        header[name] = {"dtype": "F32", "shape": list(planned[name]), "data_offsets": [offset, end]}
         offset = end
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data must start 8-byte aligned
-    start = 8 + len(head)
+    head = header_bytes(header)
+    start = len(head)
     with atomic_path(out) as tmp, open(tmp, "wb") as fh_out:
-        fh_out.write(len(head).to_bytes(8, "little") + head)
+        fh_out.write(head)
         fh_out.truncate(start + offset)
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
@@ -805,9 +803,9 @@ def import_hf_to_folder(hf_dir: str | Path, out_dir: str | Path) -> Path:
                                      "folder?)")
         hf = json.loads(cfg_path.read_text())
         config = our_config_from_hf(hf, str(cfg_path))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_streamed(config, hf["model_type"], files, out_dir / "model.safetensors", str(hf_dir))
-        atomic_write_bytes(out_dir / "config.json", config_bytes(config))
+        with new_folder(out_dir):
+            _write_streamed(config, hf["model_type"], files, out_dir / "model.safetensors", str(hf_dir))
+            atomic_write_bytes(out_dir / "config.json", config_bytes(config))
     for f in _TOKENIZER_FILES:
         if (Path(hf_dir) / f).is_file():
             with atomic_path(Path(out_dir) / f) as tmp:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import atomic_write_text
+from common.errors import writing
 
 CACHE_VERSION = 2  # bump when the meaning of cached arrays changes
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / ".cache" / "tokenized"
@@ -148,13 +149,15 @@ class TokenCache:
 
     def save(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> CacheEntry:
         """Write the entry atomically (temp folder + rename) and return it memory-mapped."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=f".{key}.", suffix=".tmp"))
+        with writing(self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=f".{key}.", suffix=".tmp"))
         try:
-            for name, arr in arrays.items():
-                np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
-            full_meta = {**meta, "arrays": sorted(arrays), "version": CACHE_VERSION}
-            (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1, ensure_ascii=False))
+            with writing(self.dir / key, tmp):   # disk full: one line naming the entry
+                for name, arr in arrays.items():
+                    np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
+                full_meta = {**meta, "arrays": sorted(arrays), "version": CACHE_VERSION}
+                (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1, ensure_ascii=False))
             final = self.dir / key
             try:
                 os.rename(tmp, final)

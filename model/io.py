@@ -16,20 +16,29 @@ to one it has is filled from its twin (files without the metadata: older model.i
 exports); a tied pair stored twice must hold equal tensors. Then ``load_state_dict(strict=True)``.
 Every failure is a ``common.errors`` error naming the file. Each file is written atomically
 (common/atomic.py): a crash mid-save leaves the old file or the new one, never half.
+
+Byte-stable: the same tensors and config always give the same bytes. safetensors (0.8) writes
+the header's ``__metadata__`` in the order of a Rust HashMap, which changes from one process to
+the next, so every safetensors file the project writes goes through ``canonical_header``: the
+header JSON re-serialised with sorted keys (data order, offsets and alignment unchanged).
+config.json is written with sorted keys too. Anything that fingerprints files (a checkpoint's
+manifest, a LoRA checkpoint's reference to its base) then sees one model as one model.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save as _safetensors_bytes
 from torch import nn
 
-from common.atomic import atomic_path, atomic_write_bytes
+from common.atomic import atomic_path, atomic_write_bytes, new_folder
 from common.errors import ModelFolderError, ModelNotFoundError
 
 from .config import MiniMindConfig
@@ -41,6 +50,52 @@ TIED_KEY = "tied"   # safetensors metadata: JSON {alias: stored name}
 
 
 # ---------------------------------------------------------------------- write
+def header_bytes(header: dict) -> bytes:
+    """A safetensors file's first bytes for `header` (tensor entries and ``__metadata__``): the
+    8-byte little-endian length, then the JSON with sorted keys, space-padded so the data starts
+    8-byte aligned (as the format requires)."""
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head
+
+
+def canonical_header(data: bytes) -> tuple[bytes, int]:
+    """(canonical header bytes, length of the header `data` starts with): see the module docstring."""
+    n = int.from_bytes(data[:8], "little")
+    return header_bytes(json.loads(data[8:8 + n])), 8 + n
+
+
+def stable_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """``safetensors.torch.save`` with the canonical header: equal inputs, equal bytes."""
+    data = _safetensors_bytes(tensors, metadata=metadata)
+    head, old = canonical_header(data)
+    return b"".join((head, memoryview(data)[old:]))    # one copy of the tensors, not two
+
+
+def stable_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` (streamed to disk: no second copy in memory) with the
+    canonical header, fixed in place (a different length, e.g. other JSON escaping, rewrites it)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:    # its I/O errors are not OSErrors: make them one (disk full)
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+    with open(path, "rb+") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        head, old = canonical_header(n.to_bytes(8, "little") + fh.read(n))
+        if len(head) == old:
+            fh.seek(0)
+            fh.write(head)
+            return
+        fh.seek(old)
+        rest = fh.read()
+        fh.seek(0)
+        fh.write(head + rest)
+        fh.truncate()
+
+
 def _storage_key(t: torch.Tensor) -> tuple:
     return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
 
@@ -64,21 +119,20 @@ def weights_payload(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
 def weights_bytes(model: nn.Module) -> bytes:
     """The weights file as bytes (checkpoints hash and write it themselves)."""
     tensors, metadata = weights_payload(model)
-    return safetensors_bytes(tensors, metadata=metadata)
+    return stable_safetensors_bytes(tensors, metadata)
 
 
 def config_bytes(config: MiniMindConfig) -> bytes:
-    return (json.dumps(config.to_dict(), indent=2) + "\n").encode()
+    return (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode()
 
 
 def save_pretrained(model: MiniMindLM, out_dir: str | Path) -> Path:
     """Writes the weights file and config.json into ``out_dir``; returns it."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:   # streamed: no second copy in memory
-        tensors, metadata = weights_payload(model)
-        save_file(tensors, str(tmp), metadata=metadata)
-    atomic_write_bytes(out_dir / CONFIG_NAME, config_bytes(model.config))
+    with new_folder(out_dir) as out_dir:     # a failed first save leaves no half folder
+        with atomic_path(out_dir / WEIGHTS_NAME) as tmp:   # streamed: no second copy in memory
+            tensors, metadata = weights_payload(model)
+            stable_save_file(tensors, tmp, metadata)
+        atomic_write_bytes(out_dir / CONFIG_NAME, config_bytes(model.config))
     return out_dir
 
 

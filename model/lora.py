@@ -39,14 +39,13 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from common.atomic import atomic_path, atomic_write_bytes
+from common.atomic import atomic_path, atomic_write_bytes, new_folder
 from common.errors import ModelFolderError, ModelNotFoundError
 
 from .config import MiniMindConfig
-from .io import save_pretrained
+from .io import save_pretrained, stable_save_file
 from .model import MiniMindLM
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -373,11 +372,11 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def write_adapter_files(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict,
                         metadata: dict[str, str] | None = None) -> Path:
     """The adapter folder's two files, each written atomically (either format)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / ADAPTER_WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-    atomic_write_bytes(out_dir / ADAPTER_CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    with new_folder(out_dir) as out_dir:
+        with atomic_path(out_dir / ADAPTER_WEIGHTS_NAME) as tmp:
+            stable_save_file(tensors, tmp, {"format": "pt", **(metadata or {})})
+        atomic_write_bytes(out_dir / ADAPTER_CONFIG_NAME,
+                           (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return out_dir
 
 

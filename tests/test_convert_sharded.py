@@ -59,6 +59,8 @@ def test_sharded_import_equals_the_single_file_import(tmp_path, hf_model, dtype)
     (a, meta_a), (b, meta_b) = weights(tmp_path / "ours_many"), weights(tmp_path / "ours_one")
     assert set(a) == set(b) and meta_a == meta_b
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float32 for k in b)
+    for name in ("model.safetensors", "config.json"):   # byte-stable: the two paths, one file
+        assert (tmp_path / "ours_many" / name).read_bytes() == (tmp_path / "ours_one" / name).read_bytes()
     ids = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(tmp_path / "ours_many")(ids).logits,

@@ -140,7 +140,8 @@ def test_lora_checkpoint_holds_no_base_and_resumes_bit_identical(tmp_path, kt, m
     ckpt = tmp_path / "full" / "checkpoints" / "step_000003"
     names = sorted(p.name for p in ckpt.iterdir())
     assert names == ["COMPLETE", "adapter_config.json", "adapter_model.safetensors", "base.json",
-                     "trainable.safetensors", "trainer_state.pt"]
+                     "trainable.safetensors", "trainer_state.json",
+                     "trainer_state.safetensors"]
     size = sum(p.stat().st_size for p in ckpt.iterdir())
     assert size < (base / "model.safetensors").stat().st_size / 2
 
@@ -153,3 +154,42 @@ def test_lora_checkpoint_holds_no_base_and_resumes_bit_identical(tmp_path, kt, m
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)   # it trained
     if kt:
         assert any(".experts." in k for k in a)
+
+
+# ---------------------------------------------------------------------- disk full
+def drive(monkeypatch, out_dir: Path, *extra: str) -> None:
+    """trainer_driver.py behind run_cli, in this process (a subprocess costs seconds to start)."""
+    import trainer_driver
+
+    from common.errors import run_cli
+    from trainer.checkpoint import FAULT_ENV
+    monkeypatch.setenv(FAULT_ENV, "")         # the driver sets it at --crash_save_at
+    monkeypatch.setattr(sys, "argv", ["trainer_driver.py", *driver_cmd(out_dir, *extra)[2:]])
+    run_cli(trainer_driver.main)
+
+
+def test_disk_full_inside_a_checkpoint_is_one_line_then_resumes(tmp_path, monkeypatch, capsys):
+    """ENOSPC half-way through step 4's weights (test hook): the partial folder goes, the run
+    exits 2 with one line (path, error, checkpoint to resume from), and --resume continues to
+    the weights of an uninterrupted run."""
+    out, ckpts = tmp_path / "full", tmp_path / "full" / "checkpoints"
+    with pytest.raises(SystemExit) as stop:
+        drive(monkeypatch, out, "--max_steps", "6", "--crash_save_at", "4", "--crash_kind", "enospc",
+              "--crash_file", "model.safetensors")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {ckpts}/step_000004/model.safetensors: cannot write: No space left on device; "
+        f"last complete checkpoint: {ckpts}/step_000003 (free space, then rerun with --resume auto)"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000002", "step_000003"]
+    drive(monkeypatch, out, "--max_steps", "6", "--resume")
+    assert "resuming from " + str(ckpts / "step_000003") in capsys.readouterr().out
+    drive(monkeypatch, tmp_path / "uninterrupted", "--max_steps", "6")
+    assert_identical(final_weights(tmp_path / "uninterrupted"), final_weights(out))
+
+
+def test_disk_full_with_debug_keeps_the_traceback(tmp_path, monkeypatch):
+    from common.errors import WriteError
+    with pytest.raises(WriteError, match="no complete checkpoint to resume from"):
+        drive(monkeypatch, tmp_path, "--max_steps", "1", "--crash_save_at", "1",
+              "--crash_kind", "enospc", "--debug")
+    assert not (tmp_path / "checkpoints" / "step_000001").exists()

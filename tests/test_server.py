@@ -331,6 +331,48 @@ def test_api_key_is_enforced(server):
         assert http.get("/health").status_code == 200  # liveness probes need no key
 
 
+def test_request_body_limit_is_a_413_declared_or_not(server):
+    """--max-request-bytes: a larger body is refused by its Content-Length, or, sent chunked
+    without one, once it has read past the limit; the server keeps serving."""
+    small = json.dumps(_ok()).encode()
+    big = json.dumps(_ok(messages=user("x" * 3000))).encode()
+    with TestClient(create_app(server.engine, MODEL_NAME, max_request_bytes=2048)) as http:
+        assert len(small) < 2048 < len(big)
+        declared = http.post("/v1/chat/completions", content=big,
+                             headers={"content-type": "application/json"})
+        chunked = http.post("/v1/chat/completions", content=iter([big[:1000], big[1000:]]),
+                            headers={"content-type": "application/json"})
+        for r in (declared, chunked):
+            assert r.status_code == 413 and "larger than 2048 bytes" in r.json()["error"]["message"]
+        assert "content-length" not in chunked.request.headers
+        assert http.post("/v1/chat/completions", content=small,
+                         headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_output_is_bounded_by_the_context_whatever_max_tokens_asks(server):
+    """A prompt leaving 4 tokens of context and max_tokens 10**6: at most 4 tokens come back."""
+    context = server.engine.context_length
+    n = next(n for n in range(context, 0, -1)
+             if len(server.prompt_ids(user("a " * n))) <= context - 4)
+    room = context - len(server.prompt_ids(user("a " * n)))
+    r = server.client().chat.completions.create(model=MODEL_NAME, messages=user("a " * n),
+                                                max_tokens=10**6, temperature=0)
+    assert 4 <= room < 12 and r.usage.completion_tokens <= room
+    assert r.usage.prompt_tokens + r.usage.completion_tokens <= context
+
+
+def test_the_server_listens_on_loopback_unless_told_otherwise():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "serve_openai_api", Path(__file__).resolve().parents[1] / "scripts" / "serve_openai_api.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.parse_args(["--model", "m"]).host == "127.0.0.1"
+    assert script.parse_args(["--model", "m", "--host", "0.0.0.0"]).host == "0.0.0.0"
+    assert script.parse_args(["--model", "m"]).api_key is None
+
+
 # -- concurrency and cancellation ----------------------------------------------------------------
 
 def test_sixteen_concurrent_clients_are_batched_and_correct(server):

@@ -5,6 +5,7 @@ labels are partly masked (so micro-batches carry different numbers of supervised
 `parse_config` + `fit` exactly like a stage script. Test-only extras:
   --step_sleep S        sleep S seconds per micro-batch (gives the killer time to strike)
   --crash_save_at N     at the checkpoint of step N, exit half-way through writing --crash_file
+                        (--crash_kind enospc: fail that write with "No space left on device")
   --kill_at_step N      SIGKILL this process in step N's last micro-batch (after the earlier
                         micro-batches' backward: gradients half accumulated, nothing saved)
   --kill_in_save N      SIGKILL this process inside step N's checkpoint (state gathered, no file)
@@ -21,6 +22,7 @@ import safetensors.torch
 import torch
 from torch.utils.data import Dataset
 
+from common.errors import run_cli
 from model.config import MiniMindConfig
 from model.model import MiniMindLM
 from trainer import distributed as dist
@@ -41,7 +43,8 @@ class DriverConfig(TrainConfig):
     num_samples: int = option(64, "random training rows")
     step_sleep: float = option(0.0, "seconds of sleep per micro-batch")
     crash_save_at: int = option(0, "fault-inject the checkpoint of this step (0 = never)")
-    crash_file: str = option("trainer_state.pt", "file to crash in")
+    crash_file: str = option("trainer_state.safetensors", "file to crash in")
+    crash_kind: str = option("exit", "exit (the process dies) or enospc (the write fails: disk full)")
     kill_at_step: int = option(0, "SIGKILL in this step's last micro-batch (0 = never)")
     kill_in_save: int = option(0, "SIGKILL inside this step's checkpoint (0 = never)")
 
@@ -85,7 +88,7 @@ def main() -> None:
         if cfg.kill_in_save and step == cfg.kill_in_save:
             os.kill(os.getpid(), signal.SIGKILL)
         if cfg.crash_save_at and step == cfg.crash_save_at:
-            os.environ[FAULT_ENV] = f"exit:{cfg.crash_file}"
+            os.environ[FAULT_ENV] = f"{cfg.crash_kind}:{cfg.crash_file}"
         return None
 
     fit(model, data, loss_fn, cfg, on_save=on_save)
@@ -95,4 +98,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -6,8 +6,12 @@ what is written here is the resume state, the checksums, the marker and the rota
     out_dir/checkpoints/step_000123/
         model.safetensors   } a model folder, exactly as model.io.save_pretrained writes it (fp32,
         config.json         } tied lm_head stored once): model.io.load_pretrained loads a checkpoint
-        trainer_state.pt    optimizer, schedule, GradScaler, every RNG state per rank, data position,
-                            step, wandb run id, best validation loss
+        trainer_state.json          } the resume state (trainer.resume_state): optimizer,
+        trainer_state.safetensors   } schedule, GradScaler, every RNG state per rank, data
+                                      position, step, wandb run id, best validation loss; JSON
+                                      and safetensors, never pickle, so loading a checkpoint
+                                      from someone else runs no code (older checkpoints'
+                                      trainer_state.pt is read with weights_only=True)
         <extra files>       e.g. adapter weights from a stage's on_save callback
         COMPLETE            written last: JSON with the step and the sha256 + size of every file
 
@@ -17,51 +21,60 @@ A run that trains a subset of a frozen base loaded from a folder (LoRA: fit's `t
         trainable.safetensors   the trainable parameters and the persistent buffers (fp32)
                                 that no other file of the checkpoint holds (the LoRA adapter
                                 file does hold the adapters: they are stored once, there)
-        base.json               {path, sha256, files, config, trainable_elsewhere}: the frozen
-                                base it applies to, and which file holds which trainable tensor
+        base.json               {path, scheme, sha256, config_sha256, weights_sha256, config,
+                                trainable_elsewhere}: the frozen base it applies to, and which
+                                file holds which trainable tensor
 
 and resume reloads the base from its folder (the stage's build_model does) after checking that
-the folder still hashes to `sha256`. The hash reads every byte of the base's weights and
-config once per process (cached by path, size and mtime), not once per save.
+the folder still has the same content: `sha256` covers each tensor's name, dtype, shape and
+values and the parsed config.json, not the files' bytes, so re-saving or re-sharding the base
+(or a safetensors header written in another key order) keeps it the same base. The hash reads
+every byte of the base's weights once per process (cached by path, size and mtime), not once
+per save. base.json files of older checkpoints (no `scheme`) hold the files' sha256 and are
+checked that way.
     out_dir/checkpoints/latest   name of the newest complete checkpoint (pointer file)
     out_dir/checkpoints/best     JSON {name, val_loss} of the best one by validation loss
 
 Every file is written to a temporary name, fsynced and `os.replace`d, and the folder is fsynced, so a
-crash leaves either a complete checkpoint or a folder without COMPLETE, which resume skips.
+crash leaves either a complete checkpoint or a folder without COMPLETE, which resume skips. A
+write that fails (disk full, unwritable folder) removes the checkpoint's folder and raises
+common.errors.WriteError; `resume_hint_on_write_error` adds the checkpoint to resume from.
 Pointer files (not symlinks) because a rename is atomic everywhere and symlinks are not portable.
 
 Test hook: the environment variable MINIMIND_CKPT_FAULT="exit:<file>" makes the writer exit the
-process half-way through writing <file>; "sleep:<file>:<seconds>" makes it pause before <file>.
+process half-way through writing <file>; "enospc:<file>" makes that write fail half-way with
+OSError(ENOSPC), as on a full disk; "sleep:<file>:<seconds>" makes it pause before <file>.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from common.atomic import atomic_path, fsync_dir
-from common.errors import UserError
+from common.errors import UserError, WriteError, writing
 # The model part of a checkpoint is a model folder, written and read by model.io alone (tied
 # lm_head stored once, strict loading, clear errors). load_weights and weights_bytes are
 # re-exported: trainer/loop.py, trainer/adapters.py and train_dpo.py import them from here.
 from model.io import CONFIG_NAME, WEIGHTS_NAME, config_bytes, load_weights, weights_bytes  # noqa: F401
-from model.io import load_state_dict_file
+from model.io import load_state_dict_file, stable_safetensors_bytes
 from model.lora import native_lora_key
+from trainer import resume_state
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
 MARKER = "COMPLETE"
-STATE_NAME = "trainer_state.pt"
+STATE_NAMES = (resume_state.JSON_NAME, resume_state.TENSORS_NAME)
 BASE_NAME = "base.json"
 TRAINABLE_NAME = "trainable.safetensors"
 FAULT_ENV = "MINIMIND_CKPT_FAULT"
@@ -89,18 +102,22 @@ def atomic_write(path: Path, data: bytes) -> None:
     if fault and fault.startswith("sleep"):
         time.sleep(float(fault.split(":")[1]))
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        if fault == "exit":
+        if fault in ("exit", "enospc"):
             fh.write(data[: len(data) // 2])
             fh.flush()
+            if fault == "enospc":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             os._exit(17)  # simulate a crash mid-write: the temp file stays behind, as after a kill
         fh.write(data)
 
 
 # ---------------------------------------------------------------------- the frozen base
 _FINGERPRINTS: dict[tuple, dict[str, Any]] = {}
+SCHEME = "tensors-sha256/1"     # base.json's fingerprint: content, not file bytes
+_CHUNK = 64 << 20
 
 
-def _file_sha256(path: Path, chunk: int = 64 << 20) -> str:
+def _file_sha256(path: Path, chunk: int = _CHUNK) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -108,10 +125,60 @@ def _file_sha256(path: Path, chunk: int = 64 << 20) -> str:
     return digest.hexdigest()
 
 
-def base_fingerprint(base_dir: str | os.PathLike) -> dict[str, Any]:
-    """{path, sha256, files}: the content hash of a base model folder (config.json and every
-    *.safetensors file). Hashed once per process: later calls reuse it while no file's size or
-    mtime changed (sha256 reads ~0.8 GB/s on one core: ~80 s for a 60 GB base, once)."""
+def _tensor_digests(file: Path, into: dict[str, str]) -> None:
+    """sha256 of each tensor of a safetensors file: its dtype, shape and raw bytes, read from
+    the file in chunks (no tensor is built). Header order and metadata play no part."""
+    with open(file, "rb") as fh:
+        try:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+            entries = sorted((k, v) for k, v in header.items() if k != "__metadata__")
+        except (ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{file}: unreadable safetensors header ({exc})") from None
+        for name, info in entries:
+            begin, end = info["data_offsets"]
+            digest = hashlib.sha256(json.dumps([info["dtype"], info["shape"]]).encode())
+            fh.seek(8 + n + begin)
+            left = end - begin
+            while left > 0:
+                block = fh.read(min(_CHUNK, left))
+                if not block:
+                    raise CheckpointError(f"{file}: truncated ({name} ends past the file)")
+                digest.update(block)
+                left -= len(block)
+            into[name] = digest.hexdigest()
+
+
+def _content_fingerprint(base: Path, names: list[str]) -> dict[str, Any]:
+    """{scheme, sha256, config_sha256, weights_sha256} of a base folder by content. A tensor is
+    the same wherever it is stored (one file or shards), so re-saving the base changes nothing."""
+    try:
+        config = json.loads((base / CONFIG_NAME).read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{base / CONFIG_NAME}: invalid JSON ({exc})") from None
+    tensors: dict[str, str] = {}
+    for name in names:
+        if name.endswith(".safetensors"):
+            _tensor_digests(base / name, tensors)
+    conf = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    weights = hashlib.sha256(json.dumps(tensors, sort_keys=True).encode()).hexdigest()
+    return {"scheme": SCHEME, "config_sha256": conf, "weights_sha256": weights,
+            "sha256": hashlib.sha256(f"{conf}:{weights}".encode()).hexdigest()}
+
+
+def _bytes_fingerprint(base: Path, names: list[str]) -> dict[str, Any]:
+    """The fingerprint of older checkpoints' base.json: every file's bytes."""
+    files = {name: {"bytes": (base / name).stat().st_size, "sha256": _file_sha256(base / name)}
+             for name in names}
+    return {"sha256": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
+            "files": files}
+
+
+def base_fingerprint(base_dir: str | os.PathLike, scheme: str = SCHEME) -> dict[str, Any]:
+    """{path, scheme, sha256, ...}: the fingerprint of a base model folder (config.json and every
+    *.safetensors file), by content (`SCHEME`) or, for older checkpoints (scheme ""), by bytes.
+    Hashed once per process: later calls reuse it while no file's size or mtime changed
+    (sha256 reads ~0.8 GB/s on one core: ~80 s for a 60 GB base, once)."""
     base = Path(base_dir).resolve()
     names = sorted(p.name for p in base.glob("*.safetensors")) + [CONFIG_NAME]
     stats = []
@@ -121,11 +188,10 @@ def base_fingerprint(base_dir: str | os.PathLike) -> dict[str, Any]:
         except FileNotFoundError:
             raise CheckpointError(f"{base / name}: base model file not found") from None
         stats.append((name, st.st_size, st.st_mtime_ns))
-    key = (str(base), tuple(stats))
+    key = (str(base), scheme, tuple(stats))
     if key not in _FINGERPRINTS:
-        files = {name: {"bytes": size, "sha256": _file_sha256(base / name)} for name, size, _ in stats}
-        combined = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-        _FINGERPRINTS[key] = {"path": str(base), "sha256": combined, "files": files}
+        how = _content_fingerprint if scheme == SCHEME else _bytes_fingerprint
+        _FINGERPRINTS[key] = {"path": str(base), **how(base, names)}
     return _FINGERPRINTS[key]
 
 
@@ -140,10 +206,14 @@ def check_base(ckpt: Path, base_dir: str | os.PathLike | None) -> None:
     if base_dir is None:
         raise CheckpointError(f"{ckpt}: holds no base weights; resume it with --init_from "
                               f"{ref['path']} (the base it was trained on)")
-    have = base_fingerprint(base_dir)
+    have = base_fingerprint(base_dir, ref.get("scheme", ""))
     if have["sha256"] != ref["sha256"]:
-        changed = sorted(n for n in set(ref["files"]) | set(have["files"])
-                         if ref["files"].get(n) != have["files"].get(n))
+        if "scheme" in ref:
+            parts = {"config.json": "config_sha256", "the weights' values": "weights_sha256"}
+            changed = [what for what, k in parts.items() if ref.get(k) != have[k]]
+        else:
+            changed = sorted(n for n in set(ref["files"]) | set(have["files"])
+                             if ref["files"].get(n) != have["files"].get(n))
         raise CheckpointError(f"{have['path']}: base model differs from the one {ckpt} was trained "
                               f"on ({ref['path']}; changed: {', '.join(changed)})")
 
@@ -176,6 +246,9 @@ def _load_trainable(ckpt: Path, model: nn.Module, elsewhere: dict[str, str]) -> 
     file = ckpt / TRAINABLE_NAME
     state = load_state_dict_file(file)
     for fname in sorted(set(elsewhere.values())):
+        if Path(fname).name != fname:      # base.json names files of this folder, nothing else
+            raise CheckpointError(f"{ckpt / BASE_NAME}: trainable_elsewhere names {fname!r}, "
+                                  "not a file of the checkpoint")
         held = {native_lora_key(k): v for k, v in load_state_dict_file(ckpt / fname).items()}
         state.update({k: held[k] for k, f in elsewhere.items() if f == fname and k in held})
     want = trainable_state(model)
@@ -206,25 +279,30 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, tra
     """
     root = checkpoint_root(out_dir)
     ckpt = root / f"step_{step:06d}"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / MARKER).unlink(missing_ok=True)      # re-saving a step: mark it incomplete first
-    buf = io.BytesIO()
-    torch.save(trainer_state, buf)
     if base_dir is None:
         files = {WEIGHTS_NAME: weights_bytes(model), CONFIG_NAME: config_bytes(model.config)}
     else:
         own, elsewhere = _split_trainable(trainable_state(model), extra_files or {})
         ref = {**base_reference(base_dir, model), "trainable_elsewhere": elsewhere}
-        files = {TRAINABLE_NAME: safetensors_bytes(own, metadata={"format": "pt"}),
-                 BASE_NAME: json.dumps(ref, indent=2).encode()}
-    files[STATE_NAME] = buf.getvalue()
+        files = {TRAINABLE_NAME: stable_safetensors_bytes(own, {"format": "pt"}),
+                 BASE_NAME: json.dumps(ref, indent=2, sort_keys=True).encode()}
+    files.update(zip(STATE_NAMES, resume_state.encode(trainer_state)))
     files.update(extra_files or {})
-    manifest = {}
-    for name, data in files.items():
-        atomic_write(ckpt / name, data)
-        manifest[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    marker = {"step": step, "val_loss": val_loss, "created": time.time(), "files": manifest}
-    atomic_write(ckpt / MARKER, json.dumps(marker, indent=2).encode())
+    try:
+        with writing(ckpt):
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / MARKER).unlink(missing_ok=True)      # re-saving a step: mark it incomplete first
+        manifest = {}
+        for name, data in files.items():
+            atomic_write(ckpt / name, data)
+            manifest[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        marker = {"step": step, "val_loss": val_loss, "created": time.time(), "files": manifest}
+        atomic_write(ckpt / MARKER, json.dumps(marker, indent=2).encode())
+    except WriteError:
+        # disk full or unwritable: a folder without COMPLETE is useless and may hold most of a
+        # checkpoint's size on the very disk that is full
+        shutil.rmtree(ckpt, ignore_errors=True)
+        raise
     fsync_dir(ckpt)
     atomic_write(root / "latest", ckpt.name.encode())
     if val_loss is not None and val_loss == val_loss:        # not NaN
@@ -349,7 +427,28 @@ def load_checkpoint(ckpt: str | os.PathLike, model: nn.Module, verify: bool = Tr
         _load_trainable(ckpt, model, ref.get("trainable_elsewhere", {}))
     else:
         load_weights(ckpt, model)
-    state_file = ckpt / STATE_NAME
-    if not state_file.exists():
-        return {}
-    return torch.load(state_file, map_location="cpu", weights_only=False)
+    return resume_state.read(ckpt)
+
+
+# ---------------------------------------------------------------------- a write that failed
+def last_complete_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint with its COMPLETE marker (not re-hashed: resume verifies it)."""
+    done = [p for p in list_checkpoints(out_dir) if (p / MARKER).exists()]
+    return done[-1] if done else None
+
+
+@contextlib.contextmanager
+def resume_hint_on_write_error(out_dir: str | os.PathLike) -> Iterator[None]:
+    """A WriteError (disk full, unwritable folder) raised inside gets what to resume from, so the
+    run ends with one line: the path, the error and the last complete checkpoint."""
+    try:
+        yield
+    except WriteError as exc:
+        if exc.hinted:
+            raise
+        ckpt = last_complete_checkpoint(out_dir)
+        hint = (f"last complete checkpoint: {ckpt} (free space, then rerun with --resume auto)"
+                if ckpt else "no complete checkpoint to resume from")
+        err = WriteError(f"{exc}; {hint}")
+        err.errno, err.hinted = exc.errno, True
+        raise err from exc

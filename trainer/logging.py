@@ -18,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.atomic import atomic_path, atomic_write_text
+from common.errors import writing
+
 # Dense peak TFLOP/s (bf16/fp16 tensor cores; fp32 without TF32) of common GPUs, from vendor sheets.
 GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     # name fragment: (bf16/fp16, fp32)
@@ -86,7 +89,8 @@ class RunLogger:
         self.bar = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(self.path.parent):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
         if wandb_mode != "off":
             self._start_wandb(out_dir, wandb_mode, wandb_project, run_name, config)
@@ -106,13 +110,13 @@ class RunLogger:
                     keep.append(line)
             except ValueError:
                 continue        # a half-written last line from a killed run
-        self.path.write_text("".join(line + "\n" for line in keep) if step > 0 else "")
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep) if step > 0 else "")
 
     def _start_wandb(self, out_dir: Any, mode: str, project: str, name: str, config: dict) -> None:
         import wandb  # lazy: heavy import, optional dependency
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        # our own id (kept in trainer_state.pt) so a resumed run continues the same wandb run
+        # our own id (kept in the resume state) so a resumed run continues the same wandb run
         self.wandb_id = self.wandb_id or secrets.token_hex(4)
         self.wandb_run = wandb.init(project=project, name=name or None, id=self.wandb_id, mode=mode,
                                     resume="allow", dir=str(out_dir), config=config)
@@ -122,7 +126,7 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
-        with open(self.path, "a", encoding="utf-8") as fh:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as fh:   # disk full: one line
             fh.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
@@ -178,6 +182,7 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return Path(png_path)

@@ -354,23 +354,27 @@ def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConf
     LoRA, expert offload: trainer.stage.build_model); fit only replaces its weights on resume.
     Runs under torchrun unchanged (DDP, sharded data).
     """
-    run = setup(model, train_data, loss_fn, cfg, eval_data, trainable, collate_fn, on_save,
-                eval_hooks, after_step)
-    start_step, evaluates = run.step, bool(run.eval_sets or eval_hooks)
-    try:
-        model.train()
-        while run.step < run.max_steps:
-            train_step(run)
-            last = run.step == run.max_steps
-            if run.step % cfg.log_every == 0 or last:
-                log_window(run)
-            val_loss = None
-            if evaluates and ((cfg.eval_every and run.step % cfg.eval_every == 0) or last):
-                val_loss = evaluate_now(run)
-            if (cfg.save_every and run.step % cfg.save_every == 0) or last:
-                save(run, val_loss)
-        if run.step == start_step and run.last_saved is not None:
-            run.result.checkpoint = run.last_saved     # resumed a finished run: nothing to do
-    finally:
+    # disk full / unwritable out_dir (checkpoint, metrics): one line naming what to resume from
+    with ckpt_io.resume_hint_on_write_error(cfg.out_dir):
+        run = setup(model, train_data, loss_fn, cfg, eval_data, trainable, collate_fn, on_save,
+                    eval_hooks, after_step)
+        start_step, evaluates = run.step, bool(run.eval_sets or eval_hooks)
+        try:
+            model.train()
+            while run.step < run.max_steps:
+                train_step(run)
+                last = run.step == run.max_steps
+                if run.step % cfg.log_every == 0 or last:
+                    log_window(run)
+                val_loss = None
+                if evaluates and ((cfg.eval_every and run.step % cfg.eval_every == 0) or last):
+                    val_loss = evaluate_now(run)
+                if (cfg.save_every and run.step % cfg.save_every == 0) or last:
+                    save(run, val_loss)
+            if run.step == start_step and run.last_saved is not None:
+                run.result.checkpoint = run.last_saved     # resumed a finished run: nothing to do
+        except BaseException:
+            run.logger.close(plot=False)    # no plot to write over the error that ends the run
+            raise
         run.logger.close(plot=run.env.is_main and cfg.plot)
     return run.result

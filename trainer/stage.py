@@ -24,6 +24,7 @@ from model.io import save_pretrained
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 from offload.experts import kt_experts, offload_experts, refresh_kt_lora
+from trainer import checkpoint as ckpt_io
 from trainer import distributed as dist
 from trainer.adapters import LoRAOptions, add_lora, export_adapter, lora_fit_args
 from trainer.checkpoint import load_weights
@@ -122,7 +123,8 @@ def load_data(cfg: TrainConfig, kind: str, tokenizer: Tokenizer, env: dist.DistE
         raise ConfigError("no training data: pass --data_path FILE... "
                           "(e.g. make some with `python -m dataset.synthetic --out data/synthetic`)")
     options = {**cfg.data_options(kind), **options}
-    with dist.main_process_first(env):   # rank 0 tokenizes and fills the cache; the others read it
+    # rank 0 tokenizes and fills the cache, the others read it; a full disk is one line
+    with dist.main_process_first(env), ckpt_io.resume_hint_on_write_error(cfg.out_dir):
         train = _load(cfg, kind, cfg.data_path, tokenizer, options)
         evals = {Path(p).name.split(".")[0]: _load(cfg, kind, [p], tokenizer, options)
                  for p in cfg.eval_data_path}
@@ -184,10 +186,11 @@ def finish(model: MiniMindLM, cfg: TrainConfig, env: dist.DistEnv, result: FitRe
            adapter: bool = False) -> None:
     """A stage's last lines: export out_dir/final (the LoRA adapter folder when `adapter`, else
     the whole model), print how the run ended, leave the process group."""
-    if adapter:
-        export_adapter(model, cfg, env)
-    else:
-        export_final(model, cfg, env)
+    with ckpt_io.resume_hint_on_write_error(cfg.out_dir):     # disk full: one line
+        if adapter:
+            export_adapter(model, cfg, env)
+        else:
+            export_final(model, cfg, env)
     if env.is_main:
         print(summary(result), flush=True)
     dist.cleanup()
