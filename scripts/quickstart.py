@@ -5,6 +5,7 @@
     python scripts/quickstart.py --scale smoke      # a one-minute dry run of every stage
     python scripts/quickstart.py --until sft        # stop after a stage
     python scripts/quickstart.py --grpo             # add the GRPO stage (opt-in: it is slow)
+    python scripts/quickstart.py --distill          # add the student stage (opt-in: see below)
 
 Stages, each a real run of the same command a user would type (so this file is also a tour), and
 each scored on held-out data for the effect it is meant to have:
@@ -15,8 +16,10 @@ each scored on held-out data for the effect it is meant to have:
      sampled at the rollouts' temperature, before / after, problem by problem]
   → LoRA from that early SFT checkpoint (accuracy before / after, problem by problem)
   → DPO on the SFT model (preference accuracy and reward margin on held-out pairs)
-  → distillation into a smaller student (itself pretrained first), against the same student
-    trained by plain SFT for the same steps (accuracy, problem by problem)
+  → [distillation with --distill: a smaller student (itself pretrained first), distilled from
+     the SFT model, against the same student trained by plain SFT for the same steps (accuracy,
+     problem by problem). Opt-in because at this budget the student does not learn the task
+     either way (1.5 % / 3.0 %, docs/experiments/quickstart.md), and it would double the run]
 then a Markdown report in <out>/REPORT.md (accuracy table, stage times, the numeric path, loss
 curves). The task: arithmetic word problems with worked steps ending in `#### answer`, plus
 identity Q&A (dataset/synthetic.py); test questions never appear in training data. Measured
@@ -107,8 +110,10 @@ def numeric_path() -> dict:
 
 
 class Pipeline:
-    def __init__(self, out: Path, scale: Scale, seed: int, until: str = "distill", grpo: bool = False):
-        self.out, self.scale, self.seed, self.until, self.grpo = out, scale, seed, until, grpo
+    def __init__(self, out: Path, scale: Scale, seed: int, until: str = "distill", grpo: bool = False,
+                 distill: bool = False):
+        self.out, self.scale, self.seed, self.until = out, scale, seed, until
+        self.grpo, self.distill = grpo, distill
         self.data = out / "data"
         self.tokenizer = out / "tokenizer"
         self.rows: list[dict] = []
@@ -248,6 +253,8 @@ class Pipeline:
         self.evaluate("DPO (on SFT)", self.finalize(dpo), t)
         self.rows[-1]["preference"] = held_out_preference(dpo / "metrics.jsonl")
         yield "dpo"
+        if not self.distill:
+            return
 
         # MiniMind's recipe: the student starts from its own pretrained weights and learns the
         # task from the teacher's token distributions (plus the data's labels). The same student
@@ -387,13 +394,17 @@ def main() -> None:
     ap.add_argument("--scale", choices=sorted(SCALES), default="default")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", help="comma-separated seeds: one run each in OUT/seed_N, then OUT/SEEDS.md")
-    ap.add_argument("--until", choices=STAGES, default=STAGES[-1],
-                    help="stop after this stage (the report covers the stages run)")
+    ap.add_argument("--until", choices=STAGES, default=None,
+                    help="stop after this stage (the report covers the stages run; default: all)")
     ap.add_argument("--grpo", action=argparse.BooleanOptionalAction, default=False,
                     help="run the GRPO stage (docs/experiments/grpo.md: what it measured)")
+    ap.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
+                    help="run the student stage: distillation against plain SFT of the same student")
     args = ap.parse_args()
     if args.until == "grpo" and not args.grpo:
         ap.error("--until grpo needs --grpo")
+    if args.until == "distill" and not args.distill:
+        ap.error("--until distill needs --distill")
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError:
@@ -406,7 +417,7 @@ def main() -> None:
     for seed in seeds or [args.seed]:
         run_dir = out / f"seed_{seed}" if seeds else out
         run_dir.mkdir(parents=True, exist_ok=True)
-        Pipeline(run_dir, SCALES[args.scale], seed, args.until, args.grpo).go()
+        Pipeline(run_dir, SCALES[args.scale], seed, args.until or STAGES[-1], args.grpo, args.distill).go()
     if seeds:
         seeds_table(out, seeds)
     print(f"[quickstart] done in {time.perf_counter() - t0:.0f} s")

@@ -40,7 +40,7 @@ def test_smoke_pipeline_writes_report_with_every_stage(tmp_path):
     against its start, the distilled student against the plain-SFT one, GRPO sampled) from the
     items of both sides; DPO's held-out preference from the run's own validation log."""
     out = tmp_path / "qs"
-    proc = _run(["--grpo"], out)
+    proc = _run(["--grpo", "--distill"], out)
     results = json.loads((out / "results.json").read_text())
     rows = results["stages"]
     assert [r["stage"] for r in rows] == list(STAGE_DIRS)
