@@ -104,10 +104,11 @@ class Panel:
 # the panels whose metrics it logged; the loss, with its validation curves, comes last because
 # an RL surrogate loss says little about learning.
 PANELS = (
-    Panel("reward (mean over rollouts) and its parts", ("reward", "reward/*"), ("reward",)),
+    Panel("reward (mean over rollouts)", ("reward",), ("reward",)),
     Panel("accuracy: rollouts, held-out greedy", ("accuracy", "val_gen_accuracy"), ("acc", "val_acc")),
     Panel("KL(policy || reference)", ("kl",), ("kl",), with_key="reward"),
     Panel("response length (tokens)", ("response_len",), ("len",)),
+    Panel("reward parts, unweighted", ("reward/*",)),
     Panel("entropy of the policy (nats / token)", ("entropy",)),
     Panel("reward margin (chosen - rejected)", ("rewards/margins", "val/*/rewards/margins"),
           ("margin", "val_margin")),
@@ -195,7 +196,7 @@ class RunLogger:
             self.wandb_run.log(metrics, step=step)
         if self.bar is not None:
             self.postfix.update(bar_fields(metrics))
-            self.bar.set_postfix(self.postfix, refresh=False)
+            self.bar.set_postfix(self.postfix)   # now: the bar shows this record
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
