@@ -24,20 +24,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from common.atomic import atomic_write_text
 from convert.hf import find_tokenizer_dir
 from evaluation.ecosystem import served, skip, trained_model
+from evaluation.lm_eval_parity import TOLERANCE, compare, make_questions, reference_logprobs
 from inference import load_for_inference
 
 TASK = "forge_arith_mc"
-TOLERANCE = 1e-4
 INSTALL = "see the pip line in scripts/check_lm_eval.py (lm_eval==0.4.13 with --no-deps)"
 TASK_YAML = f"""task: {TASK}
 dataset_path: json
@@ -55,71 +52,6 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
-
-
-def context_of(doc: dict) -> str:
-    return f"Question: {doc['question']}\nAnswer:"
-
-
-def make_questions(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n):
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
-        right = a + b
-        wrong = rng.sample([x for x in range(right - 5, right + 6) if x != right and x > 0], 3)
-        choices = [f" {x}" for x in [right] + wrong]
-        rng.shuffle(choices)
-        docs.append({"question": f"{a} + {b} = ?", "choices": choices,
-                     "label": choices.index(f" {right}")})
-    return docs
-
-
-@torch.no_grad()
-def reference_logprobs(model, tokenizer, docs: list[dict]) -> list[list[dict]]:
-    """Per question, per choice: the summed log-prob of the choice after the context by a plain
-    forward, with lm-eval's tokenisation rule for causal models (context + choice encoded whole,
-    split after the context's tokens); plus what an off-by-one position (each token scored by the
-    logits of the position before) and a doubled space would have given instead."""
-    out = []
-    for doc in docs:
-        context = context_of(doc)
-        ctx = tokenizer.encode(context)
-        rows = []
-        for choice in doc["choices"]:
-            scores = {}
-            for name, text in (("logprob", choice), ("doubled_space", " " + choice)):
-                whole = tokenizer.encode(context + text)
-                n = len(ctx)
-                logp = model(torch.tensor([whole])).logits[0].float().log_softmax(-1)
-                cont = whole[n:]
-                scores[name] = sum(float(logp[n + i - 1, t]) for i, t in enumerate(cont))
-                if name == "logprob":
-                    scores["clean_split"] = whole[:n] == ctx
-                    scores["off_by_one"] = sum(float(logp[n + i - 2, t]) for i, t in enumerate(cont))
-            rows.append(scores)
-        out.append(rows)
-    return out
-
-
-def compare(docs: list[dict], samples: list[dict], ref: list[list[dict]], delimiter: str) -> dict:
-    """Choice by choice: the text lm-eval scored against ours, and its log-prob against ours."""
-    rows, text_diffs = [], 0
-    for doc, sample, ours in zip(docs, samples, ref):
-        theirs = [float(r[0]) for r in sample["filtered_resps"]]
-        for (context, continuation), choice in zip(sample["arguments"], doc["choices"]):
-            text_diffs += (context, continuation) != (context_of(doc), choice)
-        diffs = [abs(a - b["logprob"]) for a, b in zip(theirs, ours)]
-        rows.append({"question": doc["question"], "gold": doc["label"],
-                     "lm_eval": max(range(len(theirs)), key=theirs.__getitem__),
-                     "ours": max(range(len(ours)), key=lambda i: ours[i]["logprob"]),
-                     "theirs": theirs, "max_diff": max(diffs)})
-    flat = [c for q in ref for c in q]
-    return {"rows": rows, "text_diffs": text_diffs, "max_diff": max(r["max_diff"] for r in rows),
-            "unclean_splits": sum(not c["clean_split"] for c in flat),
-            "min_off_by_one": min(abs(c["logprob"] - c["off_by_one"]) for c in flat),
-            "min_doubled_space": min(abs(c["logprob"] - c["doubled_space"]) for c in flat),
-            "mean_logprob": sum(c["logprob"] for c in flat) / len(flat), "delimiter": delimiter}
 
 
 def report(res: dict, docs: list[dict], shown: int) -> bool:
