@@ -137,7 +137,11 @@ def main(argv: list[str] | None = None) -> None:
         skip("llama-cpp-python", "pip install llama-cpp-python (compiles llama.cpp)",
              "our GGUF exports in llama.cpp (tokens, greedy decoding, logits)")
     rows = []
-    folders = args.model or [str(trained_model(None)[0])]
+    folders = args.model
+    if not folders:
+        folder, how = trained_model(None)
+        print(f"[check] model {folder} ({how}), then random-weight models per architecture")
+        folders = [str(folder)]
     with tempfile.TemporaryDirectory() as tmp:
         for folder in folders:
             model, tok = load_for_inference(folder, device="cpu", dtype="fp32")
