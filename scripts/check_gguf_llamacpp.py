@@ -1,17 +1,23 @@
 r"""Load our GGUF exports in llama.cpp itself and compare its greedy tokens and logits with ours.
 
-    python scripts/check_gguf_llamacpp.py                    # tiny random models of each arch
+    python scripts/check_gguf_llamacpp.py                    # a trained model + each architecture
     python scripts/check_gguf_llamacpp.py --model out/sft/final --model out/sft_moe/final
 
 Needs llama-cpp-python (``pip install llama-cpp-python``: it compiles llama.cpp, 10-30 minutes
 on two cores), so it is kept out of the test suite; tests/test_gguf.py checks the file's names,
-shapes and values with the gguf package's reader instead.
+shapes and values with the gguf package's reader instead. Without it the script exits 77
+(skipped) and says what was not checked.
 
 For each model: export with ``convert.gguf.export_gguf``, tokenize a prompt both ways, run greedy
 decoding both ways (llama.cpp: one ``eval`` per token, argmax of its fp32 logits, no sampler),
-and report the first differing step and the largest logit difference over the prompt. The tiny
-models' norms are perturbed away from 1 (a dropped RMSNorm would show) and their weights scaled
-up so the logits are peaked: near-ties would make token agreement a coin toss.
+and report the first differing step and the largest logit difference over the prompt.
+
+Without ``--model`` the first row is a trained model (evaluation/ecosystem.py: the quickstart's
+SFT model, else a tiny one trained here once), exported with its own tokenizer. The other rows
+are tiny random models, one per llama.cpp architecture we export (MoE, MLA, ...): they check each
+architecture's maths, not a trained model's tokenizer or the answer a user would read. Their
+norms are perturbed away from 1 (a dropped RMSNorm would show) and their weights scaled up so the
+logits are peaked: near-ties would make token agreement a coin toss.
 """
 from __future__ import annotations
 
@@ -22,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError, run_cli
+from common.errors import run_cli
 from convert.gguf import export_gguf, gguf_arch
+from evaluation.ecosystem import skip, trained_model
 from inference import load_for_inference
 from model.config import MiniMindConfig
 from model.model import MiniMindLM
@@ -119,27 +126,33 @@ def check(name: str, model: MiniMindLM, tok: Tokenizer, tok_dir: Path | None, st
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", action="append", default=[],
-                   help="our model folder (repeatable); default: tiny random model per arch")
+                   help="our model folder (repeatable); default: a trained model, then a tiny "
+                        "random model per architecture")
     p.add_argument("--steps", type=int, default=24, help="greedy tokens to compare")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        raise UserError("llama-cpp-python is not installed: pip install llama-cpp-python") from None
+        skip("llama-cpp-python", "pip install llama-cpp-python (compiles llama.cpp)",
+             "our GGUF exports in llama.cpp (tokens, greedy decoding, logits)")
     rows = []
+    folders = args.model
+    if not folders:
+        folder, how = trained_model(None)
+        print(f"[check] model {folder} ({how}), then random-weight models per architecture")
+        folders = [str(folder)]
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            for folder in args.model:
-                model, tok = load_for_inference(folder, device="cpu", dtype="fp32")
-                has_tok = (Path(folder) / "tokenizer.json").is_file()
-                rows.append(check(folder, model, tok, Path(folder) if has_tok else None,
-                                  args.steps, args.threads, Path(tmp)))
-        else:
+        for folder in folders:
+            model, tok = load_for_inference(folder, device="cpu", dtype="fp32")
+            has_tok = (Path(folder) / "tokenizer.json").is_file()
+            rows.append(check(folder, model, tok, Path(folder) if has_tok else None,
+                              args.steps, args.threads, Path(tmp)))
+        if not args.model:
             tok = Tokenizer.from_dir()
             for name, overrides in CASES.items():
-                rows.append(check(name, tiny_model(overrides), tok, None, args.steps,
-                                  args.threads, Path(tmp)))
+                rows.append(check(f"{name}, random weights", tiny_model(overrides), tok, None,
+                                  args.steps, args.threads, Path(tmp)))
     print(f"| model | llama.cpp arch | same prompt tokens | greedy tokens equal ({args.steps}) "
           "| max abs logit diff (prompt) |")
     print("|---|---|---|---|---|")

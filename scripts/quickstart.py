@@ -314,7 +314,10 @@ class Pipeline:
                  "| stage | held-out accuracy | stage time (s) |", "|---|---|---|"]
         lines += [f"| {r['stage']} | {r['accuracy']:.1%} | {r['seconds']:.0f} |" for r in self.rows]
         lines += [""] + [f"- {line}" for r in self.rows for line in effect_lines(r)]
-        lines += ["", "## Loss curves", ""]
+        lines += ["", "## Training curves", "", "Each stage's picture draws what it optimises "
+                  "(trainer/logging.py PANELS): the loss for pretraining and SFT; reward, rollout "
+                  "accuracy, KL and response length for RL; the reward margin and preference accuracy "
+                  "for DPO; the KL to the teacher for distillation; validation curves with markers.", ""]
         for r in self.rows:
             if r["curve"] is not None:
                 lines.append(f"### {r['stage']}\n\n![{r['stage']}]({os.path.relpath(r['curve'], self.out)})\n")
@@ -323,7 +326,7 @@ class Pipeline:
             {"seed": self.seed, "numeric_path": path,
              "stages": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in self.rows]},
             indent=2))
-        print("\n" + "\n".join(lines[:lines.index("## Loss curves")]))
+        print("\n" + "\n".join(lines[:lines.index("## Training curves")]))
         print(f"Report: {self.out / 'REPORT.md'}\n"
               f"Chat with the model:   .venv/bin/python eval_model.py --model {model}\n"
               f"Serve it (OpenAI API): .venv/bin/python scripts/serve_openai_api.py --model {model}\n"

@@ -41,6 +41,7 @@ def test_grpo_loss_matches_hand_computation():
     loss, stats = _loss("grpo", 0.2, 0.2)
     assert loss.item() == pytest.approx(-(1.1 - 0.8) / 2, abs=1e-6)
     assert stats["clip_frac"].item() == pytest.approx(2 / 3)   # both clipped tokens, of 3
+    assert "kl" not in stats      # no reference: no KL is logged (a 0 would plot as a measured KL)
 
 
 def test_grpo_kl_term_is_k3_per_token():
@@ -161,6 +162,8 @@ def test_resume_is_bit_exact_including_rollouts(tmp_path, monkeypatch):
     for key in ("reward", "reward_std", "accuracy", "kl", "entropy", "response_len", "clip_frac",
                 "frac_groups_dropped", "repetition", "rollout_tok_s", "update_tok_s", "gen_share"):
         assert key in full[-1], key
+    # its batches are prompt indices: the loop counts no tokens and logs no throughput of 0
+    assert "tokens_per_s" not in full[-1] and "mfu" not in full[-1]
 
 
 def test_stage_raises_a_learnable_reward(tmp_path, monkeypatch):

@@ -129,6 +129,95 @@ def test_eval_per_dataset_logs_and_plot(tmp_path):
     assert ck.read_best(tmp_path)[1] == pytest.approx(res.best_val_loss)
 
 
+class PromptIndices(torch.utils.data.Dataset):
+    """GRPO-like batches: prompt indices, no input_ids (the loss_fn makes its own tokens)."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return {"prompt_index": torch.tensor(i)}
+
+
+def test_batches_without_tokens_log_no_throughput_and_the_bar_shows_the_stage(tmp_path):
+    """A stage whose batches carry no input_ids (GRPO) logs no tokens/s or MFU (not a false 0),
+    and its progress bar shows its own figures; validation stays on the bar after the next
+    training record (the postfix is kept, not replaced)."""
+    from trainer.logging import RunLogger
+
+    ids = torch.arange(1, 9).view(1, 8)
+
+    def rl_like(model, batch):
+        loss = model(input_ids=ids, labels=ids).loss
+        return loss, {"reward": batch["prompt_index"].float().mean(), "accuracy": torch.tensor(0.5)}
+
+    fit(tiny(), PromptIndices(), rl_like, cfg_for(tmp_path, max_steps=2, log_every=1))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("tokens_per_s" not in r and "mfu" not in r and "reward" in r for r in rows)
+    logger = RunLogger(tmp_path / "bar", True, 3, 0, {}, progress=True)
+    logger.log(1, rows[0])
+    assert set(logger.postfix) == {"reward", "acc", "loss", "lr"}, logger.postfix
+    logger.log(1, {"val_gen_accuracy": 0.25})
+    logger.log(2, {**rows[1], "tokens_per_s": 0.0, "rollout_tok_s": 40.0, "mfu": 0.0})
+    assert logger.postfix["val_acc"] == "0.25" and logger.postfix["gen tok/s"] == "40"
+    assert "tok/s" not in logger.postfix and "mfu" not in logger.postfix
+    logger.close(plot=False)
+
+
+def test_progress_fields_per_stage():
+    from trainer.logging import bar_fields
+
+    sft = bar_fields({"loss": 2.0, "lr": 1e-3, "tokens_per_s": 1500.0, "mfu": 0.08, "ce_loss": 2.0})
+    assert sft == {"loss": "2", "lr": "0.001", "tok/s": "1.5e+03", "mfu": "8.0%"}
+    dpo = bar_fields({"loss": 0.6, "lr": 1e-5, "rewards/margins": 0.123, "rewards/accuracies": 0.75,
+                      "rewards/chosen": 0.1, "tokens_per_s": 900.0, "mfu": 0.0})
+    assert list(dpo) == ["margin", "pref_acc", "loss", "lr", "tok/s"], dpo
+    grpo = bar_fields({"loss": -0.01, "reward": 0.4, "accuracy": 0.375, "kl": 0.02, "response_len": 31.0})
+    assert list(grpo)[:4] == ["reward", "acc", "kl", "len"], grpo
+    distill = bar_fields({"loss": 1.0, "kl": 0.3, "ce_loss": 1.2})
+    assert distill == {"kl": "0.3", "loss": "1"}
+
+
+@pytest.mark.parametrize("stage,record,titles", [
+    ("sft", {"loss": 2.0, "ce_loss": 2.0, "lr": 1e-3, "aux_loss": 0.0}, ["loss"]),
+    ("grpo", {"loss": -0.01, "reward": 0.4, "reward/correctness": 0.3, "accuracy": 0.3, "kl": 0.01,
+              "response_len": 30.0, "entropy": 1.2, "clip_frac": 0.0},
+     ["reward (mean over rollouts)", "accuracy: rollouts, held-out greedy",
+      "KL(policy || reference)", "response length (tokens)", "reward parts, unweighted",
+      "entropy of the policy (nats / token)", "loss"]),
+    ("dpo", {"loss": 0.6, "rewards/margins": 0.1, "rewards/accuracies": 0.7, "rewards/chosen": 0.1,
+             "rewards/rejected": 0.0, "pref_loss": 0.6},
+     ["reward margin (chosen - rejected)", "preference accuracy",
+      "implicit rewards beta*log(pi/pi_ref)", "loss"]),
+    ("distill", {"loss": 1.0, "ce_loss": 1.2, "kl": 0.3}, ["teacher-student KL", "loss"]),
+])
+def test_the_picture_draws_what_the_stage_optimises(tmp_path, stage, record, titles):
+    """Panels follow the logged metrics; validation records join their training panels."""
+    from trainer.logging import chosen_panels, plot_metrics
+
+    val = {"dpo": {"val/held/rewards/margins": 0.2, "val/held/loss": 0.5},
+           "grpo": {"val_gen_accuracy": 0.5}}.get(stage, {"val/val/loss": 2.1})
+    rows = [{"step": s, **{k: v + 0.01 * s for k, v in record.items()}} for s in range(1, 41)]
+    rows.append({"step": 40, **val})
+    panels = chosen_panels(rows)
+    assert [p.title for p, _ in panels] == titles
+    drawn = {k for _, keys in panels for k in keys}
+    assert set(val) <= drawn and "clip_frac" not in drawn and "lr" not in drawn
+    if stage == "grpo":     # one drawing is enough (matplotlib costs seconds on a busy CPU)
+        path = tmp_path / "metrics.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        assert plot_metrics(path, tmp_path / "curve.png").stat().st_size > 0
+        assert not list(tmp_path.glob(".curve.png.*"))       # written atomically, no temp left
+
+
+def test_trailing_mean_against_a_naive_one():
+    from trainer.logging import trailing_mean
+
+    values = [float(v) for v in torch.randn(50, generator=torch.Generator().manual_seed(0))]
+    naive = [sum(values[max(0, i - 6):i + 1]) / len(values[max(0, i - 6):i + 1]) for i in range(50)]
+    assert trailing_mean(values, 7) == pytest.approx(naive, abs=1e-12)
+
+
 def test_eval_averages_the_loss_functions_metrics_like_its_loss(tmp_path):
     """A loss_fn's scalar metrics (DPO's reward accuracy, say) come back per validation set,
     weighted like the loss (supervised tokens): checked against the same average by hand."""

@@ -156,7 +156,7 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     logps, old_logps, ref_logps, mask: [N, T] (mask 1 on completion tokens); advantages [N].
     Returns (loss, {"clip_frac", "kl"}): clip_frac = share of tokens whose ratio the clip
     touched (GRPO/DAPO: where clipping removes the gradient; CISPO: where the weight is capped);
-    kl = mean k3 estimate of KL(π_θ ‖ π_ref) (0 without a reference).
+    kl = mean k3 estimate of KL(π_θ ‖ π_ref) (absent without a reference).
     """
     s = settings
     ratio = torch.exp(logps - old_logps)
@@ -181,8 +181,9 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         loss = per_seq.mean()
     else:                       # 1/Σ|o_i| Σ_i Σ_t
         loss = (per_token * mask).sum() / n_tokens
-    stats = {"clip_frac": ((clipped.float() * mask).sum() / n_tokens).detach(),
-             "kl": ((kl * mask).sum() / n_tokens).detach()}
+    stats = {"clip_frac": ((clipped.float() * mask).sum() / n_tokens).detach()}
+    if ref_logps is not None:   # without a reference there is no KL to log (not a KL of 0)
+        stats["kl"] = ((kl * mask).sum() / n_tokens).detach()
     return loss, stats
 
 

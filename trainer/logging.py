@@ -1,7 +1,10 @@
-"""Run logging: JSONL metrics, optional wandb, a tqdm bar, throughput/MFU, the loss-curve PNG.
+"""Run logging: JSONL metrics, optional wandb, a tqdm bar, throughput/MFU, the run's PNG.
 
-Scope: everything the loop reports, on the main rank only. wandb and matplotlib are imported
-lazily, so neither is needed unless used. MFU follows the PaLM/nanoGPT accounting:
+Scope: everything the loop reports, on the main rank only. The PNG and the progress bar show
+what the stage optimises, chosen by the metrics it logged (`PANELS`): loss for pretraining and
+SFT; reward, rollout accuracy, KL and response length for RL; the reward margin and preference
+accuracy for DPO; the teacher-student KL for distillation; validation curves beside them.
+wandb and matplotlib are imported lazily, so neither is needed unless used. MFU follows the PaLM/nanoGPT accounting:
 FLOPs per trained token = 6·N (N = parameters active per token, embeddings of a tied model counted
 once) + 12·L·d·S for attention scores (L layers, d model width, S sequence length); a frozen base
 (LoRA) still costs about the same forward+backward FLOPs, so this is an upper-bound estimate there.
@@ -12,6 +15,8 @@ import json
 import os
 import secrets
 import time
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +81,66 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, override: float = 0.0)
     return measure_matmul_tflops(device, dtype), "measured matmul probe"
 
 
+@dataclass(frozen=True)
+class Panel:
+    """One panel of the run's PNG: the metrics it draws (fnmatch patterns over metrics.jsonl
+    keys, one line each) and their short progress-bar labels ("" or missing = not on the bar).
+    `with_key` / `without_key`: drawn only when that metric is / is not logged too (one name,
+    two meanings: GRPO's kl is to its reference, distillation's to the teacher)."""
+
+    title: str
+    keys: tuple[str, ...]
+    bar: tuple[str, ...] = ()
+    with_key: str = ""
+    without_key: str = ""
+
+    def matches(self, logged: set[str]) -> list[str]:
+        """The logged metric names this panel draws, in pattern order ([] = no panel)."""
+        if (self.with_key and self.with_key not in logged) or self.without_key in logged:
+            return []
+        return list(dict.fromkeys(k for pat in self.keys for k in sorted(logged) if fnmatchcase(k, pat)))
+
+
+# What each stage optimises, most telling first (the names TRL and wandb users know). A run gets
+# the panels whose metrics it logged; the loss, with its validation curves, comes last because
+# an RL surrogate loss says little about learning.
+PANELS = (
+    Panel("reward (mean over rollouts)", ("reward",), ("reward",)),
+    Panel("accuracy: rollouts, held-out greedy", ("accuracy", "val_gen_accuracy"), ("acc", "val_acc")),
+    Panel("KL(policy || reference)", ("kl",), ("kl",), with_key="reward"),
+    Panel("response length (tokens)", ("response_len",), ("len",)),
+    Panel("reward parts, unweighted", ("reward/*",)),
+    Panel("entropy of the policy (nats / token)", ("entropy",)),
+    Panel("reward margin (chosen - rejected)", ("rewards/margins", "val/*/rewards/margins"),
+          ("margin", "val_margin")),
+    Panel("preference accuracy", ("rewards/accuracies", "val/*/rewards/accuracies"),
+          ("pref_acc", "val_pref_acc")),
+    Panel("implicit rewards beta*log(pi/pi_ref)", ("rewards/chosen", "rewards/rejected")),
+    Panel("teacher-student KL", ("kl", "val/*/kl"), ("kl", "val_kl"), without_key="reward"),
+    Panel("loss", ("loss", "val/*/loss"), ("loss", "val")),
+)
+# after the stage's own figures on the bar; a throughput of 0 (nothing counted) is not shown
+BAR_TAIL = (("lr", "lr"), ("tok/s", "tokens_per_s"), ("gen tok/s", "rollout_tok_s"), ("mfu", "mfu"))
+
+
+def bar_fields(metrics: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's fields for one log record: the stage's own figures (PANELS' bar
+    labels), then lr and the throughputs that are above zero."""
+    logged = {k for k, v in metrics.items() if isinstance(v, (int, float))}
+    out: dict[str, str] = {}
+    for panel in PANELS:
+        drawn = panel.matches(logged)
+        for pat, label in zip(panel.keys, panel.bar):
+            key = next((k for k in drawn if fnmatchcase(k, pat)), None)
+            if label and key is not None:
+                out[label] = f"{metrics[key]:.3g}"
+    for label, key in BAR_TAIL:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and (value > 0 or key == "lr"):
+            out[label] = f"{100 * value:.1f}%" if key == "mfu" else f"{value:.3g}"
+    return out
+
+
 class RunLogger:
     """Writes metrics.jsonl (+ wandb) and drives the progress bar; inert on non-main ranks."""
 
@@ -87,6 +152,7 @@ class RunLogger:
         self.wandb_run = None
         self.wandb_id = wandb_id
         self.bar = None
+        self.postfix: dict[str, str] = {}   # kept across records: validation stays on the bar
         if not enabled:
             return
         with writing(self.path.parent):
@@ -131,12 +197,8 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
         if self.bar is not None:
-            show = {"loss": "loss", "lr": "lr", "tok/s": "tokens_per_s", "mfu": "mfu"}
-            post = {k: metrics[v] for k, v in show.items() if v in metrics}
-            post = {k: (f"{v:.3g}" if k != "mfu" else f"{100 * v:.1f}%") for k, v in post.items()}
-            if "val_loss" in metrics:
-                post["val"] = f"{metrics['val_loss']:.3f}"
-            self.bar.set_postfix(post, refresh=False)
+            self.postfix.update(bar_fields(metrics))
+            self.bar.set_postfix(self.postfix)   # now: the bar shows this record
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -159,30 +221,62 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
         if plot and self.path.exists():
-            plot_loss_curve(self.path, self.path.with_name("loss_curve.png"))
+            plot_metrics(self.path, self.path.with_name("loss_curve.png"))
 
 
-def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
-    """Train (and validation) loss against step from metrics.jsonl; None if nothing to plot."""
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and up to `window - 1` before it (a noisy RL reward's trend)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def chosen_panels(rows: list[dict[str, Any]]) -> list[tuple[Panel, list[str]]]:
+    """(panel, the metric names it draws) for each of PANELS that the logged records fill."""
+    logged = {k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
+    return [(p, keys) for p in PANELS if (keys := p.matches(logged))]
+
+
+def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
+    """One PNG of what the run optimised: a panel per entry of PANELS whose metrics are in
+    metrics.jsonl, against the optimizer step; None if there is nothing to draw. Validation
+    curves (`val*` names) get markers; a training series of more than 30 points is drawn faint
+    with its trailing mean over a fifteenth of the run on top."""
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if not train and not val:
+    panels = chosen_panels(rows)
+    if not panels:
         return None
     import matplotlib
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for points, label in ((train, "train"), (val, "validation")):
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    cols = 1 if len(panels) == 1 else 2
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (panel, keys) in zip(axes.flat, panels):
+        for key in keys:
+            steps, values = zip(*[(r["step"], r[key]) for r in rows
+                                  if isinstance(r.get(key), (int, float))])
+            if key.startswith("val"):
+                ax.plot(steps, values, marker="o", label=key)
+            elif len(values) > 30:
+                line, = ax.plot(steps, values, alpha=0.3)
+                window = len(values) // 15
+                ax.plot(steps, trailing_mean(list(values), window), color=line.get_color(),
+                        label=f"{key} (mean of {window} logs)")
+            else:
+                ax.plot(steps, values, label=key)
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(Path(metrics_path).parent.name)
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return Path(png_path)

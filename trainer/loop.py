@@ -290,9 +290,12 @@ def log_window(run: Run) -> None:
     dt = time.perf_counter() - run.t_last
     tok_s = stats[2] / max(dt, 1e-9)
     run.result.train_loss = stats[0] / max(stats[1], 1e-12)
+    # A batch without input_ids (GRPO's prompt indices: its stage logs its own rollout/update
+    # tokens/s) counts no tokens: no throughput is logged rather than a false 0.
+    speed = {"tokens_per_s": tok_s,
+             "mfu": tok_s * run.flops_tok / (run.peak * 1e12) if run.peak else 0.0} if stats[2] else {}
     run.logger.log(run.step, {
-        "loss": run.result.train_loss, "lr": run.lr, "grad_norm": float(run.gnorm),
-        "tokens_per_s": tok_s, "mfu": tok_s * run.flops_tok / (run.peak * 1e12) if run.peak else 0.0,
+        "loss": run.result.train_loss, "lr": run.lr, "grad_norm": float(run.gnorm), **speed,
         "epoch": run.result.samples_seen / run.epoch_len, "step_time_s": dt / run.steps_since,
         **{k: v / max(stats[1], 1e-12) for k, v in zip(keys, stats[3:])}})
     run.loss_sum.zero_()
