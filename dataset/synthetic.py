@@ -298,9 +298,8 @@ _TEMPLATES = [_add_buy, _sub_give, _compare, _group_total, _mul_boxes, _price_to
               _bus, _savings]
 # Which problems a data set holds: every template, or the one-step ones alone (an easier task
 # that a model learns in a fraction of the steps: the suite's learning test uses it).
-PROBLEMS = {"all": tuple(_TEMPLATES), "one_step": (_add_buy, _sub_give, _compare, _group_total, _mul_boxes),
-            "add_sub": (_add_buy, _sub_give, _compare)}
-Problems = Literal["all", "one_step", "add_sub"]
+PROBLEMS = {"all": tuple(_TEMPLATES), "one_step": (_add_buy, _sub_give, _compare, _group_total, _mul_boxes)}
+Problems = Literal["all", "one_step"]
 
 
 def make_problem(rng: random.Random, problems: Problems = "all") -> Problem:
