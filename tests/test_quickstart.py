@@ -132,3 +132,14 @@ def test_short_run_learns_the_held_out_task(tmp_path):
     assert rows["pretrain"] <= PRETRAIN_MAX, rows
     assert rows["full SFT"] >= BAR, rows
     assert "| full SFT |" in (out / "REPORT.md").read_text()
+
+
+def test_opt_in_stages_must_be_asked_for(tmp_path):
+    """GRPO and the student stage are opt-in: stopping after one that is not switched on is a
+    usage error (exit 2, one line naming the flag), not a run that silently skips it."""
+    for stage, flag in (("grpo", "--grpo"), ("distill", "--distill")):
+        proc = subprocess.run([sys.executable, "scripts/quickstart.py", "--until", stage,
+                               "--out", str(tmp_path / stage)], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1].endswith(f"--until {stage} needs {flag}")
+        assert not (tmp_path / stage).exists()
