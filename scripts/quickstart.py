@@ -345,8 +345,8 @@ def effect_lines(r: dict) -> list[str]:
     """What the report says a stage did, beyond its accuracy."""
     out = []
     if "perplexity" in r:
-        out.append(f"{r['stage']}: perplexity of the held-out solved problems {r['perplexity']:.2f} "
-                   "(a model that has learned nothing: about the vocabulary size).")
+        out.append(f"{r['stage']}: perplexity of the held-out solved problems {r['perplexity']:.2f}, "
+                   "against about the vocabulary size for a model that has learned nothing.")
     if "preference" in r:
         p = r["preference"]
         out.append(f"{r['stage']}: on held-out pairs (right solution vs a slipped one) the implicit "
