@@ -27,7 +27,8 @@ from trainer import dpo, kto
 from trainer.adapters import FinetuningChoice
 from trainer.config import option, parse_config, problems_of
 from trainer.loop import fit
-from trainer.stage import build_model, finish, fit_args, load_data, load_tokenizer, reference_model
+from trainer.stage import (build_model, finish, fit_args, generation_hooks, load_data, load_tokenizer,
+                           reference_model)
 
 
 @dataclass
@@ -50,10 +51,7 @@ class KTOConfig(FinetuningChoice):
             self.lr = 5e-5 if self.use_lora else 5e-6
 
     def _problems(self) -> list[str]:
-        err = super()._problems() + problems_of(self.settings)
-        if self.eval_gen_data:
-            err.append("eval_gen_data: not wired into train_kto.py; score the final model with eval_model.py")
-        return err
+        return super()._problems() + problems_of(self.settings)
 
     def settings(self) -> kto.KTOSettings:
         return kto.KTOSettings(self.beta, self.desirable_weight, self.undesirable_weight, self.sft_weight)
@@ -71,7 +69,8 @@ def main() -> None:
     model = build_model(cfg, tokenizer).to(env.device)   # init_from's weights: also the reference's
     reference = dpo.reference_logps(reference_model(model, cfg, env))
     result = fit(model, train, kto.make_kto_loss(cfg.settings(), reference), cfg, eval_data=evals,
-                 collate_fn=make_kto_collate(tokenizer.pad_id, cfg.seq_len), **fit_args(model, cfg))
+                 collate_fn=make_kto_collate(tokenizer.pad_id, cfg.seq_len),
+                 eval_hooks=generation_hooks(cfg, tokenizer), **fit_args(model, cfg))
     finish(model, cfg, env, result, adapter=cfg.use_lora)
 
 
