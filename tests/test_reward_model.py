@@ -141,3 +141,21 @@ def test_grpo_trains_on_open_ended_prompts_with_a_reward_model(tmp_path, monkeyp
         ids = torch.tensor(tok.encode(tok.apply_chat_template(conv)))
         logit = judge(ids[None]).logits[0, -1, 42].item()
         assert s["reward"] == pytest.approx(0.5 * logit, abs=1e-4)
+
+
+def test_lora_reward_model_saves_merged_and_scores_the_same(tmp_path):
+    from model.lora import apply_lora
+    model = tiny().eval()
+    apply_lora(model, "all", rank=4, alpha=8)
+    head = rm.add_value_head(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "v_head" in name:
+                p.normal_(0, 0.1)
+    ids = torch.randint(3, 100, (2, 7))
+    want, _ = rm.token_values(model, ids)
+    loaded = rm.load_reward_model(rm.save_reward_model(model, tmp_path / "rm"))
+    got, _ = rm.token_values(loaded, ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert rm.value_head(model) is head          # the model keeps its head after saving
