@@ -81,12 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="out/compare_preference", help="working folder (reused: the base "
                     "model is trained once and kept)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=60, help="optimizer steps of each preference run")
-    ap.add_argument("--pairs", type=int, default=8, help="pairs per step (KTO: twice as many samples)")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps of each preference run")
+    ap.add_argument("--pairs", type=int, default=4, help="pairs per step (KTO: twice as many samples)")
     ap.add_argument("--lr", type=float, default=1e-4, help="lr of every preference run")
     ap.add_argument("--beta", type=float, default=0.1, help="β of DPO and KTO, λ of ORPO")
-    ap.add_argument("--pretrain_steps", type=int, default=300)
-    ap.add_argument("--sft_steps", type=int, default=200)
+    ap.add_argument("--pretrain_steps", type=int, default=150)
+    ap.add_argument("--sft_steps", type=int, default=100)
+    ap.add_argument("--base_batch", type=int, default=8, help="batch of the pretraining and SFT runs")
     ap.add_argument("--n_test", type=int, default=100, help="held-out pairs")
     return ap.parse_args(argv)
 
@@ -97,7 +98,8 @@ def base_model(out: Path, a: argparse.Namespace) -> Path:
     if not (data / "kto.jsonl").exists():
         run("-m", "dataset.synthetic", "--out", str(data), "--n_pretrain", "4000", "--n_sft", "3000",
             "--n_dpo", "1000", "--n_test", str(a.n_test))
-    common = ["--seq_len", "256", "--batch_size", "16", "--no-progress", "--no-plot", "--log_every", "50"]
+    common = ["--seq_len", "256", "--batch_size", str(a.base_batch), "--no-progress", "--no-plot",
+              "--log_every", "25"]
     if not (out / "pretrain" / "final").exists():
         run("train_pretrain.py", "--data_path", str(data / "pretrain.jsonl"), "--model_preset", "tiny",
             "--max_steps", str(a.pretrain_steps), "--lr", "2e-3", "--out_dir", str(out / "pretrain"),

@@ -113,7 +113,7 @@ def test_kto_separates_desirable_from_undesirable(feedback, tmp_path):
     reference = dpo.reference_logps(frozen_reference(frozen_copy(model)))
     loss_fn = kto.make_kto_loss(kto.KTOSettings(0.1), reference)
     cfg = TrainConfig(out_dir=str(tmp_path / "run"), device="cpu", dtype="fp32", batch_size=8,
-                      max_steps=24, lr=4e-3, log_every=8, progress=False, peak_tflops=1.0,
+                      max_steps=16, lr=4e-3, log_every=8, progress=False, peak_tflops=1.0,
                       weight_decay=0.0, plot=False)
     fit(model, ds, loss_fn, cfg, collate_fn=collate)
     batch = collate([ds[i] for i in range(len(ds))])
