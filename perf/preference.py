@@ -1,7 +1,7 @@
 """Preference stages compared on the quickstart's synthetic data: the reward model's held-out
 pairwise accuracy, and KTO and ORPO against DPO on held-out preference accuracy, for several seeds.
 
-    python scripts/compare_preference.py [--seeds 0 1] [--steps 60] [--out out/compare_preference]
+    python scripts/compare_preference.py [--seeds 0 1] [--steps 60] [--lr 1e-3] [--out out/compare_preference]
 
 What it does: `dataset.synthetic` data (the same generator the quickstart uses: right worked
 solutions against ones with a slipped digit), a tiny model pretrained and then SFT-trained on it
@@ -81,9 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="out/compare_preference", help="working folder (reused: the base "
                     "model is trained once and kept)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps of each preference run")
+    ap.add_argument("--steps", type=int, default=60, help="optimizer steps of each preference run")
     ap.add_argument("--pairs", type=int, default=4, help="pairs per step (KTO: twice as many samples)")
-    ap.add_argument("--lr", type=float, default=1e-4, help="lr of every preference run")
+    ap.add_argument("--lr", type=float, default=1e-3, help="lr of every preference run")
     ap.add_argument("--beta", type=float, default=0.1, help="β of DPO and KTO, λ of ORPO")
     ap.add_argument("--pretrain_steps", type=int, default=150)
     ap.add_argument("--sft_steps", type=int, default=100)
