@@ -1,9 +1,11 @@
-"""Preference optimisation (DPO / IPO / SimPO) on {"chosen": [...], "rejected": [...]} JSONL.
+"""Preference optimisation (DPO / hinge / IPO / SimPO / ORPO) on {"chosen": [...], "rejected": [...]} JSONL.
 
     python train_dpo.py --init_from out/sft/final --data_path data/synthetic/dpo.jsonl --max_steps 300
     python train_dpo.py ... --finetuning_type lora      # adapters; reference = base (adapters off)
     python train_dpo.py ... --precompute_ref           # reference log-probs once, no second model
     python train_dpo.py ... --loss simpo               # reference-free
+    python train_dpo.py ... --loss orpo                # reference-free: SFT NLL + β·odds-ratio term
+    python train_dpo.py ... --finetuning_type freeze --freeze_trainable_layers 2
     torchrun --nproc_per_node=2 train_dpo.py ...
 
 Reference model: with LoRA the policy itself with adapters disabled (no copy); else a frozen deep
@@ -22,14 +24,13 @@ from dataclasses import dataclass
 
 from common.errors import run_cli
 from dataset.lm_dataset import make_collate
-from offload.experts import offload_experts
 from trainer import distributed as dist
 from trainer import dpo
 from trainer.adapters import FinetuningChoice
-from trainer.config import option, parse_config
+from trainer.config import option, parse_config, problems_of
 from trainer.loop import fit, make_autocast
-from trainer.reference import adapter_reference, frozen_copy, frozen_reference
-from trainer.stage import build_model, finish, fit_args, generation_hooks, load_data, load_tokenizer
+from trainer.stage import (build_model, finish, fit_args, generation_hooks, load_data, load_tokenizer,
+                           reference_model)
 
 
 @dataclass
@@ -41,8 +42,9 @@ class DPOConfig(FinetuningChoice):
     seq_len: int = 512
     batch_size: int = option(8, "preference pairs per micro-batch per process")
     epochs: float = 1.0
-    loss: str = option("sigmoid", "sigmoid (DPO), ipo or simpo (reference-free)", choices=dpo.LOSS_TYPES)
-    beta: float = option(0.0, "β (0 = 0.1 for sigmoid/ipo, 2.0 for simpo)")
+    loss: str = option("sigmoid", "sigmoid (DPO), hinge, ipo, simpo or orpo (the last two "
+                       "reference-free)", choices=dpo.LOSS_TYPES)
+    beta: float = option(0.0, "β (0 = 0.1 for sigmoid/hinge/ipo/orpo, 2.0 for simpo); ORPO's λ")
     label_smoothing: float = option(0.0, "conservative DPO: assumed label-noise rate ε in [0, 0.5)")
     simpo_gamma: float = option(1.0, "SimPO target reward margin γ")
     sft_weight: float = option(0.0, "weight of an NLL term on the chosen answers (0 = off)")
@@ -55,12 +57,7 @@ class DPOConfig(FinetuningChoice):
             self.beta = dpo.DEFAULT_BETA.get(self.loss, 0.1)
 
     def _problems(self) -> list[str]:
-        err = super()._problems()
-        try:
-            self.settings()
-        except ValueError as exc:
-            err.append(str(exc))
-        return err
+        return super()._problems() + problems_of(self.settings)
 
     def settings(self) -> dpo.PreferenceSettings:
         return dpo.PreferenceSettings(self.loss, self.beta, self.label_smoothing, self.simpo_gamma,
@@ -86,13 +83,8 @@ def main() -> None:
         train = dpo.WithReferenceLogps(train, table(train))
         evals = {name: dpo.WithReferenceLogps(ds, table(ds)) for name, ds in evals.items()}
         collate, reference = dpo.collate_with_reference(collate), dpo.precomputed_reference
-    elif settings.needs_reference and cfg.use_lora:
-        reference = dpo.reference_logps(adapter_reference)
     elif settings.needs_reference:
-        ref = frozen_copy(model)
-        if cfg.expert_backend() != "torch":   # the frozen reference runs its experts in torch
-            offload_experts(ref, "torch")
-        reference = dpo.reference_logps(frozen_reference(ref.to(env.device)))
+        reference = dpo.reference_logps(reference_model(model, cfg, env))
 
     result = fit(model, train, dpo.make_dpo_loss(settings, reference), cfg, eval_data=evals,
                  collate_fn=collate, eval_hooks=generation_hooks(cfg, tokenizer), **fit_args(model, cfg))

@@ -5,6 +5,7 @@
     python train_grpo.py ... --loss dapo                       # clip-higher, token-level, drop flat groups
     python train_grpo.py ... --finetuning_type lora            # adapters; KL reference = adapters off
     python train_grpo.py ... --reward correctness:1.0,format:0.1,length:0.1
+    python train_grpo.py ... --reward reward_model:out/reward/final     # a learned reward, no gold
     torchrun --nproc_per_node=2 train_grpo.py ...              # each rank rolls out its own prompts
 
 Prompts: SFT conversations up to their last assistant turn (gold = that reply's `#### n` or
@@ -25,17 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import run_cli
-from offload.experts import offload_experts
 from trainer import distributed as dist
 from trainer import grpo
 from trainer.adapters import FinetuningChoice
 from trainer.checkpoint import resolve_resume, verify_checkpoint
 from trainer.config import option, parse_config
 from trainer.loop import fit
-from trainer.reference import adapter_reference, frozen_copy, frozen_reference
 from trainer.rewards import RewardMix, RewardSpecError
 from trainer.rollout import Rollouts, SampleLog
-from trainer.stage import build_model, finish, fit_args, generation_hooks, load_tokenizer
+from trainer.stage import build_model, finish, fit_args, generation_hooks, load_tokenizer, reference_model
 
 
 @dataclass
@@ -57,7 +56,9 @@ class GRPOConfig(FinetuningChoice):
     eps_high: float = option(0.0, "upper clip ε (0 = 0.2 grpo, 0.28 dapo, 4.0 cispo)")
     inner_updates: int = option(1, "μ: optimizer steps per rollout (checkpoints fall on multiples)")
     scale_rewards: bool = option(True, "divide advantages by the group's reward std (off = Dr. GRPO)")
-    reward: str = option("correctness:1.0,format:0.1", "rewards and weights: correctness, format, length")
+    reward: str = option("correctness:1.0,format:0.1", "rewards and weights: correctness, format, "
+                         "length, reward_model:PATH[:WEIGHT] (a train_reward.py folder; with no "
+                         "correctness/format, prompts need no gold answer)")
     max_new_tokens: int = option(256, "completion budget per rollout")
     temperature: float = option(1.0, "rollout sampling temperature")
     top_p: float = option(1.0, "rollout nucleus sampling")
@@ -100,25 +101,21 @@ def main() -> None:
     if env.is_main and not cfg.init_from:
         print("[warn] no --init_from: RL on a randomly initialised model rarely earns a reward", flush=True)
     tokenizer = load_tokenizer(cfg)
-    records, skipped = grpo.load_prompts(cfg.data_path, cfg.dataset_dir, cfg.seed)
+    rewards = RewardMix.from_spec(cfg.reward, tokenizer=tokenizer, device=env.device)
+    records, skipped = grpo.load_prompts(cfg.data_path, cfg.dataset_dir, cfg.seed,
+                                         require_gold=rewards.needs_gold)
     prompts = grpo.PromptDataset(records, tokenizer, cfg.seq_len - cfg.max_new_tokens, cfg.think)
     if env.is_main:
-        print(f"[data] {len(prompts)} prompts with gold answers ({skipped} records without one skipped)",
-              flush=True)
+        print(f"[data] {len(prompts)} prompts ({skipped} records without a "
+              f"{'gold answer' if rewards.needs_gold else 'user turn'} skipped)", flush=True)
     model = build_model(cfg, tokenizer).to(env.device)
     settings = cfg.settings()
 
     reference = None
     if cfg.beta > 0 or cfg.track_kl:
-        if cfg.use_lora:
-            reference = adapter_reference
-        else:
-            ref = frozen_copy(model)
-            if cfg.expert_backend() != "torch":   # the frozen reference runs its experts in torch
-                offload_experts(ref, "torch")
-            reference = frozen_reference(ref.to(env.device))
+        reference = reference_model(model, cfg, env)
 
-    rollouts = Rollouts(prompts, RewardMix.from_spec(cfg.reward), settings.rollout, tokenizer, reference,
+    rollouts = Rollouts(prompts, rewards, settings.rollout, tokenizer, reference,
                         seed=cfg.seed, rank=env.rank)
     samples = SampleLog(Path(cfg.out_dir) / "rollouts.jsonl", cfg.sample_every or cfg.log_every) \
         if env.is_main else None

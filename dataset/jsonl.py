@@ -10,6 +10,8 @@ Schemas (the MiniMind formats, see docs/REFERENCE in ../shared):
 - ``"conversation"``: ``{"conversations": [messages], "tools"?: ...}`` (SFT); messages are
   normalised by ``dataset.chat.normalize_conversation`` (tool calls parsed, tools collected)
 - ``"preference"``: ``{"chosen": [messages], "rejected": [messages]}`` (DPO)
+- ``"feedback"``: ``{"conversations": [messages], "label": bool}`` (KTO: one completion and
+  whether it is desirable; LLaMA-Factory's ``kto_tag``)
 - ``None``: any JSON object, unvalidated (converters validate themselves)
 
 Line numbers: JSONL records are numbered by physical line; elements of a JSON array by the line
@@ -30,7 +32,7 @@ from typing import IO, Any, Callable, Iterator, Literal, NamedTuple
 from common.errors import UserError
 from dataset.chat import normalize_conversation
 
-Schema = Literal["text", "conversation", "preference"]
+Schema = Literal["text", "conversation", "preference", "feedback"]
 MAX_REPORTED = 5  # how many skip messages a report keeps verbatim
 
 
@@ -139,10 +141,25 @@ def validate_preference(data: Any) -> dict[str, Any]:
     return out
 
 
+def validate_feedback(data: Any) -> dict[str, Any]:
+    """``{"conversations": [...], "label": true|false}``: a conversation ending in the assistant's
+    completion, and whether that completion is desirable (KTO's unpaired feedback)."""
+    data = _require_object(data)
+    label = data.get("label")
+    if not isinstance(label, bool):
+        raise RecordError("field 'label' must be true (desirable) or false (undesirable), got "
+                          + ("nothing" if label is None else repr(label)))
+    out = validate_conversation(data)
+    if out["conversations"][-1]["role"] != "assistant":
+        raise RecordError("conversations: the last message must be the assistant's completion")
+    return {**out, "label": label}
+
+
 VALIDATORS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "text": validate_text,
     "conversation": validate_conversation,
     "preference": validate_preference,
+    "feedback": validate_feedback,
 }
 
 

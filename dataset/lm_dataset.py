@@ -21,7 +21,10 @@ by sample count stays exact). Each row carries ``document_ids`` (1, 2, ... per c
 for collate padding): the model keeps attention inside each conversation and restarts its
 positions (LLaMA-Factory's neat_packing), and the first token of each conversation is never a
 target, so a packed row trains exactly what its conversations would alone. DPO (``{"chosen", "rejected"}``): both sides encoded, labels cover only the final
-assistant reply. Samples truncated to nothing supervised are dropped and counted in ``stats``.
+assistant reply. KTO (``{"conversations", "label"}``): one conversation, labels on its final
+assistant reply, and ``kto_tag`` (1 desirable, 0 not); ``kto_collate`` adds the mismatched
+prompt/completion rows of KTO's KL estimate. Samples truncated to nothing supervised are dropped
+and counted in ``stats``.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from dataset.cache import TokenCache, cache_key, file_fingerprint, tokenizer_fin
 from dataset.chat import IGNORE_INDEX, ChatTokenizer, encode_conversation
 from dataset.jsonl import DataError, ReadReport, Record, Schema, iter_records
 
-Kind = Literal["pretrain", "sft", "dpo"]
+Kind = Literal["pretrain", "sft", "dpo", "kto"]
 PretrainMode = Literal["packed", "padded"]
-SCHEMA_OF_KIND: dict[str, Schema] = {"pretrain": "text", "sft": "conversation", "dpo": "preference"}
+SCHEMA_OF_KIND: dict[str, Schema] = {"pretrain": "text", "sft": "conversation", "dpo": "preference",
+                                     "kto": "feedback"}
 MAX_MESSAGES = 5
 
 
@@ -159,14 +163,17 @@ def _build_pretrain(
 
 def _build_sft(
     records: Iterable[Record], tokenizer: ChatTokenizer, max_length: int, skip: bool,
-    train_on_prompt: bool = False, mask_history: bool = False,
+    train_on_prompt: bool = False, mask_history: bool = False, kto: bool = False,
 ) -> tuple[dict[str, np.ndarray], DataStats]:
+    """SFT arrays; with ``kto`` the final reply alone is supervised and each kept record's
+    ``label`` goes to ``kto_tag``."""
     stats = DataStats()
-    ids, mask = _Ragged(token_dtype(tokenizer.vocab_size)), _Ragged(np.uint8)
+    ids, mask, tags = _Ragged(token_dtype(tokenizer.vocab_size)), _Ragged(np.uint8), []
     for rec in records:
         try:
             enc = encode_conversation(tokenizer, rec.data["conversations"], rec.data.get("tools"), max_length,
-                                      train_on_prompt=train_on_prompt, mask_history=mask_history)
+                                      last_turn_only=kto, train_on_prompt=train_on_prompt,
+                                      mask_history=mask_history)
         except ValueError as e:
             _fail_or_skip(stats, rec.where, e, skip)
             continue
@@ -177,9 +184,11 @@ def _build_sft(
             continue
         ids.add(enc.ids)
         mask.add(enc.mask)
+        tags += [rec.data["label"]] if kto else []
         stats.tokens += len(enc.ids)
         stats.supervised_tokens += int(enc.mask.sum())
-    return {"input_ids": ids.values(), "mask": mask.values(), "offsets": ids.offsets()}, stats
+    arrays = {"input_ids": ids.values(), "mask": mask.values(), "offsets": ids.offsets()}
+    return ({**arrays, "kto_tag": np.asarray(tags, dtype=np.uint8)} if kto else arrays), stats
 
 
 def _build_dpo(
@@ -371,10 +380,27 @@ class DPODataset(TokenDataset):
         return out
 
 
+class KTODataset(TokenDataset):
+    """``{"kto_input_ids", "kto_labels", "kto_tag"}``: labels -100 except on the final assistant
+    reply, kto_tag a 0-d tensor (1 = desirable). Batch with ``kto_collate``."""
+
+    kind = "kto"
+
+    def __len__(self) -> int:
+        return len(self.arrays["offsets"]) - 1
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = _long(self._row("input_ids", "offsets", i))
+        mask = torch.from_numpy(self._row("mask", "offsets", i).astype(bool))
+        return {"kto_input_ids": ids, "kto_labels": torch.where(mask, ids, IGNORE_INDEX),
+                "kto_tag": torch.tensor(int(self.arrays["kto_tag"][i]))}
+
+
 DATASET_CLASSES: dict[str, type[TokenDataset]] = {
     "pretrain": PretrainDataset,
     "sft": SFTDataset,
     "dpo": DPODataset,
+    "kto": KTODataset,
 }
 
 
@@ -408,7 +434,7 @@ def build_dataset(
     SFT options (see the module docstring).
     """
     if kind not in DATASET_CLASSES:
-        raise ValueError(f"unknown dataset kind {kind!r} (expected pretrain, sft or dpo)")
+        raise ValueError(f"unknown dataset kind {kind!r} (expected pretrain, sft, dpo or kto)")
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     options = {"kind": kind, "max_length": max_length, "skip_bad_records": skip_bad_records}
@@ -433,6 +459,8 @@ def build_dataset(
     elif kind == "sft":
         arrays, stats = _build_sft(records, tokenizer, max_length, skip_bad_records, train_on_prompt,
                                    mask_history)
+    elif kind == "kto":
+        arrays, stats = _build_sft(records, tokenizer, max_length, skip_bad_records, kto=True)
     else:
         arrays, stats = _build_dpo(records, tokenizer, max_length, skip_bad_records)
     stats.records = report.records
@@ -535,3 +563,32 @@ def make_collate(pad_id: int = 0, pad_to_multiple_of: int = 1) -> Callable[[Sequ
     """``collate`` with the tokenizer's pad id bound, for ``DataLoader(collate_fn=...)``."""
     # functools.partial (not a lambda) so DataLoader workers can pickle it.
     return functools.partial(collate, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def kto_collate(samples: Sequence[dict[str, torch.Tensor]], pad_id: int = 0, max_length: int = 0
+                ) -> dict[str, torch.Tensor]:
+    """A KTO batch: the samples (``collate``d), ``kto_tag`` [B], and ``kl_input_ids`` /
+    ``kl_labels``: row i = prompt i followed by the completion of sample i-1 (the last one for
+    i = 0), labels on that completion only. These mismatched pairs are KTO's sample of
+    unrelated (prompt, completion) pairs for its KL estimate, built as TRL builds them (its
+    ``KL_completion`` rotates each batch's completions by one). A batch of one pairs a sample
+    with itself. ``max_length`` > 0 cuts a longer row's completion end.
+    """
+    tags = torch.stack([s["kto_tag"] for s in samples])
+    rows = [{k: v for k, v in s.items() if k != "kto_tag"} for s in samples]
+    kl = []
+    for i, s in enumerate(rows):
+        other = rows[i - 1]
+        start = [int(torch.nonzero(r["kto_labels"] != IGNORE_INDEX)[0]) for r in (s, other)]
+        ids = torch.cat([s["kto_input_ids"][:start[0]], other["kto_input_ids"][start[1]:]])
+        labels = torch.cat([torch.full((start[0],), IGNORE_INDEX), other["kto_labels"][start[1]:]])
+        if max_length:
+            ids, labels = ids[:max_length], labels[:max_length]
+        kl.append({"kl_input_ids": ids, "kl_labels": labels})
+    kto = collate(rows, pad_id)
+    return {**kto, **collate(kl, pad_id), "kto_tag": tags}
+
+
+def make_kto_collate(pad_id: int = 0, max_length: int = 0) -> Callable[[Sequence[dict]], dict]:
+    """``kto_collate`` with the tokenizer's pad id and the row limit bound (picklable)."""
+    return functools.partial(kto_collate, pad_id=pad_id, max_length=max_length)

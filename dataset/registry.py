@@ -7,11 +7,11 @@ first N, as LLaMA-Factory does — then a deterministic shuffle by ``seed``) and
 
 Registry entries: ``file_name`` (a file, or a folder whose data files are read in name order),
 ``formatting`` (``alpaca`` default, or ``sharegpt``), ``columns``, ``tags``, ``ranking``. The kind
-of data is decided per entry: ``ranking: true`` → DPO; a ``.txt`` file, or an alpaca entry that
+of data is decided per entry: ``ranking: true`` → DPO; a ``kto_tag`` column → KTO (the
+conversation plus that column's boolean as ``label``); a ``.txt`` file, or an alpaca entry that
 maps only a ``prompt`` column and no ``response`` (LLaMA-Factory's pretraining entries such as
 ``c4_demo``) → pretraining text; otherwise SFT. Not supported (a DataError says why): hub-only
-entries (no ``file_name``; nothing is downloaded), multimodal columns (images/videos/audios) and
-KTO data (``kto_tag``).
+entries (no ``file_name``; nothing is downloaded) and multimodal columns (images/videos/audios).
 
 A name that is not in the registry but is a path to a MiniMind-format file (``.jsonl``, ``.json``,
 ``.gz``) is read as such, its kind inferred from the first record's keys.
@@ -69,6 +69,8 @@ class DatasetSpec:
     def kind(self) -> Kind:
         if self.ranking:
             return "dpo"
+        if "kto_tag" in self.columns:
+            return "kto"
         is_txt = bool(self.file_name) and self.file_name.endswith(".txt")
         cols = self.columns
         prompt_only = self.formatting == "alpaca" and "prompt" in cols and "response" not in cols
@@ -83,8 +85,6 @@ class DatasetSpec:
             return f"unknown formatting {self.formatting!r} (expected alpaca or sharegpt)"
         if any(c in self.columns for c in MULTIMODAL_COLUMNS):
             return "multimodal data (images/videos/audios) is not supported"
-        if "kto_tag" in self.columns:
-            return "KTO data (kto_tag) is not supported; there is no KTO trainer"
         return None
 
 
@@ -137,13 +137,17 @@ def _converter(spec: DatasetSpec) -> Callable[[Any], dict[str, Any]]:
         if spec.file_name and spec.file_name.endswith(".txt"):
             return lambda r: r  # the reader already made {"text": line}
         return lambda r: alpaca_to_text(r, cols)
-    if spec.formatting == "sharegpt":
-        if kind == "dpo":
-            return lambda r: sharegpt_to_preference(r, cols, tags)
-        return lambda r: sharegpt_to_conversation(r, cols, tags)
     if kind == "dpo":
+        if spec.formatting == "sharegpt":
+            return lambda r: sharegpt_to_preference(r, cols, tags)
         return lambda r: alpaca_to_preference(r, cols)
-    return lambda r: alpaca_to_conversation(r, cols)
+    if spec.formatting == "sharegpt":
+        conversation = lambda r: sharegpt_to_conversation(r, cols, tags)  # noqa: E731
+    else:
+        conversation = lambda r: alpaca_to_conversation(r, cols)  # noqa: E731
+    if kind == "kto":   # the feedback validator checks that the tag is a boolean
+        return lambda r: {**conversation(r), "label": r.get(cols["kto_tag"])}
+    return conversation
 
 
 def _data_files(path: Path) -> list[Path]:
@@ -161,6 +165,8 @@ def _infer_kind(path: Path) -> Kind:
     """MiniMind files carry no format tag: the first record's keys tell."""
     for line, obj in iter_raw(path):
         if isinstance(obj, dict):
+            if "conversations" in obj and "label" in obj:
+                return "kto"
             for key, kind in (("text", "pretrain"), ("conversations", "sft"), ("chosen", "dpo")):
                 if key in obj:
                     return kind  # type: ignore[return-value]

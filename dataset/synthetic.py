@@ -14,6 +14,7 @@ pretraining, SFT or DPO data, whatever the seeds. Everything is a pure function 
 (`random.Random(f"{purpose}:{seed}")`, so pretrain/SFT/DPO with the same seed still differ).
 
 CLI: `python -m dataset.synthetic --out DIR --seed 0` writes pretrain.jsonl, sft.jsonl, dpo.jsonl,
+kto.jsonl (the DPO pairs unpaired for KTO: each chosen answer desirable, each rejected one not),
 test.jsonl (GSM8K layout: {"question", "answer"} where answer is the worked solution) and
 dpo_test.jsonl (a chosen / rejected pair on each test problem, for scoring preference stages) and
 test_text.jsonl (the test problems solved, as pretraining text: held-out perplexity).
@@ -634,6 +635,13 @@ def held_out_pairs(problems: Iterable[Problem], seed: int = 0) -> list[dict]:
     return [_preference_pair(p, rng) for p in problems]
 
 
+def unpaired(pairs: Iterable[dict]) -> list[dict]:
+    """DPO records -> KTO records (``{"conversations", "label"}``): each chosen conversation
+    desirable, each rejected one not (TRL's ``unpair_preference_dataset``)."""
+    return [{"conversations": p[side], "label": side == "chosen"} for p in pairs
+            for side in ("chosen", "rejected")]
+
+
 def _preference_pair(p: Problem, rng: random.Random) -> dict:
     prompt: list[Message] = []
     if rng.random() < 0.3:
@@ -698,7 +706,9 @@ def main(argv: list[str] | None = None) -> None:
     kind = args.problems
     write_jsonl(pretrain_texts(args.n_pretrain, args.seed, kind), out / "pretrain.jsonl")
     write_jsonl(sft_conversations(args.n_sft, args.seed, problems=kind), out / "sft.jsonl")
-    write_jsonl(dpo_pairs(args.n_dpo, args.seed, kind), out / "dpo.jsonl")
+    pairs = dpo_pairs(args.n_dpo, args.seed, kind)
+    write_jsonl(pairs, out / "dpo.jsonl")
+    write_jsonl(unpaired(pairs), out / "kto.jsonl")
     tests = test_set(args.n_test, args.seed, kind)
     write_jsonl(({"question": p.question, "answer": p.solution} for p in tests),
                 out / "test.jsonl")

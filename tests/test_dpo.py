@@ -66,6 +66,58 @@ def test_simpo_loss_is_reference_free_and_matches_hand_computation(eps):
     assert not settings.needs_reference and settings.length_normalised
 
 
+def test_hinge_loss_matches_hand_computation():
+    """LLaMA-Factory's / TRL's hinge: max(0, 1 - β h) on summed log-probs."""
+    beta = 0.5
+    settings = dpo.PreferenceSettings("hinge", beta)
+    losses, cr, _ = dpo.preference_loss(PC, PR, RC, RR, settings)
+    # h = 1.5 -> 1 - 0.75 = 0.25; h = -1.5 -> 1 + 0.75 = 1.75
+    torch.testing.assert_close(losses, torch.tensor([0.25, 1.75]), rtol=0, atol=1e-6)
+    losses, _, _ = dpo.preference_loss(PC, PR, RC, RR, dpo.PreferenceSettings("hinge", 1.0))
+    assert losses[0].item() == 0.0     # ranked by more than the margin 1/β: no pull
+    torch.testing.assert_close(cr, beta * (PC - RC))
+    assert settings.needs_reference and not settings.length_normalised
+
+
+def test_orpo_loss_matches_hand_computation():
+    """ORPO (Hong et al. 2024, eq. 6-7 with TRL's/LLaMA-Factory's per-token average log-probs):
+    L = -avg log p_c - λ log σ(log(odds_c / odds_r)), odds = p / (1 - p), p = exp(avg log p)."""
+    lam = 0.1
+    avg_c, avg_r = torch.tensor([-0.5, -2.0]), torch.tensor([-1.5, -0.1])
+    settings = dpo.PreferenceSettings("orpo", lam)
+    losses, cr, rr = dpo.preference_loss(avg_c, avg_r, None, None, settings)
+    want = []
+    for c, r in zip(avg_c.tolist(), avg_r.tolist()):
+        pc, pr = math.exp(c), math.exp(r)
+        log_or = math.log((pc / (1 - pc)) / (pr / (1 - pr)))
+        want.append(-c - lam * math.log(sigmoid(log_or)))
+    torch.testing.assert_close(losses, torch.tensor(want), rtol=0, atol=1e-6)
+    torch.testing.assert_close(cr, lam * avg_c)
+    torch.testing.assert_close(rr, lam * avg_r)
+    assert not settings.needs_reference and settings.length_normalised
+    # log(1 - e^x) stays finite and exact at both ends of its range
+    x = torch.tensor([-1e-6, -30.0])
+    torch.testing.assert_close(dpo.log1mexp(x), torch.tensor([math.log(1e-6), -math.exp(-30.0)]),
+                               rtol=1e-5, atol=0)
+
+
+def test_orpo_needs_no_reference_and_trains_through_make_dpo_loss(pairs):
+    ds, collate = pairs
+    model = tiny()
+    batch = collate([ds[i] for i in range(4)])
+    loss, metrics = dpo.make_dpo_loss(dpo.PreferenceSettings("orpo", 0.1), None)(model, batch)
+    loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None
+    # the same loss from the model's own per-pair token-mean cross-entropy (an independent path)
+    want = []
+    for i in range(4):
+        c, r = (-model(batch[f"{s}_input_ids"][i:i + 1], labels=batch[f"{s}_labels"][i:i + 1]).ce_loss.item()
+                for s in ("chosen", "rejected"))
+        log_or = (c - math.log1p(-math.exp(c))) - (r - math.log1p(-math.exp(r)))
+        want.append(-c - 0.1 * math.log(sigmoid(log_or)))
+    assert loss.item() == pytest.approx(sum(want) / 4, abs=1e-5)
+
+
 def test_settings_reject_nonsense():
     with pytest.raises(ValueError, match="beta"):
         dpo.PreferenceSettings("sigmoid", 0.0)
@@ -73,6 +125,8 @@ def test_settings_reject_nonsense():
         dpo.PreferenceSettings("ipo", 0.1, label_smoothing=0.1)
     with pytest.raises(ValueError, match="loss_type"):
         dpo.PreferenceSettings("kto", 0.1)
+    with pytest.raises(ValueError, match="ORPO"):
+        dpo.PreferenceSettings("orpo", 0.1, label_smoothing=0.1)
 
 
 def test_sequence_logps_sums_response_tokens_only():

@@ -199,7 +199,7 @@ EXPECTED_DEMO = {  # every entry whose file exists in the demo folder → kind, 
     "identity": "sft", "alpaca_en_demo": "sft", "alpaca_zh_demo": "sft",
     "glaive_toolcall_en_demo": "sft", "glaive_toolcall_zh_demo": "sft",
     "dpo_en_demo": "dpo", "dpo_zh_demo": "dpo", "wiki_demo": "pretrain", "c4_demo": "pretrain",
-    "kto_en_demo": None,
+    "kto_en_demo": "kto",
 }
 
 
@@ -212,10 +212,6 @@ def test_every_demo_entry_with_a_file(tok, tmp_path):
     assert {n for n, reason in support.items() if reason is None} == {n for n, k in EXPECTED_DEMO.items() if k}
     assert "hub-only" in support["alpaca_en"] and "not found" in support["mllm_demo"]
     for name, kind in EXPECTED_DEMO.items():
-        if kind is None:
-            with pytest.raises(DataError, match="KTO"):
-                load_named_datasets(name, tok, 256, dataset_dir=demo, use_cache=False)
-            continue
         ds = load_named_datasets(name, tok, 1024, dataset_dir=demo, max_samples=8, cache_dir=tmp_path)
         assert ds.kind == kind and len(ds) > 0 and ds.stats.skipped_bad == 0, (name, ds.stats)
 

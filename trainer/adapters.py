@@ -1,7 +1,13 @@
-"""What the stages that train LoRA adapters share (train_lora.py, and train_full_sft.py /
-train_dpo.py with `finetuning_type: lora`): the adapter options, the LoRA transform that
-trainer.stage.build_model applies to the loaded base, and saving adapters in checkpoints and at
-the end.
+"""What the stages that train part of a base share (train_lora.py, and train_full_sft.py /
+train_dpo.py / ... with `finetuning_type: lora` or `freeze`): the adapter options, the LoRA
+transform that trainer.stage.build_model applies to the loaded base, saving adapters in
+checkpoints and at the end, and freeze fine-tuning's choice of trainable layers.
+
+Freeze (LLaMA-Factory's `finetuning_type: freeze`): only the last N decoder layers train (first N
+for N < 0), optionally only some modules of them, plus named modules outside the layers. As with
+LoRA, fit is given those parameters as `trainable`, so every checkpoint holds them alone plus a
+reference to the base folder (trainer/checkpoint.py); out_dir/final is a whole model folder, as
+LLaMA-Factory writes for freeze.
 """
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from torch import nn
+
+from common.errors import UserError
 
 from convert.peft import peft_incompatibility, save_peft_adapter
 from model.lora import apply_lora, export_merged, lora_parameters, save_adapter
@@ -45,22 +53,85 @@ class LoRAOptions(TrainConfig):
         return err
 
 
+FINETUNING_TYPES = ("full", "lora", "freeze")
+
+
 @dataclass
 class FinetuningChoice(LoRAOptions):
-    """Stages that train either every weight or adapters (SFT, DPO), switched as in LLaMA-Factory."""
+    """Stages that train every weight, adapters or the last layers (SFT, DPO, ...), switched and
+    named as in LLaMA-Factory (its `freeze_*` keys work unchanged)."""
 
     finetuning_type: str = option("full", "full: every weight trains; lora: adapters only "
-                                "(lora_* options, out_dir/final = the adapter)", choices=("full", "lora"))
+                                "(lora_* options, out_dir/final = the adapter); freeze: only the "
+                                "freeze_* layers/modules", choices=FINETUNING_TYPES)
+    freeze_trainable_layers: int = option(2, "freeze: train the last N decoder layers (N < 0: the first |N|)")
+    freeze_trainable_modules: str = option("all", "freeze: modules of those layers that train: 'all' "
+                                         "or comma-separated names such as mlp,self_attn or q_proj")
+    freeze_extra_modules: str = option("", "freeze: comma-separated modules outside the layers that "
+                                     "also train (embed_tokens, norm, lm_head)")
 
     @property
     def use_lora(self) -> bool:
         return self.finetuning_type == "lora"
 
+    @property
+    def use_freeze(self) -> bool:
+        return self.finetuning_type == "freeze"
+
     def _problems(self) -> list[str]:
         err = super()._problems()
-        if self.finetuning_type not in ("full", "lora"):
-            err.append(f"finetuning_type must be full or lora, got {self.finetuning_type!r}")
+        if self.finetuning_type not in FINETUNING_TYPES:
+            err.append(f"finetuning_type must be one of {FINETUNING_TYPES}, got {self.finetuning_type!r}")
+        if self.use_freeze and self.freeze_trainable_layers == 0:
+            err.append("freeze_trainable_layers must not be 0 (N > 0: the last N layers, N < 0: the first)")
+        if self.use_freeze and not self.init_from:
+            err.append("finetuning_type freeze trains part of a base model: pass --init_from MODEL_DIR")
         return err
+
+
+def _names(spec: str) -> list[str]:
+    return [n.strip() for n in spec.split(",") if n.strip()]
+
+
+def freeze_trainable(model: nn.Module, cfg: FinetuningChoice) -> list[nn.Parameter]:
+    """The parameters freeze fine-tuning trains (LLaMA-Factory's `_setup_freeze_tuning`): every
+    parameter of the chosen decoder layers whose module path holds one of
+    `freeze_trainable_modules` ('all' = the whole layer), plus the modules outside the layers
+    named by `freeze_extra_modules`. A name that matches nothing is a UserError naming it."""
+    plain = dist.unwrap(model)
+    n_layers = len(plain.model.layers)
+    k = cfg.freeze_trainable_layers
+    if abs(k) > n_layers:
+        raise UserError(f"freeze_trainable_layers: {k}, but the model has {n_layers} layers")
+    layers = range(n_layers - k, n_layers) if k > 0 else range(-k)
+    wanted = _names(cfg.freeze_trainable_modules)
+    chosen: dict[int, nn.Parameter] = {}
+
+    def take(module: nn.Module) -> None:
+        chosen.update((id(p), p) for p in module.parameters())
+
+    for i in layers:
+        layer = plain.model.layers[i]
+        if wanted == ["all"]:
+            take(layer)
+            continue
+        for name in wanted:
+            hits = [m for path, m in layer.named_modules() if name in path.split(".")]
+            if not hits:
+                have = sorted({p.split(".")[-1] for p, _ in layer.named_modules() if p})
+                raise UserError(f"freeze_trainable_modules: layer {i} has no module {name!r} "
+                                f"(it has: {', '.join(have)})")
+            for m in hits:
+                take(m)
+    for name in _names(cfg.freeze_extra_modules):
+        hits = [m for path, m in plain.named_modules()
+                if name in path.split(".") and ".layers." not in f".{path}."]
+        if not hits:
+            raise UserError(f"freeze_extra_modules: the model has no module {name!r} outside its "
+                            "layers (try embed_tokens, norm, lm_head)")
+        for m in hits:
+            take(m)
+    return list(chosen.values())
 
 
 def base_name(cfg: TrainConfig) -> str | None:

@@ -24,7 +24,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import yaml
@@ -42,6 +42,16 @@ def option(default: Any, help: str, **extra: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
+
+
+def problems_of(build: Callable[[], Any]) -> list[str]:
+    """[] when `build()` (a stage's settings object, validated in its constructor) succeeds, else
+    its ValueError's message: how a stage's `_problems` reports its loss settings."""
+    try:
+        build()
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 @dataclass

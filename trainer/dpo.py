@@ -1,4 +1,5 @@
-"""Preference optimisation as pure functions: DPO (sigmoid, with label smoothing), IPO and SimPO.
+"""Preference optimisation as pure functions: DPO (sigmoid, with label smoothing), hinge, IPO,
+SimPO and ORPO.
 
 Scope: per-sequence log-probabilities over the response tokens, the three pairwise losses, the
 implicit-reward metrics, the three ways of getting the reference log-probs (from a frozen copy or
@@ -15,6 +16,14 @@ References (maths only, no code taken):
   Following the TRL implementation, h uses log-probs averaged over response tokens.
 - SimPO, Meng et al. 2024: reference-free; L = -log σ(β(avg log π_c - avg log π_r) - γ), the
   length-normalised log-prob as the reward and γ a target margin.
+- Hinge (SLiC, Zhao et al. 2023; LLaMA-Factory's `hinge`, which is TRL's DPO `loss_type="hinge"`):
+  L = max(0, 1 - βh) with h as in DPO (summed log-probs): pairs already ranked by a margin 1/β
+  stop pulling.
+- ORPO, Hong et al. 2024 (TRL's ORPOTrainer, LLaMA-Factory's `orpo`): reference-free, with p the
+  per-token average probability exp(avg log π) of a response,
+  L = -avg log π_c + β·(-log σ(log odds(p_c) - log odds(p_r))), odds(p) = p / (1 - p):
+  the SFT NLL of the chosen answer plus β times the odds-ratio term (β = TRL's and LLaMA-Factory's
+  0.1; both average log-probs over the response tokens; this NLL is per pair, as LLaMA-Factory's).
 
 Why MiniMind's DPO "does not learn" (loss stuck at 0.693): it averages log-probs over tokens
 (dividing the implicit reward by the response length) *and* uses lr 4e-8, so β·h stays ~1e-4 for
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -42,11 +52,11 @@ from trainer import distributed as dist
 from trainer.losses import IGNORE_INDEX, LossFn, add_aux_loss, shift_labels
 from trainer.reference import ReferenceLogits, inference
 
-LossType = Literal["sigmoid", "ipo", "simpo"]
-LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "simpo")
-# β per loss when none is given: 0.1 is the DPO paper's and TRL's default; SimPO's β scales a
-# per-token average (a much smaller number than a summed log-prob), hence its paper's 2.0.
-DEFAULT_BETA: dict[str, float] = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0}
+LossType = Literal["sigmoid", "hinge", "ipo", "simpo", "orpo"]
+LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge", "ipo", "simpo", "orpo")
+# β per loss when none is given: 0.1 is the DPO paper's and TRL's default (ORPO's λ too); SimPO's
+# β scales a per-token average (a much smaller number than a summed log-prob), hence its paper's 2.0.
+DEFAULT_BETA: dict[str, float] = {"sigmoid": 0.1, "hinge": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 # reference(model, input_ids[2B,S], labels[2B,S], batch) -> summed log-probs [2B] (chosen first)
@@ -70,19 +80,19 @@ class PreferenceSettings:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type == "ipo":
-            raise ValueError("label_smoothing has no meaning for the IPO loss")
+        if self.label_smoothing and self.loss_type in ("ipo", "hinge", "orpo"):
+            raise ValueError(f"label_smoothing has no meaning for the {self.loss_type.upper()} loss")
         if self.sft_weight < 0:
             raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
 
     @property
     def length_normalised(self) -> bool:
-        """IPO and SimPO compare per-token averages; sigmoid DPO compares sums (the paper's)."""
-        return self.loss_type in ("ipo", "simpo")
+        """IPO, SimPO and ORPO compare per-token averages; sigmoid DPO and hinge compare sums."""
+        return self.loss_type in ("ipo", "simpo", "orpo")
 
     @property
     def needs_reference(self) -> bool:
-        return self.loss_type != "simpo"
+        return self.loss_type not in ("simpo", "orpo")
 
 
 # ---------------------------------------------------------------------- log-probs
@@ -109,8 +119,13 @@ def concat_pair(batch: Mapping[str, torch.Tensor], ignore_index: int = IGNORE_IN
     The pad id does not matter: pads sit after every real token (causality hides them) and carry
     label `ignore_index`.
     """
-    ids = [batch["chosen_input_ids"], batch["rejected_input_ids"]]
-    labels = [batch["chosen_labels"], batch["rejected_labels"]]
+    return pad_cat([batch["chosen_input_ids"], batch["rejected_input_ids"]],
+                   [batch["chosen_labels"], batch["rejected_labels"]], ignore_index)
+
+
+def pad_cat(ids: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], ignore_index: int = IGNORE_INDEX
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [B_i, S_i] token / label batches stacked into one [ΣB_i, max S_i] batch."""
     length = max(t.shape[1] for t in ids)
     ids = [F.pad(t, (0, length - t.shape[1]), value=0) for t in ids]
     labels = [F.pad(t, (0, length - t.shape[1]), value=ignore_index) for t in labels]
@@ -124,10 +139,14 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
     """Per-pair losses [B] and the implicit rewards of chosen and rejected [B] (detached).
 
     Log-probs come in already summed or averaged as the loss wants (`settings.length_normalised`).
-    Rewards: β(log π - log ref) for DPO/IPO, β·avg log π for SimPO (no reference).
+    Rewards: β(log π - log ref) for DPO/hinge/IPO, β·avg log π for SimPO and ORPO (no reference).
     """
     s = settings
     beta = s.beta
+    if s.loss_type == "orpo":
+        log_odds = (chosen_logps - rejected_logps) - (log1mexp(chosen_logps) - log1mexp(rejected_logps))
+        losses = -chosen_logps - beta * F.logsigmoid(log_odds)
+        return losses, (beta * chosen_logps).detach(), (beta * rejected_logps).detach()
     if s.loss_type == "simpo":
         chosen_rewards, rejected_rewards = beta * chosen_logps, beta * rejected_logps
         logits = chosen_rewards - rejected_rewards - s.simpo_gamma
@@ -140,10 +159,18 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
         logits = beta * h
     if s.loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
+    elif s.loss_type == "hinge":
+        losses = torch.relu(1.0 - logits)
     else:
         eps = s.label_smoothing
         losses = -(1.0 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Mächler 2012): log(-expm1 x) near 0,
+    log1p(-exp x) far below it. ORPO's log(1 - p) from an average log-prob."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -93,9 +93,23 @@ class GRPOSettings:
 
 
 # ---------------------------------------------------------------------- prompts
-def load_prompts(paths: Sequence[str], dataset_dir: str = "", seed: int = 0) -> tuple[list[dict], int]:
+def open_prompt(obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A conversation's prompt without a gold answer (for a reward model to judge): its turns up
+    to the last assistant reply, or all of them when it ends with a user turn."""
+    turns = obj.get("conversations") or []
+    last = max((i for i, m in enumerate(turns) if m.get("role") == "assistant"), default=len(turns))
+    prompt = list(turns[:last])
+    if not prompt or prompt[-1].get("role") != "user":
+        return None
+    return {"messages": prompt, "task": None, "gold": None}
+
+
+def load_prompts(paths: Sequence[str], dataset_dir: str = "", seed: int = 0,
+                 require_gold: bool = True) -> tuple[list[dict], int]:
     """(prompt records, number of records skipped for having no gold answer) of files or, with
-    `dataset_dir`, registry names (their SFT conversations)."""
+    `dataset_dir`, registry names (their SFT conversations). With `require_gold` False (rewards
+    that need no gold: a reward model, length) conversations without one are kept as
+    `open_prompt`s, gold None."""
     out: list[dict] = []
     skipped = 0
     if dataset_dir:
@@ -106,6 +120,8 @@ def load_prompts(paths: Sequence[str], dataset_dir: str = "", seed: int = 0) -> 
         pairs = [(where, obj) for p in paths for where, obj in iter_records(p)]
     for where, obj in pairs:
         rec = rl_prompt(obj, where)
+        if rec is None and not require_gold:
+            rec = open_prompt(obj)
         if rec is None:
             skipped += 1
         else:

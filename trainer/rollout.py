@@ -181,19 +181,21 @@ class Rollouts:
             rewards.append(total)
             for name, v in values.items():
                 parts.setdefault(name, []).append(v)
-            correct.append(values["correctness"] if "correctness" in values
-                           else correctness_reward(text, ctx))
+            if rec.get("gold") is not None:   # open-ended prompts (reward model only) have none
+                correct.append(values["correctness"] if "correctness" in values
+                               else correctness_reward(text, ctx))
             reps.append(repetition_rate(body))
             samples.append({"prompt": rec["messages"][-1]["content"],
-                            "completion": text, "reward": total, "correct": correct[-1],
-                            "gold": rec["gold"], "tokens": len(comp), "finished": ro.finished[k]})
+                            "completion": text, "reward": total,
+                            "correct": correct[-1] if rec.get("gold") is not None else None,
+                            "gold": rec.get("gold"), "tokens": len(comp), "finished": ro.finished[k]})
         r = torch.tensor(rewards, dtype=torch.float32)
         adv, std = group_advantages(r, G, s.scale_rewards)
         keep_group = std > 0 if s.drop_flat_groups else torch.ones_like(std, dtype=torch.bool)
         rows = [k for k in range(len(rewards)) if bool(keep_group[k // G])]
         n_tokens = sum(len(c) for c in ro.completions)
         metrics = {"reward": float(r.mean()), "reward_std": float(std.mean()),
-                   "accuracy": sum(correct) / len(correct),
+                   "accuracy": sum(correct) / max(len(correct), 1),
                    "response_len": n_tokens / len(rewards), "repetition": sum(reps) / len(reps),
                    "truncated": sum(not f for f in ro.finished) / len(rewards),
                    "frac_groups_dropped": 1.0 - float(keep_group.float().mean()),

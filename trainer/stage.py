@@ -26,10 +26,12 @@ from model.tokenizer import Tokenizer
 from offload.experts import kt_experts, offload_experts, refresh_kt_lora
 from trainer import checkpoint as ckpt_io
 from trainer import distributed as dist
-from trainer.adapters import LoRAOptions, add_lora, export_adapter, lora_fit_args
+from trainer.adapters import (FinetuningChoice, LoRAOptions, add_lora, export_adapter, freeze_trainable,
+                              lora_fit_args)
 from trainer.checkpoint import load_weights
 from trainer.config import ConfigError, TrainConfig
 from trainer.loop import EvalHook, FitResult
+from trainer.reference import ReferenceLogits, adapter_reference, frozen_copy, frozen_reference
 from trainer.rng import seed_everything
 
 
@@ -95,14 +97,29 @@ def _refresh_kt(model: nn.Module, step: int) -> None:
 
 def fit_args(model: MiniMindLM, cfg: TrainConfig) -> dict[str, Any]:
     """fit's keyword arguments for the transforms build_model applied: with LoRA, `trainable`
-    (the adapters) and `on_save` (adapter files in every checkpoint); with kt experts,
+    (the adapters) and `on_save` (adapter files in every checkpoint); with freeze, `trainable`
+    (the chosen layers: checkpoints then hold them and a reference to init_from); with kt experts,
     `after_step` = the kernel's LoRA refresh after each optimizer step; {} for a plain model."""
     args: dict[str, Any] = {}
     if isinstance(cfg, LoRAOptions) and cfg.use_lora:
         args["trainable"], args["on_save"] = lora_fit_args(model, cfg)
+    if isinstance(cfg, FinetuningChoice) and cfg.use_freeze:
+        args["trainable"] = freeze_trainable(model, cfg)   # checkpoints: these + base.json
     if kt_experts(model):
         args["after_step"] = [_refresh_kt]
     return args
+
+
+def reference_model(model: MiniMindLM, cfg: TrainConfig, env: dist.DistEnv) -> ReferenceLogits:
+    """The frozen initial policy a preference or RL loss compares against: with LoRA the policy
+    itself with its adapters off (no copy); else (full, freeze) a frozen copy of the weights as
+    they are now, on env.device, its routed experts back in torch."""
+    if isinstance(cfg, LoRAOptions) and cfg.use_lora:
+        return adapter_reference
+    ref = frozen_copy(model)
+    if cfg.expert_backend() != "torch":
+        offload_experts(ref, "torch")
+    return frozen_reference(ref.to(env.device))
 
 
 def _load(cfg: TrainConfig, kind: str, names: list[str], tokenizer: Tokenizer,
