@@ -54,8 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s = p.add_argument_group("speculative decoding (model/speculative.py; chat and benchmarks)")
     s.add_argument("--draft_model", help="a smaller model folder with the same tokenizer that "
                                          "proposes tokens the model verifies")
-    s.add_argument("--draft_tokens", type=int, default=4,
-                   help="tokens the draft model proposes per target forward")
+    s.add_argument("--draft_tokens", type=int, default=6,
+                   help="most tokens the draft model proposes per target forward (fewer where it is unsure)")
+    s.add_argument("--draft_p_min", type=float, default=0.5,
+                   help="stop proposing where the draft's top probability is below this")
     s.add_argument("--prompt_lookup", type=int, default=0,
                    help="N > 0: propose N tokens by n-gram lookup in the prompt and the text so "
                         "far (no draft model)")
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_for_inference(args.model, args.lora, args.device, args.dtype,
                                           args.moe_backend)
     speculation = load_speculation(model, tokenizer, args.draft_model, args.prompt_lookup,
-                                   args.draft_tokens, args.device, args.dtype)
+                                   args.draft_tokens, args.draft_p_min, args.device, args.dtype)
     if args.bench:
         out = Path(args.out) if args.out else Path(args.model) / "eval"
         run_benchmarks(model, tokenizer, benches, out, data,

@@ -52,17 +52,17 @@ def load_for_inference(model_dir: str | Path, lora: str | Path | None = None,
 
 
 def load_speculation(model: MiniMindLM, tokenizer: Tokenizer, draft_model: str | Path | None = None,
-                     prompt_lookup: int = 0, draft_tokens: int = 4, device: str = "auto",
-                     dtype: str = "auto") -> Speculation | None:
-    """The ``Speculation`` of the ``--draft_model`` / ``--prompt_lookup`` / ``--draft_tokens``
-    flags (None when neither source is given), checked against the model: a draft is loaded
+                     prompt_lookup: int = 0, draft_tokens: int = 6, draft_p_min: float = 0.5,
+                     device: str = "auto", dtype: str = "auto") -> Speculation | None:
+    """The ``Speculation`` of the ``--draft_model`` / ``--prompt_lookup`` / ``--draft_tokens`` /
+    ``--draft_p_min`` flags (None when neither source is given), checked against the model: a draft is loaded
     like the model (same device and dtype) and must have the same tokenizer."""
     if draft_model and prompt_lookup:
         raise UserError("--draft_model and --prompt_lookup are two ways to propose tokens: "
                         "pick one")
-    if prompt_lookup < 0 or draft_tokens < 1:
-        raise UserError(f"--prompt_lookup {prompt_lookup} must be >= 0 and --draft_tokens "
-                        f"{draft_tokens} >= 1")
+    if prompt_lookup < 0 or draft_tokens < 1 or not 0 <= draft_p_min < 1:
+        raise UserError(f"--prompt_lookup {prompt_lookup} must be >= 0, --draft_tokens "
+                        f"{draft_tokens} >= 1 and --draft_p_min {draft_p_min} in [0, 1)")
     if not draft_model and not prompt_lookup:
         return None
     draft = None
@@ -71,7 +71,8 @@ def load_speculation(model: MiniMindLM, tokenizer: Tokenizer, draft_model: str |
         if draft_tokenizer.fingerprint != tokenizer.fingerprint:
             raise UserError(f"--draft_model {draft_model}: its tokenizer differs from the "
                             "model's (a draft must propose token ids the model reads the same)")
-    spec = Speculation(draft_model=draft, prompt_lookup=prompt_lookup, draft_tokens=draft_tokens)
+    spec = Speculation(draft_model=draft, prompt_lookup=prompt_lookup, draft_tokens=draft_tokens,
+                       draft_p_min=draft_p_min)
     try:
         spec.check(model)
     except ValueError as e:

@@ -77,13 +77,19 @@ class Speculation:
 
     draft_model: MiniMindLM | None = None
     prompt_lookup: int = 0  # tokens proposed per round by n-gram lookup (0 = off)
-    draft_tokens: int = 4  # tokens the draft model proposes per round
+    draft_tokens: int = 6  # tokens the draft model proposes per round, at most
+    # A row stops proposing when the draft's most likely token has less probability than this
+    # (llama.cpp's --draft-p-min; transformers' assistant_confidence_threshold): an unsure draft
+    # is mostly rejected, and each of its steps costs a draft forward.
+    draft_p_min: float = 0.5
     max_ngram: int = 3  # longest n-gram prompt lookup matches (then shorter ones, down to 1)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
 
     def __post_init__(self) -> None:
         if (self.draft_model is None) == (self.prompt_lookup <= 0):
             raise ValueError("speculation needs exactly one of a draft model or prompt_lookup > 0")
+        if not 0 <= self.draft_p_min < 1:
+            raise ValueError(f"draft_p_min must be in [0, 1), got {self.draft_p_min}")
         if self.prompt_lookup < 0 or self.draft_tokens < 1 or self.max_ngram < 1:
             raise ValueError(f"prompt_lookup ({self.prompt_lookup}) must be >= 0, draft_tokens "
                              f"({self.draft_tokens}) and max_ngram ({self.max_ngram}) >= 1")
@@ -197,7 +203,8 @@ def _speculative_tokens(model, prompts, params, budget, spec: Speculation, shoul
                       for b in range(B)]
         else:
             k = [k[b] if uses_draft[b] else 0 for b in range(B)]
-            drafts = _propose(draft, seqs, L, k, params, greedy, seen_BV, generators, q, stats)
+            drafts = _propose(draft, seqs, L, k, params, greedy, seen_BV, generators, q, stats,
+                              spec.draft_p_min)
         # Every row verifies S tokens at positions L-1 ...; those past its own proposals are
         # padding and rolled back like rejections. S fits each running row's room in the cache.
         room = min(target.max_len - L[b] + 1 for b in range(B) if running[b])
@@ -217,14 +224,18 @@ def _speculative_tokens(model, prompts, params, budget, spec: Speculation, shoul
         yield from emit(new)
 
 
-def _propose(draft: StaticDecoder, seqs, L, k, params, greedy, seen_BV, generators, q, stats):
-    """The draft model's proposals, ``k[b]`` for row b, and (sampling rows) the distribution each
-    was drawn from, appended to ``q[b]``.
+def _propose(draft: StaticDecoder, seqs, L, k, params, greedy, seen_BV, generators, q, stats,
+             p_min: float):
+    """The draft model's proposals, at most ``k[b]`` for row b (fewer where its top probability
+    falls below ``p_min``), and (sampling rows) the distribution each was drawn from, appended
+    to ``q[b]``. Where the proposals stop depends on the draft alone, so the acceptance rule
+    still keeps the target's distribution.
 
     The draft's cache holds every committed token but the last two: after a round that accepted
     all proposals, neither the last proposal nor the bonus token went through the draft. So a
     round starts by feeding the last two committed tokens (one of them again, which rewrites the
     same entry)."""
+    k = list(k)
     K = max(k)
     if K == 0:
         return [[] for _ in seqs]
@@ -238,6 +249,7 @@ def _propose(draft: StaticDecoder, seqs, L, k, params, greedy, seen_BV, generato
     for j in range(K):
         stats.draft_forwards += sum(1 for b in range(B) if j < k[b])
         pen, probs = sampling_distribution(logits, params, seen)
+        top_p = (pen.softmax(-1) if probs is None else probs).amax(-1).tolist()
         chosen = []
         for b in range(B):
             if greedy[b]:
@@ -245,9 +257,11 @@ def _propose(draft: StaticDecoder, seqs, L, k, params, greedy, seen_BV, generato
             else:
                 chosen.append(int(torch.multinomial(probs[b], 1, generator=generators[b])))
                 q[b].append(probs[b])
+            if j < k[b] and top_p[b] < p_min:
+                k[b] = j
             if j < k[b]:
                 proposals[b].append(chosen[b])
-        if j == K - 1:
+        if j >= max(k) - 1:
             break
         ids = torch.tensor(chosen, device=device)
         seen[torch.arange(B, device=device), ids] = True

@@ -42,8 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft-model", "--draft_model", default=None,
                    help="speculative decoding with this smaller model (same tokenizer); requests "
                         "are then decoded one at a time (serving/engine.py says why)")
-    p.add_argument("--draft-tokens", "--draft_tokens", type=int, default=4,
+    p.add_argument("--draft-tokens", "--draft_tokens", type=int, default=6,
                    help="tokens the draft model proposes per target forward")
+    p.add_argument("--draft-p-min", "--draft_p_min", type=float, default=0.5,
+                   help="stop proposing where the draft's top probability is below this")
     p.add_argument("--prompt-lookup", "--prompt_lookup", type=int, default=0,
                    help="N > 0: speculative decoding by n-gram lookup, N tokens proposed")
     p.add_argument("--max-pending", type=int, default=256, help="queued requests before 503")
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper())
     model, tokenizer = load_for_inference(args.model, args.lora, args.device, args.dtype)
     speculation = load_speculation(model, tokenizer, args.draft_model, args.prompt_lookup,
-                                   args.draft_tokens, args.device, args.dtype)
+                                   args.draft_tokens, args.draft_p_min, args.device, args.dtype)
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
                     max_pending=args.max_pending, prefill_chunk=args.prefill_chunk,
                     compile=None if args.compile == "auto" else args.compile == "on",

@@ -163,7 +163,7 @@ def test_speculative_engine_serves_one_at_a_time_with_the_greedy_tokens(model):
         for p in draft.parameters():
             if p.dim() == 2:
                 p.add_(torch.randn_like(p) * 0.1)
-    spec = Speculation(draft_model=draft, draft_tokens=3)
+    spec = Speculation(draft_model=draft, draft_tokens=3, draft_p_min=0)
     engine = Engine(model, ByteTokenizer(), max_batch_size=4, speculation=spec).start()
     prompts = [[10, 11, 12], list(range(20, 50)), [7]]
     try:

@@ -63,12 +63,14 @@ def test_speculative_prompt_answers_as_plain_greedy_and_reports_acceptance(tmp_p
               "--temperature", "0", "--device", "cpu", "--dtype", "fp32"]
     eval_model.main(common)
     plain = capsys.readouterr()
-    for extra in (["--draft_model", str(ckpt), "--draft_tokens", "3"], ["--prompt_lookup", "3"]):
+    for extra in (["--draft_model", str(ckpt), "--draft_tokens", "3", "--draft_p_min", "0"],
+                  ["--prompt_lookup", "3"]):
         eval_model.main(common + extra)
         out = capsys.readouterr()
         assert out.out == plain.out and len(set(plain.out)) > 5
         assert "speculation:" in out.err and "tokens per target forward" in out.err
-    assert "(100.0 %)" in eval_model_err(common + ["--draft_model", str(ckpt)], capsys)
+    assert "(100.0 %)" in eval_model_err(common + ["--draft_model", str(ckpt), "--draft_p_min",
+                                                   "0"], capsys)
     with pytest.raises(UserError, match="pick one"):
         eval_model.main(common + ["--draft_model", str(ckpt), "--prompt_lookup", "2"])
 

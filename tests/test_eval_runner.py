@@ -170,7 +170,7 @@ def test_speculative_benchmark_gives_the_plain_answers_and_reports_acceptance(tm
                 p.normal_(0.0, 0.2)
     gsm = write_jsonl(tmp_path / "gsm.jsonl", [{k: it[k] for k in ("question", "answer")}
                                                for it in GSM_ITEMS])
-    spec = Speculation(draft_model=model, draft_tokens=3)
+    spec = Speculation(draft_model=model, draft_tokens=3, draft_p_min=0)
     texts = {}
     for name, speculation in (("plain", None), ("draft", spec)):
         summaries = run_benchmarks(model, tok, ["gsm8k"], tmp_path / name, data={"gsm8k": gsm},

@@ -75,10 +75,14 @@ def test_greedy_with_a_draft_model_equals_plain_greedy(target):
     params = SamplingParams(max_new_tokens=24, stop_token_ids=(), repetition_penalty=1.2)
     want = plain(target, prompts, params)
     assert len(set(want[0])) > 5
-    other = Speculation(draft_model=noisy_copy(target, 0.1, 11), draft_tokens=3)
+    noisy = noisy_copy(target, 0.1, 11)
+    other = Speculation(draft_model=noisy, draft_tokens=3, draft_p_min=0)
     assert plain_spec(target, prompts, params, other) == want
     assert 0 < other.stats.accepted < other.stats.drafted  # both accepts and rejections ran
-    itself = Speculation(draft_model=target, draft_tokens=4)
+    unsure = Speculation(draft_model=noisy, draft_tokens=3, draft_p_min=0.1)  # stops early
+    assert plain_spec(target, prompts, params, unsure) == want
+    assert 0 < unsure.stats.drafted < other.stats.drafted
+    itself = Speculation(draft_model=target, draft_tokens=4, draft_p_min=0)
     assert plain_spec(target, prompts, params, itself) == want
     assert itself.stats.accepted == itself.stats.drafted > 0
     assert itself.stats.tokens_per_forward > 4
@@ -97,12 +101,13 @@ def test_stop_token_inside_an_accepted_block_and_budget(target):
     params = SamplingParams(max_new_tokens=20, stop_token_ids=(stop,))
     want = plain(target, [prompt], params)[0]
     assert want[-1] == stop and len(want) < 20
-    spec = Speculation(draft_model=target, draft_tokens=4)
+    spec = Speculation(draft_model=target, draft_tokens=4, draft_p_min=0)
     out = generate(target, None, [prompt], params, speculation=spec)[0]
     assert out.token_ids == want and out.finish_reason == "stop"
     for n in (1, 2, 7):
         params = SamplingParams(max_new_tokens=n, stop_token_ids=())
-        assert plain_spec(target, [prompt], params, Speculation(draft_model=target)) == [free[:n]]
+        spec = Speculation(draft_model=target, draft_p_min=0)
+        assert plain_spec(target, [prompt], params, spec) == [free[:n]]
 
 
 def test_greedy_with_prompt_lookup_equals_plain_greedy(target):
@@ -176,7 +181,7 @@ def test_sampling_keeps_the_target_distribution(source, prompt):
     # A 16-position context keeps the static caches of N rows small.
     model = peaked_model(21, vocab=V, std=0.6, max_position_embeddings=16)
     draft = peaked_model(22, vocab=V, std=0.05, max_position_embeddings=16)
-    spec = (Speculation(draft_model=draft, draft_tokens=2) if source == "draft"
+    spec = (Speculation(draft_model=draft, draft_tokens=2, draft_p_min=0) if source == "draft"
             else Speculation(prompt_lookup=2, max_ngram=2))
     params = [SamplingParams(max_new_tokens=4, temperature=1.0, stop_token_ids=(), seed=s)
               for s in range(N)]
