@@ -31,6 +31,7 @@ from model.fast_decode import PackedWeights, StaticDecoder, decode_step
 from model.generate import SamplingParams, generate_tokens
 from model.model import MiniMindLM
 from model.speculative import Speculation
+from perf.common import best_time
 
 QUICKSTART = Path("out/quickstart")
 
@@ -182,13 +183,7 @@ def bench_cost_model(quick: bool, ks=(1, 2, 4, 8)) -> list[dict]:
         def once():
             decode_step(model, dec.cache.k, dec.cache.v, tokens if S > 1 else tokens[:, 0], p,
                         packed)
-        once()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 4]  # a low quantile: the least disturbed runs
+        return best_time(once, reps)
 
     base = step_time(target, 1)
     draft_ratio = step_time(draft, 1) / base
