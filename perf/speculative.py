@@ -75,11 +75,9 @@ def bench_pair(target_dir: str, draft_dir: str, prompts_path: str, n_prompts: in
                                                                  draft_tokens=draft_tokens),
              f"ours + prompt lookup {lookup}": Speculation(prompt_lookup=lookup)}
 
-    def ours(spec):
-        def run():
-            return [[s[0] for s in generate_tokens(target, [p], params, speculation=spec)
-                     if s[0] is not None] for p in prompts]
-        return run
+    def ours(spec):  # each variant answers prompt i
+        return lambda i: [s[0] for s in generate_tokens(target, [prompts[i]], params,
+                                                        speculation=spec) if s[0] is not None]
 
     variants = {"ours static step": ours(None), **{k: ours(s) for k, s in specs.items()}}
     forwards = {"n": 0}
@@ -94,29 +92,25 @@ def bench_pair(target_dir: str, draft_dir: str, prompts_path: str, n_prompts: in
         hf.register_forward_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
 
         def hf_run(**kw):
-            def run():
-                outs = []
-                for p in prompts:
-                    ids = torch.tensor([p])
-                    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                      do_sample=False, eos_token_id=stop, pad_token_id=0, **kw)
-                    outs.append(out[0, len(p):].tolist())
-                return outs
+            def run(i):
+                ids = torch.tensor([prompts[i]])
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                  do_sample=False, eos_token_id=stop, pad_token_id=0, **kw)
+                return out[0, ids.shape[1]:].tolist()
             return run
 
         variants["transformers"] = hf_run()
         variants["transformers assistant_model"] = hf_run(assistant_model=hf_draft)
         variants[f"transformers prompt_lookup_num_tokens={lookup}"] = hf_run(
             prompt_lookup_num_tokens=lookup)
-    reference = variants["ours static step"]()
+    reference = [variants["ours static step"](i) for i in range(len(prompts))]
     if upstream_dir:
         from perf.speed import load_upstream, upstream_greedy
 
         up = load_upstream(upstream_dir, target)
         if up is not None:  # upstream's loop has no stop token: as many tokens as ours made
-            variants["upstream MiniMind"] = lambda: [
-                upstream_greedy(up, torch.tensor([p]), len(r))[0].tolist()
-                for p, r in zip(prompts, reference)]
+            variants["upstream MiniMind"] = lambda i: upstream_greedy(
+                up, torch.tensor([prompts[i]]), len(reference[i]))[0].tolist()
     tokens = sum(len(r) for r in reference)
     same, per_forward, stats = {}, {}, {}
     for name, run in variants.items():  # a warm-up pass that also checks the tokens and counts
@@ -124,18 +118,24 @@ def bench_pair(target_dir: str, draft_dir: str, prompts_path: str, n_prompts: in
         if spec is not None:
             spec.stats = type(spec.stats)()
         forwards["n"] = 0
-        same[name] = run() == reference
+        t0 = time.perf_counter()
+        same[name] = [run(i) for i in range(len(prompts))] == reference
+        print(f"  {name}: first pass {time.perf_counter() - t0:.1f} s", flush=True)
         if spec is not None:
             stats[name] = spec.stats
         if name.startswith("transformers"):
             # the prefill is one forward per prompt, as in ours (not counted there)
             per_forward[name] = tokens / max(forwards["n"] - len(prompts), 1)
-    best = {name: float("inf") for name in variants}
-    for _ in range(repeat):  # each round times every variant once: load changes hit all alike
-        for name, run in variants.items():
-            t0 = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    # Each prompt is answered by every variant in turn, and each (variant, prompt) keeps its best
+    # of ``repeat`` rounds: load changes on the shared machine hit all variants alike.
+    per_prompt = {name: [float("inf")] * len(prompts) for name in variants}
+    for _ in range(repeat):
+        for i in range(len(prompts)):
+            for name, run in variants.items():
+                t0 = time.perf_counter()
+                run(i)
+                per_prompt[name][i] = min(per_prompt[name][i], time.perf_counter() - t0)
+    best = {name: sum(t) for name, t in per_prompt.items()}
     rows = []
     plain = tokens / best["ours static step"]
     for name in variants:
@@ -174,23 +174,26 @@ def bench_cost_model(quick: bool, ks=(1, 2, 4, 8)) -> list[dict]:
     reps = 10 if quick else 30
     pos = 200  # a mid-length answer: the cache holds 200 positions
 
-    def step_time(model, S):
+    def step(model, S):
         dec = StaticDecoder(model, 1, pos + 16)
         packed = PackedWeights.for_model(model)
         tokens = torch.randint(10, 6000, (1, S))
         p = torch.tensor([pos])
+        return lambda: decode_step(model, dec.cache.k, dec.cache.v,
+                                   tokens if S > 1 else tokens[:, 0], p, packed)
 
-        def once():
-            decode_step(model, dec.cache.k, dec.cache.v, tokens if S > 1 else tokens[:, 0], p,
-                        packed)
-        return best_time(once, reps)
-
-    base = step_time(target, 1)
-    draft_ratio = step_time(draft, 1) / base
+    shapes = {("target", 1 + k): step(target, 1 + k) for k in (0, *ks)}
+    shapes[("draft", 1)] = step(draft, 1)
+    best = {key: float("inf") for key in shapes}
+    for _ in range(reps):  # interleaved rounds, best of each: load changes hit all alike
+        for key, fn in shapes.items():
+            best[key] = min(best[key], best_time(fn, 1, warmup=0))
+    base = best[("target", 1)]
+    draft_ratio = best[("draft", 1)] / base
     rows = [dict(bench="cost model minimind2-small fp32, batch 1", variant="one-token step",
                  step_ms=1e3 * base, draft_step_vs_target=draft_ratio)]
     for k in ks:
-        c = step_time(target, 1 + k) / base
+        c = best[("target", 1 + k)] / base
         row = dict(bench="cost model minimind2-small fp32, batch 1", variant=f"verify 1+{k} tokens",
                    verify_vs_step=c)
         for a in (0.5, 0.7, 0.9):
