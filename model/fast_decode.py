@@ -1,5 +1,6 @@
 """The fast decode step: one token per row over a static, slot-per-row KV cache, on prepacked
-weights (CPU) or compiled (CUDA, or when asked).
+weights (CPU) or compiled (CUDA, or when asked). The same step takes S tokens per row, the
+verification forward of speculative decoding (model/speculative.py).
 
 Why: at MiniMind widths a decode step is a few dozen small matmuls, and eager PyTorch spends most
 of a step dispatching them from Python (the issue measured 15 % of the memory-bandwidth bound at

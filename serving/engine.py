@@ -489,10 +489,10 @@ class Engine:
             self._stats.batches += 1
             self._stats.max_batch_size = max(self._stats.max_batch_size, len(live))
             self._stats.batch_sizes = (self._stats.batch_sizes + [len(live)])[-64:]
-        speculative = dict(speculation=self.speculation, compile=self.compile)
+        how = ({"speculation": self.speculation, "compile": self.compile}
+               if self.speculation is not None else {"fast": False})
         steps = generate_tokens(self.model, [r.handle.prompt_ids for r in live],
-                                [r.handle.params for r in live], should_stop,
-                                **(speculative if self.speculation is not None else dict(fast=False)))
+                                [r.handle.params for r in live], should_stop, **how)
         for step in steps:
             for row, tok in zip(live, step):
                 if tok is None or reason[id(row)] is not None:

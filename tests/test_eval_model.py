@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import eval_model
-from dataset.chat import generation_prompt_ids
 from common.errors import UserError
+from dataset.chat import generation_prompt_ids
 from evaluation.runner import parse_data_flags
 from model.config import MiniMindConfig
 from model.io import save_pretrained
