@@ -209,6 +209,8 @@ def _speculative_tokens(model, prompts, params, budget, spec: Speculation, shoul
         # padding and rolled back like rejections. S fits each running row's room in the cache.
         room = min(target.max_len - L[b] + 1 for b in range(B) if running[b])
         S = min(1 + max(len(d) for d in drafts), room)
+        if target.compile:  # a compiled step has one graph per shape: always verify 1 + k
+            S = max(S, min(1 + spec.k, room))
         drafts = [d[:S - 1] for d in drafts]
         tokens = torch.tensor([_pad([seqs[b][-1]] + drafts[b], S) for b in range(B)],
                               device=device)
