@@ -160,7 +160,30 @@ def bench_pair(target_dir: str, draft_dir: str, prompts_path: str, n_prompts: in
             if r["variant"].startswith("ours + prompt lookup"):
                 r["vs_transformers_lookup"] = r["tokens_per_s"] / (
                     tokens / best[f"transformers prompt_lookup_num_tokens={lookup}"])
-    return rows
+    return rows + _batched(target, prompts, params, specs, reference, repeat)
+
+
+def _batched(target, prompts, params, specs, reference, repeat) -> list[dict]:
+    """The same prompts as one batch (what the runner does): whether speculating batched pays,
+    which decides the server's batch-1 speculation."""
+    from model.generate import generate
+
+    variants = {"ours static step": None, **specs}
+    best = {name: float("inf") for name in variants}
+    same = {}
+    for r in range(repeat + 1):  # the first round warms up and checks the tokens
+        for name, spec in variants.items():
+            t0 = time.perf_counter()
+            out = [g.token_ids for g in generate(target, None, prompts, params, speculation=spec)]
+            if r == 0:
+                same[name] = out == reference
+            else:
+                best[name] = min(best[name], time.perf_counter() - t0)
+    tokens = sum(len(r) for r in reference)
+    plain = tokens / best["ours static step"]
+    return [dict(bench=f"batch-{len(prompts)} greedy, the same prompts", variant=name,
+                 tokens_per_s=tokens / best[name], same_tokens=same[name],
+                 vs_ours_plain=tokens / best[name] / plain) for name in variants]
 
 
 @torch.no_grad()  # not inference mode: packed weights track the parameters' version counters
