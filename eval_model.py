@@ -2,6 +2,7 @@
 
     python eval_model.py --model out/sft                       # interactive, streaming, history
     python eval_model.py --model out/sft --prompt "2+3=?"      # one answer, then exit
+    python eval_model.py --model out/sft --draft_model out/student   # speculative decoding
     python eval_model.py --model out/sft --bench gsm8k,ppl --limit 100 --out out/eval \
         --data gsm8k=gsm8k/test.jsonl --data ppl=wikitext2_raw/wiki.test.raw
 
@@ -9,6 +10,8 @@ Sizes come from the checkpoint's config.json; the tokenizer from the folder if i
 the shipped default. Interactive commands: /reset (forget the conversation), /exit. Speed
 (tokens/s, prefill included) goes to stderr after each answer, so stdout holds only the text.
 Chat samples (temperature 0.85, top-p 0.85) unless told otherwise; benchmarks decode greedily.
+Speculative decoding (--draft_model or --prompt_lookup) gives the same greedy tokens and the same
+sampling distribution, faster where proposals are accepted; its acceptance rate goes to stderr.
 """
 from __future__ import annotations
 
@@ -22,9 +25,10 @@ import torch
 from common.errors import UserError, run_cli
 from dataset.chat import generation_prompt_ids
 from evaluation.runner import BENCHMARKS, answer_text, parse_data_flags, resolve_data, run_benchmarks
-from inference import load_for_inference
+from inference import load_for_inference, load_speculation
 from model.generate import SamplingParams, TextStream, generate_tokens
 from model.precision import DTYPE_CHOICES
+from model.speculative import Speculation, SpeculationStats
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--repetition_penalty", type=float, default=1.0)
     g.add_argument("--max_new_tokens", type=int, help="default: 1024 chat, 512 benchmarks")
     g.add_argument("--seed", type=int, default=0)
+    s = p.add_argument_group("speculative decoding (model/speculative.py; chat and benchmarks)")
+    s.add_argument("--draft_model", help="a smaller model folder with the same tokenizer that "
+                                         "proposes tokens the model verifies")
+    s.add_argument("--draft_tokens", type=int, default=6,
+                   help="most tokens the draft model proposes per target forward (fewer where it is unsure)")
+    s.add_argument("--draft_p_min", type=float, default=0.5,
+                   help="stop proposing where the draft's top probability is below this")
+    s.add_argument("--prompt_lookup", type=int, default=0,
+                   help="N > 0: propose N tokens by n-gram lookup in the prompt and the text so "
+                        "far (no draft model)")
     b = p.add_argument_group("benchmarks")
     b.add_argument("--bench", help=f"comma-separated: {','.join(BENCHMARKS)}")
     b.add_argument("--data", action="append", default=[],
@@ -77,14 +91,18 @@ def sampling(args: argparse.Namespace, bench: bool, seed: int) -> SamplingParams
         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=seed)
 
 
-def reply(model, tokenizer, messages: list[dict], params: SamplingParams, think: bool) -> str:
+def reply(model, tokenizer, messages: list[dict], params: SamplingParams, think: bool,
+          speculation: Speculation | None = None) -> str:
     """Stream one answer to stdout; report tokens/s on stderr; return the full text."""
     budget = model.config.max_position_embeddings - min(params.max_new_tokens,
                                                         model.config.max_position_embeddings // 2)
     ids = generation_prompt_ids(tokenizer, messages, think, budget)
     text = TextStream(tokenizer, params.stop_strings, params.stop_token_ids)
     n, t0 = 0, time.perf_counter()
-    for step in generate_tokens(model, [ids], [params], should_stop=lambda b: text.stopped):
+    if speculation is not None:
+        speculation.stats = SpeculationStats()  # this answer's own figures
+    for step in generate_tokens(model, [ids], [params], should_stop=lambda b: text.stopped,
+                                speculation=speculation):
         if step[0] is None:
             continue
         n += 1
@@ -92,12 +110,14 @@ def reply(model, tokenizer, messages: list[dict], params: SamplingParams, think:
             print(text.push(step[0]), end="", flush=True)
     print(text.flush(), flush=True)
     dt = time.perf_counter() - t0
-    print(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s, prompt {len(ids)} tokens]",
-          file=sys.stderr, flush=True)
+    spec = f"; {speculation.stats.describe()}" if speculation is not None else ""
+    print(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s, prompt {len(ids)} tokens"
+          f"{spec}]", file=sys.stderr, flush=True)
     return text.text
 
 
-def chat(model, tokenizer, args: argparse.Namespace, system: list[dict]) -> None:
+def chat(model, tokenizer, args: argparse.Namespace, system: list[dict],
+         speculation: Speculation | None = None) -> None:
     """Multi-turn loop on stdin; the history keeps answers without their reasoning."""
     history: list[dict] = []
     turn = 0
@@ -118,7 +138,7 @@ def chat(model, tokenizer, args: argparse.Namespace, system: list[dict]) -> None
         history.append({"role": "user", "content": line})
         print("assistant> ", end="", flush=True)
         text = reply(model, tokenizer, system + history, sampling(args, False, args.seed + turn),
-                     args.think)
+                     args.think, speculation)
         history.append({"role": "assistant", "content": answer_text(text).strip()})
         turn += 1
 
@@ -131,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         data = resolve_data(benches, parse_data_flags(args.data, benches))
     model, tokenizer = load_for_inference(args.model, args.lora, args.device, args.dtype,
                                           args.moe_backend)
+    speculation = load_speculation(model, tokenizer, args.draft_model, args.prompt_lookup,
+                                   args.draft_tokens, args.draft_p_min, args.device, args.dtype)
     if args.bench:
         out = Path(args.out) if args.out else Path(args.model) / "eval"
         run_benchmarks(model, tokenizer, benches, out, data,
@@ -138,18 +160,19 @@ def main(argv: list[str] | None = None) -> None:
                        params=sampling(args, True, args.seed), enable_thinking=args.think,
                        system=args.system, fewshot=args.fewshot, seed=args.seed,
                        ppl_max_length=args.ppl_max_length, ppl_stride=args.ppl_stride,
-                       samples=args.samples,
+                       samples=args.samples, speculation=speculation,
                        meta={"model": str(args.model), "lora": args.lora,
-                             "moe_backend": args.moe_backend},
+                             "moe_backend": args.moe_backend, "draft_model": args.draft_model,
+                             "prompt_lookup": args.prompt_lookup},
                        log=lambda m: print(m, file=sys.stderr, flush=True))
         print(f"reports written to {out}")
         return
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         reply(model, tokenizer, system + [{"role": "user", "content": args.prompt}],
-              sampling(args, False, args.seed), args.think)
+              sampling(args, False, args.seed), args.think, speculation)
     else:
-        chat(model, tokenizer, args, system)
+        chat(model, tokenizer, args, system, speculation)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from common.errors import UserError
 from model.io import load_pretrained, load_tokenizer
 from model.lora import load_adapter, merged_model
 from model.model import MiniMindLM
 from model.precision import resolve_device, resolve_precision
+from model.speculative import Speculation
 from model.tokenizer import Tokenizer
 from offload.experts import offload_experts
 
@@ -47,3 +49,32 @@ def load_for_inference(model_dir: str | Path, lora: str | Path | None = None,
         kt = {"kt_mode": "inference"} if moe_backend == "kt" else {}
         model = offload_experts(model, backend=moe_backend, **kt) or model
     return model, load_tokenizer(model_dir)
+
+
+def load_speculation(model: MiniMindLM, tokenizer: Tokenizer, draft_model: str | Path | None = None,
+                     prompt_lookup: int = 0, draft_tokens: int = 6, draft_p_min: float = 0.5,
+                     device: str = "auto", dtype: str = "auto") -> Speculation | None:
+    """The ``Speculation`` of the ``--draft_model`` / ``--prompt_lookup`` / ``--draft_tokens`` /
+    ``--draft_p_min`` flags (None when neither source is given), checked against the model: a draft is loaded
+    like the model (same device and dtype) and must have the same tokenizer."""
+    if draft_model and prompt_lookup:
+        raise UserError("--draft_model and --prompt_lookup are two ways to propose tokens: "
+                        "pick one")
+    if prompt_lookup < 0 or draft_tokens < 1 or not 0 <= draft_p_min < 1:
+        raise UserError(f"--prompt_lookup {prompt_lookup} must be >= 0, --draft_tokens "
+                        f"{draft_tokens} >= 1 and --draft_p_min {draft_p_min} in [0, 1)")
+    if not draft_model and not prompt_lookup:
+        return None
+    draft = None
+    if draft_model:
+        draft, draft_tokenizer = load_for_inference(draft_model, device=device, dtype=dtype)
+        if draft_tokenizer.fingerprint != tokenizer.fingerprint:
+            raise UserError(f"--draft_model {draft_model}: its tokenizer differs from the "
+                            "model's (a draft must propose token ids the model reads the same)")
+    spec = Speculation(draft_model=draft, prompt_lookup=prompt_lookup, draft_tokens=draft_tokens,
+                       draft_p_min=draft_p_min)
+    try:
+        spec.check(model)
+    except ValueError as e:
+        raise UserError(f"{'--draft_model' if draft_model else '--prompt_lookup'}: {e}") from None
+    return spec

@@ -43,6 +43,7 @@ from evaluation.compare import sampled_summary
 from evaluation.perplexity import continuation_logprobs, eval_mode, load_texts, perplexity
 from evaluation.report import write_report
 from model.generate import SamplingParams, generate
+from model.speculative import Speculation, SpeculationStats
 from tasks import commonsense
 
 __all__ = [
@@ -97,8 +98,10 @@ class Completion:
 GenerateFn = Callable[[Sequence[str]], Sequence["Completion | str"]]
 
 
-def model_generate_fn(model: torch.nn.Module, tokenizer, params: SamplingParams) -> GenerateFn:
-    """A ``GenerateFn`` over ``model.generate.generate``: one batched call per list of prompts.
+def model_generate_fn(model: torch.nn.Module, tokenizer, params: SamplingParams,
+                      speculation: Speculation | None = None) -> GenerateFn:
+    """A ``GenerateFn`` over ``model.generate.generate``: one batched call per list of prompts
+    (speculative with ``speculation``: the same greedy answers, the same sampling distribution).
 
     With sampling, each prompt's seed is ``params.seed`` mixed with a hash of the prompt, so an
     item's sample does not depend on which batch it landed in. A prompt longer than the context
@@ -113,7 +116,7 @@ def model_generate_fn(model: torch.nn.Module, tokenizer, params: SamplingParams)
                    replace(params, seed=(params.seed + zlib.crc32(p.encode("utf-8"))) % 2**62)
                    for p in prompts]
         with eval_mode(model):
-            gens = generate(model, tokenizer, ids, per_row)
+            gens = generate(model, tokenizer, ids, per_row, speculation=speculation)
         stops = set(params.stop_token_ids)
         return [Completion(g.text, sum(t not in stops for t in g.token_ids), g.finish_reason)
                 for g in gens]
@@ -288,7 +291,7 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
                    system: str | None = None, fewshot: int = 0, seed: int = 0,
                    ppl_max_length: int | None = None, ppl_stride: int | None = None,
                    meta: dict | None = None, log: Callable[[str], None] | None = print,
-                   samples: int = 1) -> dict[str, dict]:
+                   samples: int = 1, speculation: Speculation | None = None) -> dict[str, dict]:
     """Run each named benchmark (``BENCHMARKS``) and write its report into ``out_dir``.
 
     Returns ``{bench: summary}``. ``data`` maps each bench to its file or folder (see
@@ -297,6 +300,9 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
     ``samples`` > 1 (sampling only) answers each generation item that many times, pass j seeded
     ``params.seed + j``: the report holds every answer (tagged ``item`` and ``sample``), so its
     accuracy is mean@n, and the summary adds ``samples``, ``mean_at_n`` and ``pass_at_k``.
+
+    ``speculation`` decodes speculatively; each generation summary then adds the benchmark's
+    acceptance rate and tokens per target forward (``speculation``).
     """
     paths = resolve_data(benches, data or {})
     params = params or SamplingParams(max_new_tokens=512, seed=seed)
@@ -307,7 +313,7 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
     # Decoding settings only where they matter (log-likelihood and perplexity do not decode).
     decoding = {"temperature": params.temperature, "top_p": params.top_p,
                 "max_new_tokens": params.max_new_tokens, "thinking": enable_thinking}
-    gen_fn = model_generate_fn(model, tokenizer, params)
+    gen_fn = model_generate_fn(model, tokenizer, params, speculation)
     summaries: dict[str, dict] = {}
     for bench in benches:
         path = paths[bench]
@@ -333,15 +339,25 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
             else:
                 items, exemplars = task.load(path, limit), []
             run = partial(run_task, bench, items, tokenizer, exemplars=exemplars, **common)
+            if speculation is not None:
+                speculation.stats = SpeculationStats()  # this benchmark's own figures
             results = run(gen_fn)
             if samples > 1:
                 results = [{**r, "item": i, "sample": 0} for i, r in enumerate(results)]
                 for j in range(1, samples):
                     fn = model_generate_fn(model, tokenizer, replace(
-                        params, seed=None if params.seed is None else params.seed + j))
+                        params, seed=None if params.seed is None else params.seed + j),
+                        speculation)
                     results += [{**r, "item": i, "sample": j} for i, r in enumerate(run(fn))]
                 extra.update(sampled_summary(results))
             extra.update(task.summarize(results))
+            if speculation is not None:
+                stats = speculation.stats
+                extra["speculation"] = {"acceptance_rate": round(stats.acceptance_rate, 4),
+                                        "tokens_per_forward": round(stats.tokens_per_forward, 3),
+                                        "drafted": stats.drafted, "accepted": stats.accepted}
+                if log:
+                    log(f"[{bench}] {stats.describe()}")
         else:
             results = run_commonsense_loglik(commonsense.load(path, limit), model, tokenizer,
                                              batch_size=batch_size)

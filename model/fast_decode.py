@@ -1,5 +1,6 @@
 """The fast decode step: one token per row over a static, slot-per-row KV cache, on prepacked
-weights (CPU) or compiled (CUDA, or when asked).
+weights (CPU) or compiled (CUDA, or when asked). The same step takes S tokens per row, the
+verification forward of speculative decoding (model/speculative.py).
 
 Why: at MiniMind widths a decode step is a few dozen small matmuls, and eager PyTorch spends most
 of a step dispatching them from Python (the issue measured 15 % of the memory-bandwidth bound at
@@ -189,48 +190,57 @@ def decode_step(model: MiniMindLM, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 packed: PackedWeights | None = None) -> torch.Tensor:
     """Logits [B, V] of one new token per row; writes its key/value at ``[:, b, :, pos_b]``.
 
-    The same arithmetic as ``MiniMindLM.forward`` with one token and a cache (checked token for
-    token against it in tests/test_generate.py), with the cache length a mask, not a slice.
-    ``packed`` runs the dense projections on prepacked weights (eager CPU steps); without it
-    each module is called (the compiled step, whose compiler picks its own kernels).
+    ``tokens_B`` may also be [B, S]: S consecutive tokens per row at positions ``pos_b ..
+    pos_b + S - 1`` (speculative verification, model/speculative.py), each attending to the cache
+    and to the row's earlier new tokens; the logits are then [B, S, V]. Positions beyond a row's
+    new tokens stay masked, so rejected entries need no clean-up: a later write replaces them.
+
+    The same arithmetic as ``MiniMindLM.forward`` with a cache (checked token for token against
+    it in tests/test_generate.py and tests/test_speculative.py), with the cache length a mask, not
+    a slice. ``packed`` runs the dense projections on prepacked weights (eager CPU steps); without
+    it each module is called (the compiled step, whose compiler picks its own kernels).
     """
 
     def project(x, *modules):
         return packed.project(x, *modules) if packed is not None else [m(x) for m in modules]
 
-    B = tokens_B.shape[0]
+    single = tokens_B.dim() == 1
+    tokens_BS = tokens_B.unsqueeze(1) if single else tokens_B
+    B, S = tokens_BS.shape
     T = k_cache.shape[3]
-    x = model.model.embed_tokens(tokens_B).unsqueeze(1)  # [B, 1, D]
-    cos, sin = model.model.rotary(pos_B.unsqueeze(1), x.dtype)  # [B, 1, Dh]
-    mask_B11T = (torch.arange(T, device=x.device) <= pos_B.unsqueeze(1)).view(B, 1, 1, T)
-    rows = torch.arange(B, device=x.device)
+    pos_BS = pos_B.unsqueeze(1) + torch.arange(S, device=pos_B.device)
+    x = model.model.embed_tokens(tokens_BS)  # [B, S, D]
+    cos, sin = model.model.rotary(pos_BS, x.dtype)  # [B, S, Dh]
+    mask_B1ST = (torch.arange(T, device=x.device) <= pos_BS.unsqueeze(-1)).view(B, 1, S, T)
+    rows = torch.arange(B, device=x.device).unsqueeze(1)
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         q, k, v = project(h, attn.q_proj, attn.k_proj, attn.v_proj)
-        q = attn.q_norm(q.reshape(B, 1, attn.n_heads, attn.head_dim))
-        k = attn.k_norm(k.reshape(B, 1, attn.n_kv_heads, attn.head_dim))
-        v = v.reshape(B, 1, attn.n_kv_heads, attn.head_dim)
-        q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, H, 1, Dh]
+        q = attn.q_norm(q.reshape(B, S, attn.n_heads, attn.head_dim))
+        k = attn.k_norm(k.reshape(B, S, attn.n_kv_heads, attn.head_dim))
+        v = v.reshape(B, S, attn.n_kv_heads, attn.head_dim)
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # [B, H, S, Dh]
         k = apply_rope(k, cos, sin)
-        # [B, G, Dh] into cache[i, b, :, pos_b, :]
-        k_cache[i, rows, :, pos_B] = k[:, 0].to(k_cache.dtype)
-        v_cache[i, rows, :, pos_B] = v[:, 0].to(v_cache.dtype)
+        # [B, S, G, Dh] into cache[i, b, :, pos_b + s, :]
+        k_cache[i, rows, :, pos_BS] = k.to(k_cache.dtype)
+        v_cache[i, rows, :, pos_BS] = v.to(v_cache.dtype)
         out = F.scaled_dot_product_attention(
-            q, k_cache[i].to(q.dtype), v_cache[i].to(q.dtype), attn_mask=mask_B11T,
+            q, k_cache[i].to(q.dtype), v_cache[i].to(q.dtype), attn_mask=mask_B1ST,
             enable_gqa=attn.n_heads != attn.n_kv_heads)
-        x = x + project(out.transpose(1, 2).reshape(B, 1, attn.n_heads * attn.head_dim),
+        x = x + project(out.transpose(1, 2).reshape(B, S, attn.n_heads * attn.head_dim),
                         attn.o_proj)[0]
         h = layer.post_attention_layernorm(x)
         mlp = layer.mlp
         if isinstance(mlp, MoEFeedForward):
-            x = x + _moe_all_experts(mlp, h.view(B, -1)).view(B, 1, -1)
+            x = x + _moe_all_experts(mlp, h.reshape(B * S, -1)).view(B, S, -1)
         elif type(mlp) is FeedForward and not (mlp._forward_hooks or mlp._forward_pre_hooks):
             gate, up = project(h, mlp.gate_proj, mlp.up_proj)
             x = x + project(F.silu(gate) * up, mlp.down_proj)[0]
         else:
             x = x + mlp(h)
-    return project(model.model.norm(x), model.lm_head)[0][:, 0]
+    logits = project(model.model.norm(x), model.lm_head)[0]
+    return logits[:, 0] if single else logits
 
 
 def _bucket(n: int, limit: int, floor: int = 256) -> int:
@@ -338,8 +348,10 @@ class StaticDecoder:
         self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
 
     def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] for one new token per live row; row b's token goes to position pos_b."""
+        """Logits [B, V] for one new token per live row; row b's token goes to position pos_b.
+        Tokens [B, S] give logits [B, S, V] of S consecutive tokens per row (``decode_step``)."""
         B = tokens_B.shape[0]
+        S = 1 if tokens_B.dim() == 1 else tokens_B.shape[1]
         # On CPU inductor's code measured 2x slower than eager at eight rows (and, since the eager
         # step runs on prepacked weights, slower at one row too: README, decode figures), so
         # there only single-row steps run compiled, and only when asked.
@@ -347,17 +359,17 @@ class StaticDecoder:
             return decode_step(self.model, self.cache.k[:, :B], self.cache.v[:, :B], tokens_B,
                                pos_B, PackedWeights.for_model(self.model))
         width = min(_bucket(B, self.slots, floor=1), self.slots)
-        if width > B:  # spare rows: a harmless write at the last position of unused slots
+        if width > B:  # spare rows: a harmless write at the last positions of unused slots
             pad = width - B
-            tokens_B = torch.cat([tokens_B, tokens_B.new_zeros(pad)])
-            pos_B = torch.cat([pos_B, pos_B.new_full((pad,), self.cache.max_len - 1)])
-        fn = self._compiled_step(width)
+            tokens_B = torch.cat([tokens_B, tokens_B.new_zeros((pad,) + tokens_B.shape[1:])])
+            pos_B = torch.cat([pos_B, pos_B.new_full((pad,), self.cache.max_len - S)])
+        fn = self._compiled_step(width, S)
         return fn(self.model, self.cache.k[:, :width], self.cache.v[:, :width], tokens_B,
                   pos_B)[:B]
 
-    def _compiled_step(self, width: int):
+    def _compiled_step(self, width: int, S: int = 1):
         graphs = self._compiled.setdefault(self.model, {})
-        key = (width, self.cache.max_len, self.dtype, self.device)
+        key = (width, S, self.cache.max_len, self.dtype, self.device)
         if key not in graphs:
             # Dynamo keeps one guarded entry per (model, shape) on decode_step's code object;
             # the default limit (8) would fall back to eager after a few models or buckets.

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
 from .fast_decode import StaticDecoder, compile_by_default, fast_path_reason
 from .model import KVCache, MiniMindLM
+
+if TYPE_CHECKING:  # model/speculative.py builds on this module
+    from .speculative import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +81,29 @@ def _filter_top_k_top_p(logits_BV, top_k: list[int], top_p_B1: torch.Tensor):
     return logits_BV.masked_fill(~keep_mask, float("-inf"))
 
 
-def _choose_tokens(logits_BV, params: list[SamplingParams], seen_BV, generators):
+def sampling_distribution(logits_BV, params: list[SamplingParams], seen_BV):
+    """``(penalised logits, probs or None)`` of each row: the logits after the repetition
+    penalty (greedy rows take their argmax), and, unless every row is greedy, the distribution a
+    sampling row draws from (temperature, top-k, top-p). Speculative decoding's acceptance rule
+    uses the same distribution, so it keeps exactly what plain sampling samples."""
     logits_BV = logits_BV.float()
     penalty = torch.tensor([p.repetition_penalty for p in params], device=logits_BV.device)
     if (penalty != 1).any():
         logits_BV = _apply_repetition_penalty(logits_BV, seen_BV, penalty.unsqueeze(-1))
-    greedy = logits_BV.argmax(-1)
     if all(p.temperature == 0 for p in params):
-        return greedy
+        return logits_BV, None
     temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits_BV.device)
     top_p = torch.tensor([p.top_p for p in params], device=logits_BV.device).unsqueeze(-1)
     filtered = _filter_top_k_top_p(logits_BV / temps.unsqueeze(-1), [p.top_k for p in params],
                                    top_p)
-    probs = filtered.softmax(-1)
+    return logits_BV, filtered.softmax(-1)
+
+
+def _choose_tokens(logits_BV, params: list[SamplingParams], seen_BV, generators):
+    logits_BV, probs = sampling_distribution(logits_BV, params, seen_BV)
+    greedy = logits_BV.argmax(-1)
+    if probs is None:
+        return greedy
     # One generator per row: a row's random stream does not depend on its batch neighbours.
     sampled = torch.stack([torch.multinomial(probs[b], 1, generator=generators[b])[0]
                            for b in range(len(params))])
@@ -153,15 +166,18 @@ def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
                     params: SamplingParams | Sequence[SamplingParams],
                     should_stop: Callable[[int], bool] | None = None,
                     fast: bool | None = None, compile: bool | None = None,
-                    ) -> Iterator[list[int | None]]:
-    """Yields, after each decoding step, each row's new token id (None once a row has finished).
+                    speculation: Speculation | None = None) -> Iterator[list[int | None]]:
+    """Yields, after each decoding step, each row's new token id (None once a row has finished,
+    and, under speculation, for a row with no token in a step another row's round still fills).
 
     A row finishes on a stop token (which is yielded, then the row goes quiet), on
     ``max_new_tokens``, or when ``should_stop(row)`` returns True (a stop string seen by the
     caller, a client gone). Stop strings are the caller's business (see ``TextStream``).
     ``fast`` picks the static-cache step (default: wherever correct, see ``use_fast_path``) and
     ``compile`` whether that step is compiled (default: ``compile_by_default``). Both paths give
-    the same greedy tokens.
+    the same greedy tokens. ``speculation`` (model/speculative.py: a draft model or prompt
+    lookup) verifies several proposed tokens per forward; greedy tokens stay the same and sampling
+    keeps its distribution.
     """
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
@@ -179,6 +195,9 @@ def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
     budget = [min(p.max_new_tokens, context - len(ids)) for p, ids in zip(params, prompts)]
     steps = max(budget)
     if steps == 0:
+        return
+    if speculation is not None:
+        yield from speculation.tokens(model, prompts, list(params), budget, should_stop, compile)
         return
     V = model.config.vocab_size
     seen_BV = torch.zeros(B, V, dtype=torch.bool, device=device)
@@ -281,7 +300,8 @@ class TextStream:
 
 
 def generate(model: MiniMindLM, tokenizer, prompts: Sequence[Sequence[int]],
-             params: SamplingParams | Sequence[SamplingParams]) -> list[Generation]:
+             params: SamplingParams | Sequence[SamplingParams],
+             speculation: Speculation | None = None) -> list[Generation]:
     """Batched generation; returns token ids, text (stop strings cut) and the finish reason."""
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
@@ -289,7 +309,8 @@ def generate(model: MiniMindLM, tokenizer, prompts: Sequence[Sequence[int]],
     streams = [TextStream(tokenizer, p.stop_strings, p.stop_token_ids) if tokenizer else None
                for p in params]
     for step in generate_tokens(model, prompts, params,
-                                should_stop=lambda b: bool(streams[b] and streams[b].stopped)):
+                                should_stop=lambda b: bool(streams[b] and streams[b].stopped),
+                                speculation=speculation):
         for b, tok in enumerate(step):
             if tok is None:
                 continue
@@ -307,11 +328,12 @@ def generate(model: MiniMindLM, tokenizer, prompts: Sequence[Sequence[int]],
     return results
 
 
-def stream(model: MiniMindLM, tokenizer, prompt: Sequence[int], params: SamplingParams
-           ) -> Iterator[str]:
+def stream(model: MiniMindLM, tokenizer, prompt: Sequence[int], params: SamplingParams,
+           speculation: Speculation | None = None) -> Iterator[str]:
     """Text deltas for one prompt, as they are generated."""
     text = TextStream(tokenizer, params.stop_strings, params.stop_token_ids)
-    for step in generate_tokens(model, [prompt], [params], should_stop=lambda b: text.stopped):
+    for step in generate_tokens(model, [prompt], [params], should_stop=lambda b: text.stopped,
+                                speculation=speculation):
         if step[0] is not None and step[0] not in params.stop_token_ids:
             delta = text.push(step[0])
             if delta:

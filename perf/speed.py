@@ -12,6 +12,8 @@ run, as a ratio:
   upstream MiniMind (``--upstream DIR``) and transformers on the same weights and tokens:
   tokens/s, ratios, and the fraction of the bandwidth bound (bytes of weights + KV cache read per
   step / measured bandwidth);
+- speculative decoding (``perf.speculative``): a trained pair on held-out prompts, ours against
+  plain decoding and transformers' assisted generation, and the cost model at minimind2-small;
 - the serving engine: 1 vs 16 concurrent clients (tokens/s, p50/p99 latency) and the longest
   stall of running streams while a new 512-token prompt is prefilled, chunked and not;
 - an MoE layer forward + backward (8 experts, top-2): grouped dispatch vs MiniMind's naive loop;
@@ -46,6 +48,7 @@ from model.moe import MoEFeedForward, naive_experts_forward
 from model.precision import DTYPES, resolve_precision
 from model.tokenizer import Tokenizer
 from perf.common import autocast, best_time
+from perf.speculative import bench_speculative
 from trainer.config import TrainConfig
 from trainer.loop import fit
 from trainer.losses import lm_loss
@@ -442,8 +445,8 @@ def print_rows(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
-    ap.add_argument("--only", default="train,decode,serve,moe,moe_model,loop",
-                    help="comma list of: train, decode, serve, moe, moe_model, loop")
+    ap.add_argument("--only", default="train,decode,spec,serve,moe,moe_model,loop",
+                    help="comma list of: train, decode, spec, serve, moe, moe_model, loop")
     ap.add_argument("--upstream", default=os.environ.get("MINIMIND_UPSTREAM", ""),
                     help="upstream MiniMind source tree (has model/model_minimind.py) to compare "
                          "against; default $MINIMIND_UPSTREAM; skipped when absent")
@@ -455,6 +458,15 @@ def main() -> None:
     ap.add_argument("--json", default="", help="also write all figures to this JSON file")
     ap.add_argument("--text_dir", default="", help="folder of .txt files for the loop bench's real "
                     "text (e.g. ../shared/data/pretrain_text/gutenberg_en); default: generated text")
+    g = ap.add_argument_group("spec: speculative decoding (perf/speculative.py)")
+    g.add_argument("--spec_target", default="", help="trained model folder (default: the "
+                   "quickstart's out/quickstart/sft/final)")
+    g.add_argument("--spec_draft", default="", help="its draft (default: out/quickstart/distill/"
+                   "final, the distilled student)")
+    g.add_argument("--spec_prompts", default="", help="held-out questions, JSONL with 'question' "
+                   "(default: out/quickstart/data/test.jsonl)")
+    g.add_argument("--spec_k", type=int, default=6, help="most draft tokens per round")
+    g.add_argument("--spec_lookup", type=int, default=4, help="prompt-lookup tokens per round")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -476,6 +488,7 @@ def main() -> None:
     sections = [("train", lambda: bench_train(peaks, auto.name, args.quick)),
                 ("decode", lambda: bench_decode(bandwidth, dtypes, args.quick, args.upstream,
                                                 not args.no_compile)),
+                ("spec", lambda: bench_speculative(args)),
                 ("serve", lambda: bench_serving(args.quick)),
                 ("moe", lambda: bench_moe_layer(dtypes, args.quick)),
                 ("moe_model", lambda: bench_moe_model(auto.name, args.quick)),

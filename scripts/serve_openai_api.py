@@ -1,6 +1,7 @@
 """An OpenAI-compatible chat server (FastAPI + uvicorn) over the batching ``serving.Engine``.
 
     python scripts/serve_openai_api.py --model out/sft [--lora out/lora] [--port 8998]
+    python scripts/serve_openai_api.py --model out/sft --draft-model out/student  # speculative
 
 Loads the model, starts the engine and serves ``serving.openai_api.create_app`` (endpoints,
 validation and streaming are described there) on a loopback address unless ``--host`` says
@@ -13,7 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from inference import load_for_inference
+from inference import load_for_inference, load_speculation
 from model.precision import DTYPE_CHOICES
 from serving.engine import Engine
 from serving.openai_api import create_app
@@ -38,6 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decode step (auto: on CUDA; on CPU it costs ~1 min "
                         "per batch bucket; see README)")
+    p.add_argument("--draft-model", "--draft_model", default=None,
+                   help="speculative decoding with this smaller model (same tokenizer); requests "
+                        "are then decoded one at a time (serving/engine.py says why)")
+    p.add_argument("--draft-tokens", "--draft_tokens", type=int, default=6,
+                   help="tokens the draft model proposes per target forward")
+    p.add_argument("--draft-p-min", "--draft_p_min", type=float, default=0.5,
+                   help="stop proposing where the draft's top probability is below this")
+    p.add_argument("--prompt-lookup", "--prompt_lookup", type=int, default=0,
+                   help="N > 0: speculative decoding by n-gram lookup, N tokens proposed")
     p.add_argument("--max-pending", type=int, default=256, help="queued requests before 503")
     p.add_argument("--served-model-name", default=None, help="default: the model folder's name")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -52,9 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
     model, tokenizer = load_for_inference(args.model, args.lora, args.device, args.dtype)
+    speculation = load_speculation(model, tokenizer, args.draft_model, args.prompt_lookup,
+                                   args.draft_tokens, args.draft_p_min, args.device, args.dtype)
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
                     max_pending=args.max_pending, prefill_chunk=args.prefill_chunk,
-                    compile=None if args.compile == "auto" else args.compile == "on").start()
+                    compile=None if args.compile == "auto" else args.compile == "on",
+                    speculation=speculation).start()
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, name, api_key=args.api_key,
                      max_request_bytes=args.max_request_bytes)

@@ -15,6 +15,13 @@ forward per token (the benchmark reports that stall). Rows keep their own positi
 the tokens it would get alone (greedy, or sampling with a seed). Models the static step cannot
 run (offloaded experts) are served one request at a time through ``generate_tokens``' eager path.
 
+Speculative decoding (``speculation``: a draft model or prompt lookup, model/speculative.py) serves
+requests one at a time, each through ``generate_tokens``' speculative path. Why batch 1: it pays
+where a step is bound by reading the weights, which is batch-1 decoding; a batch of 16 rows
+already reads them once for 16 tokens, and verifying 1 + k tokens per row would multiply the
+compute of a step that is no longer bandwidth-bound. Under load, continuous batching without
+speculation serves more tokens per second; with one client at a time, speculation answers faster.
+
 Cancellation: ``RequestHandle.cancel()`` (the server calls it when a client disconnects) is read
 before the next step, so a cancelled row stops costing compute and events within one step.
 
@@ -37,6 +44,7 @@ from model.fast_decode import StaticDecoder, compile_by_default
 from model.generate import (SamplingParams, TextStream, _choose_tokens, generate_tokens,
                             make_generator, use_fast_path)
 from model.model import MiniMindLM
+from model.speculative import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +171,7 @@ class Engine:
 
     def __init__(self, model: MiniMindLM, tokenizer, max_batch_size: int = 16,
                  batch_wait_s: float = 0.0, max_pending: int = 256, prefill_chunk: int = 128,
-                 compile: bool | None = None) -> None:
+                 compile: bool | None = None, speculation: Speculation | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk < 1:
@@ -176,8 +184,12 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.context_length: int = model.config.max_position_embeddings
         self.fast = use_fast_path(model)
+        self.speculation = speculation
+        self.compile = compile
+        if speculation is not None:
+            speculation.check(model)
         self._decoder = None
-        if self.fast:
+        if self.fast and speculation is None:
             device = next(model.parameters()).device
             self._decoder = StaticDecoder(
                 model, max_batch_size, 1,
@@ -245,6 +257,11 @@ class Engine:
             snap.update(pending=len(self._pending), busy=self._busy, running=len(self._rows),
                         max_batch_size_limit=self.max_batch_size, fast_path=self.fast,
                         compiled=bool(self._decoder and self._decoder.compile))
+            if self.speculation is not None:
+                st = self.speculation.stats
+                snap["speculation"] = {"acceptance_rate": st.acceptance_rate,
+                                       "tokens_per_forward": st.tokens_per_forward,
+                                       "drafted": st.drafted, "accepted": st.accepted}
         return snap
 
     # -- the decode thread -----------------------------------------------------------------------
@@ -255,7 +272,7 @@ class Engine:
                 return
             try:
                 with torch.inference_mode():
-                    if self.fast:
+                    if self._decoder is not None:
                         # Up to prefill_chunk prompt tokens per step: the rest of one prompt,
                         # then the next queued ones (short prompts join together).
                         budget = self.prefill_chunk
@@ -292,12 +309,12 @@ class Engine:
                     else:
                         kept.append(h)
                 self._pending = kept
-                if not self.fast and not self._rows:  # the eager fallback: a static batch
-                    batch = self._pending[:self.max_batch_size]
-                    self._pending = self._pending[self.max_batch_size:]
+                if self._decoder is None and not self._rows:  # a static batch (speculation: one)
+                    size = 1 if self.speculation is not None else self.max_batch_size
+                    batch, self._pending = self._pending[:size], self._pending[size:]
                     self._rows = [self._new_row(h) for h in batch]
                 prefilling = any(r.prefilling for r in self._rows)
-                if self.fast and self._pending and not prefilling and (
+                if self._decoder is not None and self._pending and not prefilling and (
                         len(self._rows) < self.max_batch_size):
                     self._rows.append(self._new_row(self._pending.pop(0)))
                 if self._rows or not block:
@@ -441,7 +458,8 @@ class Engine:
     def _eager_batch(self) -> None:
         """The fallback for models the static step cannot run (offloaded experts): the admitted
         requests decoded together through ``generate_tokens``' eager path (static batching: the
-        batch runs until its last row ends)."""
+        batch runs until its last row ends). Under speculation: one request through its
+        speculative path."""
         rows, self._rows = self._rows, []
         live = [r for r in rows if r.budget > 0 or r.handle.prompt_logprobs is not None]
         for r in rows:
@@ -471,8 +489,10 @@ class Engine:
             self._stats.batches += 1
             self._stats.max_batch_size = max(self._stats.max_batch_size, len(live))
             self._stats.batch_sizes = (self._stats.batch_sizes + [len(live)])[-64:]
+        how = ({"speculation": self.speculation, "compile": self.compile}
+               if self.speculation is not None else {"fast": False})
         steps = generate_tokens(self.model, [r.handle.prompt_ids for r in live],
-                                [r.handle.params for r in live], should_stop, fast=False)
+                                [r.handle.params for r in live], should_stop, **how)
         for step in steps:
             for row, tok in zip(live, step):
                 if tok is None or reason[id(row)] is not None:

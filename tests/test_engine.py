@@ -150,3 +150,30 @@ def test_cancel_stops_a_row_and_the_others_go_on(model, monkeypatch, fast):
     assert long.events[-1].completion_tokens < 400
     assert short.tokens() == greedy_reference(model, [5, 6], 30)
     assert long.tokens() == greedy_reference(model, [9, 10, 11], len(long.tokens()))
+
+
+def test_speculative_engine_serves_one_at_a_time_with_the_greedy_tokens(model):
+    """A draft model (the target with noise) behind the engine: three concurrent requests get
+    the plain greedy tokens, one running at a time, and the stats report the acceptance."""
+    from model.speculative import Speculation
+
+    torch.manual_seed(9)
+    draft = varied_model()
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * 0.1)
+    spec = Speculation(draft_model=draft, draft_tokens=3, draft_p_min=0)
+    engine = Engine(model, ByteTokenizer(), max_batch_size=4, speculation=spec).start()
+    prompts = [[10, 11, 12], list(range(20, 50)), [7]]
+    try:
+        sinks = [run(engine, p, 20) for p in prompts]
+        for sink in sinks:
+            assert sink.done.wait(30)
+    finally:
+        engine.shutdown()
+    for sink, p in zip(sinks, prompts):
+        assert sink.tokens() == greedy_reference(model, p, 20)
+    stats = engine.stats_snapshot()
+    assert stats["max_batch_size"] == 1 and stats["requests_finished"] == 3
+    assert 0 < stats["speculation"]["accepted"] < stats["speculation"]["drafted"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval_model
+from common.errors import UserError
 from dataset.chat import generation_prompt_ids
 from evaluation.runner import parse_data_flags
 from model.config import MiniMindConfig
@@ -45,6 +46,38 @@ def test_one_shot_prompt_prints_text_and_speed(ckpt):
     again = run_cli(["--model", str(ckpt), "--prompt", "Hello, who are you?",
                      "--max_new_tokens", "12", "--device", "cpu"])
     assert again.stdout == proc.stdout
+
+
+def test_speculative_prompt_answers_as_plain_greedy_and_reports_acceptance(tmp_path, capsys):
+    """--draft_model (the model itself: every proposal accepted) and --prompt_lookup give the
+    plain greedy answer; stderr adds the acceptance; both flags at once are one error line."""
+    torch.manual_seed(0)
+    model = MiniMindLM(MiniMindConfig.from_preset("tiny"))
+    with torch.no_grad():  # weights at std 0.2: the default init answers one repeated token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    ckpt = tmp_path / "varied"
+    save_pretrained(model, ckpt)
+    common = ["--model", str(ckpt), "--prompt", "Hello, who are you?", "--max_new_tokens", "12",
+              "--temperature", "0", "--device", "cpu", "--dtype", "fp32"]
+    eval_model.main(common)
+    plain = capsys.readouterr()
+    for extra in (["--draft_model", str(ckpt), "--draft_tokens", "3", "--draft_p_min", "0"],
+                  ["--prompt_lookup", "3"]):
+        eval_model.main(common + extra)
+        out = capsys.readouterr()
+        assert out.out == plain.out and len(set(plain.out)) > 5
+        assert "speculation:" in out.err and "tokens per target forward" in out.err
+    assert "(100.0 %)" in eval_model_err(common + ["--draft_model", str(ckpt), "--draft_p_min",
+                                                   "0"], capsys)
+    with pytest.raises(UserError, match="pick one"):
+        eval_model.main(common + ["--draft_model", str(ckpt), "--prompt_lookup", "2"])
+
+
+def eval_model_err(argv, capsys) -> str:
+    eval_model.main(argv)
+    return capsys.readouterr().err
 
 
 def test_interactive_chat_driven_by_stdin(ckpt):

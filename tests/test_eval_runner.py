@@ -158,6 +158,31 @@ def test_model_generate_fn_matches_direct_generation(tok, tiny):
         assert c.text == alone.text and c.finish_reason == alone.finish_reason
 
 
+def test_speculative_benchmark_gives_the_plain_answers_and_reports_acceptance(tmp_path, tok):
+    """run_benchmarks with a draft model (the model itself): the same greedy items as without,
+    batched, and the summary carries the acceptance rate and tokens per target forward."""
+    from model.speculative import Speculation
+    torch.manual_seed(0)
+    model = MiniMindLM(MiniMindConfig.from_preset("tiny")).eval()
+    with torch.no_grad():  # std 0.2: the default init answers one repeated token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{k: it[k] for k in ("question", "answer")}
+                                               for it in GSM_ITEMS])
+    spec = Speculation(draft_model=model, draft_tokens=3, draft_p_min=0)
+    texts = {}
+    for name, speculation in (("plain", None), ("draft", spec)):
+        summaries = run_benchmarks(model, tok, ["gsm8k"], tmp_path / name, data={"gsm8k": gsm},
+                                   batch_size=3, params=SamplingParams(max_new_tokens=24),
+                                   log=None, speculation=speculation)
+        texts[name] = [it["prediction"] for it in read_items(tmp_path / name / "gsm8k.items.jsonl")]
+    assert texts["draft"] == texts["plain"] and len(set("".join(texts["plain"]))) > 5
+    reported = summaries["gsm8k"]["meta"]["speculation"]
+    assert reported["accepted"] == reported["drafted"] == spec.stats.drafted > 0
+    assert reported["tokens_per_forward"] == round(spec.stats.tokens_per_forward, 3) > 3
+
+
 # ------------------------------------------------------------------------------------------
 # Likelihoods against independent hand computations
 # ------------------------------------------------------------------------------------------
