@@ -76,7 +76,9 @@ class GRPOSettings:
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        _ = self.rollout   # building it checks the group size and the sampling parameters
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages compare a group), got {self.group_size}")
+        _ = self.rollout   # building it checks the sampling parameters
         if self.beta < 0 or self.eps_low < 0 or self.eps_high < 0:
             raise ValueError(f"beta, eps_low, eps_high must be >= 0, got {self.beta}, "
                              f"{self.eps_low}, {self.eps_high}")

@@ -37,12 +37,12 @@ from typing import Any, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from common.atomic import atomic_path
 from common.errors import ModelFolderError, ModelNotFoundError
-from model.io import is_model_folder, load_pretrained, save_pretrained
+from model.io import is_model_folder, load_pretrained, save_pretrained, stable_save_file
 from model.model import MiniMindLM
 from trainer import distributed as dist
 from trainer.dpo import pad_cat
@@ -83,20 +83,22 @@ def value_head(model: nn.Module) -> ValueHead:
     return getattr(plain, HEAD)
 
 
-def token_values(model: nn.Module, input_ids: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, Any]:
+def token_values(model: nn.Module, input_ids: torch.Tensor, logits_to_keep: int = 1,
+                 **inputs: Any) -> tuple[torch.Tensor, Any]:
     """(values [B, S] fp32, the model's output): the head on the final-norm hidden state of
     every position.
 
     The hidden states are read by a forward hook on the final norm for this one call, so the
-    model file needs no extra output; `logits_to_keep=1` leaves the lm_head (unused here) one
-    position of work. `model` may be DDP-wrapped: the forward goes through the wrapper.
+    model file needs no extra output; `logits_to_keep=1` leaves the lm_head (unused by a reward
+    model) one position of work; PPO's actor-critic passes 0 for every position's logits.
+    `model` may be DDP-wrapped: the forward goes through the wrapper.
     """
     plain = dist.unwrap(model)
     head = value_head(plain)
     hidden: list[torch.Tensor] = []
     handle = plain.model.norm.register_forward_hook(lambda mod, args, out: hidden.append(out))
     try:
-        out = model(input_ids=input_ids, logits_to_keep=1, **inputs)
+        out = model(input_ids=input_ids, logits_to_keep=logits_to_keep, **inputs)
     finally:
         handle.remove()
     return head(hidden[-1]), out
@@ -146,7 +148,7 @@ def make_reward_loss(center_coef: float = 0.0) -> LossFn:
 
 # ---------------------------------------------------------------------- the model folder
 @contextlib.contextmanager
-def _detached_head(model: nn.Module) -> Iterator[ValueHead]:
+def detached_head(model: nn.Module) -> Iterator[ValueHead]:
     """The model without its head for a moment (so the body saves as a plain LM folder)."""
     head = value_head(model)
     del model._modules[HEAD]
@@ -161,13 +163,19 @@ def save_reward_model(model: nn.Module, out_dir: str | Path) -> Path:
     from model.lora import merged_model   # only a LoRA-trained reward model needs it
     out_dir = Path(out_dir)
     plain = dist.unwrap(model)
-    with _detached_head(plain) as head:
+    with detached_head(plain) as head:
         lora = any(".lora_" in k for k in plain.state_dict())
         save_pretrained(merged_model(plain) if lora else plain, out_dir)
-        tensors = {f"{HEAD}.{k}": v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
-    with atomic_path(out_dir / VALUE_HEAD_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_value_head(head, out_dir)
     return out_dir
+
+
+def save_value_head(head: ValueHead, out_dir: str | Path) -> Path:
+    """out_dir/value_head.safetensors (v_head.summary.{weight,bias}, fp32)."""
+    tensors = {f"{HEAD}.{k}": v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    with atomic_path(Path(out_dir) / VALUE_HEAD_NAME) as tmp:
+        stable_save_file(tensors, tmp, {"format": "pt"})   # byte-stable, disk full = one line
+    return Path(out_dir) / VALUE_HEAD_NAME
 
 
 def is_reward_model(path: str | Path) -> bool:

@@ -37,7 +37,7 @@ class RolloutSettings:
     """How completions are sampled and scored, and which log-probs the batch carries
     (trainer.grpo.GRPOSettings.rollout derives them from the stage's settings)."""
 
-    group_size: int = 8            # G completions per prompt
+    group_size: int = 8            # G completions per prompt (GRPO needs >= 2; PPO may use 1)
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
@@ -46,8 +46,8 @@ class RolloutSettings:
     old_logps: bool = False        # keep the sampling policy's log-probs (μ > 1: π_old is not π_θ)
 
     def __post_init__(self) -> None:
-        if self.group_size < 2:
-            raise ValueError(f"group_size must be >= 2 (advantages compare a group), got {self.group_size}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.temperature <= 0:
             raise ValueError(f"rollout temperature must be > 0 (RL samples), got {self.temperature}")
         SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
@@ -102,6 +102,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     """(Â [N], per-group std [N/G]): Â_i = (r_i - mean_group) / (std_group + eps) (GRPO), or
     r_i - mean_group when not `scale` (Dr. GRPO). std is the sample std (n-1), as TRL's."""
     r = rewards.view(-1, group_size)
+    if group_size == 1:     # nothing to compare with (PPO's rollouts): no group signal
+        return torch.zeros_like(rewards), torch.zeros(r.shape[0])
     std = r.std(dim=1)
     adv = r - r.mean(dim=1, keepdim=True)
     if scale:
@@ -135,7 +137,8 @@ class RolloutBatch:
 
     input_ids: torch.Tensor          # [n, T] prompt + completion (+ pad)
     action_mask: torch.Tensor        # [n, T-1] 1 where target t+1 is a completion token
-    advantages: torch.Tensor         # [n]
+    advantages: torch.Tensor         # [n] group-relative (GRPO)
+    rewards: torch.Tensor            # [n] each row's total reward (PPO builds its own advantages)
     old_logps: torch.Tensor | None   # [n, T-1] of the sampling policy; None unless settings.old_logps
     ref_logps: torch.Tensor | None   # [n, T-1] of the reference; None without one
     metrics: dict[str, float]        # means over all the completions (dropped groups included)
@@ -211,7 +214,8 @@ class Rollouts:
                 old = token_logps(plain(input_ids=ids).logits, ids)
         if self.reference is not None:
             ref = token_logps(self.reference(model, ids), ids)
-        return RolloutBatch(ids, mask, adv[train_rows].to(device), old, ref, metrics, samples, ro.seconds)
+        return RolloutBatch(ids, mask, adv[train_rows].to(device), r[train_rows].to(device), old, ref,
+                            metrics, samples, ro.seconds)
 
 
 # ---------------------------------------------------------------------- samples file
