@@ -73,7 +73,8 @@ def test_bad_calls_are_messages_never_exceptions():
         ("convert_units", {"value": True, "from_unit": "m", "to_unit": "km"},
          "bad_arguments", "value must be of type number"),
         ("convert_units", {"value": 1, "from_unit": "parsec", "to_unit": "km"},
-         "bad_arguments", "from_unit must be one of"),
+         "tool_error", "unknown unit 'parsec'"),
+        ("lookup", {"table": "moons", "key": "Io"}, "bad_arguments", "table must be one of"),
         ("lookup", {"table": "capital", "key": "Atlantis"}, "tool_error", "no entry 'Atlantis'"),
     ]
     for name, args, kind, text in cases:

@@ -207,6 +207,9 @@ _FROM_KELVIN = {"C": lambda k: k - 273.15, "F": lambda k: (k - 273.15) * 9 / 5 +
 
 def convert_units(value: float, from_unit: str, to_unit: str) -> str:
     """``value`` in ``from_unit`` expressed in ``to_unit`` (same dimension), 10 significant digits."""
+    for unit in (from_unit, to_unit):
+        if unit not in UNITS:
+            raise ToolError(f"unknown unit {unit!r} (one of {', '.join(UNITS)})")
     (dim_a, fa), (dim_b, fb) = UNITS[from_unit], UNITS[to_unit]
     if dim_a != dim_b:
         raise ToolError(f"cannot convert {dim_a} ({from_unit}) to {dim_b} ({to_unit})")
@@ -244,18 +247,20 @@ def lookup(table: str, key: str) -> str:
 
 def _builtin_tools() -> list[Tool]:
     return [
-        Tool("calculator", "Evaluate an arithmetic expression exactly (+ - * / // % ** and brackets).",
+        Tool("calculator", "Evaluate an arithmetic expression (+ - * / // % ** and brackets).",
              {"type": "object", "properties": {"expression": {"type": "string"}},
               "required": ["expression"], "additionalProperties": False}, calculator),
-        Tool("convert_units", "Convert a quantity between units of length, mass, volume, time or "
-                              "temperature.",
+        # The unit lists are checked by the tool, not by an enum: the schema is rendered into
+        # every prompt, and two enums of 23 units would double its length.
+        Tool("convert_units", "Convert a quantity between units (m, km, mi, ft, in, kg, g, lb, "
+                              "oz, l, ml, gal, s, min, h, C, F, K, ...).",
              {"type": "object", "properties": {"value": {"type": "number"},
-                                               "from_unit": {"type": "string", "enum": list(UNITS)},
-                                               "to_unit": {"type": "string", "enum": list(UNITS)}},
+                                               "from_unit": {"type": "string"},
+                                               "to_unit": {"type": "string"}},
               "required": ["value", "from_unit", "to_unit"], "additionalProperties": False},
              convert_units),
-        Tool("lookup", "Look a key up in a reference table (capital: country -> capital city; "
-                       "atomic_number: element -> number).",
+        Tool("lookup", "Look a key up in a table: capital (of a country) or atomic_number (of an "
+                       "element).",
              {"type": "object", "properties": {"table": {"type": "string", "enum": list(TABLES)},
                                                "key": {"type": "string"}},
               "required": ["table", "key"], "additionalProperties": False}, lookup),
@@ -337,9 +342,20 @@ class ToolRegistry:
         return text[: self.max_output_chars] + f"... [truncated, {len(text)} characters]"
 
 
-def default_registry(**caps: Any) -> ToolRegistry:
-    """The built-in tools (calculator, convert_units, lookup); ``caps`` go to ``ToolRegistry``."""
-    return ToolRegistry(_builtin_tools(), **caps)
+def default_registry(names: Iterable[str] | None = None, **caps: Any) -> ToolRegistry:
+    """The built-in tools (calculator, convert_units, lookup), or those of them in ``names``;
+    ``caps`` go to ``ToolRegistry``. The full list renders to ~720 tokens of prompt with the
+    shipped tokenizer (JSON is expensive in a 6400-token vocabulary): a model needs a context of
+    1024 or more for it; the calculator alone is ~260."""
+    tools = _builtin_tools()
+    if names is not None:
+        wanted = list(names)
+        unknown = sorted(set(wanted) - {t.name for t in tools})
+        if unknown:
+            raise ValueError(f"unknown built-in tool {unknown[0]!r} (one of "
+                             f"{', '.join(t.name for t in tools)})")
+        tools = [t for t in tools if t.name in wanted]
+    return ToolRegistry(tools, **caps)
 
 
 # ------------------------------------------------------------------------------------------
