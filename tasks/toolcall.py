@@ -44,7 +44,7 @@ from tools import ToolRegistry, default_registry, parse_tool_calls
 
 __all__ = ["NAME", "FEWSHOT", "AGENT", "MAX_TURNS", "convert_file", "load", "main", "question",
            "extract_answer", "answer_correct", "score", "summarize", "Episode",
-           "run_episodes", "run_agent", "ANSWER_MARKER", "is_record", "rl_prompt",
+           "episode_row", "run_episodes", "run_agent", "ANSWER_MARKER", "is_record", "rl_prompt",
            "gold_of_reply", "correct"]
 
 NAME = "toolcall"
@@ -223,7 +223,7 @@ def run_agent(items: Sequence[dict], render: Callable[[list[Message], list[dict]
     convs = [list(exemplars) + [{"role": "user", "content": question(it)}] for it in items]
     episodes = run_episodes(convs, lambda msgs: render(msgs, schemas), generate, registry,
                             max_turns, batch_size)
-    rows = [_row(it, e, render(convs[i], schemas)) for i, (it, e) in enumerate(zip(items, episodes))]
+    rows = [episode_row(it, e, render(conv, schemas)) for it, e, conv in zip(items, episodes, convs)]
     if log:
         s = summarize(rows)
         log(f"{len(rows)} items, accuracy {sum(r['correct'] for r in rows) / max(len(rows), 1):.3f}, "
@@ -231,7 +231,8 @@ def run_agent(items: Sequence[dict], render: Callable[[list[Message], list[dict]
     return rows
 
 
-def _row(item: Mapping[str, Any], e: Episode, prompt: str) -> dict:
+def episode_row(item: Mapping[str, Any], e: Episode, prompt: str) -> dict:
+    """The report row of one finished episode: the answer's score plus the tool-use fields."""
     answer = e.final.rsplit("</think>", 1)[-1]
     unanswered = bool(parse_tool_calls(answer)[1])  # out of turns while still calling tools
     row = score(item, "" if unanswered else answer)
