@@ -59,3 +59,40 @@ def test_agent_loop_through_the_server(stream):
     [local] = toolcall.run_agent([ITEM], render, fn, batch_size=1, registry=registry)
     keys = ("correct", "extracted", "turns", "called", "valid_calls", "right_tool", "error_kind")
     assert {k: local[k] for k in keys} == {k: row[k] for k in keys}
+
+
+def test_tool_choice_and_parallel_tool_calls():
+    """auto parses calls; none neither lists the tools nor parses (the text comes back as
+    content); a named function or "required" is a 400; parallel_tool_calls false keeps only the
+    first call of a reply (whole and streamed)."""
+    tok = Tokenizer.from_dir()
+    tools = default_registry(["calculator"]).schemas()
+    two = CALL + "\n" + CALL.replace("1234 * 5678", "2 * 3")
+    engine = Engine(scripted_model(tok.encode(two) + [tok.eos_id], tok.eos_id), tok).start()
+    msgs = [{"role": "user", "content": ITEM["question"]}]
+    try:
+        with TestClient(create_app(engine, "scripted")) as http:
+            client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http,
+                                   max_retries=0)
+            ask = lambda **kw: client.chat.completions.create(  # noqa: E731
+                model="scripted", messages=msgs, temperature=0, max_tokens=100, **kw)
+            auto = ask(tools=tools, tool_choice="auto")
+            assert [c.function.arguments for c in auto.choices[0].message.tool_calls] == [
+                '{"expression": "1234 * 5678"}', '{"expression": "2 * 3"}']
+            assert auto.choices[0].finish_reason == "tool_calls"
+            none = ask(tools=tools, tool_choice="none")
+            assert none.choices[0].message.tool_calls is None
+            assert "<tool_call>" in none.choices[0].message.content
+            assert none.usage.prompt_tokens < auto.usage.prompt_tokens  # no tool list rendered
+            one = ask(tools=tools, parallel_tool_calls=False)
+            assert [c.function.arguments for c in one.choices[0].message.tool_calls] == [
+                '{"expression": "1234 * 5678"}']
+            streamed = [d for chunk in ask(tools=tools, parallel_tool_calls=False, stream=True)
+                        for c in chunk.choices for d in c.delta.tool_calls or []]
+            assert [d.function.arguments for d in streamed] == ['{"expression": "1234 * 5678"}']
+            named = {"type": "function", "function": {"name": "calculator"}}
+            for choice in (named, "required"):
+                with pytest.raises(openai.BadRequestError, match="tool_choice"):
+                    ask(tools=tools, tool_choice=choice)
+    finally:
+        engine.shutdown()
