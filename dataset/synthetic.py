@@ -486,11 +486,25 @@ _TOOL_MAKERS = {"multiply": _multiply_problem, "convert": _convert_problem, "cha
 _TOOL_MIX = [("multiply", 0.3), ("convert", 0.2), ("chain", 0.15), ("lookup", 0.1), ("none", 0.25)]
 
 
-def sample_tool_problem(rng: random.Random, split: Split = "train") -> ToolProblem:
-    """A tool-use problem from `split` (the held-out rule on the question, as for word problems)."""
+def _tool_mix(registry: ToolRegistry | None) -> list[tuple[str, float]]:
+    """The kind mix restricted to problems that `registry`'s tools can solve."""
+    if registry is None:
+        return _TOOL_MIX
+    needs = {"multiply": {"calculator"}, "convert": {"convert_units"},
+             "chain": {"calculator", "convert_units"}, "lookup": {"lookup"}, "none": set()}
+    mix = [(k, w) for k, w in _TOOL_MIX if needs[k] <= set(registry.names)]
+    total = sum(w for _, w in mix)
+    return [(k, w / total) for k, w in mix]
+
+
+def sample_tool_problem(rng: random.Random, split: Split = "train",
+                        registry: ToolRegistry | None = None) -> ToolProblem:
+    """A tool-use problem from `split` (the held-out rule on the question, as for word problems),
+    of a kind `registry`'s tools solve (default: every kind)."""
+    mix = _tool_mix(registry)
     while True:
-        r, kind = rng.random(), _TOOL_MIX[-1][0]
-        for name, w in _TOOL_MIX:
+        r, kind = rng.random(), mix[-1][0]
+        for name, w in mix:
             if r < w:
                 kind = name
                 break
@@ -539,28 +553,33 @@ def tool_gold(p: ToolProblem, registry: ToolRegistry | None = None) -> str:
     return solve_with_tools(p, registry)[-2]["content"]
 
 
-def tool_conversations(n: int, seed: int = 0, split: Split = "train") -> list[dict]:
-    """`n` SFT records of the tool-use split, each with the tool list (``tools``)."""
-    rng, registry = _rng(f"tool-{split}", seed), default_registry()
+def tool_conversations(n: int, seed: int = 0, split: Split = "train",
+                       registry: ToolRegistry | None = None) -> list[dict]:
+    """`n` SFT records of the tool-use split, each with the tool list (``tools``); with
+    `registry`, only its tools are listed and only problems they solve are drawn."""
+    rng = _rng(f"tool-{split}", seed)
+    subset, registry = registry, registry or default_registry()
     schemas = registry.schemas()
     out = []
     for _ in range(n):
-        p = sample_tool_problem(rng, split)
+        p = sample_tool_problem(rng, split, subset)
         msgs = [{"role": "user", "content": p.question}] + solve_with_tools(p, registry)
         out.append({"conversations": msgs, "tools": schemas})
     return out
 
 
-def tool_test_set(n: int, seed: int = 0) -> list[dict]:
+def tool_test_set(n: int, seed: int = 0, registry: ToolRegistry | None = None) -> list[dict]:
     """`n` distinct held-out tool-use items, ``{"id", "question", "answer", "kind", "tools"}``
-    (``tools``: the tool names a solution calls, empty for a distractor)."""
-    rng, registry = _rng("tool-test", seed), default_registry()
+    (``tools``: the tool names a solution calls, empty for a distractor); `registry` as in
+    `tool_conversations`."""
+    rng = _rng("tool-test", seed)
+    subset, registry = registry, registry or default_registry()
     seen: set[str] = set()
     out: list[dict] = []
     for _ in range(n * 1000):
         if len(out) == n:
             break
-        p = sample_tool_problem(rng, "test")
+        p = sample_tool_problem(rng, "test", subset)
         if p.question in seen:
             continue
         seen.add(p.question)
@@ -863,6 +882,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n_test", type=int, default=500)
     ap.add_argument("--n_tool_sft", type=int, default=2000, help="tool-use SFT records")
     ap.add_argument("--n_tool_test", type=int, default=200, help="held-out tool-use items")
+    ap.add_argument("--tools", default="calculator,convert_units,lookup",
+                    help="the tools the tool split lists and needs (the whole list costs ~720 "
+                         "prompt tokens; calculator alone ~260, for small contexts)")
     ap.add_argument("--problems", choices=sorted(PROBLEMS), default="all",
                     help="every problem template, or the one-step ones alone (an easier task)")
     return ap.parse_args(argv)
@@ -880,8 +902,10 @@ def main(argv: list[str] | None = None) -> None:
                 out / "test.jsonl")
     write_jsonl(held_out_pairs(tests, args.seed), out / "dpo_test.jsonl")
     write_jsonl((problem_text(p) for p in tests), out / "test_text.jsonl")
-    write_jsonl(tool_conversations(args.n_tool_sft, args.seed), out / "tool_sft.jsonl")
-    write_jsonl(tool_test_set(args.n_tool_test, args.seed), out / "tool_test.jsonl")
+    registry = default_registry([t.strip() for t in args.tools.split(",") if t.strip()])
+    write_jsonl(tool_conversations(args.n_tool_sft, args.seed, registry=registry),
+                out / "tool_sft.jsonl")
+    write_jsonl(tool_test_set(args.n_tool_test, args.seed, registry), out / "tool_test.jsonl")
     print(f"wrote {args.n_pretrain} pretrain, {args.n_sft} sft, {args.n_dpo} dpo, "
           f"{args.n_test} test, {args.n_tool_sft} tool sft, {args.n_tool_test} tool test records "
           f"to {out}")

@@ -314,3 +314,14 @@ def test_tool_test_set_is_held_out() -> None:
     chain = next(it for it in items if it["kind"] == "chain")
     assert chain["tools"] == ["calculator", "convert_units"]
     assert all(it["tools"] == [] for it in items if it["kind"] == "none")
+
+
+def test_tool_split_with_a_subset_of_the_tools() -> None:
+    """--tools calculator: only the calculator is listed, and only problems it solves are drawn."""
+    from tools import default_registry
+    calc = default_registry(["calculator"])
+    records = syn.tool_conversations(80, seed=2, registry=calc)
+    assert all([t["function"]["name"] for t in r["tools"]] == ["calculator"] for r in records)
+    called = {c["name"] for r in records for m in r["conversations"] for c in m.get("tool_calls", [])}
+    assert called == {"calculator"}
+    assert {it["kind"] for it in syn.tool_test_set(40, registry=calc)} == {"multiply", "none"}
