@@ -22,77 +22,14 @@ when track_kl), temperature 1.0, lr 1e-5 full / 1e-4 LoRA, no weight decay (TRL'
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 from common.errors import run_cli
 from trainer import distributed as dist
 from trainer import grpo
-from trainer.adapters import FinetuningChoice
-from trainer.checkpoint import resolve_resume, verify_checkpoint
-from trainer.config import option, parse_config
-from trainer.loop import fit
-from trainer.rewards import RewardMix, RewardSpecError
-from trainer.rollout import Rollouts, SampleLog
-from trainer.stage import build_model, finish, fit_args, generation_hooks, load_tokenizer, reference_model
-
-
-@dataclass
-class GRPOConfig(FinetuningChoice):
-    """GRPO options; `0` for lr / eps_low / eps_high means "the default for this setup"."""
-
-    out_dir: str = "out/grpo"
-    lr: float = option(0.0, "peak lr (0 = 1e-5 full, 1e-4 with finetuning_type lora)")
-    weight_decay: float = 0.0
-    seq_len: int = option(512, "prompt + completion tokens (prompts keep their last turns)")
-    batch_size: int = option(4, "prompts per micro-batch per process (each sampled group_size times)")
-    loss: str = option("cispo", "grpo (DeepSeekMath), dapo (clip-higher, token-level, flat groups "
-                       "dropped) or cispo (clipped stop-gradient IS weights; MiniMind's)",
-                       choices=grpo.LOSS_TYPES)
-    group_size: int = option(8, "completions sampled per prompt (G)")
-    beta: float = option(0.0, "KL penalty weight to the reference policy (0 = off)")
-    track_kl: bool = option(True, "compute the reference's log-probs to log kl even when beta is 0")
-    eps_low: float = option(0.0, "lower clip ε (0 = 0.2; cispo: 1.0, no lower bound)")
-    eps_high: float = option(0.0, "upper clip ε (0 = 0.2 grpo, 0.28 dapo, 4.0 cispo)")
-    inner_updates: int = option(1, "μ: optimizer steps per rollout (checkpoints fall on multiples)")
-    scale_rewards: bool = option(True, "divide advantages by the group's reward std (off = Dr. GRPO)")
-    reward: str = option("correctness:1.0,format:0.1", "rewards and weights: correctness, format, "
-                         "length, reward_model:PATH[:WEIGHT] (a train_reward.py folder; with no "
-                         "correctness/format, prompts need no gold answer)")
-    max_new_tokens: int = option(256, "completion budget per rollout")
-    temperature: float = option(1.0, "rollout sampling temperature")
-    top_p: float = option(1.0, "rollout nucleus sampling")
-    think: bool = option(False, "prompts open a <think> block (reasoning models)")
-    sample_every: int = option(0, "steps between rollout samples written to rollouts.jsonl (0 = log_every)")
-
-    def __post_init__(self) -> None:
-        if self.lr == 0:
-            self.lr = 1e-4 if self.use_lora else 1e-5
-        low, high = grpo.DEFAULT_CLIP.get(self.loss, (0.2, 0.2))
-        self.eps_low, self.eps_high = self.eps_low or low, self.eps_high or high
-
-    def _problems(self) -> list[str]:
-        err = super()._problems()
-        try:
-            self.settings()
-            RewardMix.from_spec(self.reward)
-        except (ValueError, RewardSpecError) as exc:
-            err.append(str(exc))
-        if self.max_new_tokens >= self.seq_len:
-            err.append(f"max_new_tokens ({self.max_new_tokens}) must be < seq_len ({self.seq_len}): "
-                       "prompts need room")
-        if self.eval_data_path or self.eval_fraction:
-            err.append("GRPO has no validation loss: score held-out questions with --eval_gen_data")
-        mu = self.inner_updates
-        if mu > 1 and (not self.max_steps or self.max_steps % mu or self.save_every % mu):
-            err.append(f"inner_updates {mu}: max_steps (> 0) and save_every must be multiples of it "
-                       "(a checkpoint holds no half-used rollout)")
-        return err
-
-    def settings(self) -> grpo.GRPOSettings:
-        return grpo.GRPOSettings(self.loss, self.group_size, self.beta, self.eps_low, self.eps_high,
-                                 self.inner_updates, self.scale_rewards, self.max_new_tokens,
-                                 self.temperature, self.top_p, self.think)
+from trainer.config import parse_config
+from trainer.grpo import GRPOConfig
+from trainer.rewards import RewardMix
+from trainer.rollout import Rollouts
+from trainer.stage import build_model, finish, load_tokenizer
 
 
 def main() -> None:
@@ -102,30 +39,11 @@ def main() -> None:
         print("[warn] no --init_from: RL on a randomly initialised model rarely earns a reward", flush=True)
     tokenizer = load_tokenizer(cfg)
     rewards = RewardMix.from_spec(cfg.reward, tokenizer=tokenizer, device=env.device)
-    records, skipped = grpo.load_prompts(cfg.data_path, cfg.dataset_dir, cfg.seed,
-                                         require_gold=rewards.needs_gold)
-    prompts = grpo.PromptDataset(records, tokenizer, cfg.seq_len - cfg.max_new_tokens, cfg.think)
-    if env.is_main:
-        print(f"[data] {len(prompts)} prompts ({skipped} records without a "
-              f"{'gold answer' if rewards.needs_gold else 'user turn'} skipped)", flush=True)
+    prompts = grpo.prompt_dataset(cfg, tokenizer, rewards, env)
     model = build_model(cfg, tokenizer).to(env.device)
-    settings = cfg.settings()
-
-    reference = None
-    if cfg.beta > 0 or cfg.track_kl:
-        reference = reference_model(model, cfg, env)
-
-    rollouts = Rollouts(prompts, rewards, settings.rollout, tokenizer, reference,
-                        seed=cfg.seed, rank=env.rank)
-    samples = SampleLog(Path(cfg.out_dir) / "rollouts.jsonl", cfg.sample_every or cfg.log_every) \
-        if env.is_main else None
-    # the step fit resumes at: rollout seeds are a function of the step (trainer/rollout.py)
-    resume = resolve_resume(cfg.resume, cfg.out_dir, log=lambda *_: None)
-    loss = grpo.GRPOLoss(settings, rollouts, cfg.grad_accum,
-                         start_step=verify_checkpoint(resume)["step"] if resume else 0, samples=samples)
-    args = fit_args(model, cfg)
-    args["after_step"] = [*args.get("after_step", []), loss.after_step]
-    result = fit(model, prompts, loss, cfg, eval_hooks=generation_hooks(cfg, tokenizer), **args)
+    rollouts = Rollouts(prompts, rewards, cfg.settings().rollout, tokenizer,
+                        grpo.policy_reference(cfg, model, env), seed=cfg.seed, rank=env.rank)
+    result = grpo.fit_rollouts(model, prompts, rollouts, cfg, env, tokenizer)
     finish(model, cfg, env, result, adapter=cfg.use_lora)
 
 

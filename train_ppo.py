@@ -102,12 +102,7 @@ def main() -> None:
         print("[warn] no --init_from: RL on a randomly initialised model rarely earns a reward", flush=True)
     tokenizer = load_tokenizer(cfg)
     rewards = RewardMix.from_spec(cfg.reward, tokenizer=tokenizer, device=env.device)
-    records, skipped = grpo.load_prompts(cfg.data_path, cfg.dataset_dir, cfg.seed,
-                                         require_gold=rewards.needs_gold)
-    prompts = grpo.PromptDataset(records, tokenizer, cfg.seq_len - cfg.max_new_tokens, cfg.think)
-    if env.is_main:
-        print(f"[data] {len(prompts)} prompts ({skipped} records without a "
-              f"{'gold answer' if rewards.needs_gold else 'user turn'} skipped)", flush=True)
+    prompts = grpo.prompt_dataset(cfg, tokenizer, rewards, env)
     model = build_model(cfg, tokenizer).to(env.device)
     settings = cfg.settings()
     reference = reference_model(model, cfg, env) if cfg.kl_coef > 0 else None

@@ -13,11 +13,19 @@ generators only emit problems with a non-zero remainder, so no test question can
 pretraining, SFT or DPO data, whatever the seeds. Everything is a pure function of its seed
 (`random.Random(f"{purpose}:{seed}")`, so pretrain/SFT/DPO with the same seed still differ).
 
+Tool use (`tool_conversations`, `tool_test_set`): problems a small model cannot do in its head —
+4-6 digit multiplications, unit conversions, a conversion after a product (two calls), table
+look-ups — each solved by a conversation that calls a tool of `tools.default_registry()`, reads
+its result (the real tool's output, so training and evaluation read the same text) and answers
+`#### <answer>`; plus distractors (1-digit arithmetic, identity questions) answered directly,
+where calling a tool is wrong. Every record lists the tools; the held-out rule is the same.
+
 CLI: `python -m dataset.synthetic --out DIR --seed 0` writes pretrain.jsonl, sft.jsonl, dpo.jsonl,
 kto.jsonl (the DPO pairs unpaired for KTO: each chosen answer desirable, each rejected one not),
 test.jsonl (GSM8K layout: {"question", "answer"} where answer is the worked solution) and
 dpo_test.jsonl (a chosen / rejected pair on each test problem, for scoring preference stages) and
-test_text.jsonl (the test problems solved, as pretraining text: held-out perplexity).
+test_text.jsonl (the test problems solved, as pretraining text: held-out perplexity), and
+tool_sft.jsonl / tool_test.jsonl (the tool-use split; the test file is `tasks/toolcall.py`'s).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from common.atomic import atomic_path
+from tools import TABLES, ToolRegistry, default_registry
 
 Split = Literal["train", "test"]
 Message = dict[str, str]
@@ -398,6 +407,190 @@ def identity_qa(rng: random.Random) -> tuple[str, str]:
     return rng.choice(questions), rng.choice(answers)
 
 
+# --------------------------------------------------------------------------------------------
+# Tool use
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToolProblem:
+    """A question, the tool calls that solve it (in order; none for a distractor) and its answer."""
+
+    question: str
+    kind: str  # "multiply" | "convert" | "chain" | "lookup" | "none"
+    calls: tuple[tuple[str, dict], ...]
+    answer: str
+    reply: str = ""  # the answer turn of a distractor (tool problems answer from the results)
+
+
+TOOL_KINDS = ("multiply", "convert", "chain", "lookup", "none")
+_CONVERSIONS = [("mi", "km", "miles", "kilometres"), ("km", "mi", "kilometres", "miles"),
+                ("lb", "kg", "pounds", "kilograms"), ("kg", "lb", "kilograms", "pounds"),
+                ("ft", "m", "feet", "metres"), ("gal", "l", "gallons", "litres"),
+                ("F", "C", "degrees Fahrenheit", "degrees Celsius"),
+                ("h", "s", "hours", "seconds"), ("oz", "g", "ounces", "grams")]
+
+
+def _multiply_problem(rng: random.Random) -> ToolProblem:
+    a, b = (rng.randint(10 ** (d - 1), 10 ** d - 1) for d in (rng.randint(4, 6), rng.randint(4, 6)))
+    q = rng.choice(["What is {a} * {b}?", "Compute {a} × {b}.", "Multiply {a} by {b}.",
+                    "How much is {a} times {b}?"]).format(a=a, b=b)
+    return ToolProblem(q, "multiply", (("calculator", {"expression": f"{a} * {b}"}),), "")
+
+
+def _convert_problem(rng: random.Random) -> ToolProblem:
+    src, dst, src_name, dst_name = rng.choice(_CONVERSIONS)
+    value = rng.choice([rng.randint(2, 999), round(rng.uniform(1, 99), 1)])
+    q = rng.choice(["How many {d} is {v} {s}?", "Convert {v} {s} to {d}.",
+                    "What is {v} {s} in {d}?"]).format(v=value, s=src_name, d=dst_name)
+    return ToolProblem(q, "convert", (("convert_units", {"value": value, "from_unit": src,
+                                                         "to_unit": dst}),), "")
+
+
+def _chain_problem(rng: random.Random) -> ToolProblem:
+    # Two calls: a product the model cannot do in its head, then a conversion of that product.
+    n, each = rng.randint(12, 99), rng.randint(105, 999)
+    src, dst, src_name, dst_name = rng.choice([("m", "mi", "metres", "miles"),
+                                               ("g", "lb", "grams", "pounds"),
+                                               ("ml", "gal", "millilitres", "gallons")])
+    thing = {"m": "laps of {e} metres", "g": "boxes of {e} grams", "ml": "bottles of {e} millilitres"}
+    q = f"Someone has {n} {thing[src].format(e=each)}. How many {dst_name} is that in total?"
+    total = n * each
+    return ToolProblem(q, "chain", (("calculator", {"expression": f"{n} * {each}"}),
+                                    ("convert_units", {"value": total, "from_unit": src,
+                                                       "to_unit": dst})), "")
+
+
+def _lookup_problem(rng: random.Random) -> ToolProblem:
+    if rng.random() < 0.5:
+        key = rng.choice(sorted(TABLES["capital"]))
+        q = rng.choice(["What is the capital of {k}?", "Which city is the capital of {k}?"]).format(k=key)
+        return ToolProblem(q, "lookup", (("lookup", {"table": "capital", "key": key}),), "")
+    key = rng.choice(sorted(TABLES["atomic_number"]))
+    return ToolProblem(f"What is the atomic number of {key}?", "lookup",
+                       (("lookup", {"table": "atomic_number", "key": key}),), "")
+
+
+def _distractor_problem(rng: random.Random) -> ToolProblem:
+    if rng.random() < 0.3:
+        q, a = identity_qa(rng)
+        return ToolProblem(q, "none", (), a, a)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    op = rng.choice(["+", "*"])
+    value = a + b if op == "+" else a * b
+    q = rng.choice(["What is {a} {op} {b}?", "Compute {a} {op} {b}."]).format(a=a, op=op, b=b)
+    return ToolProblem(q, "none", (), str(value), f"{a} {op} {b} = {value}\n#### {value}")
+
+
+_TOOL_MAKERS = {"multiply": _multiply_problem, "convert": _convert_problem, "chain": _chain_problem,
+                "lookup": _lookup_problem, "none": _distractor_problem}
+# Kind mix: distractors are a quarter, so "never call a tool" and "always call" both lose.
+_TOOL_MIX = [("multiply", 0.3), ("convert", 0.2), ("chain", 0.15), ("lookup", 0.1), ("none", 0.25)]
+
+
+def _tool_mix(registry: ToolRegistry | None) -> list[tuple[str, float]]:
+    """The kind mix restricted to problems that `registry`'s tools can solve."""
+    if registry is None:
+        return _TOOL_MIX
+    needs = {"multiply": {"calculator"}, "convert": {"convert_units"},
+             "chain": {"calculator", "convert_units"}, "lookup": {"lookup"}, "none": set()}
+    mix = [(k, w) for k, w in _TOOL_MIX if needs[k] <= set(registry.names)]
+    total = sum(w for _, w in mix)
+    return [(k, w / total) for k, w in mix]
+
+
+def sample_tool_problem(rng: random.Random, split: Split = "train",
+                        registry: ToolRegistry | None = None) -> ToolProblem:
+    """A tool-use problem from `split` (the held-out rule on the question, as for word problems),
+    of a kind `registry`'s tools solve (default: every kind)."""
+    mix = _tool_mix(registry)
+    while True:
+        r, kind = rng.random(), mix[-1][0]
+        for name, w in mix:
+            if r < w:
+                kind = name
+                break
+            r -= w
+        p = _TOOL_MAKERS[kind](rng)
+        if is_test_question(p.question) == (split == "test"):
+            return p
+
+
+def solve_with_tools(p: ToolProblem, registry: ToolRegistry | None = None) -> list[dict]:
+    """The assistant and tool turns that solve `p`: one call per turn, each result read from the
+    real tool, then the answer. A distractor is one direct reply."""
+    if not p.calls:
+        return [{"role": "assistant", "content": p.reply}]
+    registry = registry or default_registry()
+    turns: list[dict] = []
+    result = ""
+    for name, args in p.calls:
+        out = registry.call(name, args)
+        if not out.ok:
+            raise ValueError(f"{p.question}: {name}({args}) failed: {out.content}")
+        result = out.content
+        turns += [{"role": "assistant", "content": "", "tool_calls": [{"name": name, "arguments": args}]},
+                  {"role": "tool", "content": result}]
+    return turns + [{"role": "assistant", "content": f"{tool_answer_line(p, result)}\n#### {result}"}]
+
+
+def tool_answer_line(p: ToolProblem, result: str) -> str:
+    """The sentence before `#### <answer>` in a solved tool problem."""
+    name, args = p.calls[-1]
+    if name == "calculator":
+        return f"{args['expression']} = {result}"
+    if name == "convert_units":
+        return f"{format_quantity(args['value'])} {args['from_unit']} = {result} {args['to_unit']}"
+    return f"The {args['table'].replace('_', ' ')} of {args['key']} is {result}."
+
+
+def format_quantity(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def tool_gold(p: ToolProblem, registry: ToolRegistry | None = None) -> str:
+    """The answer of `p`: a distractor's own; otherwise the last tool result."""
+    if not p.calls:
+        return p.answer
+    return solve_with_tools(p, registry)[-2]["content"]
+
+
+def tool_conversations(n: int, seed: int = 0, split: Split = "train",
+                       registry: ToolRegistry | None = None) -> list[dict]:
+    """`n` SFT records of the tool-use split, each with the tool list (``tools``); with
+    `registry`, only its tools are listed and only problems they solve are drawn."""
+    rng = _rng(f"tool-{split}", seed)
+    subset, registry = registry, registry or default_registry()
+    schemas = registry.schemas()
+    out = []
+    for _ in range(n):
+        p = sample_tool_problem(rng, split, subset)
+        msgs = [{"role": "user", "content": p.question}] + solve_with_tools(p, registry)
+        out.append({"conversations": msgs, "tools": schemas})
+    return out
+
+
+def tool_test_set(n: int, seed: int = 0, registry: ToolRegistry | None = None) -> list[dict]:
+    """`n` distinct held-out tool-use items, ``{"id", "question", "answer", "kind", "tools"}``
+    (``tools``: the tool names a solution calls, empty for a distractor); `registry` as in
+    `tool_conversations`."""
+    rng = _rng("tool-test", seed)
+    subset, registry = registry, registry or default_registry()
+    seen: set[str] = set()
+    out: list[dict] = []
+    for _ in range(n * 1000):
+        if len(out) == n:
+            break
+        p = sample_tool_problem(rng, "test", subset)
+        if p.question in seen:
+            continue
+        seen.add(p.question)
+        out.append({"id": f"tool-{len(out)}", "question": p.question, "kind": p.kind,
+                    "answer": tool_gold(p, registry), "tools": [c[0] for c in p.calls]})
+    if len(out) < n:
+        raise ValueError(f"could only make {len(out)} distinct tool test items, asked for {n}")
+    return out
+
+
 # Word pools for templated sentences. They are deliberately broad (a few hundred English words,
 # a few hundred Chinese words) so the tokenizer trained on this text learns useful merges and
 # the LM sees varied text besides arithmetic.
@@ -695,6 +888,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n_sft", type=int, default=10000)
     ap.add_argument("--n_dpo", type=int, default=2000)
     ap.add_argument("--n_test", type=int, default=500)
+    ap.add_argument("--n_tool_sft", type=int, default=2000, help="tool-use SFT records")
+    ap.add_argument("--n_tool_test", type=int, default=200, help="held-out tool-use items")
+    ap.add_argument("--tools", default="calculator,convert_units,lookup",
+                    help="the tools the tool split lists and needs (the whole list costs ~720 "
+                         "prompt tokens; calculator alone ~260, for small contexts)")
     ap.add_argument("--problems", choices=sorted(PROBLEMS), default="all",
                     help="every problem template, or the one-step ones alone (an easier task)")
     return ap.parse_args(argv)
@@ -714,8 +912,13 @@ def main(argv: list[str] | None = None) -> None:
                 out / "test.jsonl")
     write_jsonl(held_out_pairs(tests, args.seed), out / "dpo_test.jsonl")
     write_jsonl((problem_text(p) for p in tests), out / "test_text.jsonl")
+    registry = default_registry([t.strip() for t in args.tools.split(",") if t.strip()])
+    write_jsonl(tool_conversations(args.n_tool_sft, args.seed, registry=registry),
+                out / "tool_sft.jsonl")
+    write_jsonl(tool_test_set(args.n_tool_test, args.seed, registry), out / "tool_test.jsonl")
     print(f"wrote {args.n_pretrain} pretrain, {args.n_sft} sft, {args.n_dpo} dpo, "
-          f"{args.n_test} test records to {out}")
+          f"{args.n_test} test, {args.n_tool_sft} tool sft, {args.n_tool_test} tool test records "
+          f"to {out}")
 
 
 if __name__ == "__main__":

@@ -174,6 +174,15 @@ def run_task(name: str, items: Sequence[dict], tokenizer, generate_fn: GenerateF
     ``question(item)`` as the user turn after ``exemplars``, its ``score(item, answer)`` per
     completion; one result dict per item, in input order."""
     task = tasks.get(name)
+    if getattr(task, "AGENT", False):  # multi-turn: the task runs its own loop over generate_fn
+        head: list[Message] = [{"role": "system", "content": system}] if system else []
+
+        def render(messages: list[Message], tools: list[dict]) -> str:
+            return tokenizer.apply_chat_template(head + messages, tools=tools,
+                                                 add_generation_prompt=True,
+                                                 enable_thinking=enable_thinking)
+        return task.run_agent(items, render, generate_fn, batch_size=batch_size,
+                              exemplars=exemplars, log=log)
     prompts = [chat_prompt(tokenizer, task.question(it), system, exemplars, enable_thinking)
                for it in items]
     return run_generation(items, prompts, task.score, generate_fn, batch_size, log)

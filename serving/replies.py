@@ -189,6 +189,8 @@ class Reply:
             out = ParsedOutput()
             collect(parser.push("".join(pieces)), out)
             collect(parser.finish(), out)
+            if self.req.parallel_tool_calls is False:
+                out.tool_calls = out.tool_calls[:1]
             return JSONResponse(self.completion(out, event, logprobs))
         finally:
             gone.cancel()
@@ -235,6 +237,9 @@ class Reply:
             elif kind == "content":
                 chunks.append(self.chunk({"content": value}, logprobs=logprobs))
             else:
+                if self.req.parallel_tool_calls is False and out.tool_calls:
+                    continue  # OpenAI: at most one call per reply; decoding is not constrained,
+                    # so the reply's later calls are dropped (as in the whole response)
                 call = dict(value, index=len(out.tool_calls))
                 chunks.append(self.chunk({"tool_calls": [call]}, logprobs=logprobs))
             collect([(kind, value)], out)

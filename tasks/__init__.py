@@ -1,4 +1,5 @@
-"""The benchmarks, one module each (nanochat's ``tasks/``): ``gsm8k``, ``math``, ``commonsense``.
+"""The benchmarks, one module each (nanochat's ``tasks/``): ``toolcall``, ``gsm8k``, ``math``,
+``commonsense``.
 
 Scope: everything a benchmark owns (its data format and converter, its prompt, answer extraction,
 scoring, and the RL prompt + gold that GRPO trains on), plus this registry, which lets the
@@ -15,6 +16,9 @@ Every task module has the same shape:
 - scoring: ``score(item, text)``, one report row (``{"id", "category", "extracted", "gold",
   "correct", "error_kind", ...}``, ``text`` = the answer part of a completion);
   ``summarize(results)``, extra summary fields of a report;
+- multi-turn: a task with ``AGENT = True`` (``toolcall``) is scored by its own
+  ``run_agent(items, render, generate, batch_size=, exemplars=, log=)`` (the tool loop) instead
+  of one generation per item;
 - RL: ``is_record(obj)`` (is a data record in this task's format), ``rl_prompt(obj, where)``
   (``{"messages", "task", "gold", ...}``), ``gold_of_reply(text)`` (the gold a worked SFT reply
   carries, or None), ``correct(text, sample)`` (the reward's verdict on an RL sample) and
@@ -34,8 +38,9 @@ from dataset.jsonl import DataError
 __all__ = ["NAMES", "get", "rl_prompt"]
 
 # Registry order is also the order in which a data record's format and a reply's gold are
-# recognised: GSM8K's "#### n" before MATH's \boxed{} (a GSM8K reply may box its answer too).
-NAMES = ("gsm8k", "math", "commonsense")
+# recognised: tool-use items (question + answer + a tools list) before GSM8K's question + answer;
+# GSM8K's "#### n" before MATH's \boxed{} (a GSM8K reply may box its answer too).
+NAMES = ("toolcall", "gsm8k", "math", "commonsense")
 
 
 def get(name: str) -> ModuleType:

@@ -25,15 +25,21 @@ def split_script(tok: Tokenizer) -> list[int]:
             + tok.encode(" ok") + [tok.token_to_id("<|reserved_0|>")] + tok.encode("!") + [tok.eos_id])
 
 
-def scripted_model(script: Sequence[int], eos_id: int = 2) -> MiniMindLM:
+def scripted_model(script: Sequence[int], eos_id: int = 2,
+                   turns: Sequence[Sequence[int]] | None = None) -> MiniMindLM:
     """The tiny preset with its logits overwritten so greedy decoding yields ``script`` (then
-    ``eos_id``) for every prompt; a prefill (more than one input token) starts it over."""
+    ``eos_id``) for every prompt; a prefill (more than one input token) starts it over.
+    ``turns``: one script per prefill instead (the k-th prompt gets the k-th, the last repeats),
+    for multi-turn loops that send a new prompt each turn."""
     model = MiniMindLM(MiniMindConfig.from_preset("tiny")).eval()
-    state = {"step": 0}
+    scripts = list(turns) if turns is not None else [script]
+    state = {"step": 0, "prefill": -1}
 
     def force(module, args, out):
         if args[0].shape[1] > 1:
             state["step"] = 0
+            state["prefill"] += 1
+        script = scripts[min(max(state["prefill"], 0), len(scripts) - 1)]
         token = script[state["step"]] if state["step"] < len(script) else eos_id
         state["step"] += 1
         out.logits.fill_(-1e4)

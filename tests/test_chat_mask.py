@@ -187,3 +187,23 @@ def test_mask_history_truncates_the_oldest_exchange_first(tok):
     # when even the last exchange is too long, it is cut from the right like any other sample
     tiny = encode_conversation(tok, TWO_TURNS, max_length=len(short.ids) - 3, mask_history=True)
     assert tiny.ids.tolist() == short.ids.tolist()[:-3]
+
+
+def test_tool_results_are_never_supervised():
+    """A synthetic tool conversation: the calls and the answer are trained, the tool's output
+    (which the model reads, never writes) and the tool list are not (the shipped tokenizer)."""
+    from dataset.synthetic import tool_conversations
+    from model.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir()
+    rec = next(r for r in tool_conversations(50, seed=1) if len(r["conversations"]) == 6)  # chained
+    ids, labels = messages_to_ids_and_labels(tok, rec["conversations"], tools=rec["tools"])
+    supervised = "".join(supervised_runs(tok, ids, labels))
+    results = [m["content"] for m in rec["conversations"] if m["role"] == "tool"]
+    assert supervised.count("<tool_call>") == 2 and "<tool_response>" not in supervised
+    assert '"name": "calculator"' in supervised and "convert_units" in supervised
+    # The product is supervised once (the second call's value), never as the first tool response.
+    text = tok.decode(ids)
+    assert text.count(f"<tool_response>\n{results[0]}\n</tool_response>") == 1
+    assert supervised.count(results[1]) == 2  # the conversion's result: only in the answer turn
+    assert supervised.endswith(f"#### {results[1]}<|im_end|>")
+    assert supervised_runs(tok, ids, labels) == reference_replies(text)

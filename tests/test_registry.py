@@ -101,6 +101,44 @@ def test_sharegpt_conversion():
         sharegpt_to_conversation({"conversations": [{"from": "function_call", "value": "{"}]})
 
 
+OPENAI_TOOLS = {
+    "messages": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "12345 * 6789?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "calculator", "arguments": '{"expression": "12345 * 6789"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "83810205"},
+        {"role": "assistant", "content": "#### 83810205"},
+    ],
+    "tools": [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}],
+}
+OPENAI_INFO = {"file_name": "agent.json", "formatting": "sharegpt",
+               "columns": {"messages": "messages", "tools": "tools"},
+               "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                        "assistant_tag": "assistant", "system_tag": "system"}}
+
+
+def test_openai_tool_conversations_through_dataset_info(tmp_path):
+    """LLaMA-Factory's OpenAI-format entry: tool_calls kept (null content), role tool = result,
+    and the rendered text holds the call and the result where the template puts them."""
+    from model.tokenizer import Tokenizer
+    (tmp_path / "agent.json").write_text(json.dumps([OPENAI_TOOLS]))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"agent": OPENAI_INFO}))
+    kind, [rec] = load_named_records("agent", tmp_path)
+    assert kind == "sft"
+    msgs = rec.data["conversations"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool", "assistant"]
+    assert msgs[2]["tool_calls"] == [{"name": "calculator", "arguments": '{"expression": "12345 * 6789"}'}]
+    assert msgs[3]["content"] == "83810205" and rec.data["tools"][0]["function"]["name"] == "calculator"
+    text = Tokenizer.from_dir().apply_chat_template(msgs, tools=rec.data["tools"])
+    assert ('<tool_call>\n{"name": "calculator", "arguments": {"expression": "12345 * 6789"}}\n'
+            '</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n83810205\n</tool_response>') in text
+    bad = {"messages": [{"role": "assistant", "content": None}]}
+    with pytest.raises(ValueError, match="turn 0: 'content' must be a string"):
+        sharegpt_to_conversation(bad, OPENAI_INFO["columns"], OPENAI_INFO["tags"])
+
+
 def test_converter_cli_writes_minimind_jsonl(tmp_path):
     src = tmp_path / "a.json"
     src.write_text(json.dumps([{"instruction": "Q", "input": "", "output": "A"}, {"instruction": "Q2"}], indent=1))

@@ -202,7 +202,9 @@ def test_write_jsonl_and_cli(tmp_path: Path) -> None:
         {"text": "a"}, {"b": "中文"}]
     assert "中文" in path.read_text(encoding="utf-8")  # not \\u-escaped
     syn.main(["--out", str(tmp_path / "d"), "--seed", "1", "--n_pretrain", "20", "--n_sft", "10",
-              "--n_dpo", "5", "--n_test", "7"])
+              "--n_dpo", "5", "--n_test", "7", "--n_tool_sft", "4", "--n_tool_test", "3"])
+    assert [len((tmp_path / "d" / f"tool_{n}.jsonl").read_text().splitlines())
+            for n in ("sft", "test")] == [4, 3]
     lines = {n: (tmp_path / "d" / f"{n}.jsonl").read_text(encoding="utf-8").splitlines()
              for n in ("pretrain", "sft", "dpo", "test", "dpo_test", "test_text")}
     assert [len(v) for v in lines.values()] == [20, 10, 5, 7, 7, 7]
@@ -246,3 +248,80 @@ def test_one_step_problems_only_when_asked() -> None:
     mixed = [m["content"] for rec in syn.sft_conversations(100, 0)
              for m in rec["conversations"] if m["role"] == "assistant" and "####" in m["content"]]
     assert max(len(a.splitlines()) for a in mixed) > 3
+
+
+# -- the tool-use split --------------------------------------------------------------------------
+
+_HAND_FACTORS = {("mi", "km"): 1.609344, ("km", "mi"): 1 / 1.609344, ("lb", "kg"): 0.45359237,
+                 ("kg", "lb"): 1 / 0.45359237, ("ft", "m"): 0.3048, ("gal", "l"): 3.785411784,
+                 ("h", "s"): 3600.0, ("oz", "g"): 28.349523125, ("m", "mi"): 1 / 1609.344,
+                 ("g", "lb"): 1 / 453.59237, ("ml", "gal"): 1 / 3785.411784}
+
+
+def _expected_result(name: str, args: dict) -> float:
+    """Independent of the tools: Python's integer product, textbook conversion factors."""
+    if name == "calculator":
+        a, b = (int(x) for x in args["expression"].split(" * "))
+        return a * b
+    if (args["from_unit"], args["to_unit"]) == ("F", "C"):
+        return (args["value"] - 32) * 5 / 9
+    return args["value"] * _HAND_FACTORS[(args["from_unit"], args["to_unit"])]
+
+
+def test_tool_conversations_call_read_and_answer() -> None:
+    from dataset.chat import normalize_conversation
+    from tools import TABLES, default_registry
+    records = syn.tool_conversations(300, seed=3)
+    assert records == syn.tool_conversations(300, seed=3)
+    kinds = set()
+    names = {t["function"]["name"] for t in default_registry().schemas()}
+    for rec in records:
+        msgs = rec["conversations"]
+        assert {t["function"]["name"] for t in rec["tools"]} == names
+        normalize_conversation(msgs, rec["tools"])  # valid SFT data
+        assert not is_test_question(msgs[0]["content"])
+        calls = [m["tool_calls"][0] for m in msgs if m.get("tool_calls")]
+        results = [m["content"] for m in msgs if m["role"] == "tool"]
+        final = msgs[-1]["content"]
+        if not calls:  # a distractor: answered directly, small numbers or identity
+            kinds.add("none")
+            if "####" in final:
+                a, op, b = msgs[0]["content"].rstrip("?.").split()[-3:]
+                assert final.endswith(f"#### {int(a) + int(b) if op == '+' else int(a) * int(b)}")
+            continue
+        assert len(calls) == len(results) and final.endswith(f"#### {results[-1]}")
+        for call, result in zip(calls, results):
+            kinds.add(call["name"])
+            if call["name"] == "lookup":
+                assert result == TABLES[call["arguments"]["table"]][call["arguments"]["key"]]
+            else:
+                assert float(result) == pytest.approx(_expected_result(call["name"], call["arguments"]),
+                                                      rel=1e-9)
+        if call["name"] == "calculator":  # 4-6 digit operands: out of reach of mental arithmetic
+            assert all(4 <= len(x) <= 6 for x in call["arguments"]["expression"].split(" * "))
+        if len(calls) == 2:  # chained: the conversion takes the product's result
+            assert calls[1]["arguments"]["value"] == int(results[0])
+    assert kinds == {"none", "calculator", "convert_units", "lookup"}
+
+
+def test_tool_test_set_is_held_out() -> None:
+    items = syn.tool_test_set(60, seed=0)
+    assert len({it["question"] for it in items}) == 60
+    assert all(is_test_question(it["question"]) for it in items)
+    train = {r["conversations"][0]["content"] for r in syn.tool_conversations(500, seed=0)}
+    assert not train & {it["question"] for it in items}
+    assert {it["kind"] for it in items} >= {"multiply", "convert", "chain", "none"}
+    chain = next(it for it in items if it["kind"] == "chain")
+    assert chain["tools"] == ["calculator", "convert_units"]
+    assert all(it["tools"] == [] for it in items if it["kind"] == "none")
+
+
+def test_tool_split_with_a_subset_of_the_tools() -> None:
+    """--tools calculator: only the calculator is listed, and only problems it solves are drawn."""
+    from tools import default_registry
+    calc = default_registry(["calculator"])
+    records = syn.tool_conversations(80, seed=2, registry=calc)
+    assert all([t["function"]["name"] for t in r["tools"]] == ["calculator"] for r in records)
+    called = {c["name"] for r in records for m in r["conversations"] for c in m.get("tool_calls", [])}
+    assert called == {"calculator"}
+    assert {it["kind"] for it in syn.tool_test_set(40, registry=calc)} == {"multiply", "none"}

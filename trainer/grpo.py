@@ -3,9 +3,11 @@
 
 Scope: reading prompts with gold answers (SFT conversations up to the last assistant turn,
 GSM8K, MATH, commonsense eval records, registry names), `PromptDataset` (what the loop's sampler
-draws from), `GRPOSettings`, `policy_loss` (the three objectives, pure), `rollout_loss` (the
-objective on one scored rollout) and `GRPOLoss`, which schedules the rollouts (trainer/rollout.py:
-sampling, rewards, advantages, old and reference log-probs) and carries the step timings. The
+draws from), `GRPOSettings`, `GRPOConfig` (the RL stages' options), `policy_loss` (the three
+objectives, pure), `rollout_loss` (the objective on one scored rollout), `GRPOLoss`, which schedules the
+rollouts (trainer/rollout.py: sampling, rewards, advantages, old and reference log-probs) and
+carries the step timings, and what train_grpo.py and train_agent.py share (`policy_reference`,
+`fit_rollouts`). The
 references for the KL term are trainer/reference.py's.
 
 Notation: for prompt q, G completions o_1..o_G with rewards r_i; per token t of o_i the ratio
@@ -48,7 +50,10 @@ from dataset.chat import generation_prompt_ids
 from dataset.convert._io import iter_records
 from dataset.jsonl import DataError
 from tasks import rl_prompt
+from trainer.adapters import FinetuningChoice
+from trainer.config import option
 from trainer.losses import add_aux_loss, token_logps
+from trainer.rewards import RewardMix, RewardSpecError
 from trainer.rollout import RolloutBatch, Rollouts, RolloutSettings, SampleLog
 
 LOSS_TYPES = ("grpo", "dapo", "cispo")
@@ -153,6 +158,67 @@ class PromptDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"prompt_index": torch.tensor(i)}
+
+
+# ---------------------------------------------------------------------- the stage's options
+@dataclass
+class GRPOConfig(FinetuningChoice):
+    """train_grpo.py's options (train_agent.py adds its own); `0` for lr / eps_low / eps_high
+    means "the default for this setup"."""
+
+    out_dir: str = "out/grpo"
+    lr: float = option(0.0, "peak lr (0 = 1e-5 full, 1e-4 with finetuning_type lora)")
+    weight_decay: float = 0.0
+    seq_len: int = option(512, "prompt + completion tokens (prompts keep their last turns)")
+    batch_size: int = option(4, "prompts per micro-batch per process (each sampled group_size times)")
+    loss: str = option("cispo", "grpo (DeepSeekMath), dapo (clip-higher, token-level, flat groups "
+                       "dropped) or cispo (clipped stop-gradient IS weights; MiniMind's)",
+                       choices=LOSS_TYPES)
+    group_size: int = option(8, "completions sampled per prompt (G)")
+    beta: float = option(0.0, "KL penalty weight to the reference policy (0 = off)")
+    track_kl: bool = option(True, "compute the reference's log-probs to log kl even when beta is 0")
+    eps_low: float = option(0.0, "lower clip ε (0 = 0.2; cispo: 1.0, no lower bound)")
+    eps_high: float = option(0.0, "upper clip ε (0 = 0.2 grpo, 0.28 dapo, 4.0 cispo)")
+    inner_updates: int = option(1, "μ: optimizer steps per rollout (checkpoints fall on multiples)")
+    scale_rewards: bool = option(True, "divide advantages by the group's reward std (off = Dr. GRPO)")
+    reward: str = option("correctness:1.0,format:0.1", "rewards and weights: correctness, format, "
+                         "length, reward_model:PATH[:WEIGHT] (a train_reward.py folder; with no "
+                         "correctness/format, prompts need no gold answer)")
+    max_new_tokens: int = option(256, "completion budget per rollout")
+    temperature: float = option(1.0, "rollout sampling temperature")
+    top_p: float = option(1.0, "rollout nucleus sampling")
+    think: bool = option(False, "prompts open a <think> block (reasoning models)")
+    sample_every: int = option(0, "steps between rollout samples written to rollouts.jsonl (0 = log_every)")
+
+    def __post_init__(self) -> None:
+        if self.lr == 0:
+            self.lr = 1e-4 if self.use_lora else 1e-5
+        low, high = DEFAULT_CLIP.get(self.loss, (0.2, 0.2))
+        self.eps_low, self.eps_high = self.eps_low or low, self.eps_high or high
+
+    def _problems(self) -> list[str]:
+        err = super()._problems()
+        try:
+            self.settings()
+            RewardMix.from_spec(self.reward)
+        except (ValueError, RewardSpecError) as exc:
+            err.append(str(exc))
+        if self.max_new_tokens >= self.seq_len:
+            err.append(f"max_new_tokens ({self.max_new_tokens}) must be < seq_len ({self.seq_len}): "
+                       "prompts need room")
+        if self.eval_data_path or self.eval_fraction:
+            err.append("GRPO has no validation loss: score held-out questions with --eval_gen_data")
+        mu = self.inner_updates
+        if mu > 1 and (not self.max_steps or self.max_steps % mu or self.save_every % mu):
+            err.append(f"inner_updates {mu}: max_steps (> 0) and save_every must be multiples of it "
+                       "(a checkpoint holds no half-used rollout)")
+        return err
+
+    def settings(self) -> GRPOSettings:
+        return GRPOSettings(self.loss, self.group_size, self.beta, self.eps_low, self.eps_high,
+                                 self.inner_updates, self.scale_rewards, self.max_new_tokens,
+                                 self.temperature, self.top_p, self.think)
+
 
 
 # ---------------------------------------------------------------------- the objective
@@ -279,3 +345,42 @@ class GRPOLoss:
         self.t_step, self.step_gen_s, self.step_update_tokens = now, 0.0, 0
         if self.samples is not None:
             self.samples.flush(step)
+
+
+# ---------------------------------------------------------------------- what the RL stages share
+def policy_reference(cfg: GRPOConfig, model: nn.Module, env: Any) -> Any:
+    """The KL reference of `cfg` (None when neither beta nor track_kl asks for one):
+    trainer.stage.reference_model's (LoRA: adapters off; else a frozen copy)."""
+    from trainer.stage import reference_model
+    return reference_model(model, cfg, env) if cfg.beta > 0 or cfg.track_kl else None
+
+
+def prompt_dataset(cfg: Any, tokenizer: Any, rewards: RewardMix, env: Any) -> PromptDataset:
+    """The stage's prompts (`cfg.data_path` / `dataset_dir`), each with room for
+    `cfg.max_new_tokens`; a gold answer is required only when a reward asks for one."""
+    records, skipped = load_prompts(cfg.data_path, cfg.dataset_dir, cfg.seed, require_gold=rewards.needs_gold)
+    prompts = PromptDataset(records, tokenizer, cfg.seq_len - cfg.max_new_tokens, cfg.think)
+    if env.is_main:
+        print(f"[data] {len(prompts)} prompts ({skipped} records without a "
+              f"{'gold answer' if rewards.needs_gold else 'user turn'} skipped)", flush=True)
+    return prompts
+
+
+def fit_rollouts(model: nn.Module, prompts: Dataset, rollouts: Rollouts, cfg: GRPOConfig,
+                 env: Any, tokenizer: Any) -> Any:
+    """Train on `rollouts` of `prompts` with the loop (GRPOLoss, the samples file, resume) and
+    return fit's result: the part train_grpo.py and train_agent.py share."""
+    from pathlib import Path
+
+    from trainer.checkpoint import resolve_resume, verify_checkpoint
+    from trainer.loop import fit
+    from trainer.stage import fit_args, generation_hooks
+    samples = SampleLog(Path(cfg.out_dir) / "rollouts.jsonl", cfg.sample_every or cfg.log_every) \
+        if env.is_main else None
+    # the step fit resumes at: rollout seeds are a function of the step (trainer/rollout.py)
+    resume = resolve_resume(cfg.resume, cfg.out_dir, log=lambda *_: None)
+    loss = GRPOLoss(cfg.settings(), rollouts, cfg.grad_accum,
+                    start_step=verify_checkpoint(resume)["step"] if resume else 0, samples=samples)
+    args = fit_args(model, cfg)
+    args["after_step"] = [*args.get("after_step", []), loss.after_step]
+    return fit(model, prompts, loss, cfg, eval_hooks=generation_hooks(cfg, tokenizer), **args)

@@ -66,8 +66,21 @@ def length_penalty(completion: str, sample: Mapping[str, Any]) -> float:
     return -min(1.0, max(0.0, excess / cache))
 
 
+def tool_format_reward(completion: str, sample: Mapping[str, Any]) -> float:
+    """Agent rollouts (trainer/agent.py): 1.0 when every `<tool_call>` tag is balanced and every
+    call was well formed (parsable, a known tool, schema-valid arguments), else 0.0."""
+    return float(not sample.get("unbalanced_tags") and not sample.get("invalid_calls"))
+
+
+def tool_count_reward(completion: str, sample: Mapping[str, Any]) -> float:
+    """Agent rollouts: 1.0 when the number of calls is the number the item needs (its `tools`
+    list; none for a distractor, where any call is wrong), else 0.0."""
+    return float(sample.get("tool_calls", 0) == len(sample.get("tools") or []))
+
+
 REWARDS: dict[str, RewardFn] = {"correctness": correctness_reward, "format": format_reward,
-                                "length": length_penalty}
+                                "length": length_penalty, "tool_format": tool_format_reward,
+                                "tool_count": tool_count_reward}
 REWARD_MODEL = "reward_model"       # `reward_model:PATH[:WEIGHT]`
 NEEDS_GOLD = ("correctness", "format")   # they ask the sample's task
 

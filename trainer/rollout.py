@@ -168,18 +168,31 @@ class Rollouts:
         key = f"{self.seed},{self.rank},{step},{micro}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:7], "little")
 
+    def sample(self, model: nn.Module, indices: Sequence[int], seed: int
+               ) -> tuple[Rollout, list[str], list[dict[str, Any]]]:
+        """(the rollout, each completion's text for the rewards, what else the rewards' context
+        holds per completion). One reply per row here; trainer/agent.py's multi-turn rollouts
+        override this."""
+        prompts = [self.prompts.prompt_ids[i] for i in indices]
+        ro = sample_groups(model, prompts, self.settings, seed, self.stop_ids, self.pad_id)
+        texts = [self.decode(c[:-1] if f else c) for c, f in zip(ro.completions, ro.finished)]
+        return ro, texts, [{} for _ in texts]
+
+    def extra_metrics(self, extras: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """Metrics of the per-completion extras ``sample`` returned (none here)."""
+        return {}
+
     def __call__(self, model: nn.Module, indices: Sequence[int], step: int, micro: int) -> RolloutBatch:
         s, G = self.settings, self.settings.group_size
         device = next(dist.unwrap(model).parameters()).device
-        prompts = [self.prompts.prompt_ids[i] for i in indices]
-        ro = sample_groups(model, prompts, s, self.seed_for(step, micro), self.stop_ids, self.pad_id)
+        ro, texts, extras = self.sample(model, indices, self.seed_for(step, micro))
         rewards, parts, correct, reps, samples = [], {}, [], [], []
         for k, comp in enumerate(ro.completions):
             rec = self.prompts.records[indices[k // G]]
             body = comp[:-1] if ro.finished[k] else comp
-            text = self.decode(body)
+            text = texts[k]
             ctx = {**rec, "completion_tokens": len(comp), "max_new_tokens": s.max_new_tokens,
-                   "truncated": not ro.finished[k]}
+                   "truncated": not ro.finished[k], **extras[k]}
             total, values = self.rewards.score(text, ctx)
             rewards.append(total)
             for name, v in values.items():
@@ -191,7 +204,8 @@ class Rollouts:
             samples.append({"prompt": rec["messages"][-1]["content"],
                             "completion": text, "reward": total,
                             "correct": correct[-1] if rec.get("gold") is not None else None,
-                            "gold": rec.get("gold"), "tokens": len(comp), "finished": ro.finished[k]})
+                            "gold": rec.get("gold"), "tokens": len(comp), "finished": ro.finished[k],
+                            **extras[k]})
         r = torch.tensor(rewards, dtype=torch.float32)
         adv, std = group_advantages(r, G, s.scale_rewards)
         keep_group = std > 0 if s.drop_flat_groups else torch.ones_like(std, dtype=torch.bool)
@@ -203,7 +217,8 @@ class Rollouts:
                    "truncated": sum(not f for f in ro.finished) / len(rewards),
                    "frac_groups_dropped": 1.0 - float(keep_group.float().mean()),
                    "rollout_tok_s": n_tokens / max(ro.seconds, 1e-9),
-                   **{f"reward/{n}": sum(v) / len(v) for n, v in parts.items()}}
+                   **{f"reward/{n}": sum(v) / len(v) for n, v in parts.items()},
+                   **self.extra_metrics(extras)}
         train_rows = rows or [0]      # all dropped: a zero-weight row keeps DDP's ranks in step
         ids = ro.input_ids[train_rows].to(device)
         mask = ro.action_mask[train_rows].to(device) * (1.0 if rows else 0.0)

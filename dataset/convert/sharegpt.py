@@ -8,6 +8,10 @@ are remappable exactly like a ``dataset_info.json`` entry (``tags``: role_tag, c
 user_tag, assistant_tag, observation_tag, function_tag, system_tag; ``columns``: messages, system,
 tools, chosen, rejected) — so OpenAI-style ``{"role", "content"}`` lists work too. Preference
 records (``ranking: true``) hold the prompt turns plus one ``chosen`` and one ``rejected`` turn.
+OpenAI tool conversations (LLaMA-Factory's ``role``/``content`` tags) work as they are: an
+assistant turn's ``tool_calls`` (OpenAI ``{"type": "function", "function": {...}}`` entries, or
+plain ``{"name", "arguments"}``) are kept, its ``content`` may then be null, and with
+``role_tag: "role"`` a ``"tool"`` turn is a tool result unless the tags give "tool" another role.
 Bad records raise ValueError with a location-free message; readers add ``file:line``.
 
 CLI: ``python -m dataset.convert.sharegpt in.json out.jsonl [--skip-bad-records]``.
@@ -58,6 +62,8 @@ def sharegpt_turns_to_messages(turns: Any, tags: dict[str, str] | None = None) -
         tags["function_tag"]: "function_call",
         tags["system_tag"]: "system",
     }
+    if tags["role_tag"] == "role":  # OpenAI messages: their tool results have role "tool"
+        roles.setdefault("tool", "tool")
     if not isinstance(turns, list):
         raise ValueError(f"turns must be a list, got {type(turns).__name__}")
     messages = []
@@ -67,6 +73,12 @@ def sharegpt_turns_to_messages(turns: Any, tags: dict[str, str] | None = None) -
         tag, value = turn.get(tags["role_tag"]), turn.get(tags["content_tag"])
         if tag not in roles:
             raise ValueError(f"turn {i}: unknown role {tag!r} (expected one of {', '.join(map(str, roles))})")
+        calls = turn.get("tool_calls")
+        if calls and roles[tag] == "assistant":
+            if isinstance(calls, str):
+                calls = _tool_calls(calls, i)
+            messages.append({"role": "assistant", "content": value or "", "tool_calls": calls})
+            continue
         if not isinstance(value, str):
             raise ValueError(f"turn {i}: '{tags['content_tag']}' must be a string")
         if roles[tag] == "function_call":
