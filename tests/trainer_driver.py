@@ -11,12 +11,15 @@ labels are partly masked (so micro-batches carry different numbers of supervised
   --kill_in_save N      SIGKILL this process inside step N's checkpoint (state gathered, no file)
   --lora_rank R         LoRA (rank R, all linear layers, B = 0 at start) trains; the base is frozen
   --lora_init_seed S    start B from random values instead (so step 1 moves A too)
+  ... --then ...         several runs, one after the other, in the same processes (and process
+                        group): multi-process tests pay the start-up once
 Writes out_dir/final_rank{R}.safetensors with each rank's final weights (gathered under FSDP).
 """
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -72,8 +75,8 @@ class RandomRows(Dataset):
         return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
 
 
-def main() -> None:
-    cfg = parse_config(DriverConfig)
+def train(argv: list[str]) -> None:
+    cfg = parse_config(DriverConfig, argv)
     env = dist.init_distributed(cfg.device)
     seed_everything(cfg.seed)
     model = MiniMindLM(MiniMindConfig.from_preset(cfg.model_preset, dropout=cfg.dropout))
@@ -109,6 +112,17 @@ def main() -> None:
     with dist.full_params(model) as plain:
         state = {k: v.detach().clone() for k, v in plain.state_dict().items() if k != "lm_head.weight"}
     safetensors.torch.save_file(state, os.path.join(cfg.out_dir, f"final_rank{env.rank}.safetensors"))
+
+
+def main() -> None:
+    runs: list[list[str]] = [[]]
+    for arg in sys.argv[1:]:
+        if arg == "--then":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    for argv in runs:
+        train(argv)
     dist.cleanup()
 
 

@@ -1,0 +1,133 @@
+"""FSDP2 (--parallel fsdp) on 2 gloo processes against one plain process, activation
+checkpointing against plain backward, and sharded (DCP) checkpoints resumed at another world size.
+
+The reference is one process training the plain, unsharded model on the same global batch
+(FSDP in one process shards nothing: trainer.distributed.shard_model). Each spawned run checks
+several things at once (multi-process starts are the slow part): accumulation (grad_accum 2 per
+rank = 4 in one process), clipping (grad_clip far below the gradient norm, so every step clips),
+activation checkpointing under FSDP, and the checkpoint written at step 2.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from common.errors import UserError
+from model.config import MiniMindConfig
+from model.model import MiniMindLM
+from trainer import distributed as dist
+from trainer.config import TrainConfig, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = [str(REPO / "tests" / "trainer_driver.py")]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+COMMON = ["--device", "cpu", "--dtype", "fp32", "--no-progress", "--no-plot", "--peak_tflops", "1",
+          "--batch_size", "2", "--max_steps", "4", "--save_every", "2", "--log_every", "1",
+          "--grad_clip", "0.05", "--num_samples", "32", "--dropout", "0"]
+TOL = 1e-5
+
+
+def run(cmd: list[str], *runs: tuple[Path, tuple[str, ...]]) -> None:
+    """The driver's runs [(out_dir, flags), ...] one after the other in the same process(es)."""
+    argv: list[str] = []
+    for out, args in runs:
+        argv += ["--then"] * bool(argv) + ["--out_dir", str(out), *COMMON, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([*cmd, *DRIVER, *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+ONE = ("--grad_accum", "4", "--parallel", "fsdp")     # one process: accumulation 4 = 2 ranks x 2
+TWO = ("--grad_accum", "2", "--parallel", "fsdp")
+MOE_LORA = ("--model_preset", "tiny-moe", "--lora_rank", "4", "--lora_init_seed", "7")
+
+
+def losses(out: Path) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in rows if "loss" in r]
+
+
+def assert_same_run(a: Path, b: Path, first_step: int = 1) -> None:
+    """Loss step for step (and the clipped-from norm), then every final weight, within TOL;
+    both ranks of a 2-process run hold the same gathered weights."""
+    la, lb = losses(a), losses(b)
+    la = [r for r in la if r[0] >= first_step]
+    lb = [r for r in lb if r[0] >= first_step]
+    assert [r[0] for r in la] == [r[0] for r in lb] == list(range(first_step, 5))
+    for (s, loss_a, gn_a), (_, loss_b, gn_b) in zip(la, lb):
+        assert abs(loss_a - loss_b) < TOL, (s, loss_a, loss_b)
+        assert gn_a > 2 * 0.05 and abs(gn_a - gn_b) < 1e-4 * gn_a, (s, gn_a, gn_b)   # clipped
+    wa = safetensors.torch.load_file(str(a / "final_rank0.safetensors"))
+    wb = safetensors.torch.load_file(str(b / "final_rank0.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=TOL, rtol=0, msg=k)
+    if (b / "final_rank1.safetensors").exists():
+        w1 = safetensors.torch.load_file(str(b / "final_rank1.safetensors"))
+        assert all(torch.equal(w1[k], wb[k]) for k in wb)
+
+
+def test_fsdp_matches_one_process_and_resumes_across_world_sizes(tmp_path):
+    """Dense (with activation checkpointing under FSDP) and MoE + LoRA (on every linear layer,
+    experts included; random B so A and B both move from step 1): 2 FSDP processes equal one
+    plain process step for step. Then the sharded checkpoint of step 2 resumes 2 -> 1 and the
+    one-process checkpoint 1 -> 2, and both continued runs equal the uninterrupted one."""
+    one, two, moe1, moe2 = (tmp_path / n for n in ("one", "two", "moe_one", "moe_two"))
+    ckpt2, ckpt1 = (d / "checkpoints" / "step_000002" for d in (two, one))
+    run([sys.executable], (one, ONE), (moe1, ONE + MOE_LORA))
+    run(TORCHRUN, (two, TWO + ("--activation_checkpointing",)), (moe2, TWO + MOE_LORA),
+        (tmp_path / "one_to_two", TWO + ("--resume", str(ckpt1))))
+    run([sys.executable], (tmp_path / "two_to_one", ONE + ("--resume", str(ckpt2))))
+    assert_same_run(one, two)
+    assert_same_run(moe1, moe2)
+    assert_same_run(one, tmp_path / "two_to_one", first_step=3)
+    assert_same_run(one, tmp_path / "one_to_two", first_step=3)
+
+    manifest = json.loads((ckpt2 / "COMPLETE").read_text())["files"]
+    assert {"sharded/__0_0.distcp", "sharded/__1_0.distcp", "sharded/.metadata"} <= manifest.keys()
+    assert not (ckpt2 / "model.safetensors").exists()      # the weights are in the shards only
+    # LoRA: the frozen base did not move (it equals a fresh model of the same seed)
+    final = safetensors.torch.load_file(str(moe2 / "final_rank0.safetensors"))
+    torch.manual_seed(1337)
+    init = MiniMindLM(MiniMindConfig.from_preset("tiny-moe", dropout=0.0)).state_dict()
+    frozen = [k for k in final if "lora_" not in k and k in init]
+    assert len(frozen) > 10 and all(torch.equal(final[k], init[k]) for k in frozen)
+
+
+def test_activation_checkpointing_gives_the_plain_gradients():
+    """Per-block recompute, dropout on (its masks must be replayed), dense and MoE: gradients
+    equal plain backward's; names and state dict unchanged; eval/no-grad forwards plain."""
+    for preset in ("tiny", "tiny-moe"):
+        grads = []
+        for recompute in (False, True):
+            torch.manual_seed(0)
+            model = MiniMindLM(MiniMindConfig.from_preset(preset, dropout=0.2))
+            names = list(model.state_dict())
+            if recompute:
+                dist.apply_activation_checkpointing(model)
+                assert list(model.state_dict()) == names
+            ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+            torch.manual_seed(5)
+            model(input_ids=ids, labels=ids).loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert grads[0].keys() == grads[1].keys() and grads[0]
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "fp16"], "sharded GradScaler"),
+    (["--use_kt"], "kt-kernel holds its own"),
+    (["--eval_gen_data", __file__], "generates on the main process"),
+])
+def test_fsdp_refuses_what_it_cannot_shard(flags, message):
+    with pytest.raises(UserError, match=message):
+        parse_config(TrainConfig, ["--parallel", "fsdp", "--device", "cpu", "--model_preset",
+                                   "tiny-moe", *flags])
+    parse_config(TrainConfig, ["--parallel", "fsdp", "--device", "cpu", "--dtype", "fp32"])
