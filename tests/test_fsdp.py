@@ -5,7 +5,8 @@ The reference is one process training the plain, unsharded model on the same glo
 (FSDP in one process shards nothing: trainer.distributed.shard_model). Each spawned run checks
 several things at once (multi-process starts are the slow part): accumulation (grad_accum 2 per
 rank = 4 in one process), clipping (grad_clip far below the gradient norm, so every step clips),
-activation checkpointing under FSDP, and the checkpoint written at step 2.
+activation checkpointing under FSDP, validation with uneven batches per rank, and the checkpoint
+written at step 2.
 """
 import json
 import os
@@ -80,11 +81,15 @@ def test_fsdp_matches_one_process_and_resumes_across_world_sizes(tmp_path):
     one-process checkpoint 1 -> 2, and both continued runs equal the uninterrupted one."""
     one, two, moe1, moe2 = (tmp_path / n for n in ("one", "two", "moe_one", "moe_two"))
     ckpt2, ckpt1 = (d / "checkpoints" / "step_000002" for d in (two, one))
-    run([sys.executable], (one, ONE), (moe1, ONE + MOE_LORA))
-    run(TORCHRUN, (two, TWO + ("--activation_checkpointing",)), (moe2, TWO + MOE_LORA),
+    # 3 validation batches: rank 0 runs 2, rank 1 one real and one padding forward
+    val = ("--eval_rows", "6", "--eval_batches", "3")
+    run([sys.executable], (one, ONE + val), (moe1, ONE + MOE_LORA))
+    run(TORCHRUN, (two, TWO + val + ("--activation_checkpointing",)), (moe2, TWO + MOE_LORA),
         (tmp_path / "one_to_two", TWO + ("--resume", str(ckpt1))))
     run([sys.executable], (tmp_path / "two_to_one", ONE + ("--resume", str(ckpt2))))
     assert_same_run(one, two)
+    val_one, val_two = (json.loads((d / "metrics.jsonl").read_text().splitlines()[-1]) for d in (one, two))
+    assert abs(val_one["val_loss"] - val_two["val_loss"]) < TOL, (val_one, val_two)
     assert_same_run(moe1, moe2)
     assert_same_run(one, tmp_path / "two_to_one", first_step=3)
     assert_same_run(one, tmp_path / "one_to_two", first_step=3)

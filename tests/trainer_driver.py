@@ -55,6 +55,7 @@ class DriverConfig(TrainConfig):
     kill_in_save: int = option(0, "SIGKILL inside this step's checkpoint (0 = never)")
     lora_rank: int = option(0, "train LoRA adapters of this rank only (0 = full training)")
     lora_init_seed: int = option(0, "random LoRA B from this seed (0 = zeros, the usual start)")
+    eval_rows: int = option(0, "random validation rows, evaluated at the end (0 = none)")
 
 
 class RandomRows(Dataset):
@@ -108,7 +109,8 @@ def train(argv: list[str]) -> None:
             os.environ[FAULT_ENV] = f"{cfg.crash_kind}:{cfg.crash_file}"
         return None
 
-    fit(model, data, loss_fn, cfg, on_save=on_save, trainable=trainable)
+    evals = RandomRows(cfg.eval_rows, cfg.seq_len, model.config.vocab_size, seed=1) if cfg.eval_rows else None
+    fit(model, data, loss_fn, cfg, evals, on_save=on_save, trainable=trainable)
     with dist.full_params(model) as plain:
         state = {k: v.detach().clone() for k, v in plain.state_dict().items() if k != "lm_head.weight"}
     safetensors.torch.save_file(state, os.path.join(cfg.out_dir, f"final_rank{env.rank}.safetensors"))

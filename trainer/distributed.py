@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -238,12 +239,21 @@ def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, frozen: bool
     return {"model": msd, "optimizer": osd}, options
 
 
+@contextlib.contextmanager
+def _one_process_quiet() -> Iterator[None]:
+    """DCP warns on every save/load without a process group; one process is meant here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  frozen: bool = False) -> None:
     """Each rank writes its shards of the weights and optimizer state into `folder` (DCP); rank 0
     adds the .metadata file. A collective; the folder's completeness is the caller's COMPLETE."""
     state, _ = _dcp_state(model, optimizer, frozen)
-    dcp.save(state, checkpoint_id=str(folder))
+    with _one_process_quiet():
+        dcp.save(state, checkpoint_id=str(folder))
 
 
 def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -251,7 +261,8 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     """Fill `model` and `optimizer` from a DCP folder saved at any world size (a collective).
     A name the checkpoint lacks is an error (raised by DCP), never a silent fresh tensor."""
     state, options = _dcp_state(model, optimizer, frozen)
-    dcp.load(state, checkpoint_id=str(folder))
+    with _one_process_quiet():
+        dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(unwrap(model), optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"], options=options)
 
