@@ -229,6 +229,14 @@ def full_params(model: nn.Module) -> Iterator[nn.Module]:
         handle.remove()
 
 
+def local_bytes(tensor: torch.Tensor | None) -> int:
+    """Bytes this rank holds of `tensor`: its own shard of a DTensor, all of a plain tensor."""
+    if tensor is None:
+        return 0
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()
+
+
 def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, frozen: bool
                ) -> tuple[dict[str, Any], StateDictOptions]:
     """What a sharded checkpoint holds: parameters by name (DTensor shards under FSDP) and the
