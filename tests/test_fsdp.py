@@ -39,7 +39,7 @@ def run(cmd: list[str], *runs: tuple[Path, tuple[str, ...]]) -> None:
     for out, args in runs:
         argv += ["--then"] * bool(argv) + ["--out_dir", str(out), *COMMON, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([*cmd, *DRIVER, *argv], capture_output=True, text=True, env=env,
+    proc = subprocess.run([*cmd, *DRIVER, *argv], capture_output=True, text=True, env=env, check=False,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -136,3 +136,40 @@ def test_fsdp_refuses_what_it_cannot_shard(flags, message):
         parse_config(TrainConfig, ["--parallel", "fsdp", "--device", "cpu", "--model_preset",
                                    "tiny-moe", *flags])
     parse_config(TrainConfig, ["--parallel", "fsdp", "--device", "cpu", "--dtype", "fp32"])
+
+
+def test_sharded_checkpoint_crash_keeps_previous_and_ddp_resumes_it(tmp_path, monkeypatch):
+    """In one process (--parallel fsdp writes the sharded format there too): a save that fails
+    after the shards are on disk (disk full at trainer_state) leaves no folder that looks
+    complete, and --resume auto takes the previous checkpoint; a --parallel ddp run resumes that
+    sharded checkpoint and ends where an uninterrupted run does."""
+    from tests.trainer_driver import RandomRows
+    from trainer import checkpoint as ck
+    from trainer.loop import fit
+    from trainer.losses import lm_loss
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv(ck.FAULT_ENV, "")     # on_save arms it; unset again after the test
+
+    def train(out: Path, parallel: str, fail_at: int = 0, **kw) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = MiniMindLM(MiniMindConfig.from_preset("tiny", dropout=0.0))
+        cfg = TrainConfig(out_dir=str(out), device="cpu", dtype="fp32", batch_size=2, seq_len=16,
+                          max_steps=4, save_every=2, log_every=1, progress=False, plot=False,
+                          peak_tflops=1.0, parallel=parallel, **kw)
+
+        def on_save(m, step):      # called before the shards are written
+            if step == fail_at:
+                os.environ[ck.FAULT_ENV] = f"enospc:{ck.STATE_NAMES[1]}"
+            return None
+        fit(model, RandomRows(16, 16, model.config.vocab_size), lm_loss, cfg, on_save=on_save)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    full = train(tmp_path / "full", "fsdp")
+    with pytest.raises(UserError, match="No space left"):
+        train(tmp_path / "run", "fsdp", fail_at=4)     # step 4's save fails after its shards
+    os.environ[ck.FAULT_ENV] = ""
+    step2, step4 = (tmp_path / "run" / "checkpoints" / f"step_00000{i}" for i in (2, 4))
+    assert ck.list_checkpoints(tmp_path / "run") == [step2] and ck.is_sharded_checkpoint(step2)
+    resumed = train(tmp_path / "run", "ddp", resume="auto")
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=TOL, rtol=0, msg=k)
