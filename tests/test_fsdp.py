@@ -22,6 +22,7 @@ from common.errors import UserError
 from model.config import MiniMindConfig
 from model.model import MiniMindLM
 from trainer import distributed as dist
+from trainer.adapters import LoRAOptions
 from trainer.config import TrainConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,10 +131,11 @@ def test_activation_checkpointing_gives_the_plain_gradients():
     (["--dtype", "fp16"], "sharded GradScaler"),
     (["--use_kt"], "kt-kernel holds its own"),
     (["--eval_gen_data", __file__], "generates on the main process"),
+    (["--merge_on_save"], "merge afterwards"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard(flags, message):
     with pytest.raises(UserError, match=message):
-        parse_config(TrainConfig, ["--parallel", "fsdp", "--device", "cpu", "--model_preset",
+        parse_config(LoRAOptions, ["--parallel", "fsdp", "--device", "cpu", "--model_preset",
                                    "tiny-moe", *flags])
     parse_config(TrainConfig, ["--parallel", "fsdp", "--device", "cpu", "--dtype", "fp32"])
 
