@@ -72,6 +72,9 @@ class GRPOConfig(FinetuningChoice):
 
     def _problems(self) -> list[str]:
         err = super()._problems()
+        if self.parallel == "fsdp":     # each rank samples its own lengths: forwards out of step
+            err.append("parallel fsdp: GRPO's rollouts generate a different number of tokens per "
+                       "rank, which a sharded model cannot; use --parallel ddp")
         try:
             self.settings()
             RewardMix.from_spec(self.reward)
