@@ -235,8 +235,12 @@ class TrainConfig:
         for name in ("data_path", "eval_data_path"):   # names are resolved later via dataset_dir
             err += [f"{name}: no such file {p!r}" for p in getattr(self, name)
                     if not self.dataset_dir and not Path(p).exists()]
+        from trainer.checkpoint import is_sharded_checkpoint   # as model.config below: here only
         if self.init_from and not Path(self.init_from).exists():
             err.append(f"init_from: no such folder {self.init_from!r}")
+        elif self.init_from and is_sharded_checkpoint(self.init_from):
+            err.append(f"init_from: {self.init_from!r} is a sharded (--parallel fsdp) checkpoint: "
+                       "continue it with --resume, or start from the run's final/ model folder")
         from model.config import PRESETS  # model code: imported here only, as in model_config()
         if not self.init_from and self.model_preset not in PRESETS:
             err.append(f"model_preset: unknown preset {self.model_preset!r} "
