@@ -77,7 +77,8 @@ def assert_same_run(a: Path, b: Path, first_step: int = 1) -> None:
 
 def test_fsdp_matches_one_process_and_resumes_across_world_sizes(tmp_path):
     """Dense (with activation checkpointing under FSDP) and MoE + LoRA (on every linear layer,
-    experts included; random B so A and B both move from step 1): 2 FSDP processes equal one
+    experts included; random B so A and B both move from step 1; blocks kept gathered between
+    forward and backward): 2 FSDP processes equal one
     plain process step for step. Then the sharded checkpoint of step 2 resumes 2 -> 1 and the
     one-process checkpoint 1 -> 2, and both continued runs equal the uninterrupted one."""
     one, two, moe1, moe2 = (tmp_path / n for n in ("one", "two", "moe_one", "moe_two"))
@@ -85,7 +86,7 @@ def test_fsdp_matches_one_process_and_resumes_across_world_sizes(tmp_path):
     # 3 validation batches: rank 0 runs 2, rank 1 one real and one padding forward
     val = ("--eval_rows", "6", "--eval_batches", "3")
     run([sys.executable], (one, ONE + val), (moe1, ONE + MOE_LORA))
-    run(TORCHRUN, (two, TWO + val + ("--activation_checkpointing",)), (moe2, TWO + MOE_LORA),
+    run(TORCHRUN, (two, TWO + val + ("--activation_checkpointing",)), (moe2, TWO + MOE_LORA + ("--no-reshard_after_forward",)),
         (tmp_path / "one_to_two", TWO + ("--resume", str(ckpt1))))
     run([sys.executable], (tmp_path / "two_to_one", ONE + ("--resume", str(ckpt2))))
     assert_same_run(one, two)
@@ -175,3 +176,32 @@ def test_sharded_checkpoint_crash_keeps_previous_and_ddp_resumes_it(tmp_path, mo
     resumed = train(tmp_path / "run", "ddp", resume="auto")
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], atol=TOL, rtol=0, msg=k)
+
+
+def test_fsdp_grad_sync_reduces_only_on_the_last_micro_step(tmp_path):
+    """In-process world of one (gloo): under grad_sync(sync=False) FSDP keeps the unsharded
+    gradients to itself (no reduce-scatter: the sharded .grad stays None); the synced micro-step
+    reduces the sum of all of them, which equals one backward over both batches."""
+    import torch.distributed as tdist
+    tdist.init_process_group("gloo", store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                             world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = MiniMindLM(MiniMindConfig.from_preset("tiny", dropout=0.0))
+        plain = MiniMindLM(MiniMindConfig.from_preset("tiny", dropout=0.0))
+        plain.load_state_dict(model.state_dict())
+        with pytest.MonkeyPatch.context() as mp:   # shard_model shards only when "distributed"
+            mp.setattr(dist.DistEnv, "distributed", property(lambda self: True))
+            dist.shard_model(model, dist.DistEnv(), None)
+        assert dist.is_sharded(model)
+        batches = [torch.randint(3, 6400, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        for i, ids in enumerate(batches):
+            with dist.grad_sync(model, sync=i == 1):
+                model(input_ids=ids, labels=ids).loss.backward()
+            synced = [p.grad is not None for p in model.parameters()]
+            assert all(synced) if i == 1 else not any(synced)
+            plain(input_ids=ids, labels=ids).loss.backward()
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad, atol=1e-6, rtol=1e-5, msg=name)
+    finally:
+        dist.cleanup()

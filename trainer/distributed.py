@@ -27,8 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -187,9 +186,11 @@ def grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
 
 
 def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_ that also works on FSDP's sharded gradients: the norm of DTensor shards is
-    a partial result; `full_tensor()` reduces it over ranks, so every rank clips by the global
-    norm (the same number one process computes). Returns the norm before clipping."""
+    """clip_grad_norm_ that also works on FSDP's sharded gradients: the norm over DTensor shards
+    is reduced over ranks inside get_total_norm (torch 2.13 returns it as a replicated DTensor),
+    so every rank clips by the global norm, the number one process computes; `full_tensor()`
+    makes it a plain tensor for the loop's finiteness check and logging. Returns the norm
+    before clipping."""
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if isinstance(norm, DTensor):
@@ -220,8 +221,8 @@ def full_params(model: nn.Module) -> Iterator[nn.Module]:
             full[name] = value.full_tensor() if isinstance(value, DTensor) else value
 
     def whole(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
-        for key in state:
-            state[key] = full.get(key, state[key])
+        for key, value in state.items():     # values replaced in place, no key added
+            state[key] = full.get(key, value)
     handle = plain.register_state_dict_post_hook(whole)
     try:
         yield plain
