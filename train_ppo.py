@@ -81,6 +81,9 @@ class PPOConfig(FinetuningChoice):
                        "prompts need room")
         if self.eval_data_path or self.eval_fraction:
             err.append("PPO has no validation loss: score held-out questions with --eval_gen_data")
+        if self.parallel == "fsdp":     # each rank samples its own lengths: forwards out of step
+            err.append("parallel fsdp: PPO's rollouts generate a different number of tokens per "
+                       "rank, which a sharded model cannot; use --parallel ddp")
         if self.compile:   # the critic reads hidden states through a per-call hook
             err.append("compile: PPO's critic reads hidden states through a hook; run it uncompiled")
         k = self.ppo_epochs

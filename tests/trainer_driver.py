@@ -9,12 +9,17 @@ labels are partly masked (so micro-batches carry different numbers of supervised
   --kill_at_step N      SIGKILL this process in step N's last micro-batch (after the earlier
                         micro-batches' backward: gradients half accumulated, nothing saved)
   --kill_in_save N      SIGKILL this process inside step N's checkpoint (state gathered, no file)
-Writes out_dir/final_rank{R}.safetensors with each rank's final weights.
+  --lora_rank R         LoRA (rank R, all linear layers, B = 0 at start) trains; the base is frozen
+  --lora_init_seed S    start B from random values instead (so step 1 moves A too)
+  ... --then ...         several runs, one after the other, in the same processes (and process
+                        group): multi-process tests pay the start-up once
+Writes out_dir/final_rank{R}.safetensors with each rank's final weights (gathered under FSDP).
 """
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -24,6 +29,7 @@ from torch.utils.data import Dataset
 
 from common.errors import run_cli
 from model.config import MiniMindConfig
+from model.lora import apply_lora, lora_parameters
 from model.model import MiniMindLM
 from trainer import distributed as dist
 from trainer.checkpoint import FAULT_ENV
@@ -47,6 +53,9 @@ class DriverConfig(TrainConfig):
     crash_kind: str = option("exit", "exit (the process dies) or enospc (the write fails: disk full)")
     kill_at_step: int = option(0, "SIGKILL in this step's last micro-batch (0 = never)")
     kill_in_save: int = option(0, "SIGKILL inside this step's checkpoint (0 = never)")
+    lora_rank: int = option(0, "train LoRA adapters of this rank only (0 = full training)")
+    lora_init_seed: int = option(0, "random LoRA B from this seed (0 = zeros, the usual start)")
+    eval_rows: int = option(0, "random validation rows, evaluated at the end (0 = none)")
 
 
 class RandomRows(Dataset):
@@ -67,11 +76,20 @@ class RandomRows(Dataset):
         return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
 
 
-def main() -> None:
-    cfg = parse_config(DriverConfig)
+def train(argv: list[str]) -> None:
+    cfg = parse_config(DriverConfig, argv)
     env = dist.init_distributed(cfg.device)
     seed_everything(cfg.seed)
     model = MiniMindLM(MiniMindConfig.from_preset(cfg.model_preset, dropout=cfg.dropout))
+    trainable = None
+    if cfg.lora_rank:
+        apply_lora(model, "all", cfg.lora_rank, 2.0 * cfg.lora_rank)
+        trainable = lora_parameters(model)
+        if cfg.lora_init_seed:
+            gen = torch.Generator().manual_seed(cfg.lora_init_seed)
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     data = RandomRows(cfg.num_samples, cfg.seq_len, model.config.vocab_size)
 
     calls = [0]   # training micro-batches seen (no eval data here: every call is training)
@@ -91,9 +109,22 @@ def main() -> None:
             os.environ[FAULT_ENV] = f"{cfg.crash_kind}:{cfg.crash_file}"
         return None
 
-    fit(model, data, loss_fn, cfg, on_save=on_save)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    evals = RandomRows(cfg.eval_rows, cfg.seq_len, model.config.vocab_size, seed=1) if cfg.eval_rows else None
+    fit(model, data, loss_fn, cfg, evals, on_save=on_save, trainable=trainable)
+    with dist.full_params(model) as plain:
+        state = {k: v.detach().clone() for k, v in plain.state_dict().items() if k != "lm_head.weight"}
     safetensors.torch.save_file(state, os.path.join(cfg.out_dir, f"final_rank{env.rank}.safetensors"))
+
+
+def main() -> None:
+    runs: list[list[str]] = [[]]
+    for arg in sys.argv[1:]:
+        if arg == "--then":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    for argv in runs:
+        train(argv)
     dist.cleanup()
 
 

@@ -50,6 +50,10 @@ class LoRAOptions(TrainConfig):
                        f"{self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}")
         if self.use_lora and self.lora_rank < 1:
             err.append("LoRA training needs lora_rank >= 1")
+        if self.use_lora and self.merge_on_save and self.parallel == "fsdp":
+            err.append("merge_on_save with parallel fsdp: the merge reads the sharded weights on "
+                       "one rank; merge afterwards (scripts/convert_model.py export --model BASE "
+                       "--lora OUT_DIR/final --out DIR writes the merged model)")
         return err
 
 

@@ -288,11 +288,23 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, tra
                  BASE_NAME: json.dumps(ref, indent=2, sort_keys=True).encode()}
     files.update(zip(STATE_NAMES, resume_state.encode(trainer_state)))
     files.update(extra_files or {})
+    _open_folder(ckpt)
+    return _complete(out_dir, ckpt, step, files, {}, keep_last, val_loss)
+
+
+def _open_folder(ckpt: Path) -> None:
+    with writing(ckpt):
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / MARKER).unlink(missing_ok=True)      # re-saving a step: mark it incomplete first
+
+
+def _complete(out_dir: str | os.PathLike, ckpt: Path, step: int, files: dict[str, bytes],
+              written: dict[str, dict[str, Any]], keep_last: int, val_loss: float | None) -> Path:
+    """Write `files` into `ckpt`, then COMPLETE listing them and the `written` ones (already on
+    disk: {name: {sha256, bytes}}), then the pointers; prune. A failed write removes the folder."""
+    root = checkpoint_root(out_dir)
     try:
-        with writing(ckpt):
-            ckpt.mkdir(parents=True, exist_ok=True)
-            (ckpt / MARKER).unlink(missing_ok=True)      # re-saving a step: mark it incomplete first
-        manifest = {}
+        manifest = dict(written)
         for name, data in files.items():
             atomic_write(ckpt / name, data)
             manifest[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
@@ -312,6 +324,71 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, tra
     fsync_dir(root)
     prune_checkpoints(out_dir, keep_last)
     return ckpt
+
+
+# ---------------------------------------------------------------------- sharded (--parallel fsdp)
+SHARDS_DIR = "sharded"
+
+
+def shards_dir(ckpt: str | os.PathLike) -> Path:
+    """The DCP folder of a sharded checkpoint: each rank's `__<rank>_0.distcp` and `.metadata`."""
+    return Path(ckpt) / SHARDS_DIR
+
+
+def is_sharded_checkpoint(ckpt: str | os.PathLike) -> bool:
+    return shards_dir(ckpt).is_dir()
+
+
+def file_digests(folder: Path, pattern: str) -> dict[str, dict[str, Any]]:
+    """{"<folder name>/<file>": {sha256, bytes}} of the files of `folder` matching `pattern`,
+    named as COMPLETE lists them (relative to the checkpoint folder)."""
+    return {f"{folder.name}/{p.name}": {"sha256": _file_sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.glob(pattern)) if p.is_file()}
+
+
+def save_sharded_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module,
+                            trainer_state: dict[str, Any], keep_last: int,
+                            write_shards: Any, is_main: bool, barrier: Any,
+                            val_loss: float | None = None,
+                            extra_files: dict[str, bytes] | None = None,
+                            base_dir: str | os.PathLike | None = None) -> Path | None:
+    """A sharded checkpoint, called on every rank:
+
+        step_000123/sharded/      weights + optimizer state, one file per rank (DCP); with a
+                                  frozen base (`base_dir`) only the trainable part, as base.json says
+        config.json, trainer_state.json/.safetensors (no optimizer: it is in the shards),
+        base.json (frozen base), <extra files>, COMPLETE (last, listing every file above)
+
+    `write_shards(folder) -> {name: {sha256, bytes}}` is the collective that writes the shards
+    (trainer.distributed.save_sharded, which this module does not import). Until the main rank
+    writes COMPLETE, after every rank's shards are on disk, resume skips the folder: a crash
+    mid-save leaves the previous checkpoint the one to load. Returns the folder on the main rank.
+    """
+    ckpt = checkpoint_root(out_dir) / f"step_{step:06d}"
+    if is_main:
+        _open_folder(ckpt)
+        shutil.rmtree(shards_dir(ckpt), ignore_errors=True)    # an earlier, unfinished attempt
+    barrier()
+    written = write_shards(shards_dir(ckpt))
+    if not is_main:
+        return None
+    files = {CONFIG_NAME: config_bytes(model.config)}
+    if base_dir is not None:
+        files[BASE_NAME] = json.dumps({**base_reference(base_dir, model), "trainable_elsewhere": {}},
+                                      indent=2, sort_keys=True).encode()
+    files.update(zip(STATE_NAMES, resume_state.encode(trainer_state)))
+    files.update(extra_files or {})
+    return _complete(out_dir, ckpt, step, files, written, keep_last, val_loss)
+
+
+def read_sharded_state(ckpt: str | os.PathLike, base_dir: str | os.PathLike | None,
+                       verify_base: bool = True) -> dict[str, Any]:
+    """The trainer state of a sharded checkpoint (the weights and optimizer are read by
+    trainer.distributed.load_sharded); checks its frozen base first, as load_checkpoint does."""
+    ckpt = Path(ckpt)
+    if (ckpt / BASE_NAME).exists() and verify_base:
+        check_base(ckpt, base_dir)
+    return resume_state.read(ckpt)
 
 
 def read_best(out_dir: str | os.PathLike) -> tuple[Path, float] | None:

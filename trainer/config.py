@@ -97,6 +97,13 @@ class TrainConfig:
     seed: int = option(1337, "seed for data order, initialisation and dropout")
     num_workers: int = option(0, "DataLoader worker processes")
     compile: bool = option(False, "torch.compile the model")
+    parallel: str = option("ddp", "several processes (torchrun): ddp replicates the model on every "
+                           "rank; fsdp shards weights, gradients and optimizer state (FSDP2, per "
+                           "block) and writes sharded checkpoints", choices=("ddp", "fsdp"))
+    reshard_after_forward: bool = option(True, "fsdp: free each block's gathered weights after its "
+                                         "forward (less memory, one more all-gather in backward)")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward "
+                                            "instead of keeping them (less memory, ~1/3 more compute)")
     peak_tflops: float = option(0.0, "peak TFLOP/s for MFU (0 = table lookup on GPU, quick matmul probe on CPU)")
 
     # --- evaluation, logging, checkpoints
@@ -224,11 +231,11 @@ class TrainConfig:
             err.append("set max_steps > 0 or epochs > 0")
         if self.max_steps and self.warmup_steps > self.max_steps:
             err.append(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
-        for name in ("dtype", "wandb", "nan_policy", "moe_backend"):
+        for name in ("dtype", "wandb", "nan_policy", "moe_backend", "parallel"):
             choices = _field_meta(type(self), name).get("choices", ())
             if getattr(self, name) not in choices:
                 err.append(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        err += self._device_problems()
+        err += self._device_problems() + self._fsdp_problems()
         try:
             self.kt.validate()        # field-level; the shape checks are in _expert_problems
         except ValueError as exc:
@@ -238,8 +245,12 @@ class TrainConfig:
         for name in ("data_path", "eval_data_path"):   # names are resolved later via dataset_dir
             err += [f"{name}: no such file {p!r}" for p in getattr(self, name)
                     if not self.dataset_dir and not Path(p).exists()]
+        from trainer.checkpoint import is_sharded_checkpoint   # as model.config below: here only
         if self.init_from and not Path(self.init_from).exists():
             err.append(f"init_from: no such folder {self.init_from!r}")
+        elif self.init_from and is_sharded_checkpoint(self.init_from):
+            err.append(f"init_from: {self.init_from!r} is a sharded (--parallel fsdp) checkpoint: "
+                       "continue it with --resume, or start from the run's final/ model folder")
         from model.config import PRESETS  # model code: imported here only, as in model_config()
         if not self.init_from and self.model_preset not in PRESETS:
             err.append(f"model_preset: unknown preset {self.model_preset!r} "
@@ -285,6 +296,26 @@ class TrainConfig:
                             self.kt_options())
         except ValueError as exc:
             err.append(f"{switch}: {exc}")
+        return err
+
+    def _fsdp_problems(self) -> list[str]:
+        """What --parallel fsdp cannot shard or run; refused, never quietly run as DDP."""
+        if self.parallel != "fsdp":
+            return []
+        err = []
+        if self.dtype == "fp16":
+            err.append("parallel fsdp: dtype fp16 needs a sharded GradScaler, which this trainer "
+                       "does not have; use --dtype bf16 or fp32")
+        if self.expert_backend() == "kt":
+            err.append("parallel fsdp: kt-kernel holds its own unsharded copy of the expert weights; "
+                       "use --moe_backend torch (or cpu on a CPU run), or --parallel ddp")
+        if self.expert_backend() == "cpu" and self.device_type() != "cpu":
+            err.append(f"parallel fsdp: moe_backend cpu keeps experts in CPU memory, outside the "
+                       f"{self.device_type()} device mesh FSDP shards over; use --moe_backend torch "
+                       "or --parallel ddp")
+        if self.eval_gen_data:
+            err.append("parallel fsdp: eval_gen_data generates on the main process alone, which a "
+                       "sharded model cannot do; evaluate the final model with eval_model.py")
         return err
 
     def _device_problems(self) -> list[str]:

@@ -208,6 +208,9 @@ class GRPOConfig(FinetuningChoice):
                        "prompts need room")
         if self.eval_data_path or self.eval_fraction:
             err.append("GRPO has no validation loss: score held-out questions with --eval_gen_data")
+        if self.parallel == "fsdp":     # each rank samples its own lengths: forwards out of step
+            err.append("parallel fsdp: GRPO's rollouts generate a different number of tokens per "
+                       "rank, which a sharded model cannot; use --parallel ddp")
         mu = self.inner_updates
         if mu > 1 and (not self.max_steps or self.max_steps % mu or self.save_every % mu):
             err.append(f"inner_updates {mu}: max_steps (> 0) and save_every must be multiples of it "

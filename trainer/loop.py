@@ -2,8 +2,10 @@
 
 Scope: `fit()` runs optimisation for any stage; a stage supplies its dataset, its
 `loss_fn(model, batch) -> (loss, metrics)` and which parameters train. `fit` owns mixed precision,
-gradient accumulation (DDP sync on the last micro-step only), clipping, the schedule, data order,
-evaluation, logging, NaN handling and checkpoint/resume.
+gradient accumulation (DDP/FSDP sync on the last micro-step only), clipping, the schedule, data
+order, evaluation, logging, NaN handling and checkpoint/resume. `--parallel fsdp` shards the model
+(trainer.distributed.shard_model) before the optimizer is built and writes sharded (DCP)
+checkpoints that resume at any world size.
 
 Host syncs: none per step by default. Losses and the non-finite flag accumulate on the device and
 are read every `log_every` steps and before each evaluation/checkpoint, so a diverged step is
@@ -78,7 +80,8 @@ def restore(state: dict[str, Any], optimizer: torch.optim.Optimizer, schedule: C
     if state["global_batch"] != global_batch:
         raise ValueError(f"resume: global batch was {state['global_batch']}, now {global_batch}; "
                          "keep batch_size * grad_accum * world_size unchanged for an exact resume")
-    optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:        # a sharded checkpoint's optimizer came back through DCP
+        optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     scaler.load_state_dict(state["scaler"])
     rngs = state["rng"]
@@ -125,6 +128,7 @@ class Run:
     first_bad: torch.Tensor          # first non-finite step, -1 = none
     gnorm: torch.Tensor
     base_dir: str | None = None      # frozen base folder: checkpoints reference it, not copy it
+    sharded: bool = False            # --parallel fsdp: sharded (DCP) checkpoints
     lr: float = 0.0
     metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     weight_sum: float = 0.0
@@ -155,12 +159,20 @@ def setup(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainCo
         chosen = {id(p) for p in trainable}
         for p in model.parameters():
             p.requires_grad_(id(p) in chosen)
+    if cfg.activation_checkpointing:
+        dist.apply_activation_checkpointing(model)
+    precision = resolve_precision(cfg.dtype, env.device)
+    sharded = cfg.parallel == "fsdp"
+    if sharded:   # before the optimizer: fully_shard swaps the parameters for DTensor shards
+        dist.shard_model(model, env, precision.dtype if precision.name == "bf16" else None,
+                         cfg.reshard_after_forward)
+        if trainable is not None:
+            trainable = [p for p in model.parameters() if p.requires_grad]
     groups = param_groups(model, trainable, cfg.weight_decay)
     optimizer = build_optimizer(groups, cfg.lr, cfg.betas, cfg.eps, env.device.type)
     global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
     max_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_data) / global_batch)
     schedule = CosineSchedule(optimizer, max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-    precision = resolve_precision(cfg.dtype, env.device)
     log(f"[train] {precision.describe()}")
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision.name == "fp16")
 
@@ -173,14 +185,22 @@ def setup(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainCo
     resume_from = dist.broadcast_object(ckpt_io.resolve_resume(cfg.resume, cfg.out_dir, log)
                                         if env.is_main else None)
     if resume_from is not None:
-        state = ckpt_io.load_checkpoint(resume_from, model, verify=False,  # main rank verified it
-                                        base_dir=base_dir or cfg.init_from or None,
-                                        verify_base=env.is_main)
+        base = base_dir or cfg.init_from or None
+        if ckpt_io.is_sharded_checkpoint(resume_from):    # any world size, ddp or fsdp
+            state = ckpt_io.read_sharded_state(resume_from, base, verify_base=env.is_main)
+            dist.load_sharded(ckpt_io.shards_dir(resume_from), model, optimizer,
+                              frozen=base_dir is not None)
+        elif dist.is_sharded(model):
+            raise ConfigError(f"resume: {resume_from} was written by --parallel ddp (optimizer "
+                              "state by index, not by name); resume it with --parallel ddp")
+        else:
+            state = ckpt_io.load_checkpoint(resume_from, model, verify=False,  # main verified it
+                                            base_dir=base, verify_base=env.is_main)
         restore(state, optimizer, schedule, scaler, env, global_batch, log)
         step, samples = state["step"], state["samples"]
         best_val, wandb_id = state["best_val_loss"], state["wandb_id"]
 
-    train_model = dist.wrap_model(model, env)
+    train_model = model if sharded else dist.wrap_model(model, env)
     if cfg.compile:
         train_model = torch.compile(train_model)
     sampler = StreamSampler(len(train_data), cfg.batch_size, cfg.grad_accum, env.rank, env.world_size,
@@ -205,7 +225,7 @@ def setup(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainCo
                FitResult(step=step, samples_seen=samples, best_val_loss=best_val), resume_from,
                loss_sum=torch.zeros((), device=dev),
                first_bad=torch.full((), -1, device=dev, dtype=torch.long),
-               gnorm=torch.zeros((), device=dev), base_dir=base_dir)
+               gnorm=torch.zeros((), device=dev), base_dir=base_dir, sharded=sharded)
 
 
 def forward_backward(run: Run, micro: list[Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], float]:
@@ -241,7 +261,7 @@ def train_step(run: Run) -> None:
     step_loss, step_metrics, step_weight = forward_backward(run, micro)
     scaler.unscale_(opt)
     if cfg.grad_clip > 0:
-        run.gnorm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+        run.gnorm = dist.clip_grad_norm(run.params, cfg.grad_clip)
     step_bad = ~torch.isfinite(step_loss)
     if not scaler.is_enabled() and cfg.grad_clip > 0:
         step_bad |= ~torch.isfinite(run.gnorm)   # fp16: inf grads are the scaler's business
@@ -324,21 +344,46 @@ def save(run: Run, val_loss: float | None) -> None:
     check_finite(run)
     t0 = time.perf_counter()
     rngs = dist.all_gather_object(rng_state())
-    path = None
-    if run.env.is_main:
-        res = run.result
-        state = {"step": res.step, "samples": res.samples_seen, "global_batch": run.global_batch,
-                 "world_size": run.env.world_size, "optimizer": run.optimizer.state_dict(),
-                 "schedule": run.schedule.state_dict(), "scaler": run.scaler.state_dict(),
-                 "rng": rngs, "best_val_loss": res.best_val_loss, "wandb_id": run.logger.wandb_id,
-                 "config": run.cfg.to_dict()}
+    res, path = run.result, None
+    state = {"step": res.step, "samples": res.samples_seen, "global_batch": run.global_batch,
+             "world_size": run.env.world_size, "schedule": run.schedule.state_dict(),
+             "scaler": run.scaler.state_dict(), "rng": rngs, "best_val_loss": res.best_val_loss,
+             "wandb_id": run.logger.wandb_id, "config": run.cfg.to_dict()}
+    if run.sharded:
+        path = save_sharded(run, state, val_loss)
+    elif run.env.is_main:
+        state["optimizer"] = run.optimizer.state_dict()
         extra = run.on_save(run.model, res.step) if run.on_save is not None else None
         path = ckpt_io.save_checkpoint(run.cfg.out_dir, res.step, run.model, state,
                                        run.cfg.keep_last, val_loss, extra, base_dir=run.base_dir)
+    if path is not None:
         run.logger.message(f"[checkpoint] saved {path}")
     dist.barrier()
     run.last_saved = run.result.checkpoint = dist.broadcast_object(path)
     run.t_last += time.perf_counter() - t0
+
+
+def save_sharded(run: Run, state: dict[str, Any], val_loss: float | None) -> Path | None:
+    """--parallel fsdp: every rank writes its shards of weights and optimizer state (DCP), then
+    the main rank writes the rest and the COMPLETE marker last (checkpoint.save_sharded_checkpoint);
+    returns the folder on the main rank. The stage's extra files (adapters) are made from the
+    gathered parameters."""
+    extra = None
+    if run.on_save is not None:
+        with dist.full_params(run.model) as plain:
+            extra = run.on_save(plain, run.step) if run.env.is_main else None
+    frozen = run.base_dir is not None
+
+    def write_shards(folder: Path) -> dict[str, dict[str, Any]]:
+        dist.save_sharded(folder, run.model, run.optimizer, frozen)
+        digests = ckpt_io.file_digests(folder, f"__{run.env.rank}_*")   # each rank its own files
+        if run.env.is_main:
+            digests.update(ckpt_io.file_digests(folder, ".metadata"))
+        return {k: v for part in dist.all_gather_object(digests) for k, v in part.items()}
+
+    return ckpt_io.save_sharded_checkpoint(run.cfg.out_dir, run.step, run.model, state,
+                                           run.cfg.keep_last, write_shards, run.env.is_main,
+                                           dist.barrier, val_loss, extra, run.base_dir)
 
 
 def fit(model: nn.Module, train_data: Dataset, loss_fn: Callable, cfg: TrainConfig,

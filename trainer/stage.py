@@ -203,7 +203,8 @@ def finish(model: MiniMindLM, cfg: TrainConfig, env: dist.DistEnv, result: FitRe
            adapter: bool = False) -> None:
     """A stage's last lines: export out_dir/final (the LoRA adapter folder when `adapter`, else
     the whole model), print how the run ended, leave the process group."""
-    with ckpt_io.resume_hint_on_write_error(cfg.out_dir):     # disk full: one line
+    # disk full: one line. A sharded (fsdp) model is gathered first: `final` is a plain folder.
+    with ckpt_io.resume_hint_on_write_error(cfg.out_dir), dist.full_params(model):
         if adapter:
             export_adapter(model, cfg, env)
         else:

@@ -45,9 +45,16 @@ def evaluate(model: nn.Module, eval_sets: Mapping[str, Dataset], loss_fn: Callab
         for name, ds in eval_sets.items():
             total = torch.zeros(2, device=env.device)
             sums: dict[str, float] = {}
-            for idx in eval_indices(len(ds), cfg.batch_size, cfg.eval_batches, env.rank, env.world_size):
-                batch = collate_fn([ds[i] for i in idx])
-                w = batch_weight(batch)
+            mine: list[Any] = list(eval_indices(len(ds), cfg.batch_size, cfg.eval_batches,
+                                                env.rank, env.world_size))
+            if dist.is_sharded(model):
+                # each FSDP forward is a collective: a rank with fewer batches runs padding
+                # forwards (sample 0, weight 0) until every rank has run as many
+                most = dist.all_reduce_max(torch.tensor(len(mine), device=env.device))
+                mine += [None] * (int(most.item()) - len(mine))
+            for idx in mine:
+                batch = collate_fn([ds[i] for i in (idx if idx is not None else [0])])
+                w = batch_weight(batch) if idx is not None else 0.0
                 with autocast():
                     loss, metrics = loss_fn(model, to_device(batch, env.device))
                 total += torch.stack([loss.detach().float() * w, torch.tensor(w, device=env.device)])
