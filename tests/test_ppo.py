@@ -195,3 +195,14 @@ def test_settings_refuse_bad_values():
     with pytest.raises(ValueError, match="gamma"):
         PPOSettings(gamma=1.5)
     assert ppo.PPOSettings().rollout.group_size == 1
+
+
+def test_rl_stages_refuse_fsdp_in_one_line():
+    """Each rank's rollouts run a different number of forwards: a sharded model cannot."""
+    import train_ppo
+    from common.errors import UserError
+    from trainer.config import parse_config
+    from trainer.grpo import GRPOConfig
+    for cls, name in ((train_ppo.PPOConfig, "PPO"), (GRPOConfig, "GRPO")):
+        with pytest.raises(UserError, match=f"parallel fsdp: {name}'s rollouts"):
+            parse_config(cls, ["--parallel", "fsdp", "--data_path", "x.jsonl", "--device", "cpu"])
