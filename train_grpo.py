@@ -23,24 +23,16 @@ when track_kl), temperature 1.0, lr 1e-5 full / 1e-4 LoRA, no weight decay (TRL'
 from __future__ import annotations
 
 from common.errors import run_cli
-from trainer import distributed as dist
 from trainer import grpo
 from trainer.config import parse_config
 from trainer.grpo import GRPOConfig
-from trainer.rewards import RewardMix
 from trainer.rollout import Rollouts
-from trainer.stage import build_model, finish, load_tokenizer
+from trainer.stage import finish
 
 
 def main() -> None:
     cfg = parse_config(GRPOConfig, description=__doc__)
-    env = dist.init_distributed(cfg.device)
-    if env.is_main and not cfg.init_from:
-        print("[warn] no --init_from: RL on a randomly initialised model rarely earns a reward", flush=True)
-    tokenizer = load_tokenizer(cfg)
-    rewards = RewardMix.from_spec(cfg.reward, tokenizer=tokenizer, device=env.device)
-    prompts = grpo.prompt_dataset(cfg, tokenizer, rewards, env)
-    model = build_model(cfg, tokenizer).to(env.device)
+    env, tokenizer, rewards, prompts, model = grpo.rl_setup(cfg)
     rollouts = Rollouts(prompts, rewards, cfg.settings().rollout, tokenizer,
                         grpo.policy_reference(cfg, model, env), seed=cfg.seed, rank=env.rank)
     result = grpo.fit_rollouts(model, prompts, rollouts, cfg, env, tokenizer)

@@ -33,9 +33,8 @@ from trainer.adapters import FinetuningChoice
 from trainer.checkpoint import resolve_resume, verify_checkpoint
 from trainer.config import option, parse_config
 from trainer.loop import fit
-from trainer.rewards import RewardMix, RewardSpecError
 from trainer.rollout import Rollouts, SampleLog
-from trainer.stage import build_model, finish, fit_args, generation_hooks, load_tokenizer, reference_model
+from trainer.stage import finish, fit_args, generation_hooks, reference_model
 
 
 @dataclass
@@ -70,26 +69,9 @@ class PPOConfig(FinetuningChoice):
             self.lr = 1e-4 if self.use_lora else 1e-5
 
     def _problems(self) -> list[str]:
-        err = super()._problems()
-        try:
-            self.settings()
-            RewardMix.from_spec(self.reward)
-        except (ValueError, RewardSpecError) as exc:
-            err.append(str(exc))
-        if self.max_new_tokens >= self.seq_len:
-            err.append(f"max_new_tokens ({self.max_new_tokens}) must be < seq_len ({self.seq_len}): "
-                       "prompts need room")
-        if self.eval_data_path or self.eval_fraction:
-            err.append("PPO has no validation loss: score held-out questions with --eval_gen_data")
-        if self.parallel == "fsdp":     # each rank samples its own lengths: forwards out of step
-            err.append("parallel fsdp: PPO's rollouts generate a different number of tokens per "
-                       "rank, which a sharded model cannot; use --parallel ddp")
+        err = super()._problems() + grpo.rl_problems(self, "PPO", "ppo_epochs")
         if self.compile:   # the critic reads hidden states through a per-call hook
             err.append("compile: PPO's critic reads hidden states through a hook; run it uncompiled")
-        k = self.ppo_epochs
-        if k > 1 and (not self.max_steps or self.max_steps % k or self.save_every % k):
-            err.append(f"ppo_epochs {k}: max_steps (> 0) and save_every must be multiples of it "
-                       "(a checkpoint holds no half-used rollout)")
         return err
 
     def settings(self) -> ppo.PPOSettings:
@@ -100,13 +82,7 @@ class PPOConfig(FinetuningChoice):
 
 def main() -> None:
     cfg = parse_config(PPOConfig, description=__doc__)
-    env = dist.init_distributed(cfg.device)
-    if env.is_main and not cfg.init_from:
-        print("[warn] no --init_from: RL on a randomly initialised model rarely earns a reward", flush=True)
-    tokenizer = load_tokenizer(cfg)
-    rewards = RewardMix.from_spec(cfg.reward, tokenizer=tokenizer, device=env.device)
-    prompts = grpo.prompt_dataset(cfg, tokenizer, rewards, env)
-    model = build_model(cfg, tokenizer).to(env.device)
+    env, tokenizer, rewards, prompts, model = grpo.rl_setup(cfg)
     settings = cfg.settings()
     reference = reference_model(model, cfg, env) if cfg.kl_coef > 0 else None
     head = rm.add_value_head(model)        # the critic: zero at the start, so V = 0 everywhere

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from model.config import MiniMindConfig
 from model.generate import SamplingParams, generate_tokens
 from model.model import MiniMindLM
-from trainer import grpo, rewards, rollout
+from trainer import grpo, rewards, rollout, stage
 from trainer.grpo import GRPOSettings, policy_loss
 from trainer.rollout import group_advantages
 
@@ -135,7 +135,7 @@ def _run_stage(tmp_path, monkeypatch, out, *extra):
         rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(4) for b in range(4)]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = Tokenizer.from_dir(None)
-    monkeypatch.setattr(train_grpo, "load_tokenizer", lambda cfg: tok)
+    monkeypatch.setattr(stage, "load_tokenizer", lambda cfg: tok)   # grpo.rl_setup reads it there
     argv = ["--data_path", str(data), "--out_dir", str(out), "--model_preset", "tiny",
             "--batch_size", "2", "--group_size", "4", "--max_new_tokens", "3", "--seq_len", "64",
             "--reward", "space,correctness:0", "--log_every", "1", "--no-progress", "--no-plot",
@@ -197,8 +197,8 @@ def test_lora_reference_is_the_adapter_free_model_and_only_adapters_train(tmp_pa
         built.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         return model
 
-    train_grpo_build = train_grpo.build_model
-    monkeypatch.setattr(train_grpo, "build_model", build)
+    train_grpo_build = stage.build_model
+    monkeypatch.setattr(stage, "build_model", build)
     monkeypatch.setattr(train_grpo, "finish", lambda model, *a, **k: done.setdefault("model", model))
     metrics = _run_stage(tmp_path, monkeypatch, tmp_path / "lora", "--finetuning_type", "lora",
                          "--lora_rank", "4", "--max_steps", "3", "--lr", "1e-2", "--min_lr_ratio", "1")

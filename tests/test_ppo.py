@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.io import load_pretrained
-from trainer import ppo, rewards, rollout
+from trainer import ppo, rewards, rollout, stage
 from trainer.ppo import PPOSettings, gae, masked_whiten, ppo_loss, token_rewards
 
 pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
@@ -99,7 +99,7 @@ def _run_stage(tmp_path, monkeypatch, out, *extra):
         rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(4) for b in range(4)]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = Tokenizer.from_dir(None)
-    monkeypatch.setattr(train_ppo, "load_tokenizer", lambda cfg: tok)
+    monkeypatch.setattr(stage, "load_tokenizer", lambda cfg: tok)   # grpo.rl_setup reads it there
     argv = ["--data_path", str(data), "--out_dir", str(out), "--model_preset", "tiny",
             "--batch_size", "4", "--samples_per_prompt", "2", "--max_new_tokens", "3", "--seq_len", "64",
             "--reward", "space,correctness:0", "--log_every", "1", "--no-progress", "--no-plot",
@@ -153,8 +153,8 @@ def test_lora_trains_adapters_and_value_head_only(tmp_path, monkeypatch):
         built.update({k: v.detach().clone() for k, v in model.state_dict().items()})
         return model
 
-    real_build = train_ppo.build_model
-    monkeypatch.setattr(train_ppo, "build_model", build)
+    real_build = stage.build_model
+    monkeypatch.setattr(stage, "build_model", build)
     monkeypatch.setattr(train_ppo, "finish", lambda model, *a, **k: done.setdefault(   # what is exported
         "state", {k: v.detach().clone() for k, v in model.state_dict().items()}))
     metrics = _run_stage(tmp_path, monkeypatch, tmp_path / "lora", "--finetuning_type", "lora",

@@ -161,6 +161,31 @@ class PromptDataset(Dataset):
 
 
 # ---------------------------------------------------------------------- the stage's options
+def rl_problems(cfg: Any, stage: str, per_rollout: str) -> list[str]:
+    """What an RL stage's config (GRPO, PPO, agent) must satisfy: valid settings and reward spec,
+    room for prompts, no validation loss, no sharding, and checkpoints on rollout boundaries
+    (`per_rollout` names the option counting optimizer steps per rollout)."""
+    err = []
+    try:
+        cfg.settings()
+        RewardMix.from_spec(cfg.reward)
+    except (ValueError, RewardSpecError) as exc:
+        err.append(str(exc))
+    if cfg.max_new_tokens >= cfg.seq_len:
+        err.append(f"max_new_tokens ({cfg.max_new_tokens}) must be < seq_len ({cfg.seq_len}): "
+                   "prompts need room")
+    if cfg.eval_data_path or cfg.eval_fraction:
+        err.append(f"{stage} has no validation loss: score held-out questions with --eval_gen_data")
+    if cfg.parallel == "fsdp":     # each rank samples its own lengths: forwards out of step
+        err.append(f"parallel fsdp: {stage}'s rollouts generate a different number of tokens per "
+                   "rank, which a sharded model cannot; use --parallel ddp")
+    k = getattr(cfg, per_rollout)
+    if k > 1 and (not cfg.max_steps or cfg.max_steps % k or cfg.save_every % k):
+        err.append(f"{per_rollout} {k}: max_steps (> 0) and save_every must be multiples of it "
+                   "(a checkpoint holds no half-used rollout)")
+    return err
+
+
 @dataclass
 class GRPOConfig(FinetuningChoice):
     """train_grpo.py's options (train_agent.py adds its own); `0` for lr / eps_low / eps_high
@@ -197,25 +222,7 @@ class GRPOConfig(FinetuningChoice):
         self.eps_low, self.eps_high = self.eps_low or low, self.eps_high or high
 
     def _problems(self) -> list[str]:
-        err = super()._problems()
-        try:
-            self.settings()
-            RewardMix.from_spec(self.reward)
-        except (ValueError, RewardSpecError) as exc:
-            err.append(str(exc))
-        if self.max_new_tokens >= self.seq_len:
-            err.append(f"max_new_tokens ({self.max_new_tokens}) must be < seq_len ({self.seq_len}): "
-                       "prompts need room")
-        if self.eval_data_path or self.eval_fraction:
-            err.append("GRPO has no validation loss: score held-out questions with --eval_gen_data")
-        if self.parallel == "fsdp":     # each rank samples its own lengths: forwards out of step
-            err.append("parallel fsdp: GRPO's rollouts generate a different number of tokens per "
-                       "rank, which a sharded model cannot; use --parallel ddp")
-        mu = self.inner_updates
-        if mu > 1 and (not self.max_steps or self.max_steps % mu or self.save_every % mu):
-            err.append(f"inner_updates {mu}: max_steps (> 0) and save_every must be multiples of it "
-                       "(a checkpoint holds no half-used rollout)")
-        return err
+        return super()._problems() + rl_problems(self, "GRPO", "inner_updates")
 
     def settings(self) -> GRPOSettings:
         return GRPOSettings(self.loss, self.group_size, self.beta, self.eps_low, self.eps_high,
@@ -356,6 +363,20 @@ def policy_reference(cfg: GRPOConfig, model: nn.Module, env: Any) -> Any:
     trainer.stage.reference_model's (LoRA: adapters off; else a frozen copy)."""
     from trainer.stage import reference_model
     return reference_model(model, cfg, env) if cfg.beta > 0 or cfg.track_kl else None
+
+
+def rl_setup(cfg: Any) -> tuple[Any, Any, RewardMix, PromptDataset, nn.Module]:
+    """(env, tokenizer, rewards, prompts, model) of an RL stage (GRPO, PPO): the process group,
+    the rewards of `--reward`, the prompts they can score, and the policy on its device."""
+    from trainer import distributed as dist
+    from trainer.stage import build_model, load_tokenizer
+    env = dist.init_distributed(cfg.device)
+    if env.is_main and not cfg.init_from:
+        print("[warn] no --init_from: RL on a randomly initialised model rarely earns a reward", flush=True)
+    tokenizer = load_tokenizer(cfg)
+    rewards = RewardMix.from_spec(cfg.reward, tokenizer=tokenizer, device=env.device)
+    prompts = prompt_dataset(cfg, tokenizer, rewards, env)
+    return env, tokenizer, rewards, prompts, build_model(cfg, tokenizer).to(env.device)
 
 
 def prompt_dataset(cfg: Any, tokenizer: Any, rewards: RewardMix, env: Any) -> PromptDataset:
