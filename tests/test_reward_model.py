@@ -67,7 +67,10 @@ def toy_pairs(numbers) -> list[dict]:
 
 
 def run_stage(monkeypatch, argv: list[str], module):
-    monkeypatch.setattr(module, "load_tokenizer", lambda cfg: Tokenizer.from_dir(None))
+    from trainer import stage
+    for owner in (stage, module):   # the RL stages read it through grpo.rl_setup, i.e. from stage
+        if hasattr(owner, "load_tokenizer"):
+            monkeypatch.setattr(owner, "load_tokenizer", lambda cfg: Tokenizer.from_dir(None))
     monkeypatch.setattr("sys.argv", [module.__name__ + ".py", *argv])
     module.main()
 
