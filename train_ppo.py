@@ -29,7 +29,6 @@ from common.errors import run_cli
 from trainer import distributed as dist
 from trainer import grpo, ppo
 from trainer import reward_model as rm
-from trainer.adapters import FinetuningChoice
 from trainer.checkpoint import resolve_resume, verify_checkpoint
 from trainer.config import option, parse_config
 from trainer.loop import fit
@@ -38,13 +37,10 @@ from trainer.stage import finish, fit_args, generation_hooks, reference_model
 
 
 @dataclass
-class PPOConfig(FinetuningChoice):
-    """PPO options; lr `0` means "the default for this setup"."""
+class PPOConfig(grpo.RLOptions):
+    """PPO options (prompts, rewards, sampling and lr: grpo.RLOptions)."""
 
     out_dir: str = "out/ppo"
-    lr: float = option(0.0, "peak lr (0 = 1e-5 full or freeze, 1e-4 with finetuning_type lora)")
-    weight_decay: float = 0.0
-    seq_len: int = option(512, "prompt + completion tokens (prompts keep their last turns)")
     batch_size: int = option(8, "prompts per micro-batch per process")
     samples_per_prompt: int = option(1, "completions sampled per prompt")
     ppo_epochs: int = option(4, "optimizer steps per rollout (checkpoints fall on multiples)")
@@ -56,17 +52,6 @@ class PPOConfig(FinetuningChoice):
     kl_coef: float = option(0.05, "β: per-token KL penalty to the reference in the reward (0 = none)")
     target_kl: float = option(0.0, "early stop: a rollout's remaining epochs are skipped once the "
                               "approx KL to the sampling policy exceeds 1.5x this (0 = never)")
-    reward: str = option("correctness:1.0,format:0.1", "rewards and weights: correctness, format, "
-                         "length, reward_model:PATH[:WEIGHT]")
-    max_new_tokens: int = option(256, "completion budget per rollout")
-    temperature: float = option(1.0, "rollout sampling temperature")
-    top_p: float = option(1.0, "rollout nucleus sampling")
-    think: bool = option(False, "prompts open a <think> block (reasoning models)")
-    sample_every: int = option(0, "steps between rollout samples written to rollouts.jsonl (0 = log_every)")
-
-    def __post_init__(self) -> None:
-        if self.lr == 0:
-            self.lr = 1e-4 if self.use_lora else 1e-5
 
     def _problems(self) -> list[str]:
         err = super()._problems() + grpo.rl_problems(self, "PPO", "ppo_epochs")

@@ -187,25 +187,13 @@ def rl_problems(cfg: Any, stage: str, per_rollout: str) -> list[str]:
 
 
 @dataclass
-class GRPOConfig(FinetuningChoice):
-    """train_grpo.py's options (train_agent.py adds its own); `0` for lr / eps_low / eps_high
-    means "the default for this setup"."""
+class RLOptions(FinetuningChoice):
+    """What every RL stage (GRPO, PPO, agent) asks for: prompts, rewards and sampling; lr `0`
+    means "the default for this setup" (1e-5 full or freeze, 1e-4 LoRA)."""
 
-    out_dir: str = "out/grpo"
-    lr: float = option(0.0, "peak lr (0 = 1e-5 full, 1e-4 with finetuning_type lora)")
+    lr: float = option(0.0, "peak lr (0 = 1e-5 full or freeze, 1e-4 with finetuning_type lora)")
     weight_decay: float = 0.0
     seq_len: int = option(512, "prompt + completion tokens (prompts keep their last turns)")
-    batch_size: int = option(4, "prompts per micro-batch per process (each sampled group_size times)")
-    loss: str = option("cispo", "grpo (DeepSeekMath), dapo (clip-higher, token-level, flat groups "
-                       "dropped) or cispo (clipped stop-gradient IS weights; MiniMind's)",
-                       choices=LOSS_TYPES)
-    group_size: int = option(8, "completions sampled per prompt (G)")
-    beta: float = option(0.0, "KL penalty weight to the reference policy (0 = off)")
-    track_kl: bool = option(True, "compute the reference's log-probs to log kl even when beta is 0")
-    eps_low: float = option(0.0, "lower clip ε (0 = 0.2; cispo: 1.0, no lower bound)")
-    eps_high: float = option(0.0, "upper clip ε (0 = 0.2 grpo, 0.28 dapo, 4.0 cispo)")
-    inner_updates: int = option(1, "μ: optimizer steps per rollout (checkpoints fall on multiples)")
-    scale_rewards: bool = option(True, "divide advantages by the group's reward std (off = Dr. GRPO)")
     reward: str = option("correctness:1.0,format:0.1", "rewards and weights: correctness, format, "
                          "length, reward_model:PATH[:WEIGHT] (a train_reward.py folder; with no "
                          "correctness/format, prompts need no gold answer)")
@@ -218,6 +206,28 @@ class GRPOConfig(FinetuningChoice):
     def __post_init__(self) -> None:
         if self.lr == 0:
             self.lr = 1e-4 if self.use_lora else 1e-5
+
+
+@dataclass
+class GRPOConfig(RLOptions):
+    """train_grpo.py's options (train_agent.py adds its own); `0` for eps_low / eps_high means
+    "the default for this loss"."""
+
+    out_dir: str = "out/grpo"
+    batch_size: int = option(4, "prompts per micro-batch per process (each sampled group_size times)")
+    loss: str = option("cispo", "grpo (DeepSeekMath), dapo (clip-higher, token-level, flat groups "
+                       "dropped) or cispo (clipped stop-gradient IS weights; MiniMind's)",
+                       choices=LOSS_TYPES)
+    group_size: int = option(8, "completions sampled per prompt (G)")
+    beta: float = option(0.0, "KL penalty weight to the reference policy (0 = off)")
+    track_kl: bool = option(True, "compute the reference's log-probs to log kl even when beta is 0")
+    eps_low: float = option(0.0, "lower clip ε (0 = 0.2; cispo: 1.0, no lower bound)")
+    eps_high: float = option(0.0, "upper clip ε (0 = 0.2 grpo, 0.28 dapo, 4.0 cispo)")
+    inner_updates: int = option(1, "μ: optimizer steps per rollout (checkpoints fall on multiples)")
+    scale_rewards: bool = option(True, "divide advantages by the group's reward std (off = Dr. GRPO)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         low, high = DEFAULT_CLIP.get(self.loss, (0.2, 0.2))
         self.eps_low, self.eps_high = self.eps_low or low, self.eps_high or high
 
