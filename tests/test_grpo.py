@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from model.config import MiniMindConfig
 from model.generate import SamplingParams, generate_tokens
 from model.model import MiniMindLM
-from trainer import grpo, rewards, rollout, stage
+from tests.rl_stage import run_rl_stage
+from trainer import grpo, rollout, stage
 from trainer.grpo import GRPOSettings, policy_loss
 from trainer.rollout import group_advantages
 
@@ -120,29 +121,10 @@ def test_rollout_batch_equals_rows_decoded_alone():
 
 
 # ---------------------------------------------------------------------- through the loop
-def _space_first_reward(completion, sample):
-    return float(completion.startswith(" "))
-
-
 def _run_stage(tmp_path, monkeypatch, out, *extra):
-    """train_grpo.main on a tiny fresh model, rewarded for starting its answer with a space
-    (14 % of the shipped tokenizer's tokens do)."""
+    """train_grpo.main on a tiny fresh model, rewarded for starting its answer with a space."""
     import train_grpo
-    from model.tokenizer import Tokenizer
-    monkeypatch.setitem(rewards.REWARDS, "space", _space_first_reward)
-    data = tmp_path / "prompts.jsonl"
-    if not data.exists():
-        rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(4) for b in range(4)]
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tok = Tokenizer.from_dir(None)
-    monkeypatch.setattr(stage, "load_tokenizer", lambda cfg: tok)   # grpo.rl_setup reads it there
-    argv = ["--data_path", str(data), "--out_dir", str(out), "--model_preset", "tiny",
-            "--batch_size", "2", "--group_size", "4", "--max_new_tokens", "3", "--seq_len", "64",
-            "--reward", "space,correctness:0", "--log_every", "1", "--no-progress", "--no-plot",
-            "--dtype", "fp32", "--seed", "3", "--peak_tflops", "1", *extra]
-    monkeypatch.setattr("sys.argv", ["train_grpo.py", *argv])
-    train_grpo.main()
-    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return run_rl_stage(train_grpo, tmp_path, monkeypatch, out, "--batch_size", "2", "--group_size", "4", *extra)
 
 
 def test_resume_is_bit_exact_including_rollouts(tmp_path, monkeypatch):

@@ -3,7 +3,6 @@ hand computations and a naive GAE; the stage through the shared loop: it raises 
 reward, resumes bit for bit, trains only adapters and the value head under LoRA (reference =
 adapters off), and the early stop on KL samples afresh; out_dir/final is a plain model folder
 with the critic beside it."""
-import json
 import math
 
 import pytest
@@ -11,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from model.io import load_pretrained
-from trainer import ppo, rewards, rollout, stage
+from tests.rl_stage import run_rl_stage
+from trainer import ppo, rollout, stage
 from trainer.ppo import PPOSettings, gae, masked_whiten, ppo_loss, token_rewards
 
 pytestmark = pytest.mark.usefixtures("one_thread_private_cache")
@@ -85,28 +85,10 @@ def test_masked_whiten_uses_only_the_reply_tokens():
 
 
 # ---------------------------------------------------------------------- through the loop
-def _space_first_reward(completion, sample):
-    return float(completion.startswith(" "))
-
-
 def _run_stage(tmp_path, monkeypatch, out, *extra):
     """train_ppo.main on a tiny fresh model, rewarded for starting its answer with a space."""
     import train_ppo
-    from model.tokenizer import Tokenizer
-    monkeypatch.setitem(rewards.REWARDS, "space", _space_first_reward)
-    data = tmp_path / "prompts.jsonl"
-    if not data.exists():
-        rows = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a in range(4) for b in range(4)]
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tok = Tokenizer.from_dir(None)
-    monkeypatch.setattr(stage, "load_tokenizer", lambda cfg: tok)   # grpo.rl_setup reads it there
-    argv = ["--data_path", str(data), "--out_dir", str(out), "--model_preset", "tiny",
-            "--batch_size", "4", "--samples_per_prompt", "2", "--max_new_tokens", "3", "--seq_len", "64",
-            "--reward", "space,correctness:0", "--log_every", "1", "--no-progress", "--no-plot",
-            "--dtype", "fp32", "--seed", "3", "--peak_tflops", "1", *extra]
-    monkeypatch.setattr("sys.argv", ["train_ppo.py", *argv])
-    train_ppo.main()
-    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return run_rl_stage(train_ppo, tmp_path, monkeypatch, out, "--batch_size", "4", "--samples_per_prompt", "2", *extra)
 
 
 def test_stage_raises_a_learnable_reward(tmp_path, monkeypatch):
