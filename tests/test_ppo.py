@@ -1,8 +1,8 @@
 """trainer/ppo.py and train_ppo.py: GAE, the rewards, the clipped policy and value losses against
 hand computations and a naive GAE; the stage through the shared loop: it raises a learnable
 reward, resumes bit for bit, trains only adapters and the value head under LoRA (reference =
-adapters off), and the early stop on KL samples afresh; out_dir/final is a plain model folder
-with the critic beside it."""
+adapters off), the early stop on KL samples afresh, and it runs under torchrun; out_dir/final is
+a plain model folder with the critic beside it."""
 import math
 
 import pytest
@@ -188,3 +188,36 @@ def test_rl_stages_refuse_fsdp_in_one_line():
     for cls, name in ((train_ppo.PPOConfig, "PPO"), (GRPOConfig, "GRPO")):
         with pytest.raises(UserError, match=f"parallel fsdp: {name}'s rollouts"):
             parse_config(cls, ["--parallel", "fsdp", "--data_path", "x.jsonl", "--device", "cpu"])
+
+
+def test_two_ranks_under_torchrun(tmp_path):
+    """torchrun, 2 processes: each rank rolls out its own prompts, the policy and the critic train
+    under DDP (the value head is added before the loop wraps the model, so its gradients are
+    all-reduced too), early stop on KL included; rank 0 writes the policy and its critic."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
+                            for a in range(4) for b in range(4)))
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "train_ppo.py", "--data_path", str(data), "--model_preset", "tiny", "--device", "cpu",
+         "--batch_size", "2", "--max_new_tokens", "3", "--seq_len", "64", "--reward", "length",
+         "--ppo_epochs", "2", "--target_kl", "1e-6", "--kl_coef", "0.05", "--max_steps", "4",
+         "--lr", "1e-2", "--log_every", "1", "--no-progress", "--no-plot", "--dtype", "fp32",
+         "--seed", "3", "--peak_tflops", "1", "--out_dir", str(out)],
+        cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)},
+        capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "world 2," in proc.stdout
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["early_stop"] for m in metrics] == [0.0, 1.0, 0.0, 1.0]
+    head = load_file(out / "final" / "value_head.safetensors")
+    assert head["v_head.summary.weight"].abs().sum() > 0
+    load_pretrained(out / "final")
