@@ -185,8 +185,7 @@ def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
         raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
     if not prompts:
         return
-    device = next(model.parameters()).device
-    B, longest = len(prompts), max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token")
     context = model.config.max_position_embeddings
@@ -199,19 +198,43 @@ def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
     if speculation is not None:
         yield from speculation.tokens(model, prompts, list(params), budget, should_stop, compile)
         return
-    V = model.config.vocab_size
-    seen_BV = torch.zeros(B, V, dtype=torch.bool, device=device)
+    first, advance = start_decoding(model, prompts, steps, fast, compile)
+    for out, _ in decode_steps(first, advance, prompts, params, budget, should_stop):
+        yield out
+
+
+def start_decoding(model: MiniMindLM, prompts: Sequence[Sequence[int]], steps: int,
+                   fast: bool | None = None, compile: bool | None = None
+                   ) -> tuple[torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]:
+    """``(logits [B, V] after each prompt, advance)``: the prompts prefilled into a cache with room
+    for ``steps`` more tokens each; ``advance(tokens_B, step)`` feeds step ``step``'s tokens and
+    returns the next logits. The static-cache step where ``use_fast_path`` allows, else eager."""
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    if use_fast_path(model, fast):
+        return _static_steps(model, prompts, longest, steps, device, compile)
+    return _eager_steps(model, prompts, longest, steps, device)
+
+
+def decode_steps(logits: torch.Tensor,
+                 advance: Callable[[torch.Tensor, int], torch.Tensor],
+                 prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                 budget: Sequence[int], should_stop: Callable[[int], bool] | None = None
+                 ) -> Iterator[tuple[list[int | None], torch.Tensor]]:
+    """The decoding loop over any cache: from ``logits`` [B, V] (after each row's history
+    ``prompts``, which the repetition penalty sees), choose each row's token, yield ``(tokens,
+    logits)`` (None for a finished row; the logits the tokens were chosen from, before penalty
+    and temperature: a caller reads the policy's log-probs off them), then ``advance``. A row
+    finishes on a stop token, on its ``budget`` of tokens, or on ``should_stop(row)``."""
+    B, device = len(prompts), logits.device
+    seen_BV = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):  # not the pads: a row must see what it would see alone
         seen_BV[b, torch.tensor(p, dtype=torch.long, device=device)] = True
     generators = [make_generator(p.seed, device) for p in params]
     running = [True] * B
     produced = [0] * B
     stop_ids = [set(p.stop_token_ids) for p in params]
-
-    if use_fast_path(model, fast):
-        logits, advance = _static_steps(model, prompts, longest, steps, device, compile)
-    else:
-        logits, advance = _eager_steps(model, prompts, longest, steps, device)
+    steps = max(budget)
     for step in range(steps):
         next_B = _choose_tokens(logits, params, seen_BV, generators)
         tokens = next_B.tolist()
@@ -224,7 +247,7 @@ def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
             produced[b] += 1
             if tokens[b] in stop_ids[b] or produced[b] >= budget[b]:
                 running[b] = False
-        yield out
+        yield out, logits
         for b in range(B):
             if running[b] and should_stop is not None and should_stop(b):
                 running[b] = False

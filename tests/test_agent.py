@@ -4,16 +4,20 @@ against the chat template's rendering of the same conversation), the tool reward
 and the stage through the loop (LoRA, bit-exact resume)."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from model.config import MiniMindConfig
+from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
 from tests.scripted_model import scripted_model
 from tools import default_registry
 from trainer import rewards
+from trainer.losses import token_logps
 from trainer.agent import AgentPromptDataset, AgentRollouts, sample_agent_groups, tool_turn_ids
 from trainer.rollout import RolloutSettings
 
@@ -55,6 +59,76 @@ def test_rollout_pauses_executes_resumes_and_masks_the_tool_result(tok):
                        if ro.action_mask[0, t] == 0]).count("7006652") == 1  # the result: unmasked
     assert tool_turn_ids(tok, ["7006652"]) == row[len(prompts.prompt_ids[0]) + len(call):
                                                    len(row) - len(answer)]
+
+
+def _keyed_model(chains: dict[tuple[int, int], int]) -> MiniMindLM:
+    """The tiny preset (random weights) whose next token is forced where (position, input token)
+    is a key of `chains`, and free (the random model's own) elsewhere. The forcing is a function
+    of what each position holds, so a prefill, a kept-cache decode step and a full forward all
+    force alike (hooks on the embedding, RoPE and lm_head: none on the model, which would keep it
+    off the static decode step)."""
+    torch.manual_seed(0)
+    # Untied: a tied random head mostly repeats the input token, with log-probs near 0.
+    model = MiniMindLM(MiniMindConfig.from_preset("tiny", tie_word_embeddings=False)).eval()
+    seen = {}
+    model.model.embed_tokens.register_forward_pre_hook(lambda m, a: seen.update(ids=a[0]))
+    model.model.rotary.register_forward_pre_hook(lambda m, a: seen.update(pos=a[0]))
+
+    def force(module, args, out):
+        ids = seen["ids"]
+        pos = seen["pos"].expand(ids.shape)
+        kept = out.shape[1]                       # the forward keeps the last positions' logits
+        for b, s in itertools.product(range(ids.shape[0]), range(kept)):
+            t = ids.shape[1] - kept + s
+            forced = chains.get((int(pos[b, t]), int(ids[b, t])))
+            if forced is not None:
+                out[b, s, forced] += 1e3
+        return out
+
+    model.lm_head.register_forward_hook(force)
+    return model
+
+
+def test_kept_cache_equals_reprefill_and_a_full_forward(tok):
+    """Ragged rows (1, 2 and 3 replies; different prompt lengths and pause points), greedy: the
+    kept-cache rollout and the re-prefill one give the same tokens, and the log-probs each
+    recorded equal a plain full forward's over the final sequences."""
+    registry = default_registry(["calculator"])
+    questions = ["What is 1234 * 5678?", "Compute 4321 * 8765 for me, please, exactly.",
+                 "Hi, what is 2 + 2? Think about it."]
+    records = [{**_record(), "messages": [{"role": "user", "content": q}]} for q in questions]
+    prompts = AgentPromptDataset(records, tok, 400, registry)
+    call = tok.encode(CALL) + [tok.eos_id]
+    call2 = tok.encode(CALL.replace("1234 * 5678", "7006652 + 1")) + [tok.eos_id]
+    # Forced replies; a row's last one is free, but for the third row's short answer: the first
+    # two rows then pause at the same, last step of turn 1, whose stop tokens are never fed.
+    scripts = [[call], [call, call2], [tok.encode("#### 4") + [tok.eos_id]]]
+    chains: dict[tuple[int, int], int] = {}
+    for row, replies in zip(prompts.prompt_ids, scripts):
+        seq = list(row)
+        for reply, result in zip(replies, ["7006652", "7006653"]):
+            for t in reply:
+                assert chains.setdefault((len(seq) - 1, seq[-1]), t) == t   # no clash of rows
+                seq.append(t)
+            seq += tool_turn_ids(tok, [result])
+    assert len({len(p) for p in prompts.prompt_ids}) == 3
+    model = _keyed_model(chains)
+    settings = RolloutSettings(group_size=1, max_new_tokens=48, top_p=1e-9)  # = greedy
+    runs = {keep: sample_agent_groups(model, prompts.prompt_ids, settings, 0, tok, registry, 3,
+                                      keep_cache=keep) for keep in (True, False)}
+    (kept, _, facts), (again, _, _) = runs[True], runs[False]
+    assert [f["turns"] for f in facts] == [2, 3, 1] and [f["tool_calls"] for f in facts] == [1, 2, 0]
+    assert torch.equal(kept.input_ids, again.input_ids)
+    assert torch.equal(kept.action_mask, again.action_mask)
+    with torch.no_grad():
+        ref = token_logps(model(kept.input_ids).logits, kept.input_ids) * kept.action_mask
+    free = kept.action_mask.bool() & (ref < -1e-3)    # where the random model chose
+    assert free.sum() > 50
+    torch.testing.assert_close(kept.logps, ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(again.logps, ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="forward hooks"):   # a scripted model cannot keep it
+        sample_agent_groups(scripted_model([], tok.eos_id), prompts.prompt_ids, settings, 0, tok,
+                            registry, 1, keep_cache=True)
 
 
 def test_rewards_and_metrics_of_agent_rollouts(tok):
