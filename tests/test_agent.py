@@ -4,7 +4,6 @@ against the chat template's rendering of the same conversation), the tool reward
 and the stage through the loop (LoRA, bit-exact resume)."""
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 from model.config import MiniMindConfig
 from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
+from perf.agent import force_replies, reply_chains
 from tests.scripted_model import scripted_model
 from tools import default_registry
 from trainer import rewards
@@ -61,34 +61,6 @@ def test_rollout_pauses_executes_resumes_and_masks_the_tool_result(tok):
                                                    len(row) - len(answer)]
 
 
-def _keyed_model(chains: dict[tuple[int, int], int]) -> MiniMindLM:
-    """The tiny preset (random weights) whose next token is forced where (position, input token)
-    is a key of `chains`, and free (the random model's own) elsewhere. The forcing is a function
-    of what each position holds, so a prefill, a kept-cache decode step and a full forward all
-    force alike (hooks on the embedding, RoPE and lm_head: none on the model, which would keep it
-    off the static decode step)."""
-    torch.manual_seed(0)
-    # Untied: a tied random head mostly repeats the input token, with log-probs near 0.
-    model = MiniMindLM(MiniMindConfig.from_preset("tiny", tie_word_embeddings=False)).eval()
-    seen = {}
-    model.model.embed_tokens.register_forward_pre_hook(lambda m, a: seen.update(ids=a[0]))
-    model.model.rotary.register_forward_pre_hook(lambda m, a: seen.update(pos=a[0]))
-
-    def force(module, args, out):
-        ids = seen["ids"]
-        pos = seen["pos"].expand(ids.shape)
-        kept = out.shape[1]                       # the forward keeps the last positions' logits
-        for b, s in itertools.product(range(ids.shape[0]), range(kept)):
-            t = ids.shape[1] - kept + s
-            forced = chains.get((int(pos[b, t]), int(ids[b, t])))
-            if forced is not None:
-                out[b, s, forced] += 1e3
-        return out
-
-    model.lm_head.register_forward_hook(force)
-    return model
-
-
 def test_kept_cache_equals_reprefill_and_a_full_forward(tok):
     """Ragged rows (1, 2 and 3 replies; different prompt lengths and pause points), greedy: the
     kept-cache rollout and the re-prefill one give the same tokens, and the log-probs each
@@ -100,19 +72,17 @@ def test_kept_cache_equals_reprefill_and_a_full_forward(tok):
     prompts = AgentPromptDataset(records, tok, 400, registry)
     call = tok.encode(CALL) + [tok.eos_id]
     call2 = tok.encode(CALL.replace("1234 * 5678", "7006652 + 1")) + [tok.eos_id]
-    # Forced replies; a row's last one is free, but for the third row's short answer: the first
+    # Forced replies (perf.agent.force_replies: by position and input token, so every path
+    # forces alike); a row's last reply is free, but for the third row's short answer: the first
     # two rows then pause at the same, last step of turn 1, whose stop tokens are never fed.
-    scripts = [[call], [call, call2], [tok.encode("#### 4") + [tok.eos_id]]]
-    chains: dict[tuple[int, int], int] = {}
-    for row, replies in zip(prompts.prompt_ids, scripts):
-        seq = list(row)
-        for reply, result in zip(replies, ["7006652", "7006653"]):
-            for t in reply:
-                assert chains.setdefault((len(seq) - 1, seq[-1]), t) == t   # no clash of rows
-                seq.append(t)
-            seq += tool_turn_ids(tok, [result])
+    results = [tool_turn_ids(tok, ["7006652"]), tool_turn_ids(tok, ["7006653"])]
+    scripts = [[(call, results[0])], [(call, results[0]), (call2, results[1])],
+               [(tok.encode("#### 4") + [tok.eos_id], [])]]
     assert len({len(p) for p in prompts.prompt_ids}) == 3
-    model = _keyed_model(chains)
+    torch.manual_seed(0)
+    # Untied: a tied random head mostly repeats the input token, with log-probs near 0.
+    model = MiniMindLM(MiniMindConfig.from_preset("tiny", tie_word_embeddings=False)).eval()
+    force_replies(model, reply_chains(prompts.prompt_ids, scripts))
     settings = RolloutSettings(group_size=1, max_new_tokens=48, top_p=1e-9)  # = greedy
     runs = {keep: sample_agent_groups(model, prompts.prompt_ids, settings, 0, tok, registry, 3,
                                       keep_cache=keep) for keep in (True, False)}

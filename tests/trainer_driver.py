@@ -37,6 +37,7 @@ from trainer.config import TrainConfig, option, parse_config
 from trainer.loop import fit
 from trainer.losses import lm_loss
 from trainer.rng import seed_everything
+from tests.stage_chain import split_runs
 
 
 @dataclass
@@ -117,13 +118,7 @@ def train(argv: list[str]) -> None:
 
 
 def main() -> None:
-    runs: list[list[str]] = [[]]
-    for arg in sys.argv[1:]:
-        if arg == "--then":
-            runs.append([])
-        else:
-            runs[-1].append(arg)
-    for argv in runs:
+    for argv in split_runs(sys.argv[1:]):
         train(argv)
     dist.cleanup()
 
