@@ -16,7 +16,9 @@ but only pays off when the step has fixed shapes, so:
   batching and ``generate_tokens`` share this one step;
 - prefill runs eagerly through ``MiniMindLM.forward``: ``prefill_batch`` takes a batch of prompts
   (right-padded, several rows per forward), ``prefill`` one row into its slot (in chunks when
-  asked: the engine), so the prompt's cache is what the eager path computes.
+  asked: the engine), so the prompt's cache is what the eager path computes. ``extend``
+  appends a few tokens to each of several slots in one eager ``decode_step`` (the tool turn
+  between two replies of an agent rollout, trainer/agent.py).
 
 ``decode_step`` is the one deliberate twin in the code base: it re-implements ``Block.forward``
 (norm → attention over the static cache → FFN or the MoE's dense all-experts form) because the

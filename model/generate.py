@@ -7,7 +7,10 @@ Layers, lowest first:
   fixed-shape step of ``model/fast_decode.py``; the eager path (left-padded batch through
   ``MiniMindLM.forward``) remains for models that step cannot run (offloaded experts) and as the
   reference. Rows count positions from their own first token, so a prompt in a batch gets
-  exactly the tokens it gets alone (greedy; or sampling with the same seed).
+  exactly the tokens it gets alone (greedy; or sampling with the same seed). Its parts are
+  public for callers that manage their own cache: ``start_decoding`` (prefill, and the step
+  that feeds each chosen token) and ``decode_steps`` (choose, stop, yield, advance); the agent
+  rollouts (trainer/agent.py) resume rows on a cache kept across tool calls with them.
 - ``TextStream`` turns one row's tokens into text deltas: it never emits half of a multi-byte
   character and holds back text that could be the start of a stop string.
 - ``generate`` / ``stream`` are the convenience front ends the CLI, server and evaluation use.
