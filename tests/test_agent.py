@@ -17,8 +17,8 @@ from perf.agent import force_replies, reply_chains
 from tests.scripted_model import scripted_model
 from tools import default_registry
 from trainer import rewards
-from trainer.losses import token_logps
 from trainer.agent import AgentPromptDataset, AgentRollouts, sample_agent_groups, tool_turn_ids
+from trainer.losses import token_logps
 from trainer.rollout import RolloutSettings
 
 CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1234 * 5678"}}\n</tool_call>'

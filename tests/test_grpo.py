@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from model.config import MiniMindConfig
-from model.io import load_pretrained
 from model.generate import SamplingParams, generate_tokens
+from model.io import load_pretrained
 from model.model import MiniMindLM
 from tests.rl_stage import run_rl_stage
 from trainer import grpo, rollout, stage

@@ -31,13 +31,13 @@ from common.errors import run_cli
 from model.config import MiniMindConfig
 from model.lora import apply_lora, lora_parameters
 from model.model import MiniMindLM
+from tests.stage_chain import split_runs
 from trainer import distributed as dist
 from trainer.checkpoint import FAULT_ENV
 from trainer.config import TrainConfig, option, parse_config
 from trainer.loop import fit
 from trainer.losses import lm_loss
 from trainer.rng import seed_everything
-from tests.stage_chain import split_runs
 
 
 @dataclass
