@@ -17,7 +17,7 @@ turn costs its new tokens, not the whole conversation again. Models the static d
 run (model/fast_decode.py's `fast_path_reason`: MLA, offloaded experts, forward hooks) re-prefill
 every row from its tokens at each turn instead, which is logged once. Both give the same tokens
 and log-probs (tests/test_agent.py checks them against each other and a full forward);
-`perf/agent.py --rollout-only` times them. The tokens are exactly the ones sampled, so the loss
+`scripts/compare_agent.py --rollout_speed` times them. The tokens are exactly the ones sampled, so the loss
 scores what the policy produced, and `Rollout.logps` holds the log-probs they were sampled with.
 The action mask covers the model's own tokens only — never the prompt, never a tool result. A
 row ends on a reply without calls (its answer), on `max_turns`, on a reply cut by the token
@@ -88,13 +88,14 @@ class _KeptCache:
     (model/fast_decode.py), each at its own position.
 
     Why per-row positions rather than a left-padded batch: rows pause at different points and
-    resume with tool turns of different lengths, so a shared, left-padded timeline would need a
-    re-alignment (shifting caches and pad masks) at every turn, and RoPE positions that stay the
-    ones each row had alone. A slot per row with its own position is what the static step already
-    does for the server's continuous batching: a resumed row only has its new tokens (the stop
-    token of its reply, the tool turn, the next assistant header) run on top of its cache, all
-    resumed rows in one forward (``StaticDecoder.extend``), and the decode step runs over the rows
-    still live, which stay packed in the low slots (``move_slot``) as rows end."""
+    resume with tool turns of different lengths, so one shared, left-padded timeline would have to
+    be re-aligned at every turn (every cache shifted to the new longest row, pad masks rebuilt),
+    while each row's RoPE positions must stay those it had alone. A slot per row at its own
+    position is what the static step already does for the server's continuous batching: a resumed
+    row only has its new tokens (the stop token of its reply, the tool turn, the next assistant
+    header) run on top of its cache, all resumed rows in one forward (``StaticDecoder.extend``),
+    and the decode step runs over the rows still live, kept in the low slots (``move_slot``) as
+    rows end."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model, self.decoder = model, None
@@ -192,7 +193,8 @@ def sample_agent_groups(model: nn.Module, prompts: Sequence[Sequence[int]],
                               start_decoding(plain, history, max(budget)))
             for step, logits in decode_steps(first, advance, history, params, budget):
                 chosen = torch.tensor([t if t is not None else 0 for t in step], device=logits.device)
-                lp = torch.log_softmax(logits.float(), -1).gather(1, chosen[:, None])[:, 0].tolist()
+                z = logits.float()   # log π of the chosen tokens, untempered (what the loss scores)
+                lp = (z.gather(1, chosen[:, None])[:, 0] - z.logsumexp(-1)).tolist()
                 for j, tok in enumerate(step):
                     if tok is not None:
                         replies[live[j]].append(tok)
