@@ -260,7 +260,8 @@ def rollout_speed(a: argparse.Namespace, model_dir: Path | None, test: Path | No
         force_replies(model, reply_chains(prompts.prompt_ids, [script] * len(prompts.prompt_ids)))
     settings = RolloutSettings(group_size=a.speed_group, max_new_tokens=a.speed_tokens,
                                temperature=1.0, top_p=1e-9)   # top_p ~0: greedy, comparable
-    torch.set_num_threads(a.threads) if a.threads else None
+    if a.threads:
+        torch.set_num_threads(a.threads)
     times, outs = {}, {}
     for keep in (True, False, True, False):   # interleaved: drift on a shared machine hits both
         t0 = time.perf_counter()
