@@ -143,10 +143,18 @@ def _eager_steps(model, prompts, longest, steps, device):
     first = model(ids_BS, attention_mask=mask_BS[:, :longest] if padded else None,
                   kv_cache=cache, logits_to_keep=1).logits[:, -1]
 
+    last = model.config.max_position_embeddings - 1
+
     def advance(next_B, step):
         mask_BS[:, longest + step] = 1
-        return model(next_B.unsqueeze(-1), attention_mask=mask_BS[:, :longest + step + 1]
-                     if padded else None, kv_cache=cache).logits[:, -1]
+        if not padded:
+            return model(next_B.unsqueeze(-1), kv_cache=cache).logits[:, -1]
+        # Each row at its own position. A row that has used its budget is still fed (one
+        # batch): near the context's end its position would pass the last one, so it stays there
+        # (its outputs are never used; a row still running is always below it).
+        pos = (mask_BS[:, :longest + step + 1].sum(-1, keepdim=True) - 1).clamp(max=last)
+        return model(next_B.unsqueeze(-1), attention_mask=mask_BS[:, :longest + step + 1],
+                     position_ids=pos, kv_cache=cache).logits[:, -1]
 
     return first, advance
 
@@ -157,9 +165,11 @@ def _static_steps(model, prompts, longest, steps, device, compile):
                             compile=compile_by_default(device) if compile is None else compile)
     first = decoder.prefill_batch([list(p) for p in prompts])
     pos_B = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    last = decoder.max_len - 1
 
     def advance(next_B, step):
-        return decoder.step(next_B, pos_B + step)
+        # As in _eager_steps: a finished row near the context's end stays at the last position.
+        return decoder.step(next_B, (pos_B + step).clamp(max=last))
 
     return first, advance
 

@@ -110,6 +110,15 @@ def test_context_limit_is_honoured(model):
     out = generate(model, None, [[1] * (ctx - 3)], SamplingParams(max_new_tokens=50,
                                                                    stop_token_ids=()))
     assert len(out[0].token_ids) == 3
+    # In a batch with a short row that decodes on, the long row stops at the context while the
+    # batch goes on past where its positions would end; both rows get their tokens alone.
+    model = varied_model("tiny")
+    rows, params = [[5] * 10, [6] * (ctx - 12)], SamplingParams(max_new_tokens=40, stop_token_ids=())
+    for fast in (True, False):
+        out = [[t for t in col if t is not None] for col in
+               zip(*generate_tokens(model, rows, params, fast=fast))]
+        assert [len(o) for o in out] == [40, 12]
+        assert out == [greedy_reference(model, r, len(o)) for r, o in zip(rows, out)]
 
 
 def test_text_stream_never_splits_characters_and_hides_stop_strings():
