@@ -29,6 +29,7 @@ from inference import load_for_inference, load_speculation
 from model.generate import SamplingParams, TextStream, generate_tokens
 from model.precision import DTYPE_CHOICES
 from model.speculative import Speculation, SpeculationStats
+from tools import default_registry
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,13 +74,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="answer each item N times (needs --temperature > 0): accuracy is then "
                         "mean@N, and the summary adds pass@k (evaluation/compare.py)")
     b.add_argument("--fewshot", type=int, default=0, help="GSM8K/MATH exemplars (held out)")
+    b.add_argument("--tools", default="calculator,convert_units,lookup",
+                   help="the built-in tools --bench toolcall offers (their list is part of every "
+                        "prompt); 'none' offers none: the model answers in its head")
     b.add_argument("--ppl_max_length", type=int, help="perplexity window (default: context)")
     b.add_argument("--ppl_stride", type=int, help="perplexity stride (default: window / 2)")
     args = p.parse_args(argv)
+    try:
+        default_registry(tool_names(args.tools))
+    except ValueError as exc:
+        raise UserError(f"--tools: {exc}") from None
     if args.samples < 1 or (args.samples > 1 and not (args.temperature or 0) > 0):
         raise UserError(f"--samples {args.samples}: needs >= 1, and --temperature > 0 when > 1 "
                         "(benchmarks decode greedily by default: every sample would be the same)")
     return args
+
+
+def tool_names(spec: str) -> list[str]:
+    """--tools: comma-separated built-in tool names; 'none' is the empty list."""
+    return [] if spec.strip() == "none" else [t.strip() for t in spec.split(",") if t.strip()]
 
 
 def sampling(args: argparse.Namespace, bench: bool, seed: int) -> SamplingParams:
@@ -161,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                        system=args.system, fewshot=args.fewshot, seed=args.seed,
                        ppl_max_length=args.ppl_max_length, ppl_stride=args.ppl_stride,
                        samples=args.samples, speculation=speculation,
-                       meta={"model": str(args.model), "lora": args.lora,
+                       registry=default_registry(tool_names(args.tools)),
+                       meta={"model": str(args.model), "lora": args.lora, "tools": args.tools,
                              "moe_backend": args.moe_backend, "draft_model": args.draft_model,
                              "prompt_lookup": args.prompt_lookup},
                        log=lambda m: print(m, file=sys.stderr, flush=True))

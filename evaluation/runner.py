@@ -45,6 +45,7 @@ from evaluation.report import write_report
 from model.generate import SamplingParams, generate
 from model.speculative import Speculation, SpeculationStats
 from tasks import commonsense
+from tools import ToolRegistry
 
 __all__ = [
     "Completion", "GenerateFn", "BENCHMARKS", "BenchmarkDataError", "UnknownBenchmarkError",
@@ -168,11 +169,12 @@ def run_generation(items: Sequence[dict], prompts: Sequence[str], score: Scorer,
 
 def run_task(name: str, items: Sequence[dict], tokenizer, generate_fn: GenerateFn, *,
              batch_size: int = 8, system: str | None = None, exemplars: Sequence[Message] = (),
-             enable_thinking: bool = False, log: Callable[[str], None] | None = None
-             ) -> list[dict]:
+             enable_thinking: bool = False, log: Callable[[str], None] | None = None,
+             registry: ToolRegistry | None = None) -> list[dict]:
     """Score the items of task ``name`` (``tasks.NAMES``) by generation: the task's
     ``question(item)`` as the user turn after ``exemplars``, its ``score(item, answer)`` per
-    completion; one result dict per item, in input order."""
+    completion; one result dict per item, in input order. ``registry``: the tools an agent task
+    offers (default: every built-in one)."""
     task = tasks.get(name)
     if getattr(task, "AGENT", False):  # multi-turn: the task runs its own loop over generate_fn
         head: list[Message] = [{"role": "system", "content": system}] if system else []
@@ -182,7 +184,7 @@ def run_task(name: str, items: Sequence[dict], tokenizer, generate_fn: GenerateF
                                                  add_generation_prompt=True,
                                                  enable_thinking=enable_thinking)
         return task.run_agent(items, render, generate_fn, batch_size=batch_size,
-                              exemplars=exemplars, log=log)
+                              exemplars=exemplars, log=log, registry=registry)
     prompts = [chat_prompt(tokenizer, task.question(it), system, exemplars, enable_thinking)
                for it in items]
     return run_generation(items, prompts, task.score, generate_fn, batch_size, log)
@@ -300,7 +302,8 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
                    system: str | None = None, fewshot: int = 0, seed: int = 0,
                    ppl_max_length: int | None = None, ppl_stride: int | None = None,
                    meta: dict | None = None, log: Callable[[str], None] | None = print,
-                   samples: int = 1, speculation: Speculation | None = None) -> dict[str, dict]:
+                   samples: int = 1, speculation: Speculation | None = None,
+                   registry: ToolRegistry | None = None) -> dict[str, dict]:
     """Run each named benchmark (``BENCHMARKS``) and write its report into ``out_dir``.
 
     Returns ``{bench: summary}``. ``data`` maps each bench to its file or folder (see
@@ -311,7 +314,8 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
     accuracy is mean@n, and the summary adds ``samples``, ``mean_at_n`` and ``pass_at_k``.
 
     ``speculation`` decodes speculatively; each generation summary then adds the benchmark's
-    acceptance rate and tokens per target forward (``speculation``).
+    acceptance rate and tokens per target forward (``speculation``). ``registry``: the tools
+    the agent benchmarks (toolcall) offer; default every built-in one.
     """
     paths = resolve_data(benches, data or {})
     params = params or SamplingParams(max_new_tokens=512, seed=seed)
@@ -347,7 +351,8 @@ def run_benchmarks(model: torch.nn.Module, tokenizer, benches: Sequence[str],
                 exemplars = task.exemplars(shots)
             else:
                 items, exemplars = task.load(path, limit), []
-            run = partial(run_task, bench, items, tokenizer, exemplars=exemplars, **common)
+            run = partial(run_task, bench, items, tokenizer, exemplars=exemplars,
+                          registry=registry, **common)
             if speculation is not None:
                 speculation.stats = SpeculationStats()  # this benchmark's own figures
             results = run(gen_fn)

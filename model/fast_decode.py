@@ -16,7 +16,9 @@ but only pays off when the step has fixed shapes, so:
   batching and ``generate_tokens`` share this one step;
 - prefill runs eagerly through ``MiniMindLM.forward``: ``prefill_batch`` takes a batch of prompts
   (right-padded, several rows per forward), ``prefill`` one row into its slot (in chunks when
-  asked: the engine), so the prompt's cache is what the eager path computes.
+  asked: the engine), so the prompt's cache is what the eager path computes. ``extend``
+  appends a few tokens to each of several slots in one eager ``decode_step`` (the tool turn
+  between two replies of an agent rollout, trainer/agent.py).
 
 ``decode_step`` is the one deliberate twin in the code base: it re-implements ``Block.forward``
 (norm → attention over the static cache → FFN or the MoE's dense all-experts form) because the
@@ -341,6 +343,28 @@ class StaticDecoder:
                 self.cache.v[:, r, :, :lengths[i]] = scratch.v[:, i, :, :lengths[i]]
                 logits[r] = out[i, lengths[i] - S - 1]
         return torch.stack(logits)
+
+    def extend(self, runs: list[list[int]], pos: list[int]) -> torch.Tensor:
+        """Appends run b (its tokens at positions ``pos[b]..``) to slot b, for slots 0..B-1, in
+        one forward of ``decode_step``; logits [B, V] after each run's last token. For resuming
+        rows whose cache is kept (trainer/agent.py: a tool result between two replies).
+
+        Runs are right-padded to the longest: a pad lands beyond its row's last real position, is
+        never attended to by the row's real tokens, and the row's next write replaces it. Rows
+        where the padded run would pass the end of the cache append alone (``prefill``). Eager:
+        the run lengths vary, and each would be a new compiled shape."""
+        S = max(len(r) for r in runs)
+        self.ensure_capacity(min(max(p + S for p in pos), self.context))
+        if all(p + S <= self.cache.max_len for p in pos):
+            ids = torch.full((len(runs), S), self.config.pad_token_id, dtype=torch.long)
+            for b, r in enumerate(runs):
+                ids[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+            B = len(runs)
+            out = decode_step(self.model, self.cache.k[:, :B], self.cache.v[:, :B],
+                              ids.to(self.device), torch.tensor(pos, device=self.device),
+                              PackedWeights.for_model(self.model))
+            return torch.stack([out[b, len(r) - 1] for b, r in enumerate(runs)])
+        return torch.stack([self.prefill(b, r, start=p) for b, (r, p) in enumerate(zip(runs, pos))])
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copies a slot's first ``length`` cached positions to another slot (packing rows)."""

@@ -7,7 +7,10 @@ Layers, lowest first:
   fixed-shape step of ``model/fast_decode.py``; the eager path (left-padded batch through
   ``MiniMindLM.forward``) remains for models that step cannot run (offloaded experts) and as the
   reference. Rows count positions from their own first token, so a prompt in a batch gets
-  exactly the tokens it gets alone (greedy; or sampling with the same seed).
+  exactly the tokens it gets alone (greedy; or sampling with the same seed). Its parts are
+  public for callers that manage their own cache: ``start_decoding`` (prefill, and the step
+  that feeds each chosen token) and ``decode_steps`` (choose, stop, yield, advance); the agent
+  rollouts (trainer/agent.py) resume rows on a cache kept across tool calls with them.
 - ``TextStream`` turns one row's tokens into text deltas: it never emits half of a multi-byte
   character and holds back text that could be the start of a stop string.
 - ``generate`` / ``stream`` are the convenience front ends the CLI, server and evaluation use.
@@ -140,10 +143,18 @@ def _eager_steps(model, prompts, longest, steps, device):
     first = model(ids_BS, attention_mask=mask_BS[:, :longest] if padded else None,
                   kv_cache=cache, logits_to_keep=1).logits[:, -1]
 
+    last = model.config.max_position_embeddings - 1
+
     def advance(next_B, step):
         mask_BS[:, longest + step] = 1
-        return model(next_B.unsqueeze(-1), attention_mask=mask_BS[:, :longest + step + 1]
-                     if padded else None, kv_cache=cache).logits[:, -1]
+        if not padded:
+            return model(next_B.unsqueeze(-1), kv_cache=cache).logits[:, -1]
+        # Each row at its own position. A row that has used its budget is still fed (one
+        # batch): near the context's end its position would pass the last one, so it stays there
+        # (its outputs are never used; a row still running is always below it).
+        pos = (mask_BS[:, :longest + step + 1].sum(-1, keepdim=True) - 1).clamp(max=last)
+        return model(next_B.unsqueeze(-1), attention_mask=mask_BS[:, :longest + step + 1],
+                     position_ids=pos, kv_cache=cache).logits[:, -1]
 
     return first, advance
 
@@ -154,9 +165,11 @@ def _static_steps(model, prompts, longest, steps, device, compile):
                             compile=compile_by_default(device) if compile is None else compile)
     first = decoder.prefill_batch([list(p) for p in prompts])
     pos_B = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    last = decoder.max_len - 1
 
     def advance(next_B, step):
-        return decoder.step(next_B, pos_B + step)
+        # As in _eager_steps: a finished row near the context's end stays at the last position.
+        return decoder.step(next_B, (pos_B + step).clamp(max=last))
 
     return first, advance
 
@@ -185,8 +198,7 @@ def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
         raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
     if not prompts:
         return
-    device = next(model.parameters()).device
-    B, longest = len(prompts), max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
     if min(len(p) for p in prompts) == 0:
         raise ValueError("every prompt needs at least one token")
     context = model.config.max_position_embeddings
@@ -199,19 +211,43 @@ def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
     if speculation is not None:
         yield from speculation.tokens(model, prompts, list(params), budget, should_stop, compile)
         return
-    V = model.config.vocab_size
-    seen_BV = torch.zeros(B, V, dtype=torch.bool, device=device)
+    first, advance = start_decoding(model, prompts, steps, fast, compile)
+    for out, _ in decode_steps(first, advance, prompts, params, budget, should_stop):
+        yield out
+
+
+def start_decoding(model: MiniMindLM, prompts: Sequence[Sequence[int]], steps: int,
+                   fast: bool | None = None, compile: bool | None = None
+                   ) -> tuple[torch.Tensor, Callable[[torch.Tensor, int], torch.Tensor]]:
+    """``(logits [B, V] after each prompt, advance)``: the prompts prefilled into a cache with room
+    for ``steps`` more tokens each; ``advance(tokens_B, step)`` feeds step ``step``'s tokens and
+    returns the next logits. The static-cache step where ``use_fast_path`` allows, else eager."""
+    device = next(model.parameters()).device
+    longest = max(len(p) for p in prompts)
+    if use_fast_path(model, fast):
+        return _static_steps(model, prompts, longest, steps, device, compile)
+    return _eager_steps(model, prompts, longest, steps, device)
+
+
+def decode_steps(logits: torch.Tensor,
+                 advance: Callable[[torch.Tensor, int], torch.Tensor],
+                 prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                 budget: Sequence[int], should_stop: Callable[[int], bool] | None = None
+                 ) -> Iterator[tuple[list[int | None], torch.Tensor]]:
+    """The decoding loop over any cache: from ``logits`` [B, V] (after each row's history
+    ``prompts``, which the repetition penalty sees), choose each row's token, yield ``(tokens,
+    logits)`` (None for a finished row; the logits the tokens were chosen from, before penalty
+    and temperature: a caller reads the policy's log-probs off them), then ``advance``. A row
+    finishes on a stop token, on its ``budget`` of tokens, or on ``should_stop(row)``."""
+    B, device = len(prompts), logits.device
+    seen_BV = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):  # not the pads: a row must see what it would see alone
         seen_BV[b, torch.tensor(p, dtype=torch.long, device=device)] = True
     generators = [make_generator(p.seed, device) for p in params]
     running = [True] * B
     produced = [0] * B
     stop_ids = [set(p.stop_token_ids) for p in params]
-
-    if use_fast_path(model, fast):
-        logits, advance = _static_steps(model, prompts, longest, steps, device, compile)
-    else:
-        logits, advance = _eager_steps(model, prompts, longest, steps, device)
+    steps = max(budget)
     for step in range(steps):
         next_B = _choose_tokens(logits, params, seen_BV, generators)
         tokens = next_B.tolist()
@@ -224,7 +260,7 @@ def generate_tokens(model: MiniMindLM, prompts: Sequence[Sequence[int]],
             produced[b] += 1
             if tokens[b] in stop_ids[b] or produced[b] >= budget[b]:
                 running[b] = False
-        yield out
+        yield out, logits
         for b in range(B):
             if running[b] and should_stop is not None and should_stop(b):
                 running[b] = False

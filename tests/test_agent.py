@@ -10,11 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model.config import MiniMindConfig
+from model.model import MiniMindLM
 from model.tokenizer import Tokenizer
+from perf.agent import force_replies, reply_chains
 from tests.scripted_model import scripted_model
 from tools import default_registry
 from trainer import rewards
 from trainer.agent import AgentPromptDataset, AgentRollouts, sample_agent_groups, tool_turn_ids
+from trainer.losses import token_logps
 from trainer.rollout import RolloutSettings
 
 CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1234 * 5678"}}\n</tool_call>'
@@ -55,6 +59,46 @@ def test_rollout_pauses_executes_resumes_and_masks_the_tool_result(tok):
                        if ro.action_mask[0, t] == 0]).count("7006652") == 1  # the result: unmasked
     assert tool_turn_ids(tok, ["7006652"]) == row[len(prompts.prompt_ids[0]) + len(call):
                                                    len(row) - len(answer)]
+
+
+def test_kept_cache_equals_reprefill_and_a_full_forward(tok):
+    """Ragged rows (1, 2 and 3 replies; different prompt lengths and pause points), greedy: the
+    kept-cache rollout and the re-prefill one give the same tokens, and the log-probs each
+    recorded equal a plain full forward's over the final sequences."""
+    registry = default_registry(["calculator"])
+    questions = ["What is 1234 * 5678?", "Compute 4321 * 8765 for me, please, exactly.",
+                 "Hi, what is 2 + 2? Think about it."]
+    records = [{**_record(), "messages": [{"role": "user", "content": q}]} for q in questions]
+    prompts = AgentPromptDataset(records, tok, 400, registry)
+    call = tok.encode(CALL) + [tok.eos_id]
+    call2 = tok.encode(CALL.replace("1234 * 5678", "7006652 + 1")) + [tok.eos_id]
+    # Forced replies (perf.agent.force_replies: by position and input token, so every path
+    # forces alike); a row's last reply is free, but for the third row's short answer: the first
+    # two rows then pause at the same, last step of turn 1, whose stop tokens are never fed.
+    results = [tool_turn_ids(tok, ["7006652"]), tool_turn_ids(tok, ["7006653"])]
+    scripts = [[(call, results[0])], [(call, results[0]), (call2, results[1])],
+               [(tok.encode("#### 4") + [tok.eos_id], [])]]
+    assert len({len(p) for p in prompts.prompt_ids}) == 3
+    torch.manual_seed(0)
+    # Untied: a tied random head mostly repeats the input token, with log-probs near 0.
+    model = MiniMindLM(MiniMindConfig.from_preset("tiny", tie_word_embeddings=False)).eval()
+    force_replies(model, reply_chains(prompts.prompt_ids, scripts))
+    settings = RolloutSettings(group_size=1, max_new_tokens=48, top_p=1e-9)  # = greedy
+    runs = {keep: sample_agent_groups(model, prompts.prompt_ids, settings, 0, tok, registry, 3,
+                                      keep_cache=keep) for keep in (True, False)}
+    (kept, _, facts), (again, _, _) = runs[True], runs[False]
+    assert [f["turns"] for f in facts] == [2, 3, 1] and [f["tool_calls"] for f in facts] == [1, 2, 0]
+    assert torch.equal(kept.input_ids, again.input_ids)
+    assert torch.equal(kept.action_mask, again.action_mask)
+    with torch.no_grad():
+        ref = token_logps(model(kept.input_ids).logits, kept.input_ids) * kept.action_mask
+    free = kept.action_mask.bool() & (ref < -1e-3)    # where the random model chose
+    assert free.sum() > 50
+    torch.testing.assert_close(kept.logps, ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(again.logps, ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="forward hooks"):   # a scripted model cannot keep it
+        sample_agent_groups(scripted_model([], tok.eos_id), prompts.prompt_ids, settings, 0, tok,
+                            registry, 1, keep_cache=True)
 
 
 def test_rewards_and_metrics_of_agent_rollouts(tok):

@@ -110,6 +110,15 @@ def test_context_limit_is_honoured(model):
     out = generate(model, None, [[1] * (ctx - 3)], SamplingParams(max_new_tokens=50,
                                                                    stop_token_ids=()))
     assert len(out[0].token_ids) == 3
+    # In a batch with a short row that decodes on, the long row stops at the context while the
+    # batch goes on past where its positions would end; both rows get their tokens alone.
+    model = varied_model("tiny")
+    rows, params = [[5] * 10, [6] * (ctx - 12)], SamplingParams(max_new_tokens=40, stop_token_ids=())
+    for fast in (True, False):
+        out = [[t for t in col if t is not None] for col in
+               zip(*generate_tokens(model, rows, params, fast=fast))]
+        assert [len(o) for o in out] == [40, 12]
+        assert out == [greedy_reference(model, r, len(o)) for r, o in zip(rows, out)]
 
 
 def test_text_stream_never_splits_characters_and_hides_stop_strings():
@@ -203,6 +212,29 @@ def test_decode_step_over_a_grown_cache_equals_a_full_forward():
         for b, s in enumerate(seqs):
             want = model(torch.tensor([s])).logits[0, -1]
             torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
+
+
+def test_extend_appends_ragged_runs_as_a_full_forward():
+    """StaticDecoder.extend (a tool turn appended to kept caches): ragged runs on rows at
+    different lengths, one of them near the end of the context: first with a run too long for
+    that row's padding to fit (each row appended alone), then in one padded forward. Each row's
+    logits after its run and at its next decode step equal a plain forward over its sequence."""
+    from model.fast_decode import StaticDecoder
+
+    model = varied_model("tiny")
+    context = model.config.max_position_embeddings
+    heads = [[3 + i % 290 for i in range(n)] for n in (40, 7, context - 8)]
+    for runs in ([[5, 6, 7], [8] * 12, [9]], [[5, 6, 7], [8] * 5, [9]]):
+        dec = StaticDecoder(model, slots=3, max_len=1)
+        with torch.no_grad():
+            dec.prefill_batch(heads)
+            got = dec.extend(runs, [len(h) for h in heads])
+            seqs = [h + r for h, r in zip(heads, runs)]
+            step = dec.step(torch.tensor([4, 4, 4]), torch.tensor([len(s) for s in seqs]))
+            for b, s in enumerate(seqs):
+                want = model(torch.tensor([s + [4]])).logits[0, -2:]
+                torch.testing.assert_close(got[b], want[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(step[b], want[1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from model.config import MiniMindConfig
 from model.generate import SamplingParams, generate_tokens
+from model.io import load_pretrained
 from model.model import MiniMindLM
 from tests.rl_stage import run_rl_stage
 from trainer import grpo, rollout, stage
@@ -221,25 +222,42 @@ def test_two_ranks_under_torchrun_stay_in_step_when_every_group_is_flat(tmp_path
     """torchrun, 2 processes, DAPO on a random model: every reward is 0, so every group is dropped
     on both ranks. Each rank still runs a zero-weight backward (DDP's all-reduce would hang
     otherwise), and the weights come out exactly as a one-process run's: untouched by a zero
-    gradient (AdamW, no weight decay)."""
+    gradient (AdamW, no weight decay). The same launch then runs train_agent.py (multi-turn tool
+    rollouts, CISPO): it must finish on both ranks with its metrics and a loadable model."""
     repo = Path(__file__).resolve().parents[1]
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
                             for a in range(4) for b in range(4)))
-    common = ["train_grpo.py", "--data_path", str(data), "--model_preset", "tiny", "--device", "cpu",
-              "--batch_size", "2", "--group_size", "4", "--max_new_tokens", "3", "--seq_len", "64",
-              "--loss", "dapo", "--no-track_kl", "--log_every", "1", "--no-progress", "--no-plot",
-              "--dtype", "fp32", "--seed", "3", "--peak_tflops", "1", "--max_steps", "2"]
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"question": f"What is {a * 1111} * {b * 1111}?",
+                                         "answer": str(a * b * 1111 ** 2), "tools": ["calculator"]})
+                             + "\n" for a in range(1, 4) for b in range(1, 3)))
+    tiny = ["--model_preset", "tiny", "--device", "cpu", "--log_every", "1", "--no-progress",
+            "--no-plot", "--dtype", "fp32", "--seed", "3", "--peak_tflops", "1", "--max_steps", "2"]
+    common = ["train_grpo.py", "--data_path", str(data), "--batch_size", "2", "--group_size", "4",
+              "--max_new_tokens", "3", "--seq_len", "64", "--loss", "dapo", "--no-track_kl", *tiny]
+    agent = ["--then", "train_agent.py", "--data_path", str(items), "--batch_size", "2",
+             "--group_size", "2", "--max_new_tokens", "4", "--seq_len", "400", "--max_turns", "2",
+             "--tools", "calculator", "--out_dir",
+             str(tmp_path / "agent"), *tiny]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    runs = {"ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+    runs = {"ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(repo / "tests" / "stage_chain.py")],
             "one": [sys.executable]}
     for name, launcher in runs.items():
-        proc = subprocess.run([*launcher, *common, "--out_dir", str(tmp_path / name)], cwd=repo,
-                              env=env, capture_output=True, text=True, timeout=180)
+        then = agent if name == "ddp" else []
+        proc = subprocess.run([*launcher, *common, "--out_dir", str(tmp_path / name), *then],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        assert f"world {2 if name == 'ddp' else 1}," in proc.stdout
+        # each stage says its world size: the agent stage ran on both ranks too
+        assert proc.stdout.count(f"world {2 if name == 'ddp' else 1},") == (2 if then else 1)
         metrics = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
         assert [m["frac_groups_dropped"] for m in metrics] == [1.0, 1.0]
     a = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
     b = load_file(tmp_path / "one" / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = [json.loads(line) for line in open(tmp_path / "agent" / "metrics.jsonl")][-1]
+    assert last["step"] == 2 and math.isfinite(last["loss"])
+    assert {"tool_call_frequency", "tool_failure_rate", "turns"} <= last.keys()
+    model = load_pretrained(tmp_path / "agent" / "final")       # strict: every weight there
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -13,6 +13,7 @@ from model.generate import SamplingParams
 from model.tokenizer import Tokenizer
 from tasks import toolcall
 from tests.scripted_model import scripted_model
+from tools import default_registry
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,27 @@ def test_benchmark_through_the_real_generate_loop(tok, tmp_path):
     assert row["called"] == ["calculator"] and row["turns"] == 2
     assert json.loads(row["transcript"])[2] == {"role": "tool", "content": "7006652"}
     assert "toolcall" in tasks.NAMES
+
+
+def test_benchmark_offers_the_tools_asked_for(tok, tmp_path):
+    """eval_model.py --tools: 'none' renders no tool list, so the same call is one of an unknown
+    tool (invalid) and the item is answered from the model's head; an unknown name is refused."""
+    import eval_model
+    from common.errors import UserError
+    from evaluation.runner import run_benchmarks
+    first = tok.encode(call("calculator", expression="1234 * 5678")) + [tok.eos_id]
+    model = scripted_model([], tok.eos_id, turns=[first, tok.encode("#### 7") + [tok.eos_id]])
+    data = tmp_path / "items.jsonl"
+    write_jsonl([ITEMS[0]], data)
+    args = eval_model.parse_args(["--model", "m", "--bench", "toolcall", "--tools", "none"])
+    out = run_benchmarks(model, tok, ["toolcall"], tmp_path / "eval", {"toolcall": data},
+                         batch_size=1, params=SamplingParams(max_new_tokens=64), log=None,
+                         registry=default_registry(eval_model.tool_names(args.tools)))
+    [row] = [json.loads(line) for line in (tmp_path / "eval" / "toolcall.items.jsonl").open()]
+    assert "<tools>" not in row["prompt"] and "calculator" not in row["prompt"]
+    assert out["toolcall"]["meta"]["valid_call_rate"] == 0.0 and row["called"] == ["calculator"]
+    with pytest.raises(UserError, match="--tools: unknown built-in tool 'calc'"):
+        eval_model.parse_args(["--model", "m", "--tools", "calc"])
 
 
 def test_items_from_tool_conversations(tmp_path):

@@ -31,6 +31,7 @@ from common.errors import run_cli
 from model.config import MiniMindConfig
 from model.lora import apply_lora, lora_parameters
 from model.model import MiniMindLM
+from tests.stage_chain import split_runs
 from trainer import distributed as dist
 from trainer.checkpoint import FAULT_ENV
 from trainer.config import TrainConfig, option, parse_config
@@ -117,13 +118,7 @@ def train(argv: list[str]) -> None:
 
 
 def main() -> None:
-    runs: list[list[str]] = [[]]
-    for arg in sys.argv[1:]:
-        if arg == "--then":
-            runs.append([])
-        else:
-            runs[-1].append(arg)
-    for argv in runs:
+    for argv in split_runs(sys.argv[1:]):
         train(argv)
     dist.cleanup()
 

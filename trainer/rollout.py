@@ -64,6 +64,8 @@ class Rollout:
     completions: list[list[int]]   # generated ids (the stop token included when produced)
     finished: list[bool]           # ended on a stop token
     seconds: float
+    logps: torch.Tensor | None = None  # [N, T-1] log π of each action token as sampled (from
+                                       # the decode's untempered logits; 0 off the mask)
 
 
 def sample_groups(model: nn.Module, prompts: Sequence[Sequence[int]], settings: RolloutSettings,
