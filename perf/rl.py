@@ -99,9 +99,10 @@ def train(method: str, start: Path, out_dir: Path, seed: int, a: argparse.Namesp
         return run("train_grpo.py", *common, "--loss", "cispo", "--group_size", str(a.group),
                    "--batch_size", str(a.prompts), "--no-track_kl", "--max_steps", str(a.steps),
                    "--warmup_steps", str(warmup))
-    # PPO: prompts x group prompts per rollout, in micro-batches of `prompts` (the same memory as a
-    # GRPO micro-batch of one group each), PPO_EPOCHS optimizer steps on each rollout
-    return run("train_ppo.py", *common, "--batch_size", str(a.prompts), "--grad_accum", str(a.group),
+    # PPO: prompts x group prompts per rollout in one micro-batch, so they decode as one batch of
+    # the same rows as GRPO's (PPO rolls out each micro-batch separately: 8 micro-batches of 8
+    # rows would decode 8 times), PPO_EPOCHS optimizer steps on each rollout
+    return run("train_ppo.py", *common, "--batch_size", str(a.prompts * a.group),
                "--samples_per_prompt", "1", "--ppo_epochs", str(PPO_EPOCHS),
                "--max_steps", str(a.steps * PPO_EPOCHS), "--warmup_steps", str(warmup * PPO_EPOCHS))
 
