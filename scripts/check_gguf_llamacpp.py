@@ -2,6 +2,7 @@ r"""Load our GGUF exports in llama.cpp itself and compare its greedy tokens and 
 
     python scripts/check_gguf_llamacpp.py                    # a trained model + each architecture
     python scripts/check_gguf_llamacpp.py --model out/sft/final --model out/sft_moe/final
+    python scripts/check_gguf_llamacpp.py --outtype f32,f16,q8_0,q4_0,q4_k_m [--limit 50]
 
 Needs llama-cpp-python (``pip install llama-cpp-python``: it compiles llama.cpp, 10-30 minutes
 on two cores), so it is kept out of the test suite; tests/test_gguf.py checks the file's names,
@@ -18,6 +19,16 @@ are tiny random models, one per llama.cpp architecture we export (MoE, MLA, ...)
 architecture's maths, not a trained model's tokenizer or the answer a user would read. Their
 norms are perturbed away from 1 (a dropped RMSNorm would show) and their weights scaled up so the
 logits are peaked: near-ties would make token agreement a coin toss.
+
+``--outtype`` (quantized mode) takes the trained model (or the first ``--model``) and its
+held-out problems (``--data``; default the ``data/test.jsonl`` of the run the model comes from,
+as the quickstart lays it out), exports it at each type and reports per type: held-out accuracy
+through llama.cpp against our fp32 model's (greedy, the same chat prompts and GSM8K answer
+extraction: evaluation.runner.run_task), greedy agreement with our fp32 tokens, and decode tok/s
+at batch 1 of llama.cpp next to ours (the static-cache step), in one run
+(evaluation/llama_cpp_parity.py). It fails when a prompt is tokenized differently, when the f32
+file's answers are not our tokens (at least 99 % of problems whole: fp32 sums in another order
+may flip a near-tie), or when a type's accuracy falls more than ``--max_drop`` points below ours.
 """
 from __future__ import annotations
 
@@ -28,9 +39,11 @@ from pathlib import Path
 
 import torch
 
-from common.errors import run_cli
-from convert.gguf import export_gguf, gguf_arch
+from common.errors import UserError, run_cli
+from convert.gguf import OUTTYPES, export_gguf, gguf_arch
+from evaluation import llama_cpp_parity as parity
 from evaluation.ecosystem import skip, trained_model
+from evaluation.runner import run_task
 from inference import load_for_inference
 from model.config import MiniMindConfig
 from model.model import MiniMindLM
@@ -123,6 +136,60 @@ def check(name: str, model: MiniMindLM, tok: Tokenizer, tok_dir: Path | None, st
             "max_logit_diff": float((our_logits[:, : their_logits.shape[1]] - their_logits).abs().max())}
 
 
+def held_out(folder: Path, data: str | None) -> Path:
+    path = Path(data) if data else folder.parents[1] / "data" / "test.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: no held-out problems there; pass --data test.jsonl "
+                        "(GSM8K-style records: question, answer)")
+    return path
+
+
+def quantized(folder: Path, outtypes: list[str], args: argparse.Namespace, work: Path) -> bool:
+    """The quantized mode's table; True when it passes (see the module docstring)."""
+    from llama_cpp import Llama
+
+    from tasks import gsm8k
+    model, tok = load_for_inference(folder, device="cpu", dtype="fp32")
+    tok_dir = folder if (folder / "tokenizer.json").is_file() else None
+    data = held_out(folder, args.data)
+    items = gsm8k.load(data, args.limit)
+    budget = args.max_new_tokens or max(len(tok.encode(it["answer"])) for it in items) + 16
+    torch.set_num_threads(args.threads)
+    print(f"[check] {len(items)} held-out problems from {data}, up to {budget} new tokens, "
+          f"{args.threads} threads", flush=True)
+    ref = parity.Decoded()
+    res = run_task("gsm8k", items, tok, parity.ours(model, tok, budget, ref), batch_size=1)
+    ours_acc = parity.accuracy(res)
+    print(f"| type | tensors | file MB | held-out accuracy | same answers as our fp32 | tokens "
+          f"agreeing | same prompt tokens | llama.cpp tok/s | ours (fp32) tok/s |\n"
+          f"|---|---|---|---|---|---|---|---|---|\n"
+          f"| ours, fp32 (PyTorch) | | | {ours_acc:.1%} | | | | | {ref.tok_per_s:.0f} |", flush=True)
+    ok = True
+    for outtype in outtypes:
+        path = export_gguf(model, work / f"{outtype}.gguf", tokenizer_dir=tok_dir, outtype=outtype)
+        longest = max(map(len, ref.prompt_ids.values()))
+        # f32 KV cache (ggml type 0) for every type: the rows then differ by the weights alone
+        llm = Llama(model_path=str(path), n_ctx=longest + budget + 8, verbose=False,
+                    n_threads=args.threads, n_batch=512, type_k=0, type_v=0)
+        rec = parity.Decoded()
+        acc = parity.accuracy(run_task("gsm8k", items, tok, parity.llama_cpp(
+            llm, model.config.eos_token_id, budget, rec), batch_size=1))
+        llm.close()
+        agree = parity.agreement(ref, rec)
+        n = agree["n"]
+        print(f"| {outtype} | {parity.tensor_types(path)} | {path.stat().st_size / 1e6:.2f} "
+              f"| {acc:.1%} | {agree['same_answers']}/{n} | {agree['token_agreement']:.1%} "
+              f"| {agree['same_prompt_tokens']}/{n} | {rec.tok_per_s:.0f} | {ref.tok_per_s:.0f} |",
+              flush=True)
+        ok &= agree["same_prompt_tokens"] == n and ours_acc - acc <= args.max_drop / 100
+        if outtype == "f32":
+            ok &= agree["same_answers"] >= 0.99 * n
+    print(f"[check] ours: {ref.decode_tokens} decode tokens; tok/s counts the tokens after the "
+          "first of each answer over their time, batch 1, from Python on both sides; noisy on "
+          "a shared machine", flush=True)
+    return ok
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", action="append", default=[],
@@ -130,12 +197,33 @@ def main(argv: list[str] | None = None) -> None:
                         "random model per architecture")
     p.add_argument("--steps", type=int, default=24, help="greedy tokens to compare")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--outtype", help="quantized mode: comma-separated GGUF types to check on "
+                                     f"held-out problems ({', '.join(OUTTYPES)})")
+    p.add_argument("--data", help="quantized mode: held-out problems (default: the data/test.jsonl "
+                                  "of the model's run)")
+    p.add_argument("--limit", type=int, help="quantized mode: the first N problems only")
+    p.add_argument("--max_new_tokens", type=int,
+                   help="quantized mode: answer budget (default: the longest answer + 16)")
+    p.add_argument("--max_drop", type=float, default=100.0,
+                   help="quantized mode: fail when a type's accuracy is more than this many "
+                        "points below ours (default 100: reported, not gated)")
     args = p.parse_args(argv)
+    outtypes = [t.strip().lower() for t in (args.outtype or "").split(",") if t.strip()]
+    for t in outtypes:
+        if t not in OUTTYPES:
+            raise UserError(f"--outtype {t!r} is not one of {', '.join(OUTTYPES)}")
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         skip("llama-cpp-python", "pip install llama-cpp-python (compiles llama.cpp)",
              "our GGUF exports in llama.cpp (tokens, greedy decoding, logits)")
+    if outtypes:
+        folder, how = trained_model(args.model[0] if args.model else None)
+        print(f"[check] model {folder} ({how}), quantized: {', '.join(outtypes)}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            if not quantized(Path(folder), outtypes, args, Path(tmp)):
+                sys.exit(1)
+        return
     rows = []
     folders = args.model
     if not folders:
