@@ -126,3 +126,26 @@ def tensor_types(path: str | Path) -> str:
 def accuracy(results: Sequence[dict]) -> float:
     return sum(bool(r["correct"]) for r in results) / max(1, len(results))
 
+
+
+def chat_path(llm, tokenizer, items: Sequence[dict], ours_by_question: dict[str, str],
+              max_tokens: int) -> dict:
+    """The path a llama.cpp user takes: the file's own chat template (llama-cpp-python renders
+    ``tokenizer.chat_template`` with Jinja, as ``llama-server --jinja`` does) and the chat API.
+    Per question: is the rendered prompt our template's text, and is the greedy answer of
+    ``create_chat_completion`` our answer text?"""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from evaluation.runner import chat_prompt
+    from tasks import gsm8k
+    template = llm.metadata["tokenizer.chat_template"]
+    render = Jinja2ChatFormatter(template=template, eos_token="<|im_end|>", bos_token="")
+    same_prompt = same_answer = 0
+    for it in items:
+        q = gsm8k.question(it)
+        messages = [{"role": "user", "content": q}]
+        same_prompt += render(messages=messages).prompt == chat_prompt(tokenizer, q)
+        out = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1,
+                                         repeat_penalty=1.0, max_tokens=max_tokens)
+        same_answer += out["choices"][0]["message"]["content"] == ours_by_question[q]
+    return {"n": len(items), "same_prompt": same_prompt, "same_answer": same_answer}

@@ -28,7 +28,8 @@ extraction: evaluation.runner.run_task), greedy agreement with our fp32 tokens, 
 at batch 1 of llama.cpp next to ours (the static-cache step), in one run
 (evaluation/llama_cpp_parity.py). It fails when a prompt is tokenized differently, when the f32
 file's answers are not our tokens (at least 99 % of problems whole: fp32 sums in another order
-may flip a near-tie), or when a type's accuracy falls more than ``--max_drop`` points below ours.
+may flip a near-tie), when the file's chat template, rendered by llama-cpp-python, is not our
+prompt text, or when a type's accuracy falls more than ``--max_drop`` points below ours.
 """
 from __future__ import annotations
 
@@ -160,6 +161,7 @@ def quantized(folder: Path, outtypes: list[str], args: argparse.Namespace, work:
     ref = parity.Decoded()
     res = run_task("gsm8k", items, tok, parity.ours(model, tok, budget, ref), batch_size=1)
     ours_acc = parity.accuracy(res)
+    answers = {it["question"]: r["prediction"] for it, r in zip(items, res)}
     print(f"| type | tensors | file MB | held-out accuracy | same answers as our fp32 | tokens "
           f"agreeing | same prompt tokens | llama.cpp tok/s | ours (fp32) tok/s |\n"
           f"|---|---|---|---|---|---|---|---|---|\n"
@@ -174,6 +176,8 @@ def quantized(folder: Path, outtypes: list[str], args: argparse.Namespace, work:
         rec = parity.Decoded()
         acc = parity.accuracy(run_task("gsm8k", items, tok, parity.llama_cpp(
             llm, model.config.eos_token_id, budget, rec), batch_size=1))
+        if outtype == outtypes[0]:
+            chat = parity.chat_path(llm, tok, items[:args.chat_checks], answers, budget)
         llm.close()
         agree = parity.agreement(ref, rec)
         n = agree["n"]
@@ -184,6 +188,11 @@ def quantized(folder: Path, outtypes: list[str], args: argparse.Namespace, work:
         ok &= agree["same_prompt_tokens"] == n and ours_acc - acc <= args.max_drop / 100
         if outtype == "f32":
             ok &= agree["same_answers"] >= 0.99 * n
+    print(f"[check] {outtypes[0]} through llama-cpp-python's chat API (the file's chat template, "
+          f"rendered by its Jinja formatter): prompt text equal to our template's on "
+          f"{chat['same_prompt']}/{chat['n']}, greedy answer text equal to ours on "
+          f"{chat['same_answer']}/{chat['n']}", flush=True)
+    ok &= chat["same_prompt"] == chat["n"]
     print(f"[check] ours: {ref.decode_tokens} decode tokens; tok/s counts the tokens after the "
           "first of each answer over their time, batch 1, from Python on both sides; noisy on "
           "a shared machine", flush=True)
@@ -204,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, help="quantized mode: the first N problems only")
     p.add_argument("--max_new_tokens", type=int,
                    help="quantized mode: answer budget (default: the longest answer + 16)")
+    p.add_argument("--chat_checks", type=int, default=5,
+                   help="quantized mode: problems sent through llama-cpp-python's chat API with "
+                        "the file's own template (first type only)")
     p.add_argument("--max_drop", type=float, default=100.0,
                    help="quantized mode: fail when a type's accuracy is more than this many "
                         "points below ours (default 100: reported, not gated)")
