@@ -9,6 +9,7 @@ unmodified llama.cpp.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -368,7 +369,6 @@ def _quantize_with_llama_cpp(model: MiniMindLM, out_path: Path, tokenizer_dir: s
                               "pip install llama-cpp-python, or run llama-quantize on an f32 "
                               "export") from None
     import gguf
-    import tempfile
 
     with tempfile.TemporaryDirectory(dir=out_path.parent if out_path.parent.is_dir() else None
                                      ) as tmp, atomic_path(out_path) as dst:

@@ -15,9 +15,9 @@ sides, from Python: at this model size the per-token Python overhead (llama-cpp-
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from evaluation.runner import Completion
 from model.generate import SamplingParams, generate_tokens
