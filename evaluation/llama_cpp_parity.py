@@ -72,7 +72,9 @@ def ours(model, tokenizer, max_new_tokens: int, record: Decoded):
 
 def llama_cpp(llm, stop: int, max_new_tokens: int, record: Decoded):
     """A GenerateFn over a loaded ``llama_cpp.Llama``: its own tokenizer, greedy argmax of its
-    logits (no sampler, no repetition penalty), stop on ``stop``, recorded."""
+    logits (no sampler, no repetition penalty), stop on ``stop``, recorded. The logits are read
+    where llama.cpp's own sampler reads them (``llama_get_logits_ith(ctx, -1)``):
+    ``Llama.scores`` is only filled with ``logits_all=True``, which computes every prompt row."""
     import numpy as np
 
     def fn(prompts: Sequence[str]) -> list[Completion]:
@@ -83,7 +85,7 @@ def llama_cpp(llm, stop: int, max_new_tokens: int, record: Decoded):
             llm.eval(ids)
             out, t_first = [], time.perf_counter()
             while len(out) < max_new_tokens:
-                nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                nxt = int(np.argmax(last_logits(llm)))
                 if not out:
                     t_first = time.perf_counter()
                 out.append(nxt)
@@ -96,6 +98,13 @@ def llama_cpp(llm, stop: int, max_new_tokens: int, record: Decoded):
             done.append(_completion(text, out, stop, max_new_tokens))
         return done
     return fn
+
+
+def last_logits(llm):
+    """The logits of the last token ``llm`` evaluated, as a numpy view (no copy)."""
+    import llama_cpp
+    import numpy as np
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
 def agreement(reference: Decoded, other: Decoded) -> dict:

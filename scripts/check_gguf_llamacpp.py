@@ -154,7 +154,7 @@ def quantized(folder: Path, outtypes: list[str], args: argparse.Namespace, work:
     tok_dir = folder if (folder / "tokenizer.json").is_file() else None
     data = held_out(folder, args.data)
     items = gsm8k.load(data, args.limit)
-    budget = args.max_new_tokens or max(len(tok.encode(it["answer"])) for it in items) + 16
+    budget = args.max_new_tokens or max(len(tok.encode(it["answer"])) for it in gsm8k.load(data)) + 16
     torch.set_num_threads(args.threads)
     print(f"[check] {len(items)} held-out problems from {data}, up to {budget} new tokens, "
           f"{args.threads} threads", flush=True)
