@@ -138,7 +138,8 @@ def check(name: str, model: MiniMindLM, tok: Tokenizer, tok_dir: Path | None, st
 
 
 def held_out(folder: Path, data: str | None) -> Path:
-    path = Path(data) if data else folder.parents[1] / "data" / "test.jsonl"
+    run = folder.resolve().parents[1] if len(folder.resolve().parents) > 1 else folder
+    path = Path(data) if data else run / "data" / "test.jsonl"   # <run>/sft/final → <run>/data
     if not path.is_file():
         raise UserError(f"{path}: no held-out problems there; pass --data test.jsonl "
                         "(GSM8K-style records: question, answer)")
