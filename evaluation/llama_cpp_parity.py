@@ -139,8 +139,9 @@ def accuracy(results: Sequence[dict]) -> float:
 
 def chat_path(llm, tokenizer, items: Sequence[dict], ours_by_question: dict[str, str],
               max_tokens: int) -> dict:
-    """The path a llama.cpp user takes: the file's own chat template (llama-cpp-python renders
-    ``tokenizer.chat_template`` with Jinja, as ``llama-server --jinja`` does) and the chat API.
+    """The path a llama.cpp user takes: the file's own chat template and the chat API.
+    llama-cpp-python renders ``tokenizer.chat_template`` with Python's Jinja2;
+    ``llama-server --jinja`` renders the same template with llama.cpp's own engine (not run here).
     Per question: is the rendered prompt our template's text, and is the greedy answer of
     ``create_chat_completion`` our answer text?"""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
