@@ -7,7 +7,8 @@ Scope: the command line over ``convert/hf.py`` (all mappings and their reasons l
     python scripts/convert_model.py import --hf hf_dir --out out/imported
     python scripts/convert_model.py import-minimind --pth full_sft_512.pth \
         --preset minimind2-small --out out/mm
-    python scripts/convert_model.py gguf --model out/sft --out model.gguf [--lora out/lora]
+    python scripts/convert_model.py gguf --model out/sft --out model.gguf [--lora out/lora] \
+        [--outtype f32|f16|bf16|q8_0|q4_0|...|q4_k_m]
 
 ``export`` picks the transformers class whose maths equals the config (Llama, Qwen3, Qwen3-MoE,
 Qwen2-MoE, Mixtral, GraniteMoeShared, DeepSeek-V2 or DeepSeek-V3) and refuses, naming the reason,
@@ -22,7 +23,7 @@ import json
 from pathlib import Path
 
 from common.errors import UserError
-from convert.gguf import export_gguf
+from convert.gguf import OUTTYPES, check_outtype, export_gguf
 from convert.hf import export_hf, find_tokenizer_dir, import_hf_to_folder
 from convert.minimind import load_minimind_pth, resolve_config
 from inference import load_for_inference
@@ -77,9 +78,11 @@ def cmd_import_minimind(args: argparse.Namespace) -> None:
 
 
 def cmd_gguf(args: argparse.Namespace) -> None:
+    outtype = (args.outtype or {"float32": "f32", "float16": "f16", None: "f32"}[args.dtype]).lower()
+    check_outtype(outtype)   # before loading: a typo costs one line, not a model load
     model = _load(args.model, args.lora)   # convert.gguf.gguf_arch refuses what llama.cpp can't run
     tok = args.tokenizer or find_tokenizer_dir(args.model)
-    print(f"wrote {export_gguf(model, args.out, tokenizer_dir=tok, dtype=args.dtype)}")
+    print(f"wrote {export_gguf(model, args.out, tokenizer_dir=tok, outtype=outtype)} ({outtype})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="our model folder")
     p.add_argument("--out", required=True, help="output .gguf file")
     p.add_argument("--lora", help="LoRA adapter folder to merge before export")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16"],
-                   help="dtype of the 2-D weights (norms always stay float32)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--outtype", help=f"type of the weight matrices, llama.cpp's names: "
+                      f"{', '.join(OUTTYPES)} (default f32; norms and the MoE router stay f32; "
+                      "the K-quants need llama-cpp-python)")
+    kind.add_argument("--dtype", choices=["float32", "float16"], help="same as --outtype f32|f16")
     p.add_argument("--tokenizer", help="tokenizer folder (default as for export)")
     p.set_defaults(func=cmd_gguf)
     return ap

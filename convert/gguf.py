@@ -9,6 +9,7 @@ unmodified llama.cpp.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -247,17 +248,63 @@ def _add_hparams(writer, config: MiniMindConfig, arch: str) -> None:
             writer.add_expert_group_used_count(config.topk_group)
 
 
+# --outtype (llama.cpp's names) → the file type declared in the header. The gguf package
+# quantizes these itself (numpy, bit-exact with ggml's reference quantizers).
+GGUF_OUTTYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+                 "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1",
+                 "q4_0": "MOSTLY_Q4_0"}
+# K-quants have no numpy quantizer in the gguf package: llama.cpp's own quantizer writes them
+# (llama-cpp-python's ``llama_model_quantize``, the library behind ``llama-quantize``).
+LLAMA_CPP_OUTTYPES = {"q2_k": "MOSTLY_Q2_K", "q3_k_s": "MOSTLY_Q3_K_S", "q3_k_m": "MOSTLY_Q3_K_M",
+                      "q3_k_l": "MOSTLY_Q3_K_L", "q4_k_s": "MOSTLY_Q4_K_S",
+                      "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_s": "MOSTLY_Q5_K_S",
+                      "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
+OUTTYPES = (*GGUF_OUTTYPES, *LLAMA_CPP_OUTTYPES)
+
+
+def tensor_type(name: str, w, outtype: str, has_output: bool):
+    """The ggml type a tensor is written in at ``outtype``, by convert_hf_to_gguf's rules (and
+    llama-quantize's for the output matrix at sub-8-bit types):
+
+    - 1-D tensors, norms, biases and the MoE router (``ffn_gate_inp``) stay F32: llama.cpp's
+      kernels for them take F32, and they are a negligible share of the bytes;
+    - a matrix whose rows are not a whole number of quantization blocks (32 values for the
+      legacy quants) falls back to F16, as convert_hf_to_gguf does on ``QuantError``;
+    - at 4-5 bits the output matrix (the token embedding when it is tied) is Q8_0: llama-quantize
+      gives it Q6_K, which the gguf package cannot write, and Q8_0 itself where Q6_K's 256-wide
+      blocks do not fit. The token embedding of an untied model takes the file's type.
+    """
+    import gguf
+    qtypes = gguf.GGMLQuantizationType
+    if w.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") \
+            or ".ffn_gate_inp" in name:
+        return qtypes.F32
+    qtype = qtypes[outtype.upper()]
+    output_matrix = name == "output.weight" or (name == "token_embd.weight" and not has_output)
+    if outtype in ("q5_1", "q5_0", "q4_1", "q4_0") and output_matrix:
+        qtype = qtypes.Q8_0
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return qtype if w.shape[-1] % block == 0 else qtypes.F16
+
+
+def check_outtype(outtype: str) -> None:
+    if outtype not in OUTTYPES:
+        raise ConversionError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+
+
 def export_gguf(model: MiniMindLM, out_path: str | Path, tokenizer_dir: str | Path | None = None,
-                dtype: str = "float32") -> Path:
+                outtype: str = "f32") -> Path:
     """One ``.gguf`` file (weights + hyperparameters + BPE tokenizer + chat template) for the
-    architecture ``gguf_arch`` picks. Norms and the router stay float32 (llama.cpp expects it)."""
+    architecture ``gguf_arch`` picks, its matrices in ``outtype`` (``OUTTYPES``; which tensors
+    keep a wider type: ``tensor_type``). K-quants (``LLAMA_CPP_OUTTYPES``) are written by
+    llama.cpp's quantizer from an f32 export: it needs llama-cpp-python."""
+    check_outtype(outtype)
+    if outtype in LLAMA_CPP_OUTTYPES:
+        return _quantize_with_llama_cpp(model, Path(out_path), tokenizer_dir, outtype)
     import gguf  # optional dependency, only for this export
-    import numpy as np
 
     config = model.config
     arch = gguf_arch(config)
-    if dtype not in ("float32", "float16"):
-        raise ConversionError(f"GGUF dtype must be float32 or float16, got {dtype!r}")
     tok_dir = find_tokenizer_dir(None) if tokenizer_dir is None else Path(tokenizer_dir)
     tok_json = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
     tok_cfg = json.loads((tok_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -288,8 +335,8 @@ def export_gguf(model: MiniMindLM, out_path: str | Path, tokenizer_dir: str | Pa
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(out_path.stem)
         _add_hparams(writer, config, arch)
-        writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "float32"
-                             else gguf.LlamaFileType.MOSTLY_F16)
+        writer.add_file_type(gguf.LlamaFileType[GGUF_OUTTYPES[outtype]])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
@@ -302,10 +349,33 @@ def export_gguf(model: MiniMindLM, out_path: str | Path, tokenizer_dir: str | Pa
         if tok_cfg.get("chat_template"):
             writer.add_chat_template(tok_cfg["chat_template"])
         for name, w in tensors.items():
-            as_f16 = dtype == "float16" and w.ndim >= 2 and "ffn_gate_inp" not in name
-            writer.add_tensor(name, w.numpy().astype(np.float16 if as_f16 else np.float32))
+            qtype = tensor_type(name, w, outtype, "output.weight" in tensors)
+            writer.add_tensor(name, gguf.quants.quantize(w.numpy(), qtype), raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+    return out_path
+
+
+def _quantize_with_llama_cpp(model: MiniMindLM, out_path: Path, tokenizer_dir: str | Path | None,
+                             outtype: str) -> Path:
+    """A K-quant file by llama.cpp's own quantizer (its per-tensor type choices, e.g. Q4_K_M's
+    Q6_K for half of the attention-v and FFN-down matrices) from a lossless f32 export."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ConversionError(f"--outtype {outtype} is written by llama.cpp's own quantizer: "
+                              "pip install llama-cpp-python, or run llama-quantize on an f32 "
+                              "export") from None
+    import gguf
+
+    with tempfile.TemporaryDirectory(dir=out_path.parent if out_path.parent.is_dir() else None
+                                     ) as tmp, atomic_path(out_path) as dst:
+        src = export_gguf(model, Path(tmp) / "f32.gguf", tokenizer_dir, "f32")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = int(gguf.LlamaFileType[LLAMA_CPP_OUTTYPES[outtype]])
+        if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+            raise ConversionError(f"llama.cpp's quantizer failed to write {outtype} "
+                                  f"(its log above says why)")
     return out_path

@@ -2,6 +2,7 @@ r"""Load our GGUF exports in llama.cpp itself and compare its greedy tokens and 
 
     python scripts/check_gguf_llamacpp.py                    # a trained model + each architecture
     python scripts/check_gguf_llamacpp.py --model out/sft/final --model out/sft_moe/final
+    python scripts/check_gguf_llamacpp.py --outtype f32,f16,q8_0,q4_0,q4_k_m [--limit 50]
 
 Needs llama-cpp-python (``pip install llama-cpp-python``: it compiles llama.cpp, 10-30 minutes
 on two cores), so it is kept out of the test suite; tests/test_gguf.py checks the file's names,
@@ -18,6 +19,17 @@ are tiny random models, one per llama.cpp architecture we export (MoE, MLA, ...)
 architecture's maths, not a trained model's tokenizer or the answer a user would read. Their
 norms are perturbed away from 1 (a dropped RMSNorm would show) and their weights scaled up so the
 logits are peaked: near-ties would make token agreement a coin toss.
+
+``--outtype`` (quantized mode) takes the trained model (or the first ``--model``) and its
+held-out problems (``--data``; default the ``data/test.jsonl`` of the run the model comes from,
+as the quickstart lays it out), exports it at each type and reports per type: held-out accuracy
+through llama.cpp against our fp32 model's (greedy, the same chat prompts and GSM8K answer
+extraction: evaluation.runner.run_task), greedy agreement with our fp32 tokens, and decode tok/s
+at batch 1 of llama.cpp next to ours (the static-cache step), in one run
+(evaluation/llama_cpp_parity.py). It fails when a prompt is tokenized differently, when the f32
+file's answers are not our tokens (at least 99 % of problems whole: fp32 sums in another order
+may flip a near-tie), when the file's chat template, rendered by llama-cpp-python, is not our
+prompt text, or when a type's accuracy falls more than ``--max_drop`` points below ours.
 """
 from __future__ import annotations
 
@@ -28,9 +40,11 @@ from pathlib import Path
 
 import torch
 
-from common.errors import run_cli
-from convert.gguf import export_gguf, gguf_arch
+from common.errors import UserError, run_cli
+from convert.gguf import OUTTYPES, check_outtype, export_gguf, gguf_arch
+from evaluation import llama_cpp_parity as parity
 from evaluation.ecosystem import skip, trained_model
+from evaluation.runner import run_task
 from inference import load_for_inference
 from model.config import MiniMindConfig
 from model.model import MiniMindLM
@@ -123,6 +137,76 @@ def check(name: str, model: MiniMindLM, tok: Tokenizer, tok_dir: Path | None, st
             "max_logit_diff": float((our_logits[:, : their_logits.shape[1]] - their_logits).abs().max())}
 
 
+def held_out(folder: Path, data: str | None) -> Path:
+    run = folder.resolve().parents[1] if len(folder.resolve().parents) > 1 else folder
+    path = Path(data) if data else run / "data" / "test.jsonl"   # <run>/sft/final → <run>/data
+    if not path.is_file():
+        raise UserError(f"{path}: no held-out problems there; pass --data test.jsonl "
+                        "(GSM8K-style records: question, answer)")
+    return path
+
+
+def quantized(folder: Path, outtypes: list[str], args: argparse.Namespace, work: Path
+              ) -> list[str]:
+    """The quantized mode's table; returns what failed (see the module docstring)."""
+    from llama_cpp import Llama
+
+    from tasks import gsm8k
+    model, tok = load_for_inference(folder, device="cpu", dtype="fp32")
+    tok_dir = folder if (folder / "tokenizer.json").is_file() else None
+    data = held_out(folder, args.data)
+    items = gsm8k.load(data, args.limit)
+    budget = args.max_new_tokens or max(len(tok.encode(it["answer"])) for it in gsm8k.load(data)) + 16
+    torch.set_num_threads(args.threads)
+    print(f"[check] {len(items)} held-out problems from {data}, up to {budget} new tokens, "
+          f"{args.threads} threads", flush=True)
+    ref = parity.Decoded()
+    res = run_task("gsm8k", items, tok, parity.ours(model, tok, budget, ref), batch_size=1)
+    ours_acc = parity.accuracy(res)
+    answers = {it["question"]: r["prediction"] for it, r in zip(items, res)}
+    print(f"| type | tensors | file MB | held-out accuracy | same answers as our fp32 | tokens "
+          f"agreeing | same prompt tokens | llama.cpp tok/s | ours (fp32) tok/s |\n"
+          f"|---|---|---|---|---|---|---|---|---|\n"
+          f"| ours, fp32 (PyTorch) | | | {ours_acc:.1%} | | | | | {ref.tok_per_s:.0f} |", flush=True)
+    failed = []
+    for outtype in outtypes:
+        path = export_gguf(model, work / f"{outtype}.gguf", tokenizer_dir=tok_dir, outtype=outtype)
+        longest = max(map(len, ref.prompt_ids.values()))
+        # f32 KV cache (ggml type 0) for every type: the rows then differ by the weights alone
+        llm = Llama(model_path=str(path), n_ctx=longest + budget + 8, verbose=False,
+                    n_threads=args.threads, n_batch=512, type_k=0, type_v=0)
+        rec = parity.Decoded()
+        acc = parity.accuracy(run_task("gsm8k", items, tok, parity.llama_cpp(
+            llm, model.config.eos_token_id, budget, rec), batch_size=1))
+        if outtype == outtypes[0]:
+            chat = parity.chat_path(llm, tok, items[:args.chat_checks], answers, budget)
+        llm.close()
+        agree = parity.agreement(ref, rec)
+        n = agree["n"]
+        print(f"| {outtype} | {parity.tensor_types(path)} | {path.stat().st_size / 1e6:.2f} "
+              f"| {acc:.1%} | {agree['same_answers']}/{n} | {agree['token_agreement']:.1%} "
+              f"| {agree['same_prompt_tokens']}/{n} | {rec.tok_per_s:.0f} | {ref.tok_per_s:.0f} |",
+              flush=True)
+        if agree["same_prompt_tokens"] != n:
+            failed.append(f"{outtype}: llama.cpp tokenized {n - agree['same_prompt_tokens']} "
+                          "prompts differently")
+        if ours_acc - acc > args.max_drop / 100:
+            failed.append(f"{outtype}: accuracy {acc:.1%}, more than {args.max_drop} points "
+                          f"below ours ({ours_acc:.1%})")
+        if outtype == "f32" and agree["same_answers"] < 0.99 * n:
+            failed.append(f"f32: our tokens on only {agree['same_answers']}/{n} answers")
+    print(f"[check] {outtypes[0]} through llama-cpp-python's chat API (the file's chat template, "
+          f"rendered by its Jinja formatter): prompt text equal to our template's on "
+          f"{chat['same_prompt']}/{chat['n']}, greedy answer text equal to ours on "
+          f"{chat['same_answer']}/{chat['n']}", flush=True)
+    if chat["same_prompt"] != chat["n"]:
+        failed.append("the file's chat template renders another prompt than ours")
+    print(f"[check] ours: {ref.decode_tokens} decode tokens; tok/s counts the tokens after the "
+          "first of each answer over their time, batch 1, from Python on both sides; noisy on "
+          "a shared machine", flush=True)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", action="append", default=[],
@@ -130,12 +214,38 @@ def main(argv: list[str] | None = None) -> None:
                         "random model per architecture")
     p.add_argument("--steps", type=int, default=24, help="greedy tokens to compare")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--outtype", help="quantized mode: comma-separated GGUF types to check on "
+                                     f"held-out problems ({', '.join(OUTTYPES)})")
+    p.add_argument("--data", help="quantized mode: held-out problems (default: the data/test.jsonl "
+                                  "of the model's run)")
+    p.add_argument("--limit", type=int, help="quantized mode: the first N problems only")
+    p.add_argument("--max_new_tokens", type=int,
+                   help="quantized mode: answer budget (default: the longest answer + 16)")
+    p.add_argument("--chat_checks", type=int, default=5,
+                   help="quantized mode: problems sent through llama-cpp-python's chat API with "
+                        "the file's own template (first type only)")
+    p.add_argument("--max_drop", type=float, default=100.0,
+                   help="quantized mode: fail when a type's accuracy is more than this many "
+                        "points below ours (default 100: reported, not gated)")
     args = p.parse_args(argv)
+    outtypes = [t.strip().lower() for t in (args.outtype or "").split(",") if t.strip()]
+    for t in outtypes:
+        check_outtype(t)
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         skip("llama-cpp-python", "pip install llama-cpp-python (compiles llama.cpp)",
-             "our GGUF exports in llama.cpp (tokens, greedy decoding, logits)")
+             "our GGUF exports in llama.cpp (tokens, greedy decoding, logits; with --outtype "
+             "the held-out accuracy, agreement and speed per type)")
+    if outtypes:
+        folder, how = trained_model(args.model[0] if args.model else None)
+        print(f"[check] model {folder} ({how}), quantized: {', '.join(outtypes)}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            failed = quantized(Path(folder), outtypes, args, Path(tmp))
+        if failed:
+            print("FAILED: " + "; ".join(failed), file=sys.stderr)
+            sys.exit(1)
+        return
     rows = []
     folders = args.model
     if not folders:

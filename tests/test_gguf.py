@@ -136,7 +136,7 @@ def test_moe_export_stacks_experts_as_llama_cpp_expects(tmp_path, qk_norm, arch)
 def test_moe_export_in_float16_keeps_the_router_float32(tmp_path):
     gguf = pytest.importorskip("gguf")
     r = gguf.GGUFReader(str(export_gguf(tiny(**MOE, qk_norm=True), tmp_path / "m.gguf",
-                                        dtype="float16")))
+                                        outtype="f16")))
     types = {t.name: t.tensor_type for t in r.tensors}
     assert types["blk.0.ffn_up_exps.weight"] == gguf.GGMLQuantizationType.F16
     assert types["blk.0.ffn_gate_inp.weight"] == gguf.GGMLQuantizationType.F32
@@ -220,3 +220,105 @@ def test_deepseek_and_qwen2_moe_exports_are_what_llama_cpp_loads(tmp_path, name)
 def test_unfaithful_gguf_exports_are_refused(tmp_path, overrides, match):
     with pytest.raises(ConversionError, match=match):
         export_gguf(tiny(**{**MOE, **overrides}), tmp_path / "x.gguf")
+
+
+# ---- quantized exports -------------------------------------------------------------------------
+
+def _naive_q8_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's reference Q8_0 (ggml-quants.c), block by block along each row: d = max|x| / 127,
+    q = round(x / d) (halves away from zero), d stored as fp16; → (dequantized, d per value)."""
+    out, scale = torch.empty_like(w), torch.empty_like(w)
+    for row in range(w.shape[0]):
+        for b in range(0, w.shape[1], 32):
+            x = w[row, b:b + 32].double()
+            d = float(x.abs().max()) / 127
+            y = x / d if d else torch.zeros_like(x)
+            q = torch.sign(y) * torch.floor(y.abs() + 0.5)
+            d16 = float(torch.tensor(d).half())
+            out[row, b:b + 32], scale[row, b:b + 32] = (q * d16).float(), d
+    return out, scale
+
+
+def _naive_q4_0(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's reference Q4_0: m = the value of largest magnitude (signed), d = m / -8,
+    q = min(15, floor(x / d + 8.5)) in 0..15, value (q - 8) · fp16(d)."""
+    out, scale = torch.empty_like(w), torch.empty_like(w)
+    for row in range(w.shape[0]):
+        for b in range(0, w.shape[1], 32):
+            x = w[row, b:b + 32].double()
+            d = float(x[x.abs().argmax()]) / -8
+            q = torch.clamp(torch.floor(x / d + 8.5), 0, 15) if d else torch.full_like(x, 8)
+            d16 = float(torch.tensor(d).half())
+            out[row, b:b + 32], scale[row, b:b + 32] = ((q - 8) * d16).float(), abs(d)
+    return out, scale
+
+
+def _read_dequantized(path) -> dict[str, tuple[object, torch.Tensor]]:
+    """name → (ggml type, values as torch [out, in]), dequantized by the gguf package's reader."""
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    return {t.name: (t.tensor_type, torch.from_numpy(
+        gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()) for t in r.tensors}
+
+
+@pytest.mark.parametrize("outtype, naive, max_step", [("q8_0", _naive_q8_0, 0.57),
+                                                      ("q4_0", _naive_q4_0, 1.01)])
+def test_quantized_export_matches_a_naive_block_quantizer(tmp_path, outtype, naive, max_step):
+    """Every quantized matrix equals ggml's reference quantizer written out here block by block,
+    and stays within its step of our weight (q8_0: half a step plus fp16's rounding of d; q4_0:
+    a whole step, where the clamp at 15 cuts the value opposite the block's extreme); the
+    norms are exact float32; rows that are not whole 32-value blocks fall back to f16; at 4 bits
+    the (tied) output matrix is Q8_0, as llama-quantize keeps it at 6-8 bits."""
+    gguf = pytest.importorskip("gguf")
+    model = tiny(intermediate_size=200)      # ffn_down's rows are 200 long: not whole blocks
+    got = _read_dequantized(export_gguf(model, tmp_path / "m.gguf", outtype=outtype))
+    T = gguf.GGMLQuantizationType
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    layer = "model.layers.1."
+    cases = {"blk.1.attn_q.weight": (sd[layer + "self_attn.q_proj.weight"], T[outtype.upper()]),
+             "blk.1.ffn_up.weight": (sd[layer + "mlp.up_proj.weight"], T[outtype.upper()]),
+             "token_embd.weight": (sd["model.embed_tokens.weight"][:40],
+                                   T.Q8_0)}   # tied: the output matrix
+    for name, (want, qtype) in cases.items():
+        kind, values = got[name]
+        assert kind == qtype, name
+        rows = want.shape[0]
+        if name == "blk.1.attn_q.weight":   # the llama arch permutes q's rows for its RoPE
+            want = rope_halves_to_interleaved(want, 4)
+        ref, d = (_naive_q8_0 if kind == T.Q8_0 else naive)(want)
+        assert torch.equal(values[:rows], ref), name
+        assert ((values[:rows] - want).abs() <= max_step * d + 1e-12).all(), name
+    kind, values = got["blk.1.ffn_down.weight"]
+    assert kind == T.F16 and max_diff(values, sd[layer + "mlp.down_proj.weight"]) < 1e-3
+    kind, values = got["blk.1.attn_norm.weight"]
+    assert kind == T.F32 and torch.equal(values, sd[layer + "input_layernorm.weight"])
+
+
+def test_q4_0_keeps_an_untied_output_at_q8_0_and_the_embedding_at_q4_0(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    got = _read_dequantized(export_gguf(tiny(tie_word_embeddings=False, **MOE),
+                                        tmp_path / "m.gguf", outtype="q4_0"))
+    T = gguf.GGMLQuantizationType
+    assert got["output.weight"][0] == T.Q8_0 and got["token_embd.weight"][0] == T.Q4_0
+    assert got["blk.0.ffn_up_exps.weight"][0] == T.Q4_0        # experts [E, I, D]: rows of D
+    assert got["blk.0.ffn_gate_inp.weight"][0] == T.F32        # the router is never quantized
+
+
+def test_bad_outtype_is_one_line_and_k_quants_need_llama_cpp(tmp_path):
+    folder = save_pretrained(tiny(), tmp_path / "m")
+    with pytest.raises(ConversionError, match="'q9' is not one of"):
+        cli(["gguf", "--model", str(folder), "--out", str(tmp_path / "x.gguf"), "--outtype", "q9"])
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConversionError, match="pip install llama-cpp-python"):
+            export_gguf(tiny(), tmp_path / "k.gguf", outtype="q4_k_m")
+        return
+    gguf = pytest.importorskip("gguf")
+    got = _read_dequantized(export_gguf(tiny(), tmp_path / "k.gguf", outtype="q4_k_m"))
+    # llama.cpp's choices for rows of 64 (not whole 256-value K blocks): its own fallbacks
+    assert got["blk.0.attn_norm.weight"][0] == gguf.GGMLQuantizationType.F32
+    assert {got[n][0] for n in got if n.endswith(("attn_q.weight", "ffn_up.weight"))} - {
+        gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16} != set()
+    w = tiny().model.layers[0].mlp.up_proj.weight.detach()
+    assert max_diff(got["blk.0.ffn_up.weight"][1], w) < 0.25 * w.abs().max()
