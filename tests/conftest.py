@@ -1,8 +1,6 @@
-"""Shared test fixtures: paths to the optional ../shared data and small helpers; the thread
-share and test order of a parallel run (``pytest -n N``, pytest-xdist)."""
+"""Shared test fixtures: paths to the optional ../shared data and small helpers."""
 
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -11,23 +9,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-
-# Under `pytest -n N` each worker gets its share of the cores, and so do the subprocesses its
-# tests start (quickstart runs, torchrun worlds read OMP_NUM_THREADS): N workers each running
-# torch on every core would oversubscribe the CPU and spin in OpenMP barriers.
-if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
-    _SHARE = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-    os.environ["OMP_NUM_THREADS"] = str(_SHARE)
-    torch.set_num_threads(_SHARE)
-
-
-def pytest_collection_modifyitems(items):
-    """Tests marked `heavy(seconds)` run first, longest first: in a parallel run they then start
-    at once instead of last, when nothing would be left to run beside them."""
-    def seconds(item) -> float:
-        mark = item.get_closest_marker("heavy")
-        return mark.args[0] if mark else 0.0
-    items.sort(key=seconds, reverse=True)   # stable: the rest keep their order
 
 
 def shared_path(*parts: str) -> Path:
@@ -111,15 +92,10 @@ def pytest_runtest_logreport(report):
 def pytest_terminal_summary(terminalreporter):
     if not _KT_REPORTS:
         return
+    import os
     import sys
     from collections import Counter
     variant = "kt_kernel not imported"
-    if "kt_kernel" not in sys.modules and terminalreporter.config.getoption("numprocesses", None):
-        import contextlib
-        # the tests ran in worker processes: see which variant loads here (any import failure
-        # means "not imported", as it did in the workers)
-        with contextlib.suppress(Exception):
-            import kt_kernel  # noqa: F401
     if "kt_kernel" in sys.modules:
         variant = repr(getattr(sys.modules["kt_kernel"], "__cpu_variant__", None))
     forced = os.environ.get("KT_KERNEL_CPU_VARIANT")

@@ -75,7 +75,6 @@ def assert_same_run(a: Path, b: Path, first_step: int = 1) -> None:
         assert all(torch.equal(w1[k], wb[k]) for k in wb)
 
 
-@pytest.mark.heavy(16)
 def test_fsdp_matches_one_process_and_resumes_across_world_sizes(tmp_path):
     """Dense (with activation checkpointing under FSDP) and MoE + LoRA (on every linear layer,
     experts included; random B so A and B both move from step 1; blocks kept gathered between

@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +33,6 @@ def _run(args: list[str], out: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.heavy(71)
 def test_smoke_pipeline_writes_report_with_every_stage(tmp_path):
     """Every stage runs, and the report states what the per-question records say: each stage's
     accuracy is recomputed from its eval items, whose golds and "#### n" answers are re-read here
@@ -96,7 +93,6 @@ def test_smoke_pipeline_writes_report_with_every_stage(tmp_path):
     assert "eval_model.py --model" in proc.stdout and "serve_openai_api.py" in proc.stdout
 
 
-@pytest.mark.heavy(28)
 def test_seeds_table_gathers_each_seeds_run(tmp_path):
     """--seeds runs the pipeline once per seed (different data: the seed drives the generator)
     and SEEDS.md states each run's own results.json."""
@@ -126,7 +122,6 @@ BAR = WORST_MEASURED - 0.20
 PRETRAIN_MAX = 0.15
 
 
-@pytest.mark.heavy(185)
 def test_short_run_learns_the_held_out_task(tmp_path):
     """The pipeline learns a task it has never seen solved: the test scale (one-step word
     problems, 300 pretraining and 300 packed SFT steps of demo-small) takes the held-out accuracy
