@@ -42,9 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +51,7 @@ import torch
 
 from evaluation.compare import compare_reports, per_item_scores, sign_test
 from evaluation.report import read_items
-
-REPO = Path(__file__).resolve().parents[1]
+from perf.common import run_stage, with_tokenizer
 
 
 @dataclass(frozen=True)
@@ -85,25 +81,10 @@ SCALES = {
 MODELS = ("plain SFT, no tools", "tool SFT", "agent RL start", "agent RL")
 
 
-def run(*args: str) -> float:
-    """A stage script (from the repo root, this Python); its wall time in seconds."""
-    print("$ " + " ".join(args), flush=True)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, *args], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
-
-
-def with_tokenizer(folder: Path, tokenizer: Path) -> Path:
-    """A model folder made self-contained with the tokenizer files (eval_model reads them)."""
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(tokenizer / name, folder / name)
-    return folder
-
-
 def evaluate(model: Path, out: Path, test: Path, tools: str, a: argparse.Namespace) -> dict:
     """eval_model.py --bench toolcall (greedy) into `out`; the row of the table."""
     if not (out / "toolcall.summary.json").exists():
-        run("eval_model.py", "--model", str(model), "--bench", "toolcall", "--data",
+        run_stage("eval_model.py", "--model", str(model), "--bench", "toolcall", "--data",
             f"toolcall={test}", "--tools", tools, "--out", str(out), "--batch_size", "64",
             "--max_new_tokens", str(SCALES[a.scale].max_new_tokens))
     s = json.loads((out / "toolcall.summary.json").read_text())
@@ -120,16 +101,16 @@ def prepare(out: Path, a: argparse.Namespace) -> tuple[Path, Path, Path]:
     base = out / "base"
     sft = base / "sft" / "final"
     if not (sft / "config.json").exists():
-        run("scripts/quickstart.py", "--scale", s.quickstart, "--until", "sft", "--seed", "0",
+        run_stage("scripts/quickstart.py", "--scale", s.quickstart, "--until", "sft", "--seed", "0",
             "--out", str(base))
     data = out / "tool_data"
     if not (data / "tool_test.jsonl").exists():
-        run("-m", "dataset.synthetic", "--out", str(data), "--tools", a.tools, "--seed", "0",
+        run_stage("-m", "dataset.synthetic", "--out", str(data), "--tools", a.tools, "--seed", "0",
             "--n_pretrain", "10", "--n_sft", "10", "--n_dpo", "10", "--n_test", "10",
             "--n_tool_sft", str(s.n_tool_sft), "--n_tool_test", str(s.n_tool_test))
     items = data / "rl_items.jsonl"
     if not items.exists():
-        run("-m", "tasks.toolcall", "convert", "--src", str(data / "tool_sft.jsonl"),
+        run_stage("-m", "tasks.toolcall", "convert", "--src", str(data / "tool_sft.jsonl"),
             "--out", str(items), "--kind", "eval")
     return sft, data, items
 
@@ -144,7 +125,7 @@ def seed_runs(seed: int, sft: Path, data: Path, items: Path, out: Path,
     rows: dict[str, dict] = {}
     seconds = {}
     if not (tool_dir / "final" / "config.json").exists():
-        seconds["tool SFT"] = run(
+        seconds["tool SFT"] = run_stage(
             "train_full_sft.py", "--init_from", str(sft), "--packing", "--data_path",
             str(data / "tool_sft.jsonl"), "--seq_len", str(s.seq_len), "--batch_size",
             str(s.batch_size), "--max_steps", str(s.sft_steps), "--lr", "2e-3",
@@ -154,7 +135,7 @@ def seed_runs(seed: int, sft: Path, data: Path, items: Path, out: Path,
     tool = with_tokenizer(tool_dir / "final", tokenizer)
     early = with_tokenizer(tool_dir / "checkpoints" / f"step_{s.early:06d}", tokenizer)
     if not (rl_dir / "final" / "config.json").exists():
-        seconds["agent RL"] = run(
+        seconds["agent RL"] = run_stage(
             "train_agent.py", "--init_from", str(early), "--data_path", str(items),
             "--tools", a.tools, "--max_turns", "3", "--group_size", str(s.group_size),
             "--batch_size", str(s.rl_prompts), "--max_new_tokens", str(s.max_new_tokens),

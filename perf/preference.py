@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 from statistics import mean
 
@@ -36,18 +33,10 @@ import torch
 from dataset.lm_dataset import load_files, make_collate
 from model.io import load_pretrained
 from model.tokenizer import Tokenizer
+from perf.common import run_stage
 from trainer.dpo import concat_pair, sequence_logps
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("dpo", "kto", "orpo")
-
-
-def run(*args: str) -> float:
-    """A stage script (from the repo root, this Python); its wall time in seconds."""
-    print("$ " + " ".join(args), flush=True)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, *args], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -96,16 +85,16 @@ def base_model(out: Path, a: argparse.Namespace) -> Path:
     """Data plus a tiny model pretrained then SFT-trained on it (kept in `out` and reused)."""
     data, sft = out / "data", out / "sft" / "final"
     if not (data / "kto.jsonl").exists():
-        run("-m", "dataset.synthetic", "--out", str(data), "--n_pretrain", "4000", "--n_sft", "3000",
+        run_stage("-m", "dataset.synthetic", "--out", str(data), "--n_pretrain", "4000", "--n_sft", "3000",
             "--n_dpo", "1000", "--n_test", str(a.n_test))
     common = ["--seq_len", "256", "--batch_size", str(a.base_batch), "--no-progress", "--no-plot",
               "--log_every", "25"]
     if not (out / "pretrain" / "final").exists():
-        run("train_pretrain.py", "--data_path", str(data / "pretrain.jsonl"), "--model_preset", "tiny",
+        run_stage("train_pretrain.py", "--data_path", str(data / "pretrain.jsonl"), "--model_preset", "tiny",
             "--max_steps", str(a.pretrain_steps), "--lr", "2e-3", "--out_dir", str(out / "pretrain"),
             *common)
     if not sft.exists():
-        run("train_full_sft.py", "--init_from", str(out / "pretrain" / "final"), "--packing",
+        run_stage("train_full_sft.py", "--init_from", str(out / "pretrain" / "final"), "--packing",
             "--data_path", str(data / "sft.jsonl"), "--max_steps", str(a.sft_steps), "--lr", "1e-3",
             "--out_dir", str(out / "sft"), *common)
     return sft
@@ -126,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                   "--log_every", str(max(1, a.steps // 4)), "--weight_decay", "0"]
         pairs = ["--batch_size", str(a.pairs)]
         rm_dir = out / f"rm_s{seed}"
-        seconds = run("train_reward.py", "--data_path", str(data / "dpo.jsonl"), "--eval_data_path", str(test),
+        seconds = run_stage("train_reward.py", "--data_path", str(data / "dpo.jsonl"), "--eval_data_path", str(test),
                       "--eval_batches", str(-(-a.n_test // a.pairs)), "--out_dir", str(rm_dir), *pairs, *common)
         results["rm"].append({"accuracy": last_value(rm_dir / "metrics.jsonl", "val/dpo_test/rm/accuracy"),
                               "seconds": seconds})
@@ -136,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                         "--batch_size", str(2 * a.pairs))}
         for method, args in runs.items():
             run_dir = out / f"{method}_s{seed}"
-            seconds = run(*args, "--beta", str(a.beta), "--out_dir", str(run_dir), *common)
+            seconds = run_stage(*args, "--beta", str(a.beta), "--out_dir", str(run_dir), *common)
             results[method].append({**accuracies(pair_logps(run_dir / "final", test, 256), start),
                                     "seconds": seconds})
     report(results, base, a)

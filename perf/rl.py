@@ -28,28 +28,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from common.atomic import atomic_write_text
 from evaluation.compare import compare_reports
 from model.tokenizer import Tokenizer
+from perf.common import run_stage, with_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = ("grpo", "ppo")
 REWARD = "correctness:1.0,format:0.1"
 TEMPERATURE = 1.0
 PPO_EPOCHS = 4
-
-
-def run(*args: str) -> float:
-    """A stage script (from the repo root, this Python); its wall time in seconds."""
-    print("$ " + " ".join(args), flush=True)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, *args], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
 
 
 def answer_budget(test: Path, tokenizer_dir: Path) -> int:
@@ -81,8 +70,8 @@ def evaluate(model: Path, out: Path, a: argparse.Namespace, test: Path, budget: 
     """Greedy and sampled held-out reports of `model` (folders with *.items.jsonl)."""
     args = ["eval_model.py", "--model", str(model), "--bench", "gsm8k", "--data", f"gsm8k={test}",
             "--max_new_tokens", str(budget), "--batch_size", str(n_test)]
-    run(*args, "--out", str(out / "greedy"))
-    run(*args, "--out", str(out / "sampled"), "--samples", str(a.samples),
+    run_stage(*args, "--out", str(out / "greedy"))
+    run_stage(*args, "--out", str(out / "sampled"), "--samples", str(a.samples),
         "--temperature", str(TEMPERATURE), "--seed", "0")
     return {kind: out / kind for kind in ("greedy", "sampled")}
 
@@ -96,22 +85,15 @@ def train(method: str, start: Path, out_dir: Path, seed: int, a: argparse.Namesp
               "--out_dir", str(out_dir), "--no-progress", "--log_every", str(max(1, a.steps // 20))]
     warmup = min(5, a.steps // 4)    # rollout steps: the same schedule per rollout for both
     if method == "grpo":
-        return run("train_grpo.py", *common, "--loss", "cispo", "--group_size", str(a.group),
+        return run_stage("train_grpo.py", *common, "--loss", "cispo", "--group_size", str(a.group),
                    "--batch_size", str(a.prompts), "--no-track_kl", "--max_steps", str(a.steps),
                    "--warmup_steps", str(warmup))
     # PPO: prompts x group prompts per rollout in one micro-batch, so they decode as one batch of
     # the same rows as GRPO's (PPO rolls out each micro-batch separately: 8 micro-batches of 8
     # rows would decode 8 times), PPO_EPOCHS optimizer steps on each rollout
-    return run("train_ppo.py", *common, "--batch_size", str(a.prompts * a.group),
+    return run_stage("train_ppo.py", *common, "--batch_size", str(a.prompts * a.group),
                "--samples_per_prompt", "1", "--ppo_epochs", str(PPO_EPOCHS),
                "--max_steps", str(a.steps * PPO_EPOCHS), "--warmup_steps", str(warmup * PPO_EPOCHS))
-
-
-def self_contained(final: Path, tokenizer: Path) -> Path:
-    """The run's model folder with the tokenizer files beside the weights (eval_model.py reads them)."""
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy2(tokenizer / name, final / name)
-    return final
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     qs, out = Path(a.run).resolve(), Path(a.out).resolve()
     start = qs / a.start
     if not start.is_dir():
-        run("scripts/quickstart.py", "--out", str(qs), "--until", "sft")
+        run_stage("scripts/quickstart.py", "--out", str(qs), "--until", "sft")
     data, tokenizer = qs / "data", qs / "tokenizer"
     test = data / "test.jsonl"
     n_test = len(test.read_text(encoding="utf-8").splitlines())
@@ -133,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             if (out / name).exists():
                 shutil.rmtree(out / name)
             seconds[name] = train(method, start, out / name, seed, a, data, tokenizer, budget)
-            final = self_contained(out / name / "final", tokenizer)
+            final = with_tokenizer(out / name / "final", tokenizer)
             reports[name] = evaluate(final, out / name / "eval", a, test, budget, n_test)
     results = summarize(reports, seconds, a)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
