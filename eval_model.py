@@ -29,7 +29,7 @@ from inference import load_for_inference, load_speculation
 from model.generate import SamplingParams, TextStream, generate_tokens
 from model.precision import DTYPE_CHOICES
 from model.speculative import Speculation, SpeculationStats
-from tools import default_registry
+from tools import default_registry, tool_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,11 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--samples {args.samples}: needs >= 1, and --temperature > 0 when > 1 "
                         "(benchmarks decode greedily by default: every sample would be the same)")
     return args
-
-
-def tool_names(spec: str) -> list[str]:
-    """--tools: comma-separated built-in tool names; 'none' is the empty list."""
-    return [] if spec.strip() == "none" else [t.strip() for t in spec.split(",") if t.strip()]
 
 
 def sampling(args: argparse.Namespace, bench: bool, seed: int) -> SamplingParams:

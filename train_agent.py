@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.errors import run_cli
-from tools import default_registry
+from tools import default_registry, tool_names
 from trainer import distributed as dist
 from trainer import grpo
 from trainer.agent import AgentPromptDataset, AgentRollouts
@@ -51,7 +51,7 @@ class AgentConfig(grpo.GRPOConfig):
         return err
 
     def tool_names(self) -> list[str]:
-        return [t.strip() for t in self.tools.split(",") if t.strip()]
+        return tool_names(self.tools)
 
 
 def main() -> None:

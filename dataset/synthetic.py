@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from common.atomic import atomic_path
-from tools import TABLES, ToolRegistry, default_registry
+from tools import TABLES, ToolRegistry, default_registry, tool_names
 
 Split = Literal["train", "test"]
 Message = dict[str, str]
@@ -912,7 +912,7 @@ def main(argv: list[str] | None = None) -> None:
                 out / "test.jsonl")
     write_jsonl(held_out_pairs(tests, args.seed), out / "dpo_test.jsonl")
     write_jsonl((problem_text(p) for p in tests), out / "test_text.jsonl")
-    registry = default_registry([t.strip() for t in args.tools.split(",") if t.strip()])
+    registry = default_registry(tool_names(args.tools))
     write_jsonl(tool_conversations(args.n_tool_sft, args.seed, registry=registry),
                 out / "tool_sft.jsonl")
     write_jsonl(tool_test_set(args.n_tool_test, args.seed, registry), out / "tool_test.jsonl")

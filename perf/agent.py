@@ -213,11 +213,11 @@ def rollout_speed(a: argparse.Namespace, model_dir: Path | None, test: Path | No
     from model.model import MiniMindLM
     from model.tokenizer import Tokenizer
     from tasks import toolcall
-    from tools import default_registry
+    from tools import default_registry, tool_names
     from trainer.agent import AgentPromptDataset, sample_agent_groups, tool_turn_ids
     from trainer.rollout import RolloutSettings
 
-    registry = default_registry([t for t in a.tools.split(",") if t])
+    registry = default_registry(tool_names(a.tools))
     tok = Tokenizer.from_dir(str(model_dir) if model_dir else None)
     if test is not None:
         questions = [it["question"] for it in toolcall.load(test)][:a.speed_prompts]

@@ -28,7 +28,7 @@ from evaluation.runner import model_generate_fn
 from inference import load_for_inference
 from model.generate import SamplingParams
 from tasks import toolcall
-from tools import default_registry
+from tools import default_registry, tool_names
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stream", action="store_true", help="receive tool_calls as streamed deltas")
     args = p.parse_args(argv)
     items = toolcall.load(args.data, args.limit) if args.data else tool_test_set(args.limit)
-    registry = default_registry([t.strip() for t in args.tools.split(",") if t.strip()])
+    registry = default_registry(tool_names(args.tools))
     model, tok = load_for_inference(args.model, None, "cpu", "fp32")
     params = SamplingParams(max_new_tokens=args.max_tokens)
     render = lambda m, t: tok.apply_chat_template(m, tools=t, add_generation_prompt=True)  # noqa: E731

@@ -342,6 +342,11 @@ class ToolRegistry:
         return text[: self.max_output_chars] + f"... [truncated, {len(text)} characters]"
 
 
+def tool_names(spec: str) -> list[str]:
+    """A ``--tools`` value: comma-separated built-in tool names; 'none' is the empty list."""
+    return [] if spec.strip() == "none" else [t.strip() for t in spec.split(",") if t.strip()]
+
+
 def default_registry(names: Iterable[str] | None = None, **caps: Any) -> ToolRegistry:
     """The built-in tools (calculator, convert_units, lookup), or those of them in ``names``;
     ``caps`` go to ``ToolRegistry``. The full list renders to ~720 tokens of prompt with the
