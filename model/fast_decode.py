@@ -315,8 +315,10 @@ class StaticDecoder:
         logits = self.model(x, kv_cache=view, logits_to_keep=0 if all_logits else 1).logits[0]
         return logits if all_logits else logits[-1]
 
-    def prefill_batch(self, prompts: list[list[int]], group: int = 16) -> torch.Tensor:
-        """Prefills prompt b into slot b, several rows per forward; logits [B, V] after each prompt.
+    def prefill_batch(self, prompts: list[list[int]], group: int = 16,
+                      slots: list[int] | None = None) -> torch.Tensor:
+        """Prefills prompt b into slot b (or ``slots[b]``), several rows per forward; logits
+        [B, V] after each prompt.
 
         Rows are right-padded to the longest of their group: under the causal mask a real token
         never sees the pads after it, and a row's own positions start at 0 as alone, so each row's
@@ -325,6 +327,7 @@ class StaticDecoder:
         group's shortest prompt on) stays small. Each group runs in a scratch cache whose rows are
         then copied to their slots."""
         B = len(prompts)
+        slots = list(range(B)) if slots is None else slots
         self.ensure_capacity(max(len(p) for p in prompts))
         logits = [None] * B
         order = sorted(range(B), key=lambda b: len(prompts[b]))
@@ -342,8 +345,8 @@ class StaticDecoder:
             out = self.model(ids.to(self.device), kv_cache=scratch,
                              logits_to_keep=S - min(lengths) + 1).logits
             for i, r in enumerate(rows):
-                self.cache.k[:, r, :, :lengths[i]] = scratch.k[:, i, :, :lengths[i]]
-                self.cache.v[:, r, :, :lengths[i]] = scratch.v[:, i, :, :lengths[i]]
+                self.cache.k[:, slots[r], :, :lengths[i]] = scratch.k[:, i, :, :lengths[i]]
+                self.cache.v[:, slots[r], :, :lengths[i]] = scratch.v[:, i, :, :lengths[i]]
                 logits[r] = out[i, lengths[i] - S - 1]
         return torch.stack(logits)
 
