@@ -96,10 +96,19 @@ def sampling_distribution(logits_BV, params: list[SamplingParams], seen_BV):
     if all(p.temperature == 0 for p in params):
         return logits_BV, None
     temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits_BV.device)
-    top_p = torch.tensor([p.top_p for p in params], device=logits_BV.device).unsqueeze(-1)
-    filtered = _filter_top_k_top_p(logits_BV / temps.unsqueeze(-1), [p.top_k for p in params],
-                                   top_p)
-    return logits_BV, filtered.softmax(-1)
+    scaled = logits_BV / temps.unsqueeze(-1)
+    # Only rows with a top-k or top-p filter pay for its sort of the vocabulary (at 16 rows of
+    # 6400 tokens the sort alone took ~6 ms, as long as a 4-row decode step); a row's result does
+    # not depend on which neighbours are filtered.
+    V = logits_BV.shape[-1]
+    rows = [b for b, p in enumerate(params)
+            if p.temperature > 0 and (0 < p.top_k < V or p.top_p < 1)]
+    if rows:
+        idx = torch.tensor(rows, device=logits_BV.device)
+        top_p = torch.tensor([params[b].top_p for b in rows], device=logits_BV.device)
+        scaled = scaled.index_copy(0, idx, _filter_top_k_top_p(
+            scaled[idx], [params[b].top_k for b in rows], top_p.unsqueeze(-1)))
+    return logits_BV, scaled.softmax(-1)
 
 
 def _choose_tokens(logits_BV, params: list[SamplingParams], seen_BV, generators):

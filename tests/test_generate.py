@@ -7,7 +7,8 @@ import torch
 
 from model.config import MiniMindConfig
 from model.generate import (SamplingParams, TextStream, _apply_repetition_penalty,
-                            _filter_top_k_top_p, generate, generate_tokens, stream)
+                            _filter_top_k_top_p, generate, generate_tokens,
+                            sampling_distribution, stream)
 from model.model import MiniMindLM
 
 
@@ -89,6 +90,21 @@ def test_filters_against_hand_computation():
     pen = _apply_repetition_penalty(torch.tensor([[2.0, -2.0, 3.0]]),
                                     torch.tensor([[True, True, False]]), torch.tensor([[2.0]]))
     assert pen.tolist() == [[1.0, -4.0, 3.0]]
+
+
+def test_sampling_distribution_filters_only_the_rows_that_ask():
+    """A mixed batch: the top-p row's distribution is its nucleus renormalised (hand computed),
+    the temperature-only row's is the plain softmax, the greedy row's is not filtered either."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(3, 1)
+    probs = logits[0].softmax(-1)
+    p = float(probs[0] + probs[1]) - 1e-4
+    params = [SamplingParams(temperature=1.0, top_p=p), SamplingParams(temperature=0.5),
+              SamplingParams()]
+    _, dist = sampling_distribution(logits, params, torch.zeros(3, 5, dtype=torch.bool))
+    two = probs[:2] / probs[:2].sum()
+    assert torch.allclose(dist[0], torch.cat([two, torch.zeros(3)]))
+    assert torch.allclose(dist[1], (logits[1] / 0.5).softmax(-1))
+    assert torch.allclose(dist[2], probs)
 
 
 def test_max_new_tokens_always_honoured_and_stop_token(model):
