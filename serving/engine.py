@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence, Union
 
@@ -115,6 +116,13 @@ class EngineStats:
     tokens_generated: int = 0
     last_cancelled_tokens: int | None = None  # tokens a cancelled request got before it stopped
     batch_sizes: list[int] = field(default_factory=list)  # rows of the most recent steps (capped)
+    # Where the engine thread's time goes (seconds, static step only): prompt forwards, decode
+    # step forwards, choosing tokens (penalty, filters, draws), and the per-row host work after
+    # it (text, events to the sinks).
+    prefill_s: float = 0.0
+    step_s: float = 0.0
+    sample_s: float = 0.0
+    host_s: float = 0.0
 
 
 @dataclass
@@ -373,7 +381,9 @@ class Engine:
             self._rows += rows
             prompts = [h.prompt_ids for h in handles]
             self._decoder.ensure_capacity(max(map(len, prompts)) + 1)
+            t0 = time.perf_counter()
             logits = self._decoder.prefill_batch(prompts, slots=slots)
+            self._count(prefill_s=time.perf_counter() - t0)
             for row in rows:
                 row.prefilled = len(row.handle.prompt_ids)
             self._accept(slots, logits)
@@ -402,7 +412,9 @@ class Engine:
         chunk = prompt[start:start + budget]
         self._decoder.ensure_capacity(start + len(chunk) + 1)
         want = row.handle.prompt_logprobs
+        t0 = time.perf_counter()
         logits = self._decoder.prefill(slot, chunk, start, all_logits=want is not None)
+        self._count(prefill_s=time.perf_counter() - t0)
         row.prefilled += len(chunk)
         if want is not None:
             # position t predicts token t+1; the first prompt token has no log-prob (null)
@@ -433,8 +445,10 @@ class Engine:
         self._decoder.ensure_capacity(max(r.length for r in rows) + 1)
         tokens = torch.tensor([r.next_token for r in rows], device=device)
         pos = torch.tensor([r.length for r in rows], device=device)
+        t0 = time.perf_counter()
         logits = self._decoder.step(tokens, pos)
         with self._cond:
+            self._stats.step_s += time.perf_counter() - t0
             self._stats.batches += 1
             self._stats.max_batch_size = max(self._stats.max_batch_size, n)
             self._stats.batch_sizes = (self._stats.batch_sizes + [n])[-64:]
@@ -446,8 +460,10 @@ class Engine:
         slots = [slots] if isinstance(slots, int) else slots
         rows = [self._rows[s] for s in slots]
         params = [r.handle.params for r in rows]
+        t0 = time.perf_counter()
         seen = torch.stack([r.seen for r in rows])
         tokens = _choose_tokens(logits_BV, params, seen, [r.generator for r in rows]).tolist()
+        t1 = time.perf_counter()
         finished = []
         for i, (row, tok) in enumerate(zip(rows, tokens)):
             row.seen[tok] = True
@@ -471,8 +487,15 @@ class Engine:
                 finished.append((slots[i], reason))
         with self._cond:
             self._stats.tokens_generated += len(rows)
+            self._stats.sample_s += t1 - t0
+            self._stats.host_s += time.perf_counter() - t1
         for slot, reason in sorted(finished, reverse=True):  # highest first: slots stay valid
             self._remove(slot, reason)
+
+    def _count(self, **seconds: float) -> None:
+        with self._cond:
+            for name, s in seconds.items():
+                setattr(self._stats, name, getattr(self._stats, name) + s)
 
     def _remove(self, slot: int, reason: str) -> None:
         """Ends a row and packs the others into the low slots with at most two cache copies:
