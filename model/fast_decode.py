@@ -368,7 +368,7 @@ class StaticDecoder:
             B = len(runs)
             out = decode_step(self.model, self.cache.k[:, :B], self.cache.v[:, :B],
                               ids.to(self.device), torch.tensor(pos, device=self.device),
-                              PackedWeights.for_model(self.model))
+                              PackedWeights.for_model(self.model), attend=max(pos) + S)
             return torch.stack([out[b, len(r) - 1] for b, r in enumerate(runs)])
         return torch.stack([self.prefill(b, r, start=p) for b, (r, p) in enumerate(zip(runs, pos))])
 
