@@ -256,7 +256,9 @@ def step_breakdown(model: MiniMindLM, peak: float | None, rows=(1, 16), pos: int
     its pieces timed alone: the matmuls (every projection and the head, on prepacked weights, in
     the step's order so the weights stream from memory as in the step), attention over the used
     prefix and over the whole cache, the rest (norms, RoPE, cache writes: the step less those),
-    and choosing the tokens: greedy, and temperature 0.8 with top-p 0.9 and a repetition penalty.
+    and choosing the tokens: greedy, and temperature 0.8 with top-p 0.9 and a repetition penalty
+    on flat logits (N(0, 1): the nucleus is wider than the filter's candidates, the vocabulary is
+    sorted) and on peaked ones (N(0, 5^2): it is not).
     ``matmul_at_peak_ms``: the matmul FLOPs at the matmul peak measured in the same run."""
     from model.fast_decode import PackedWeights, StaticDecoder, decode_step
     from model.generate import _choose_tokens
@@ -313,8 +315,10 @@ def step_breakdown(model: MiniMindLM, peak: float | None, rows=(1, 16), pos: int
                        rest_ms=1e3 * (step - mm - att),
                        choose_greedy_ms=1e3 * best_time(
                            lambda: _choose_tokens(logits, greedy, seen, [None] * B), repeat),
-                       choose_top_p_ms=1e3 * best_time(
-                           lambda: _choose_tokens(logits, sampled, seen, gens), repeat))
+                       choose_top_p_flat_ms=1e3 * best_time(
+                           lambda: _choose_tokens(logits, sampled, seen, gens), repeat),
+                       choose_top_p_peaked_ms=1e3 * best_time(
+                           lambda: _choose_tokens(5 * logits, sampled, seen, gens), repeat))
             if peak:
                 row["matmul_at_peak_ms"] = 1e3 * 2 * weights * B / peak
             out.append(row)
