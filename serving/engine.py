@@ -19,8 +19,8 @@ Queued prompts that fit the budget whole are prefilled together in one batched f
 (``StaticDecoder.prefill_batch``); a longer one, or one asking for prompt log-probs, is prefilled
 chunk by chunk as the one partly prefilled row. Rows keep their own positions (no padding in
 the cache), so every request gets exactly the tokens it would get alone (greedy, or sampling
-with a seed). Models the static step cannot
-run (offloaded experts) are served one request at a time through ``generate_tokens``' eager path.
+with a seed). Models the static step cannot run (offloaded experts) are served one request at a
+time through ``generate_tokens``' eager path.
 
 Speculative decoding (``speculation``: a draft model or prompt lookup, model/speculative.py) serves
 requests one at a time, each through ``generate_tokens``' speculative path. Why batch 1: it pays
@@ -362,11 +362,15 @@ class Engine:
 
     def _prefill(self) -> None:
         """The prompt tokens prefilled before the next decode step: at most ``prefill_chunk``
-        while streams decode (their stall), else up to ``idle_prefill``. Whole prompts that fit
-        go through one batched forward; the rest of a partly prefilled prompt goes first."""
-        decoding = any(not r.prefilling for r in self._rows)
-        budget = self.prefill_chunk if decoding else max(self.prefill_chunk, self.idle_prefill)
-        while budget > 0:
+        while streams decode (their stall), else up to ``idle_prefill`` (and then at most
+        ``prefill_chunk`` more once rows decode). Whole prompts that fit go through one batched
+        forward; the rest of a partly prefilled prompt goes first."""
+        budget = max(self.prefill_chunk, self.idle_prefill)
+        while True:
+            if any(not r.prefilling for r in self._rows):
+                budget = min(budget, self.prefill_chunk)
+            if budget <= 0:
+                return
             if self._rows and self._rows[-1].prefilling:
                 budget -= self._prefill_chunk(budget)
                 continue

@@ -169,6 +169,26 @@ def test_a_burst_at_an_idle_engine_starts_decoding_together(model):
     assert sinks[0].tokens() == greedy_reference(model, prompts[0], 12)
 
 
+def test_after_the_burst_the_chunk_bounds_the_prefill_again(model):
+    """Once the burst's rows decode, a prompt that must go in chunks (it asks for prompt
+    log-probs) is prefilled prefill_chunk tokens per step, not with the rest of the idle budget."""
+    engine = Engine(model, ByteTokenizer(), max_batch_size=4, prefill_chunk=4)
+    calls = spy_prefill_batch(engine)
+    chunks, prefill = [], engine._decoder.prefill
+    engine._decoder.prefill = lambda slot, ids, *a, **kw: chunks.append(len(ids)) or prefill(
+        slot, ids, *a, **kw)
+    sinks = [run(engine, [5, 6, 7], 6), run(engine, [8, 9, 10], 6),
+             run(engine, list(range(30, 40)), 3, prompt_logprobs=1)]
+    engine.start()
+    try:
+        for sink in sinks:
+            assert sink.done.wait(30)
+    finally:
+        engine.shutdown()
+    assert calls == [[3, 3]] and chunks == [4, 4, 2]
+    assert sinks[2].tokens() == greedy_reference(model, list(range(30, 40)), 3)
+
+
 def test_short_prompts_join_running_streams_in_one_forward_within_the_chunk(model):
     """While a stream decodes, queued prompts are prefilled together up to prefill_chunk tokens
     (padded to the longest) per step, in arrival order; each gets its greedy tokens."""
