@@ -141,6 +141,16 @@ def spy_prefill_batch(engine) -> list[list[int]]:
     return calls
 
 
+def start_and_drain(engine, sinks) -> None:
+    """Starts an engine whose requests are already queued and waits until each is done."""
+    engine.start()
+    try:
+        for sink in sinks:
+            assert sink.done.wait(30)
+    finally:
+        engine.shutdown()
+
+
 def test_a_burst_at_an_idle_engine_starts_decoding_together(model):
     """Requests queued while nothing decodes are prefilled in one batched forward (no stream to
     stall, so prefill_chunk does not split them) and decode from the first step on together;
@@ -155,12 +165,7 @@ def test_a_burst_at_an_idle_engine_starts_decoding_together(model):
     sinks = [Collector() for _ in prompts]
     for i, (p, sp, sink) in enumerate(zip(prompts, params, sinks)):
         engine.submit(f"b{i}", p, sp, sink, logprobs=0)
-    engine.start()
-    try:
-        for sink in sinks:
-            assert sink.done.wait(30)
-    finally:
-        engine.shutdown()
+    start_and_drain(engine, sinks)
     assert calls == [[3, 17, 2]]
     assert engine.stats_snapshot()["batch_sizes"][0] == 3
     for p, sp, sink in zip(prompts, params, sinks):
@@ -179,12 +184,7 @@ def test_after_the_burst_the_chunk_bounds_the_prefill_again(model):
         slot, ids, *a, **kw)
     sinks = [run(engine, [5, 6, 7], 6), run(engine, [8, 9, 10], 6),
              run(engine, list(range(30, 40)), 3, prompt_logprobs=1)]
-    engine.start()
-    try:
-        for sink in sinks:
-            assert sink.done.wait(30)
-    finally:
-        engine.shutdown()
+    start_and_drain(engine, sinks)
     assert calls == [[3, 3]] and chunks == [4, 4, 2]
     assert sinks[2].tokens() == greedy_reference(model, list(range(30, 40)), 3)
 
