@@ -196,7 +196,7 @@ def test_short_prompts_join_running_streams_in_one_forward_within_the_chunk(mode
     calls = spy_prefill_batch(engine)
     prompts = [[30, 31, 32, 33], [40, 41, 42], [50, 51, 52]]
     try:
-        first = run(engine, [1, 2, 3], 40)
+        first = run(engine, [1, 2, 3], 120)  # still decoding when the others arrive
         while len(first.tokens()) < 3:
             time.sleep(0.001)
         with engine._cond:  # the three arrive together
@@ -206,7 +206,7 @@ def test_short_prompts_join_running_streams_in_one_forward_within_the_chunk(mode
     finally:
         engine.shutdown()
     assert calls == [[3], [4, 3], [3]]  # 2 x 4 tokens fit the chunk of 8, a third would not
-    assert first.tokens() == greedy_reference(model, [1, 2, 3], 40)
+    assert first.tokens() == greedy_reference(model, [1, 2, 3], 120)
     for p, sink in zip(prompts, later):
         assert sink.tokens() == greedy_reference(model, p, 10)
 
