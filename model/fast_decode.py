@@ -189,7 +189,7 @@ class PackedWeights:
 
 def decode_step(model: MiniMindLM, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 tokens_B: torch.Tensor, pos_B: torch.Tensor,
-                packed: PackedWeights | None = None) -> torch.Tensor:
+                packed: PackedWeights | None = None, attend: int | None = None) -> torch.Tensor:
     """Logits [B, V] of one new token per row; writes its key/value at ``[:, b, :, pos_b]``.
 
     ``tokens_B`` may also be [B, S]: S consecutive tokens per row at positions ``pos_b ..
@@ -201,6 +201,9 @@ def decode_step(model: MiniMindLM, k_cache: torch.Tensor, v_cache: torch.Tensor,
     it in tests/test_generate.py and tests/test_speculative.py), with the cache length a mask, not
     a slice. ``packed`` runs the dense projections on prepacked weights (eager CPU steps); without
     it each module is called (the compiled step, whose compiler picks its own kernels).
+    ``attend`` (eager steps) reads only the first ``attend`` cache positions, which must cover
+    every row's new tokens: the positions beyond them are masked anyway, and at 16 rows reading
+    the whole bucket cost a fifth of the step (docs/benchmarks.md, Serving).
     """
 
     def project(x, *modules):
@@ -209,7 +212,7 @@ def decode_step(model: MiniMindLM, k_cache: torch.Tensor, v_cache: torch.Tensor,
     single = tokens_B.dim() == 1
     tokens_BS = tokens_B.unsqueeze(1) if single else tokens_B
     B, S = tokens_BS.shape
-    T = k_cache.shape[3]
+    T = k_cache.shape[3] if attend is None else attend
     pos_BS = pos_B.unsqueeze(1) + torch.arange(S, device=pos_B.device)
     x = model.model.embed_tokens(tokens_BS)  # [B, S, D]
     cos, sin = model.model.rotary(pos_BS, x.dtype)  # [B, S, Dh]
@@ -227,9 +230,9 @@ def decode_step(model: MiniMindLM, k_cache: torch.Tensor, v_cache: torch.Tensor,
         # [B, S, G, Dh] into cache[i, b, :, pos_b + s, :]
         k_cache[i, rows, :, pos_BS] = k.to(k_cache.dtype)
         v_cache[i, rows, :, pos_BS] = v.to(v_cache.dtype)
+        k_all, v_all = k_cache[i, :, :, :T].to(q.dtype), v_cache[i, :, :, :T].to(q.dtype)
         out = F.scaled_dot_product_attention(
-            q, k_cache[i].to(q.dtype), v_cache[i].to(q.dtype), attn_mask=mask_B1ST,
-            enable_gqa=attn.n_heads != attn.n_kv_heads)
+            q, k_all, v_all, attn_mask=mask_B1ST, enable_gqa=attn.n_heads != attn.n_kv_heads)
         x = x + project(out.transpose(1, 2).reshape(B, S, attn.n_heads * attn.head_dim),
                         attn.o_proj)[0]
         h = layer.post_attention_layernorm(x)
@@ -312,8 +315,10 @@ class StaticDecoder:
         logits = self.model(x, kv_cache=view, logits_to_keep=0 if all_logits else 1).logits[0]
         return logits if all_logits else logits[-1]
 
-    def prefill_batch(self, prompts: list[list[int]], group: int = 16) -> torch.Tensor:
-        """Prefills prompt b into slot b, several rows per forward; logits [B, V] after each prompt.
+    def prefill_batch(self, prompts: list[list[int]], group: int = 16,
+                      slots: list[int] | None = None) -> torch.Tensor:
+        """Prefills prompt b into slot b (or ``slots[b]``), several rows per forward; logits
+        [B, V] after each prompt.
 
         Rows are right-padded to the longest of their group: under the causal mask a real token
         never sees the pads after it, and a row's own positions start at 0 as alone, so each row's
@@ -322,6 +327,7 @@ class StaticDecoder:
         group's shortest prompt on) stays small. Each group runs in a scratch cache whose rows are
         then copied to their slots."""
         B = len(prompts)
+        slots = list(range(B)) if slots is None else slots
         self.ensure_capacity(max(len(p) for p in prompts))
         logits = [None] * B
         order = sorted(range(B), key=lambda b: len(prompts[b]))
@@ -339,8 +345,8 @@ class StaticDecoder:
             out = self.model(ids.to(self.device), kv_cache=scratch,
                              logits_to_keep=S - min(lengths) + 1).logits
             for i, r in enumerate(rows):
-                self.cache.k[:, r, :, :lengths[i]] = scratch.k[:, i, :, :lengths[i]]
-                self.cache.v[:, r, :, :lengths[i]] = scratch.v[:, i, :, :lengths[i]]
+                self.cache.k[:, slots[r], :, :lengths[i]] = scratch.k[:, i, :, :lengths[i]]
+                self.cache.v[:, slots[r], :, :lengths[i]] = scratch.v[:, i, :, :lengths[i]]
                 logits[r] = out[i, lengths[i] - S - 1]
         return torch.stack(logits)
 
@@ -362,7 +368,7 @@ class StaticDecoder:
             B = len(runs)
             out = decode_step(self.model, self.cache.k[:, :B], self.cache.v[:, :B],
                               ids.to(self.device), torch.tensor(pos, device=self.device),
-                              PackedWeights.for_model(self.model))
+                              PackedWeights.for_model(self.model), attend=max(pos) + S)
             return torch.stack([out[b, len(r) - 1] for b, r in enumerate(runs)])
         return torch.stack([self.prefill(b, r, start=p) for b, (r, p) in enumerate(zip(runs, pos))])
 
@@ -380,8 +386,11 @@ class StaticDecoder:
         # step runs on prepacked weights, slower at one row too: README, decode figures), so
         # there only single-row steps run compiled, and only when asked.
         if not self.compile or (self.device.type == "cpu" and B > 1):
+            # Eager: attention over the used prefix only (a host read of the longest row, free
+            # on CPU; on CUDA it would wait for the queue, so there the whole cache is read).
+            attend = int(pos_B.max()) + S if self.device.type == "cpu" else None
             return decode_step(self.model, self.cache.k[:, :B], self.cache.v[:, :B], tokens_B,
-                               pos_B, PackedWeights.for_model(self.model))
+                               pos_B, PackedWeights.for_model(self.model), attend)
         width = min(_bucket(B, self.slots, floor=1), self.slots)
         if width > B:  # spare rows: a harmless write at the last positions of unused slots
             pad = width - B

@@ -14,8 +14,9 @@ run, as a ratio:
   step / measured bandwidth);
 - speculative decoding (``perf.speculative``): a trained pair on held-out prompts, ours against
   plain decoding and transformers' assisted generation, and the cost model at minimind2-small;
-- the serving engine: 1 vs 16 concurrent clients (tokens/s, p50/p99 latency) and the longest
-  stall of running streams while a new 512-token prompt is prefilled, chunked and not;
+- the serving engine: 1 vs 16 concurrent clients (tokens/s, p50/p99 latency, first-token times,
+  where the time went), the longest stall of running streams while a new 512-token prompt is
+  prefilled, chunked and not, and one decode step's pieces at 1 and 16 rows;
 - an MoE layer forward + backward (8 experts, top-2): grouped dispatch vs MiniMind's naive loop;
 - an MoE model step (4 experts, top-1) vs the dense step with the same active parameters;
 - the real loop and data pipeline (fit on packed real text) vs the bare step, and packed vs
@@ -248,10 +249,88 @@ def bench_decode(bandwidth: float, dtypes: list[str], quick: bool, upstream_dir:
     return rows
 
 
-def bench_serving(quick: bool, compile: bool = False) -> list[dict]:
+def step_breakdown(model: MiniMindLM, peak: float | None, rows=(1, 16), pos: int = 88,
+                   repeat: int = 10) -> list[dict]:
+    """One eager decode step over the engine's smallest cache (256 positions) at ``rows`` rows,
+    each row at position ``pos`` (mid-way through the serving benchmark's 64 + 48 tokens), and
+    its pieces timed alone: the matmuls (every projection and the head, on prepacked weights, in
+    the step's order so the weights stream from memory as in the step), attention over the used
+    prefix and over the whole cache, the rest (norms, RoPE, cache writes: the step less those),
+    and choosing the tokens: greedy, and temperature 0.8 with top-p 0.9 and a repetition penalty
+    on flat logits (N(0, 1): the nucleus is wider than the filter's candidates, the vocabulary is
+    sorted) and on peaked ones (N(0, 5^2): it is not).
+    ``matmul_at_peak_ms``: the matmul FLOPs at the matmul peak measured in the same run."""
+    from model.fast_decode import PackedWeights, StaticDecoder, decode_step
+    from model.generate import _choose_tokens
+
+    cfg = model.config
+    dec = StaticDecoder(model, max(rows), 256)
+    packed = PackedWeights.for_model(model)
+    layers = model.model.layers
+    weights = sum(m.weight.numel() for layer in layers for m in (
+        layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+        layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
+    weights += model.lm_head.weight.numel()
+    H, G, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    out = []
+    with torch.inference_mode():
+        for B in rows:
+            tokens, pos_B = torch.randint(0, cfg.vocab_size, (B,)), torch.full((B,), pos)
+            k, v = dec.cache.k[:, :B], dec.cache.v[:, :B]
+            step = best_time(lambda: dec.step(tokens, pos_B), repeat)
+            whole = best_time(lambda: decode_step(model, k, v, tokens, pos_B, packed), repeat)
+            h = torch.randn(B, 1, cfg.hidden_size)
+            o_in = torch.randn(B, 1, H * Dh)
+            f_in = torch.randn(B, 1, cfg.intermediate_size)
+
+            def matmuls():
+                for layer in layers:
+                    a, m = layer.self_attn, layer.mlp
+                    packed.project(h, a.q_proj, a.k_proj, a.v_proj)
+                    packed.project(o_in, a.o_proj)
+                    packed.project(h, m.gate_proj, m.up_proj)
+                    packed.project(f_in, m.down_proj)
+                packed.project(h, model.lm_head)
+
+            q = torch.randn(B, H, 1, Dh)
+
+            def attention(T):
+                mask = (torch.arange(T) <= pos).view(1, 1, 1, T)
+                for i in range(len(layers)):
+                    torch.nn.functional.scaled_dot_product_attention(
+                        q, k[i, :, :, :T], v[i, :, :, :T], attn_mask=mask, enable_gqa=H != G)
+
+            mm = best_time(matmuls, repeat)
+            att = best_time(lambda: attention(pos + 1), repeat)
+            att_all = best_time(lambda: attention(dec.max_len), repeat)
+            logits = torch.randn(B, cfg.vocab_size)
+            seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)
+            greedy = [SamplingParams()] * B
+            sampled = [SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.1)] * B
+            gens = [torch.Generator().manual_seed(b) for b in range(B)]
+            row = dict(bench="serving: one decode step, fp32", variant=f"{B} rows",
+                       step_ms=1e3 * step, whole_cache_step_ms=1e3 * whole,
+                       matmul_ms=1e3 * mm, attention_ms=1e3 * att,
+                       whole_cache_attention_ms=1e3 * att_all,
+                       rest_ms=1e3 * (step - mm - att),
+                       choose_greedy_ms=1e3 * best_time(
+                           lambda: _choose_tokens(logits, greedy, seen, [None] * B), repeat),
+                       choose_top_p_flat_ms=1e3 * best_time(
+                           lambda: _choose_tokens(logits, sampled, seen, gens), repeat),
+                       choose_top_p_peaked_ms=1e3 * best_time(
+                           lambda: _choose_tokens(5 * logits, sampled, seen, gens), repeat))
+            if peak:
+                row["matmul_at_peak_ms"] = 1e3 * 2 * weights * B / peak
+            out.append(row)
+    return out
+
+
+def bench_serving(quick: bool, compile: bool = False, peak: float | None = None) -> list[dict]:
     """The engine (no HTTP) at minimind2-small: 1 client after another vs 16 at once, latency
-    percentiles, and the longest gap between two tokens of running streams while a new
-    512-token prompt is prefilled, chunked (128) and in one piece."""
+    percentiles, where each round's time went (the engine's counters: prompt forwards, decode
+    steps, choosing tokens, host work), and the longest gap between two tokens of running
+    streams while a new 512-token prompt is prefilled, chunked (128) and in one piece; then one
+    decode step's pieces at 1 and 16 rows (``step_breakdown``)."""
     from serving.engine import Engine, Finished
 
     class NullTokenizer:
@@ -282,7 +361,8 @@ def bench_serving(quick: bool, compile: bool = False) -> list[dict]:
         submit(engine, prompt(0), 4)[0].wait()  # warm-up (and the compile, if on)
         results = {}
         for clients in (1, 16):
-            latencies, t0 = [], time.perf_counter()
+            before = engine.stats_snapshot()
+            latencies, first, t0 = [], [], time.perf_counter()
             rounds = 2 if clients == 1 else 1
             for _ in range(rounds):
                 start = time.perf_counter()
@@ -290,13 +370,24 @@ def bench_serving(quick: bool, compile: bool = False) -> list[dict]:
                 for done, times in jobs:
                     done.wait()
                     latencies.append(times[-1] - start)
+                    first.append(times[0] - start)
             wall = time.perf_counter() - t0
+            after = engine.stats_snapshot()
+            spent = {k: after[k] - before[k] for k in ("prefill_s", "step_s", "sample_s",
+                                                        "host_s", "batches")}
             tok_s = rounds * clients * new / wall
             lat = sorted(latencies)
             results[clients] = tok_s
             rows.append(dict(bench="serving engine minimind2-small", variant=f"{clients} clients",
                              tokens_per_s=tok_s, p50_latency_s=lat[len(lat) // 2],
-                             p99_latency_s=lat[min(len(lat) - 1, int(0.99 * len(lat)))]))
+                             p99_latency_s=lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+                             p50_first_token_s=sorted(first)[len(first) // 2],
+                             max_first_token_s=max(first), wall_s=wall, steps=spent["batches"],
+                             ms_per_step=1e3 * spent["step_s"] / max(spent["batches"], 1),
+                             prefill_s=spent["prefill_s"], steps_s=spent["step_s"],
+                             sample_s=spent["sample_s"], host_s=spent["host_s"],
+                             other_s=wall - sum(spent[k] for k in ("prefill_s", "step_s",
+                                                                   "sample_s", "host_s"))))
         rows[-1]["vs_1_client"] = results[16] / results[1]
         for chunk in (128, 100_000):
             engine.prefill_chunk = chunk
@@ -316,7 +407,7 @@ def bench_serving(quick: bool, compile: bool = False) -> list[dict]:
                              first_token_of_newcomer_s=newcomer[1][0] - t_new))
     finally:
         engine.shutdown()
-    return rows
+    return rows + step_breakdown(model, peak, repeat=5 if quick else 10)
 
 
 def bench_moe_layer(dtypes: list[str], quick: bool) -> list[dict]:
@@ -489,7 +580,7 @@ def main() -> None:
                 ("decode", lambda: bench_decode(bandwidth, dtypes, args.quick, args.upstream,
                                                 not args.no_compile)),
                 ("spec", lambda: bench_speculative(args)),
-                ("serve", lambda: bench_serving(args.quick)),
+                ("serve", lambda: bench_serving(args.quick, peak=peaks.get("fp32"))),
                 ("moe", lambda: bench_moe_layer(dtypes, args.quick)),
                 ("moe_model", lambda: bench_moe_model(auto.name, args.quick)),
                 ("loop", lambda: bench_loop(auto.name, args.text_dir, args.quick))]

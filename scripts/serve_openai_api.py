@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="prompt tokens prefilled between two decode steps (bounds the stall a "
                         "new prompt causes to running streams)")
+    p.add_argument("--idle-prefill", type=int, default=2048,
+                   help="prompt tokens prefilled together before the first step while no stream "
+                        "decodes (a burst of requests then starts decoding together)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the decode step (auto: on CUDA; on CPU it costs ~1 min "
                         "per batch bucket; see README)")
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
                                    args.draft_tokens, args.draft_p_min, args.device, args.dtype)
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
                     max_pending=args.max_pending, prefill_chunk=args.prefill_chunk,
+                    idle_prefill=args.idle_prefill,
                     compile=None if args.compile == "auto" else args.compile == "on",
                     speculation=speculation).start()
     name = args.served_model_name or Path(args.model).resolve().name

@@ -11,9 +11,16 @@ cache, one slot per request: a request joins the running batch as soon as its pr
 cache and leaves it the step it finishes, so nobody waits for a batch to drain. Between two
 decode steps at most ``prefill_chunk`` prompt tokens are prefilled (the rest of one prompt, then
 the next queued ones), so a long new prompt delays the running streams by at most one chunk's
-forward per token (the benchmark reports that stall). Rows keep their own positions (no padding), so every request gets exactly
-the tokens it would get alone (greedy, or sampling with a seed). Models the static step cannot
-run (offloaded experts) are served one request at a time through ``generate_tokens``' eager path.
+forward per token (the benchmark reports that stall). While no stream decodes there is no stall
+to bound, and up to ``idle_prefill`` tokens are prefilled before the first step: a burst of
+requests arriving at an idle engine starts decoding together instead of joining one chunk a step
+(which cost the 16-client benchmark a third of its time under AVX2: docs/benchmarks.md, Serving).
+Queued prompts that fit the budget whole are prefilled together in one batched forward
+(``StaticDecoder.prefill_batch``); a longer one, or one asking for prompt log-probs, is prefilled
+chunk by chunk as the one partly prefilled row. Rows keep their own positions (no padding in
+the cache), so every request gets exactly the tokens it would get alone (greedy, or sampling
+with a seed). Models the static step cannot run (offloaded experts) are served one request at a
+time through ``generate_tokens``' eager path.
 
 Speculative decoding (``speculation``: a draft model or prompt lookup, model/speculative.py) serves
 requests one at a time, each through ``generate_tokens``' speculative path. Why batch 1: it pays
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence, Union
 
@@ -108,6 +116,13 @@ class EngineStats:
     tokens_generated: int = 0
     last_cancelled_tokens: int | None = None  # tokens a cancelled request got before it stopped
     batch_sizes: list[int] = field(default_factory=list)  # rows of the most recent steps (capped)
+    # Where the engine thread's time goes (seconds, static step only): prompt forwards, decode
+    # step forwards, choosing tokens (penalty, filters, draws), and the per-row host work after
+    # it (text, events to the sinks).
+    prefill_s: float = 0.0
+    step_s: float = 0.0
+    sample_s: float = 0.0
+    host_s: float = 0.0
 
 
 @dataclass
@@ -171,7 +186,8 @@ class Engine:
 
     def __init__(self, model: MiniMindLM, tokenizer, max_batch_size: int = 16,
                  batch_wait_s: float = 0.0, max_pending: int = 256, prefill_chunk: int = 128,
-                 compile: bool | None = None, speculation: Speculation | None = None) -> None:
+                 compile: bool | None = None, speculation: Speculation | None = None,
+                 idle_prefill: int = 2048) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk < 1:
@@ -182,6 +198,7 @@ class Engine:
         self.batch_wait_s = batch_wait_s  # kept for callers; continuous batching needs no wait
         self.max_pending = max_pending
         self.prefill_chunk = prefill_chunk
+        self.idle_prefill = idle_prefill  # prompt tokens before the first step of an idle engine
         self.context_length: int = model.config.max_position_embeddings
         self.fast = use_fast_path(model)
         self.speculation = speculation
@@ -273,14 +290,7 @@ class Engine:
             try:
                 with torch.inference_mode():
                     if self._decoder is not None:
-                        # Up to prefill_chunk prompt tokens per step: the rest of one prompt,
-                        # then the next queued ones (short prompts join together).
-                        budget = self.prefill_chunk
-                        while budget > 0:
-                            used = self._prefill_chunk(budget)
-                            budget -= used
-                            if used == 0 or budget <= 0 or not self._admit(block=False):
-                                break
+                        self._prefill()
                         self._decode_step()
                     else:
                         self._eager_batch()
@@ -292,33 +302,22 @@ class Engine:
                 for row in rows:
                     self._deliver(row.handle, Failed(f"generation failed: {type(e).__name__}: {e}"))
 
-    def _admit(self, block: bool = True) -> bool:
-        """Moves queued requests into free slots (one may be prefilling at a time); with
-        ``block``, waits while there is nothing to do. False once the engine is closed."""
+    def _admit(self) -> bool:
+        """Waits while there is nothing to do (the static step's rows are taken from the queue by
+        ``_prefill``; the eager fallback's batch here). False once the engine is closed."""
         with self._cond:
             while True:
                 if self._closed:
                     self._busy = False
                     rows, self._rows = self._rows, []
                     break
-                kept = []
-                for h in self._pending:  # clients that left while queued never reach the model
-                    if h.cancelled:
-                        self._stats.requests_cancelled += 1
-                        self._stats.last_cancelled_tokens = 0
-                    else:
-                        kept.append(h)
-                self._pending = kept
+                self._drop_cancelled()
                 if self._decoder is None and not self._rows:  # a static batch (speculation: one)
                     size = 1 if self.speculation is not None else self.max_batch_size
                     batch, self._pending = self._pending[:size], self._pending[size:]
                     self._rows = [self._new_row(h) for h in batch]
-                prefilling = any(r.prefilling for r in self._rows)
-                if self._decoder is not None and self._pending and not prefilling and (
-                        len(self._rows) < self.max_batch_size):
-                    self._rows.append(self._new_row(self._pending.pop(0)))
-                if self._rows or not block:
-                    self._busy = bool(self._rows)
+                if self._rows or self._pending:
+                    self._busy = True
                     return True
                 self._busy = False
                 if self._decoder is not None:
@@ -327,6 +326,72 @@ class Engine:
         for row in rows:
             self._finish(row, "cancelled")
         return False
+
+    def _drop_cancelled(self) -> None:
+        """Clients that left while queued never reach the model (call under the lock)."""
+        kept = []
+        for h in self._pending:
+            if h.cancelled:
+                self._stats.requests_cancelled += 1
+                self._stats.last_cancelled_tokens = 0
+            else:
+                kept.append(h)
+        self._pending = kept
+
+    def _take(self, budget: int) -> tuple[list[RequestHandle], bool]:
+        """From the head of the queue, into free slots: the requests whose whole prompts fit
+        ``budget`` tokens together (padded to the longest: one batched forward), else the first
+        one alone to prefill in chunks (``True``); ``[]`` when none can start."""
+        with self._cond:
+            self._drop_cancelled()
+            free = self.max_batch_size - len(self._rows)
+            taken, width = [], 0
+            for h in self._pending[:free]:
+                n = len(h.prompt_ids)
+                whole = h.prompt_logprobs is None and (
+                    min(h.params.max_new_tokens, self.context_length - n) > 0)
+                if not whole or (len(taken) + 1) * max(width, n) > budget:
+                    break
+                taken.append(h)
+                width = max(width, n)
+            chunked = not taken and free > 0 and bool(self._pending)
+            if chunked:
+                taken = self._pending[:1]
+            self._pending = self._pending[len(taken):]
+        return taken, chunked
+
+    def _prefill(self) -> None:
+        """The prompt tokens prefilled before the next decode step: at most ``prefill_chunk``
+        while streams decode (their stall), else up to ``idle_prefill`` (and then at most
+        ``prefill_chunk`` more once rows decode). Whole prompts that fit go through one batched
+        forward; the rest of a partly prefilled prompt goes first."""
+        budget = max(self.prefill_chunk, self.idle_prefill)
+        while True:
+            if any(not r.prefilling for r in self._rows):
+                budget = min(budget, self.prefill_chunk)
+            if budget <= 0:
+                return
+            if self._rows and self._rows[-1].prefilling:
+                budget -= self._prefill_chunk(budget)
+                continue
+            handles, chunked = self._take(budget)
+            if not handles:
+                return
+            if chunked:
+                self._rows.append(self._new_row(handles[0]))
+                continue
+            rows = [self._new_row(h) for h in handles]
+            slots = list(range(len(self._rows), len(self._rows) + len(rows)))
+            self._rows += rows
+            prompts = [h.prompt_ids for h in handles]
+            self._decoder.ensure_capacity(max(map(len, prompts)) + 1)
+            t0 = time.perf_counter()
+            logits = self._decoder.prefill_batch(prompts, slots=slots)
+            self._count(prefill_s=time.perf_counter() - t0)
+            for row in rows:
+                row.prefilled = len(row.handle.prompt_ids)
+            self._accept(slots, logits)
+            budget -= len(prompts) * max(map(len, prompts))
 
     def _new_row(self, h: RequestHandle) -> _Row:
         p = h.params
@@ -338,12 +403,10 @@ class Engine:
                     make_generator(p.seed, device), seen)
 
     def _prefill_chunk(self, budget: int) -> int:
-        """Up to ``budget`` tokens of the prompt of the row being prefilled (the number done is
-        returned); on its last chunk the row samples its first token and joins the decode
-        batch."""
-        slot = next((i for i, r in enumerate(self._rows) if r.prefilling), None)
-        if slot is None:
-            return 0
+        """Up to ``budget`` tokens of the prompt of the row being prefilled (the last row; the
+        number done is returned, 0 if it was cancelled); on its last chunk the row samples its
+        first token and joins the decode batch."""
+        slot = len(self._rows) - 1
         row = self._rows[slot]
         prompt = row.handle.prompt_ids
         if row.handle.cancelled:
@@ -353,7 +416,9 @@ class Engine:
         chunk = prompt[start:start + budget]
         self._decoder.ensure_capacity(start + len(chunk) + 1)
         want = row.handle.prompt_logprobs
+        t0 = time.perf_counter()
         logits = self._decoder.prefill(slot, chunk, start, all_logits=want is not None)
+        self._count(prefill_s=time.perf_counter() - t0)
         row.prefilled += len(chunk)
         if want is not None:
             # position t predicts token t+1; the first prompt token has no log-prob (null)
@@ -384,8 +449,10 @@ class Engine:
         self._decoder.ensure_capacity(max(r.length for r in rows) + 1)
         tokens = torch.tensor([r.next_token for r in rows], device=device)
         pos = torch.tensor([r.length for r in rows], device=device)
+        t0 = time.perf_counter()
         logits = self._decoder.step(tokens, pos)
         with self._cond:
+            self._stats.step_s += time.perf_counter() - t0
             self._stats.batches += 1
             self._stats.max_batch_size = max(self._stats.max_batch_size, n)
             self._stats.batch_sizes = (self._stats.batch_sizes + [n])[-64:]
@@ -397,8 +464,10 @@ class Engine:
         slots = [slots] if isinstance(slots, int) else slots
         rows = [self._rows[s] for s in slots]
         params = [r.handle.params for r in rows]
+        t0 = time.perf_counter()
         seen = torch.stack([r.seen for r in rows])
         tokens = _choose_tokens(logits_BV, params, seen, [r.generator for r in rows]).tolist()
+        t1 = time.perf_counter()
         finished = []
         for i, (row, tok) in enumerate(zip(rows, tokens)):
             row.seen[tok] = True
@@ -422,8 +491,15 @@ class Engine:
                 finished.append((slots[i], reason))
         with self._cond:
             self._stats.tokens_generated += len(rows)
+            self._stats.sample_s += t1 - t0
+            self._stats.host_s += time.perf_counter() - t1
         for slot, reason in sorted(finished, reverse=True):  # highest first: slots stay valid
             self._remove(slot, reason)
+
+    def _count(self, **seconds: float) -> None:
+        with self._cond:
+            for name, s in seconds.items():
+                setattr(self._stats, name, getattr(self._stats, name) + s)
 
     def _remove(self, slot: int, reason: str) -> None:
         """Ends a row and packs the others into the low slots with at most two cache copies:

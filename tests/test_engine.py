@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.config import MiniMindConfig
-from model.generate import SamplingParams
+from model.generate import SamplingParams, generate_tokens
 from model.model import MiniMindLM
 from serving.engine import Engine, Finished, TokenLogprobs
 
@@ -127,6 +127,88 @@ def test_prompt_and_token_logprobs_equal_a_plain_forward(model):
         want = logp[i - 1].topk(3)
         assert [t for t, _ in top] == want.indices.tolist()
     assert [t for t, _, _ in gen_entries] == greedy_reference(model, prompt, 3)
+
+
+def spy_prefill_batch(engine) -> list[list[int]]:
+    """Records the prompt lengths of each batched prefill forward."""
+    calls, prefill_batch = [], engine._decoder.prefill_batch
+
+    def spy(prompts, **kw):
+        calls.append([len(p) for p in prompts])
+        return prefill_batch(prompts, **kw)
+
+    engine._decoder.prefill_batch = spy
+    return calls
+
+
+def start_and_drain(engine, sinks) -> None:
+    """Starts an engine whose requests are already queued and waits until each is done."""
+    engine.start()
+    try:
+        for sink in sinks:
+            assert sink.done.wait(30)
+    finally:
+        engine.shutdown()
+
+
+def test_a_burst_at_an_idle_engine_starts_decoding_together(model):
+    """Requests queued while nothing decodes are prefilled in one batched forward (no stream to
+    stall, so prefill_chunk does not split them) and decode from the first step on together;
+    each gets the tokens it gets alone, greedy and seeded sampling."""
+    engine = Engine(model, ByteTokenizer(), max_batch_size=4, prefill_chunk=4)
+    calls = spy_prefill_batch(engine)
+    prompts = [[10, 11, 12], list(range(20, 37)), [7, 8]]
+    params = [SamplingParams(max_new_tokens=12, stop_token_ids=()),
+              SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.8,
+                             repetition_penalty=1.3, seed=3, stop_token_ids=()),
+              SamplingParams(max_new_tokens=12, stop_token_ids=())]
+    sinks = [Collector() for _ in prompts]
+    for i, (p, sp, sink) in enumerate(zip(prompts, params, sinks)):
+        engine.submit(f"b{i}", p, sp, sink, logprobs=0)
+    start_and_drain(engine, sinks)
+    assert calls == [[3, 17, 2]]
+    assert engine.stats_snapshot()["batch_sizes"][0] == 3
+    for p, sp, sink in zip(prompts, params, sinks):
+        alone = [step[0] for step in generate_tokens(model, [p], sp)]
+        assert sink.tokens() == alone
+    assert sinks[0].tokens() == greedy_reference(model, prompts[0], 12)
+
+
+def test_after_the_burst_the_chunk_bounds_the_prefill_again(model):
+    """Once the burst's rows decode, a prompt that must go in chunks (it asks for prompt
+    log-probs) is prefilled prefill_chunk tokens per step, not with the rest of the idle budget."""
+    engine = Engine(model, ByteTokenizer(), max_batch_size=4, prefill_chunk=4)
+    calls = spy_prefill_batch(engine)
+    chunks, prefill = [], engine._decoder.prefill
+    engine._decoder.prefill = lambda slot, ids, *a, **kw: chunks.append(len(ids)) or prefill(
+        slot, ids, *a, **kw)
+    sinks = [run(engine, [5, 6, 7], 6), run(engine, [8, 9, 10], 6),
+             run(engine, list(range(30, 40)), 3, prompt_logprobs=1)]
+    start_and_drain(engine, sinks)
+    assert calls == [[3, 3]] and chunks == [4, 4, 2]
+    assert sinks[2].tokens() == greedy_reference(model, list(range(30, 40)), 3)
+
+
+def test_short_prompts_join_running_streams_in_one_forward_within_the_chunk(model):
+    """While a stream decodes, queued prompts are prefilled together up to prefill_chunk tokens
+    (padded to the longest) per step, in arrival order; each gets its greedy tokens."""
+    engine = Engine(model, ByteTokenizer(), max_batch_size=4, prefill_chunk=8).start()
+    calls = spy_prefill_batch(engine)
+    prompts = [[30, 31, 32, 33], [40, 41, 42], [50, 51, 52]]
+    try:
+        first = run(engine, [1, 2, 3], 120)  # still decoding when the others arrive
+        while len(first.tokens()) < 3:
+            time.sleep(0.001)
+        with engine._cond:  # the three arrive together
+            later = [run(engine, p, 10) for p in prompts]
+        for sink in [first] + later:
+            assert sink.done.wait(30)
+    finally:
+        engine.shutdown()
+    assert calls == [[3], [4, 3], [3]]  # 2 x 4 tokens fit the chunk of 8, a third would not
+    assert first.tokens() == greedy_reference(model, [1, 2, 3], 120)
+    for p, sink in zip(prompts, later):
+        assert sink.tokens() == greedy_reference(model, p, 10)
 
 
 @pytest.mark.parametrize("fast", ["1", "0"])

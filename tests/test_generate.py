@@ -1,5 +1,6 @@
 """Generation: greedy vs a no-cache reference, batching, sampling, stops, streaming."""
 
+import math
 import os
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 from model.config import MiniMindConfig
 from model.generate import (SamplingParams, TextStream, _apply_repetition_penalty,
-                            _filter_top_k_top_p, generate, generate_tokens, stream)
+                            _filter_top_k_top_p, generate, generate_tokens,
+                            sampling_distribution, stream)
 from model.model import MiniMindLM
 
 
@@ -89,6 +91,51 @@ def test_filters_against_hand_computation():
     pen = _apply_repetition_penalty(torch.tensor([[2.0, -2.0, 3.0]]),
                                     torch.tensor([[True, True, False]]), torch.tensor([[2.0]]))
     assert pen.tolist() == [[1.0, -4.0, 3.0]]
+
+
+def test_candidate_filter_equals_a_naive_nucleus_per_row():
+    """Peaked rows (nucleus inside the 8 candidates) and flat ones (sorted whole), with and
+    without top-k: the kept set of each row is the naive one (float64, token by token), in a
+    batch and alone."""
+    torch.manual_seed(3)
+    V = 50
+    logits = torch.randn(6, V) * torch.tensor([[8.0], [8.0], [0.1], [0.1], [3.0], [8.0]])
+    top_k, top_p = [0, 5, 0, 20, 0, 0], [0.9, 0.8, 0.7, 0.9, 0.5, 0.99]
+
+    def naive(row, k, p):
+        order = sorted(range(V), key=lambda i: -float(row[i]))[:k or V]
+        z = sum(math.exp(float(row[i])) for i in order)
+        kept, mass = [], 0.0
+        for i in order:
+            if kept and mass >= p:
+                break
+            kept.append(i)
+            mass += math.exp(float(row[i])) / z
+        return set(kept)
+
+    batch = _filter_top_k_top_p(logits, top_k, torch.tensor(top_p).unsqueeze(-1), candidates=8)
+    for b in range(6):
+        alone = _filter_top_k_top_p(logits[b:b + 1], top_k[b:b + 1], torch.tensor([[top_p[b]]]),
+                                    candidates=8)
+        want = naive(logits[b], top_k[b], top_p[b])
+        assert set(torch.isfinite(batch[b]).nonzero()[:, 0].tolist()) == want
+        assert torch.equal(alone[0], batch[b])
+    assert len(naive(logits[0], 0, 0.9)) <= 8 < len(naive(logits[2], 0, 0.7))  # both paths ran
+
+
+def test_sampling_distribution_filters_only_the_rows_that_ask():
+    """A mixed batch: the top-p row's distribution is its nucleus renormalised (hand computed),
+    the temperature-only row's is the plain softmax, the greedy row's is not filtered either."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(3, 1)
+    probs = logits[0].softmax(-1)
+    p = float(probs[0] + probs[1]) - 1e-4
+    params = [SamplingParams(temperature=1.0, top_p=p), SamplingParams(temperature=0.5),
+              SamplingParams()]
+    _, dist = sampling_distribution(logits, params, torch.zeros(3, 5, dtype=torch.bool))
+    two = probs[:2] / probs[:2].sum()
+    assert torch.allclose(dist[0], torch.cat([two, torch.zeros(3)]))
+    assert torch.allclose(dist[1], (logits[1] / 0.5).softmax(-1))
+    assert torch.allclose(dist[2], probs)
 
 
 def test_max_new_tokens_always_honoured_and_stop_token(model):
