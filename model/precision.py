@@ -66,14 +66,23 @@ def _cpu_flags() -> set[str] | None:
 
 
 def _matmul_seconds(dtype: torch.dtype, n: int = 256, reps: int = 3) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b  # warm-up: first-call dispatch and oneDNN kernel creation are not the steady state
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """Best time of an n x n matmul on one thread. Why one: on a busy machine a multi-threaded
+    fp32 matmul (~0.3 ms) can wait a whole scheduler slice at its OpenMP barrier in every rep,
+    which measured emulated bf16 (29-39x slower on one thread) as 1.2-1.5x *faster* (AVX2 held
+    on an AVX-512 CPU, 2 threads, load 4). Per-core speed is what the choice is about."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # warm-up: first-call dispatch and oneDNN kernel creation are not the steady state
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        return best
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.cache
