@@ -120,6 +120,9 @@ def _moe_all_experts(mlp: MoEFeedForward, h_TD: torch.Tensor) -> torch.Tensor:
 
 
 PACK_SWITCH = "MINIMIND_PACKED_DECODE"
+# A oneDNN call costs ~13-15 us whatever its size, F.linear ~3-4 us: below about 2 MB of fp32
+# weight (one thread; 1 MB at two) the plain call is faster (`scripts/bench.py --only pack`).
+PACK_MIN_ELEMENTS = 1 << 19
 
 
 def _packable(module: nn.Module) -> bool:
@@ -128,7 +131,9 @@ def _packable(module: nn.Module) -> bool:
 
 class PackedWeights:
     """oneDNN-prepacked copies of the decode step's projections, q/k/v and gate/up fused: the
-    CPU step's matmuls.
+    CPU step's matmuls. Fused weights under ``PACK_MIN_ELEMENTS`` stay plain (one ``F.linear``):
+    at that size oneDNN's fixed cost per call outweighs its faster stream (a 128-wide model
+    decoded 1.6x faster unpacked).
 
     Why: a decode step multiplies 1-16 rows by every weight. For such skinny products ``F.linear``
     reaches MKL's sgemm, which on the 2-core machines here streamed weights at 4-8 GB/s (and worse
@@ -179,11 +184,15 @@ class PackedWeights:
                 if any(m.bias is not None for m in modules):
                     bias = torch.cat([m.bias.detach() if m.bias is not None else
                                       w.new_zeros(w.shape[0]) for m, w in zip(modules, weights)])
-                packed = torch.ops.mkldnn._reorder_linear_weight(stacked, 1)
-            entry = (stamp, packed, bias, [w.shape[0] for w in weights])
+                if stacked.numel() >= PACK_MIN_ELEMENTS:
+                    stacked = torch.ops.mkldnn._reorder_linear_weight(stacked, 1)
+            entry = (stamp, stacked, bias, [w.shape[0] for w in weights])
             self._entries[key] = entry
-        _, packed, bias, sizes = entry
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        _, weight, bias, sizes = entry
+        if weight.is_mkldnn:
+            y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        else:
+            y = F.linear(x, weight, bias)
         return list(y.split(sizes, dim=-1))
 
 

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from dataset import synthetic
 from dataset.lm_dataset import load_files, make_collate
@@ -325,6 +326,30 @@ def step_breakdown(model: MiniMindLM, peak: float | None, rows=(1, 16), pos: int
     return out
 
 
+def bench_pack_crossover(quick: bool) -> list[dict]:
+    """One projection at decode sizes, ``F.linear`` against oneDNN's prepacked kernel
+    (``PackedWeights``), at 1 and 16 rows: where packing starts to pay (``PACK_MIN_ELEMENTS``)."""
+    from model.fast_decode import PACK_MIN_ELEMENTS
+
+    pack = torch.ops.mkldnn._reorder_linear_weight
+    rows_out = []
+    for h in ((128, 512) if quick else (128, 256, 384, 512, 768)):
+        for out in (h, 3 * h):
+            w = torch.randn(out, h)
+            packed = pack(w, 1)
+            for rows in (1, 16):
+                x = torch.randn(1, rows, h)
+                plain = best_time(lambda: [F.linear(x, w) for _ in range(100)], 5) / 100
+                onednn = best_time(lambda: [torch.ops.mkldnn._linear_pointwise(
+                    x, packed, None, "none", [], "") for _ in range(100)], 5) / 100
+                rows_out.append(dict(bench="decode projection, plain vs prepacked",
+                                     variant=f"{h} -> {out}, {rows} rows",
+                                     weight_mb=w.numel() * 4 / 1e6, linear_us=plain * 1e6,
+                                     packed_us=onednn * 1e6, packed_vs_linear=onednn / plain,
+                                     packs=w.numel() >= PACK_MIN_ELEMENTS))
+    return rows_out
+
+
 def bench_serving(quick: bool, compile: bool = False, peak: float | None = None) -> list[dict]:
     """The engine (no HTTP) at minimind2-small: 1 client after another vs 16 at once, latency
     percentiles, where each round's time went (the engine's counters: prompt forwards, decode
@@ -536,8 +561,8 @@ def print_rows(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
-    ap.add_argument("--only", default="train,decode,spec,serve,moe,moe_model,loop",
-                    help="comma list of: train, decode, spec, serve, moe, moe_model, loop")
+    ap.add_argument("--only", default="train,decode,pack,spec,serve,moe,moe_model,loop",
+                    help="comma list of: train, decode, pack, spec, serve, moe, moe_model, loop")
     ap.add_argument("--upstream", default=os.environ.get("MINIMIND_UPSTREAM", ""),
                     help="upstream MiniMind source tree (has model/model_minimind.py) to compare "
                          "against; default $MINIMIND_UPSTREAM; skipped when absent")
@@ -579,6 +604,7 @@ def main() -> None:
     sections = [("train", lambda: bench_train(peaks, auto.name, args.quick)),
                 ("decode", lambda: bench_decode(bandwidth, dtypes, args.quick, args.upstream,
                                                 not args.no_compile)),
+                ("pack", lambda: bench_pack_crossover(args.quick)),
                 ("spec", lambda: bench_speculative(args)),
                 ("serve", lambda: bench_serving(args.quick, peak=peaks.get("fp32"))),
                 ("moe", lambda: bench_moe_layer(dtypes, args.quick)),

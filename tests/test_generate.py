@@ -214,9 +214,18 @@ def varied_model(preset: str, **overrides) -> MiniMindLM:
     return model.eval()
 
 
+@pytest.fixture(params=["plain", "prepacked"])
+def pack_all(request, monkeypatch):
+    """Both kinds of CPU projection in the static step: at test sizes every weight is under
+    ``PACK_MIN_ELEMENTS`` (plain ``F.linear``); "prepacked" lowers it to 0 (oneDNN for all)."""
+    if request.param == "prepacked":
+        monkeypatch.setattr("model.fast_decode.PACK_MIN_ELEMENTS", 0)
+    return request.param == "prepacked"
+
+
 @pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("tiny-moe", {}),
                                               ("tiny-moe", QWEN2_MOE_LIKE)])
-def test_fast_path_greedy_equals_eager_and_no_cache_reference(preset, overrides):
+def test_fast_path_greedy_equals_eager_and_no_cache_reference(preset, overrides, pack_all):
     model = varied_model(preset, **overrides)
     from model.fast_decode import fast_path_reason
     assert fast_path_reason(model) is None
@@ -306,10 +315,11 @@ def test_batched_prefill_fills_each_slot_as_alone(preset):
             assert not dec.cache.k[:, b, :, len(p):].any()
 
 
-def test_packed_weights_match_the_modules_and_follow_weight_updates():
+def test_packed_weights_match_the_modules_and_follow_weight_updates(pack_all):
     """The prepacked projections give each module's own output (q/k/v fused, with biases), and
     a weight changed in place after packing (an optimizer step, as between GRPO rollouts) is
-    packed again rather than served stale; a LoRA-wrapped module is called as it is."""
+    packed again rather than served stale; a LoRA-wrapped module is called as it is. Weights
+    under ``PACK_MIN_ELEMENTS`` stay plain tensors, the others become oneDNN's."""
     from model.fast_decode import PackedWeights
     from model.lora import apply_lora
 
@@ -323,6 +333,7 @@ def test_packed_weights_match_the_modules_and_follow_weight_updates():
         got = packed.project(x, attn.q_proj, attn.k_proj, attn.v_proj)
         for y, m in zip(got, (attn.q_proj, attn.k_proj, attn.v_proj)):
             torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-5)
+        assert [e[1].is_mkldnn for e in packed._entries.values()] == [pack_all]
         before = packed.project(x, attn.q_proj)[0]
     attn.q_proj.weight.grad = torch.ones_like(attn.q_proj.weight)
     torch.optim.SGD([attn.q_proj.weight], lr=1.0).step()
