@@ -82,6 +82,13 @@ class Speculation:
     # (llama.cpp's --draft-p-min; transformers' assistant_confidence_threshold): an unsure draft
     # is mostly rejected, and each of its steps costs a draft forward.
     draft_p_min: float = 0.5
+    # After a round in which a row's draft got nothing accepted (it proposed nothing, or every
+    # proposal was rejected), the row decodes without the draft for 1, 2, 4, ... rounds (at most
+    # this many) before it tries again; an accepted proposal resets it. Why: a draft that is
+    # never sure still costs its first step every round (0.70x plain decoding measured with
+    # such a pair, docs/benchmarks.md); skipping it is a guess from past rounds only, so the
+    # acceptance rule still keeps the target's distribution. 0 = always draft.
+    draft_backoff: int = 16
     max_ngram: int = 3  # longest n-gram prompt lookup matches (then shorter ones, down to 1)
     stats: SpeculationStats = field(default_factory=SpeculationStats)
 
@@ -90,6 +97,8 @@ class Speculation:
             raise ValueError("speculation needs exactly one of a draft model or prompt_lookup > 0")
         if not 0 <= self.draft_p_min < 1:
             raise ValueError(f"draft_p_min must be in [0, 1), got {self.draft_p_min}")
+        if self.draft_backoff < 0:
+            raise ValueError(f"draft_backoff must be >= 0, got {self.draft_backoff}")
         if self.prompt_lookup < 0 or self.draft_tokens < 1 or self.max_ngram < 1:
             raise ValueError(f"prompt_lookup ({self.prompt_lookup}) must be >= 0, draft_tokens "
                              f"({self.draft_tokens}) and max_ngram ({self.max_ngram}) >= 1")
@@ -166,6 +175,8 @@ def _speculative_tokens(model, prompts, params, budget, spec: Speculation, shoul
         uses_draft = [len(p) + n <= draft_context for p, n in zip(prompts, budget)]
         draft = StaticDecoder(spec.draft_model, B, min(longest + steps, draft_context), compile)
         draft.prefill_batch([list(p[:draft_context]) for p in prompts])
+        synced = [len(p) for p in prompts]  # committed tokens in the draft's cache, per row
+        misses, idle = [0] * B, [0] * B  # rounds with nothing accepted; rounds left undrafted
 
     def emit(new: list[list[int]]) -> Iterator[list[int | None]]:
         """Yields the rows' new tokens one step at a time; a row ends on a stop token, its
@@ -202,9 +213,11 @@ def _speculative_tokens(model, prompts, params, budget, spec: Speculation, shoul
             drafts = [lookup_draft(seqs[b], k[b], spec.max_ngram) if k[b] > 0 else []
                       for b in range(B)]
         else:
-            k = [k[b] if uses_draft[b] else 0 for b in range(B)]
+            k = [k[b] if uses_draft[b] and not idle[b] else 0 for b in range(B)]
+            idle = [max(n - 1, 0) for n in idle]
+            synced = [n if uses_draft[b] else L[b] for b, n in enumerate(synced)]
             drafts = _propose(draft, seqs, L, k, params, greedy, seen_BV, generators, q, stats,
-                              spec.draft_p_min)
+                              spec.draft_p_min, synced)
         # Every row verifies S tokens at positions L-1 ...; those past its own proposals are
         # padding and rolled back like rejections. S fits each running row's room in the cache.
         room = min(target.max_len - L[b] + 1 for b in range(B) if running[b])
@@ -223,29 +236,44 @@ def _speculative_tokens(model, prompts, params, budget, spec: Speculation, shoul
                 stats.verifications += 1
                 stats.drafted += len(drafts[b])
                 stats.accepted += len(new[b]) - 1
+                if draft is not None:  # accepted proposals that went through the draft
+                    synced[b] += min(len(new[b]) - 1, max(len(drafts[b]) - 1, 0))
+                if draft is not None and k[b] > 0 and spec.draft_backoff:
+                    misses[b] = 0 if len(new[b]) > 1 else misses[b] + 1
+                    idle[b] = min(2 ** (misses[b] - 1), spec.draft_backoff) if misses[b] else 0
         yield from emit(new)
 
 
 def _propose(draft: StaticDecoder, seqs, L, k, params, greedy, seen_BV, generators, q, stats,
-             p_min: float):
+             p_min: float, synced: list[int]):
     """The draft model's proposals, at most ``k[b]`` for row b (fewer where its top probability
     falls below ``p_min``), and (sampling rows) the distribution each was drawn from, appended
     to ``q[b]``. Where the proposals stop depends on the draft alone, so the acceptance rule
     still keeps the target's distribution.
 
-    The draft's cache holds every committed token but the last two: after a round that accepted
-    all proposals, neither the last proposal nor the bonus token went through the draft. So a
-    round starts by feeding the last two committed tokens (one of them again, which rewrites the
-    same entry)."""
+    The draft's cache holds the first ``synced[b]`` committed tokens of row b (the caller adds
+    the accepted proposals that went through the draft; the rest of its entries are stale):
+    every committed token but the last one or two (after a round that accepted all proposals,
+    neither the last proposal nor the bonus token went through the draft), more after rounds
+    without the draft. A round starts by feeding the missing ones: the last two in one
+    fixed-shape step (one of them again where only one is missing, which rewrites the same
+    entry), or the longer runs through ``extend``."""
     k = list(k)
     K = max(k)
     if K == 0:
         return [[] for _ in seqs]
     B, device = len(seqs), seen_BV.device
     top = draft.max_len - 1
-    tokens = torch.tensor([s[-2:] for s in seqs], device=device)
-    pos = torch.tensor([min(n - 2, top - 1) for n in L], device=device)
-    logits = draft.step(tokens, pos)[:, -1]
+    start = [min(synced[b], L[b] - 1) for b in range(B)]
+    if all(L[b] - start[b] <= 2 for b in range(B)):
+        tokens = torch.tensor([s[-2:] for s in seqs], device=device)
+        pos = torch.tensor([min(n - 2, top - 1) for n in L], device=device)
+        logits = draft.step(tokens, pos)[:, -1]
+    else:
+        runs = [seqs[b][start[b]:] for b in range(B)]
+        # a row past the draft's context (it never drafts: one token) writes at the cache's end
+        logits = draft.extend(runs, [min(start[b], top + 1 - len(runs[b])) for b in range(B)])
+    synced[:] = L
     seen = seen_BV.clone()
     proposals: list[list[int]] = [[] for _ in range(B)]
     for j in range(K):

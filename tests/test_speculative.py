@@ -88,6 +88,42 @@ def test_greedy_with_a_draft_model_equals_plain_greedy(target):
     assert itself.stats.tokens_per_forward > 4
 
 
+def test_backoff_skips_an_unsure_draft_and_catches_its_cache_up(target, monkeypatch):
+    """After a round with nothing accepted, a row decodes 1, 2, 4, ... rounds without the draft;
+    when it drafts again, the draft's cache first takes the skipped tokens (``extend``). The
+    target as its own draft, cut off by ``draft_p_min`` on its flatter tokens: every proposal
+    made after a gap is still accepted (a cache missing the gap's tokens measured 15 of 23 and
+    34 of 35), the tokens are plain greedy's, and rounds were skipped. A draft that is never
+    sure costs a few draft forwards instead of one per round."""
+    from model.fast_decode import StaticDecoder
+
+    extends = []
+    real_extend = StaticDecoder.extend
+    monkeypatch.setattr(StaticDecoder, "extend",
+                        lambda self, *a: extends.append(1) or real_extend(self, *a))
+    params = SamplingParams(max_new_tokens=40, stop_token_ids=(), repetition_penalty=1.2)
+    for prompts, p_min in (([[7, 8, 9, 10, 11, 12, 13]], 0.08),
+                           ([[7, 8, 9, 10, 11, 12, 13], [200], [31, 32, 33]], 0.1)):
+        want = plain(target, prompts, params)
+        extends.clear()
+        gappy = Speculation(draft_model=target, draft_tokens=4, draft_p_min=p_min)
+        assert plain_spec(target, prompts, params, gappy) == want
+        assert extends and gappy.stats.accepted == gappy.stats.drafted > 0
+        always = Speculation(draft_model=target, draft_tokens=4, draft_p_min=p_min,
+                             draft_backoff=0)
+        assert plain_spec(target, prompts, params, always) == want
+        assert gappy.stats.draft_forwards < always.stats.draft_forwards
+    prompt = [[7, 8, 9, 10, 11, 12, 13]]
+    for backoff in (16, 0):
+        never = Speculation(draft_model=target, draft_p_min=0.5, draft_backoff=backoff)
+        assert plain_spec(target, prompt, params, never) == plain(target, prompt, params)
+        assert never.stats.drafted == 0
+        if backoff:
+            assert 4 * never.stats.draft_forwards < never.stats.verifications
+        else:
+            assert never.stats.draft_forwards >= never.stats.verifications - 1
+
+
 def plain_spec(model, prompts, params, spec):
     return [g.token_ids for g in generate(model, None, prompts, params, speculation=spec)]
 
