@@ -120,9 +120,11 @@ def _moe_all_experts(mlp: MoEFeedForward, h_TD: torch.Tensor) -> torch.Tensor:
 
 
 PACK_SWITCH = "MINIMIND_PACKED_DECODE"
-# A oneDNN call costs ~13-15 us whatever its size, F.linear ~3-4 us: below about 2 MB of fp32
-# weight (one thread; 1 MB at two) the plain call is faster (`scripts/bench.py --only pack`).
-PACK_MIN_ELEMENTS = 1 << 19
+# A oneDNN call costs ~13-15 us whatever its size, F.linear ~3-4 us (`scripts/bench.py --only
+# pack`): small weights go plain. At 2^17 elements (0.5 MB in fp32) the 1M-parameter quickstart
+# model decoded 1.3x faster than all prepacked and minimind2-small (whose every fused weight is
+# larger) as fast; 2^19 was 1.4x on the first but lost 6 % at 8 rows on the second.
+PACK_MIN_ELEMENTS = 1 << 17
 
 
 def _packable(module: nn.Module) -> bool:
@@ -132,8 +134,7 @@ def _packable(module: nn.Module) -> bool:
 class PackedWeights:
     """oneDNN-prepacked copies of the decode step's projections, q/k/v and gate/up fused: the
     CPU step's matmuls. Fused weights under ``PACK_MIN_ELEMENTS`` stay plain (one ``F.linear``):
-    at that size oneDNN's fixed cost per call outweighs its faster stream (a 128-wide model
-    decoded 1.6x faster unpacked).
+    at that size oneDNN's fixed cost per call outweighs its faster stream.
 
     Why: a decode step multiplies 1-16 rows by every weight. For such skinny products ``F.linear``
     reaches MKL's sgemm, which on the 2-core machines here streamed weights at 4-8 GB/s (and worse
